@@ -1,0 +1,40 @@
+# extauthz: `make run` starts the demo, `make test` runs the whole suite. Both install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+IDP_STAMP := examples/idp/node_modules/.installed
+
+.PHONY: install idp protos test unit run check-examples clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+$(IDP_STAMP): examples/idp/package.json examples/idp/package-lock.json
+	cd examples/idp && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+idp: $(IDP_STAMP)
+
+protos: install
+	$(PY) protos/build.py
+
+test: install idp
+	$(PY) -m pytest
+
+unit: install
+	$(PY) -m pytest tests/unit
+
+run: install idp
+	$(PY) examples/demo.py
+
+check-examples: install
+	for f in examples/*.yaml; do $(VENV)/bin/extauthz check-config $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) examples/idp/node_modules .pytest_cache

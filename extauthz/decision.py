@@ -1,0 +1,150 @@
+"""Decisions are values: the engine returns one, the server layer turns it into a CheckResponse.
+
+The table :data:`OUTCOMES` is CONTRACT.md §3 in code: for every reason code the gRPC status,
+the HTTP status, the OAuth ``error`` code and the RFC 6750 challenge style. Nothing else decides
+those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+__all__ = ["Challenge", "Decision", "Denial", "Outcome", "OUTCOMES", "Reason", "allow", "deny"]
+
+
+class Reason(str, Enum):
+    TOKEN_MISSING = "token_missing"
+    TOKEN_MALFORMED = "token_malformed"
+    SIGNATURE_INVALID = "signature_invalid"
+    KEY_NOT_FOUND = "key_not_found"
+    ALGORITHM_NOT_ALLOWED = "algorithm_not_allowed"
+    TOKEN_EXPIRED = "token_expired"
+    TOKEN_NOT_YET_VALID = "token_not_yet_valid"
+    ISSUER_MISMATCH = "issuer_mismatch"
+    AUDIENCE_MISMATCH = "audience_mismatch"
+    CLAIM_MISSING = "claim_missing"
+    CLAIM_VALUE_MISMATCH = "claim_value_mismatch"
+    TOKEN_INACTIVE = "token_inactive"
+    INSUFFICIENT_SCOPE = "insufficient_scope"
+    NO_MATCHING_POLICY = "no_matching_policy"
+    IDP_CALL_FAILED = "idp_call_failed"
+    # Not in the contract's table: a bug or an unexpected input in extauthz itself. Fail closed.
+    INTERNAL_ERROR = "internal_error"
+
+
+class Challenge(Enum):
+    NONE = 0  # no www-authenticate header
+    REALM_ONLY = 1  # RFC 6750 §3.1: no error code when no credentials were sent
+    INVALID_TOKEN = 2
+    INSUFFICIENT_SCOPE = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    grpc_code: int  # google.rpc.Code
+    http_status: int
+    error: str  # OAuth error code in the body
+    challenge: Challenge
+
+
+_OK, _UNAUTHENTICATED, _PERMISSION_DENIED, _UNAVAILABLE, _INTERNAL = 0, 16, 7, 14, 13
+
+_BAD_TOKEN = Outcome(_UNAUTHENTICATED, 401, "invalid_token", Challenge.INVALID_TOKEN)
+
+OUTCOMES: dict[Reason, Outcome] = {
+    Reason.TOKEN_MISSING: Outcome(_UNAUTHENTICATED, 401, "invalid_token", Challenge.REALM_ONLY),
+    **{
+        r: _BAD_TOKEN
+        for r in (
+            Reason.TOKEN_MALFORMED,
+            Reason.SIGNATURE_INVALID,
+            Reason.KEY_NOT_FOUND,
+            Reason.ALGORITHM_NOT_ALLOWED,
+            Reason.TOKEN_EXPIRED,
+            Reason.TOKEN_NOT_YET_VALID,
+            Reason.ISSUER_MISMATCH,
+            Reason.AUDIENCE_MISMATCH,
+            Reason.CLAIM_MISSING,
+            Reason.CLAIM_VALUE_MISMATCH,
+            Reason.TOKEN_INACTIVE,
+        )
+    },
+    Reason.INSUFFICIENT_SCOPE: Outcome(
+        _PERMISSION_DENIED, 403, "insufficient_scope", Challenge.INSUFFICIENT_SCOPE
+    ),
+    Reason.NO_MATCHING_POLICY: Outcome(_PERMISSION_DENIED, 403, "access_denied", Challenge.NONE),
+    # The HTTP status is replaced by server.denyStatusOnIdpFailure (500 or 503).
+    Reason.IDP_CALL_FAILED: Outcome(_UNAVAILABLE, 500, "server_error", Challenge.NONE),
+    Reason.INTERNAL_ERROR: Outcome(_INTERNAL, 500, "server_error", Challenge.NONE),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """Why one check of the pure core failed: a reason code and the execution-log sentence."""
+
+    reason: Reason
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to answer, and what to say about it in the logs.
+
+    ``message`` is the execution-log sentence (never containing a token or secret); ``event`` the
+    execution-log event name, or ``""`` when the decision needs no execution-log line.
+    """
+
+    allowed: bool
+    reason: Reason | None = None
+    deployment: str = ""
+    route: str = ""
+    event: str = ""
+    message: str = ""
+    log_fields: tuple[tuple[str, str], ...] = ()
+    upstream_headers: tuple[tuple[str, str], ...] = ()
+    remove_headers: tuple[str, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+    required_scope: tuple[str, ...] = ()
+
+
+def allow(
+    deployment: str,
+    route: str,
+    *,
+    upstream_headers: tuple[tuple[str, str], ...] = (),
+    remove_headers: tuple[str, ...] = (),
+    metadata: dict[str, Any] | None = None,
+) -> Decision:
+    return Decision(
+        allowed=True,
+        deployment=deployment,
+        route=route,
+        upstream_headers=upstream_headers,
+        remove_headers=remove_headers,
+        metadata=metadata or {},
+    )
+
+
+def deny(
+    reason: Reason,
+    message: str,
+    *,
+    deployment: str = "",
+    route: str = "",
+    event: str = "",
+    required_scope: tuple[str, ...] = (),
+    log_fields: tuple[tuple[str, str], ...] = (),
+) -> Decision:
+    return Decision(
+        allowed=False,
+        reason=reason,
+        deployment=deployment,
+        route=route,
+        event=event,
+        message=message,
+        required_scope=required_scope,
+        log_fields=log_fields,
+    )

@@ -1,0 +1,172 @@
+"""The check, start to finish: select the policy, find the token, get keys, validate, authorize.
+
+The only ``await`` is for key material from the identity-provider layer; every decision is made by
+the pure functions of ``routing``, ``tokens`` and ``validation``. Whatever happens, ``check``
+returns a :class:`~extauthz.decision.Decision`: an IdpError becomes ``idp_call_failed`` here, at
+this one boundary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Config, Deployment
+from .decision import Decision, Denial, Reason, allow, deny
+from .errors import IdpError
+from .idp import KeyProvider
+from .routing import Selection, normalize_path, select_route
+from .tokens import extract_token
+from .validation import (
+    check_claims,
+    check_scope,
+    claim_text,
+    read_header,
+    scopes_of,
+    verify_signature,
+)
+
+__all__ = ["CheckInput", "Engine", "IDP_FAILED_EVENT", "NO_POLICY_EVENT"]
+
+IDP_FAILED_EVENT = "authentication.idpCallFailed"
+NO_POLICY_EVENT = "routing.noMatchingPolicy"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckInput:
+    """What the engine needs from a CheckRequest, already lifted out of protobuf."""
+
+    method: str
+    host: str
+    raw_path: str  # as Envoy sent it, query string included
+    headers: Mapping[str, str]  # lower-case names
+    context_extensions: Mapping[str, str]
+
+    @property
+    def path(self) -> str:
+        return normalize_path(self.raw_path)
+
+
+def _header_value(value: Any) -> str | None:
+    """A claim as an upstream header value; None when it cannot be one safely."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        text = ",".join(value)
+    else:
+        text = claim_text(value)
+    # CR, LF and other controls would let a claim smuggle headers; drop rather than encode.
+    if any(ord(c) < 0x20 and c != "\t" or ord(c) == 0x7F for c in text):
+        return None
+    return text
+
+
+class Engine:
+    def __init__(
+        self,
+        config: Config,
+        providers: Mapping[str, KeyProvider],
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self._providers = providers
+        self._clock = clock
+
+    async def check(self, req: CheckInput) -> Decision:
+        path = req.path
+        selection = select_route(
+            self.config,
+            host=req.host,
+            path=path,
+            method=req.method,
+            context_extensions=req.context_extensions,
+        )
+        if selection is None:
+            return deny(
+                Reason.NO_MATCHING_POLICY,
+                f"No deployment or route policy matches {req.method.upper()} {path}.",
+                event=NO_POLICY_EVENT,
+            )
+        deployment, route = selection.deployment, selection.route_name
+        policy = deployment.auth
+
+        def denied(d: Denial, **kw: Any) -> Decision:
+            return deny(
+                d.reason,
+                d.message,
+                deployment=deployment.name,
+                route=route,
+                event=kw.pop("event", policy.log_event),
+                **kw,
+            )
+
+        token = extract_token(policy, req.headers, req.raw_path)
+        if isinstance(token, Denial):
+            return denied(token)
+        if token is None:
+            if selection.authorization == "ANONYMOUS":
+                return self._allow(selection, {})
+            where = (
+                f"query parameter '{policy.token_query_param}'"
+                if policy.token_query_param
+                else f"'{policy.token_header}' header"
+            )
+            return denied(Denial(Reason.TOKEN_MISSING, f"No token was found in the {where}."))
+
+        header = read_header(token, policy.algorithms)
+        if isinstance(header, Denial):
+            return denied(header)
+        provider = self._providers[deployment.name]
+        try:
+            keys = await provider.keyset(header.kid)
+            issuers = await provider.issuers()
+        except IdpError as exc:
+            return denied(
+                Denial(Reason.IDP_CALL_FAILED, exc.message),
+                event=IDP_FAILED_EVENT,
+                log_fields=(("endpoint", exc.endpoint),),
+            )
+        claims = verify_signature(token, header, keys)
+        if isinstance(claims, Denial):
+            return denied(claims)
+        failure = check_claims(claims, policy, self._clock(), issuers)
+        if failure is None and selection.authorization == "ANY_OF":
+            assert selection.route is not None
+            failure = check_scope(claims, selection.route.allowed_scope)
+            if failure:
+                return denied(failure, required_scope=selection.route.allowed_scope)
+        if failure:
+            return denied(failure)
+        return self._allow(selection, claims)
+
+    def _allow(self, selection: Selection, claims: Mapping[str, Any]) -> Decision:
+        deployment: Deployment = selection.deployment
+        headers: list[tuple[str, str]] = []
+        remove: list[str] = []
+        for name, claim in deployment.headers_from_claims:
+            value = claims.get(claim)
+            text = _header_value(value) if value is not None else None
+            if text is None:
+                remove.append(name)  # never let a client-sent copy through
+            else:
+                headers.append((name, text))
+        metadata: dict[str, Any] = {
+            "deployment": deployment.name,
+            "route": selection.route_name,
+        }
+        if claims:
+            for key in ("sub", "iss"):
+                if isinstance(claims.get(key), str):
+                    metadata[key] = claims[key]
+            client_id = claims.get("client_id", claims.get("azp"))
+            if isinstance(client_id, str):
+                metadata["client_id"] = client_id
+            metadata["scope"] = " ".join(sorted(scopes_of(claims)))
+        return allow(
+            deployment.name,
+            selection.route_name,
+            upstream_headers=tuple(headers),
+            remove_headers=tuple(remove),
+            metadata=metadata,
+        )

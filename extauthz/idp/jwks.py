@@ -1,0 +1,74 @@
+"""REMOTE_JWKS: keys from a JWKS URI, cached, re-fetched once on an unknown ``kid``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import httpx
+
+from ..config import ASYMMETRIC_ALGORITHMS
+from ..errors import IdpBadResponse, IdpError
+from ..keys import KeySet, keyset_from_jwks
+from .cache import CachedDocument
+from .http import fetch_json
+
+__all__ = ["JwksProvider", "cache_ttl"]
+
+MIN_TTL_SECONDS = 30.0  # however the IdP sets Cache-Control, do not fetch on every check
+# A flood of tokens with forged kids may cause at most one JWKS fetch per this interval.
+UNKNOWN_KID_REFETCH_SECONDS = 5.0
+_ALL_ALGORITHMS = frozenset(ASYMMETRIC_ALGORITHMS)
+
+
+def cache_ttl(max_age: float | None, max_cache_seconds: float) -> float:
+    """The response's max-age, capped by ``maxCacheDurationInHours`` and floored at 30 s."""
+    ttl = max_cache_seconds if max_age is None else min(max_age, max_cache_seconds)
+    return max(ttl, min(MIN_TTL_SECONDS, max_cache_seconds))
+
+
+class JwksProvider:
+    endpoint = "jwks_uri"
+
+    def __init__(
+        self,
+        uri: str,
+        client: httpx.AsyncClient,
+        *,
+        timeout: float,
+        max_cache_seconds: float,
+        stale_seconds: float,
+        on_stale: Callable[[IdpError], None] = lambda _e: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.uri = uri
+        self._client = client
+        self._timeout = timeout
+        self._max_cache_seconds = max_cache_seconds
+        self._clock = clock
+        self.cache: CachedDocument[KeySet] = CachedDocument(
+            self._load, stale_seconds=stale_seconds, on_stale=on_stale, clock=clock
+        )
+
+    async def _load(self) -> tuple[KeySet, float]:
+        resp = await fetch_json(self._client, self.endpoint, self.uri, timeout=self._timeout)
+        keys = resp.data.get("keys") if isinstance(resp.data, dict) else None
+        if not isinstance(keys, list):
+            raise IdpBadResponse(self.endpoint, self.uri, "no 'keys' array")
+        keyset = keyset_from_jwks(keys, _ALL_ALGORITHMS)
+        if not keyset.keys:
+            raise IdpBadResponse(self.endpoint, self.uri, "no usable signing keys")
+        return keyset, cache_ttl(resp.max_age, self._max_cache_seconds)
+
+    async def keyset(self, kid: str | None) -> KeySet:
+        keys = await self.cache.get()
+        if kid is None or keys.has_kid(kid):
+            return keys
+        fetched_at = self.cache.fetched_at
+        if fetched_at is not None and self._clock() - fetched_at < UNKNOWN_KID_REFETCH_SECONDS:
+            return keys
+        # The IdP may have rotated its keys since the last fetch.
+        try:
+            return await self.cache.refresh()
+        except IdpError:
+            return keys  # the old keys are still good for the tokens they signed

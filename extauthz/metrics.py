@@ -1,0 +1,41 @@
+"""Prometheus series (CONTRACT.md §6)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+__all__ = ["Metrics"]
+
+# Sub-millisecond checks to multi-second IdP timeouts.
+_LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.checks = Counter(
+            "extauthz_checks", "Checks answered", ["deployment", "decision", "reason"], registry=r
+        )
+        self.check_duration = Histogram(
+            "extauthz_check_duration_seconds",
+            "Time to answer a check",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.idp_requests = Counter(
+            "extauthz_idp_requests", "Identity-provider calls", ["endpoint", "outcome"], registry=r
+        )
+        self.idp_duration = Histogram(
+            "extauthz_idp_request_duration_seconds",
+            "Identity-provider call latency",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cache_events = Counter(
+            "extauthz_cache_events", "Cache lookups", ["cache", "result"], registry=r
+        )

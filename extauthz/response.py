@@ -1,0 +1,103 @@
+"""Decision → CheckResponse, through the one table in ``decision.OUTCOMES`` (CONTRACT.md §3)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from google.protobuf import struct_pb2
+from google.rpc import status_pb2
+
+from ._pb.envoy.config.core.v3 import base_pb2
+from ._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
+from ._pb.envoy.type.v3 import http_status_pb2
+from .config import ServerSettings
+from .decision import OUTCOMES, Challenge, Decision, Reason
+
+__all__ = ["to_check_response", "www_authenticate"]
+
+# Set explicitly: Envoy's default for a HeaderValueOption is to append, which would let a
+# client-sent copy of an identity header survive next to ours.
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_OK_STATUS = status_pb2.Status(code=0)
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, value=value), append_action=_OVERWRITE
+    )
+
+
+def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(values)
+    return s
+
+
+def www_authenticate(decision: Decision) -> str | None:
+    """RFC 6750 §3 challenge for a denial, or None when the outcome has none."""
+    assert decision.reason is not None
+    challenge = OUTCOMES[decision.reason].challenge
+    if challenge is Challenge.NONE:
+        return None
+    realm = f'Bearer realm="{decision.deployment}"'
+    if challenge is Challenge.REALM_ONLY:
+        # RFC 6750 §3.1: no error code when the request carried no credentials.
+        return realm
+    if challenge is Challenge.INSUFFICIENT_SCOPE:
+        scope = " ".join(decision.required_scope)
+        return f'{realm}, error="insufficient_scope", scope="{scope}"'
+    return f'{realm}, error="invalid_token"'
+
+
+def http_status(decision: Decision, settings: ServerSettings) -> int:
+    assert decision.reason is not None
+    if decision.reason is Reason.IDP_CALL_FAILED:
+        return settings.deny_status_on_idp_failure
+    return OUTCOMES[decision.reason].http_status
+
+
+def to_check_response(
+    decision: Decision, request_id: str, settings: ServerSettings
+) -> ext.CheckResponse:
+    if decision.allowed:
+        return ext.CheckResponse(
+            status=_OK_STATUS,
+            ok_response=ext.OkHttpResponse(
+                headers=[_header(k, v) for k, v in decision.upstream_headers],
+                headers_to_remove=list(decision.remove_headers),
+            ),
+            dynamic_metadata=_struct(decision.metadata),
+        )
+    assert decision.reason is not None
+    outcome = OUTCOMES[decision.reason]
+    body: dict[str, str] = {
+        "error": outcome.error,
+        "reason": decision.reason.value,
+        "request_id": request_id,
+    }
+    if settings.expose_detailed_errors and decision.message:
+        body["error_description"] = decision.message
+    headers = [
+        _header("content-type", "application/json"),
+        _header("x-request-id", request_id),
+        _header("x-extauthz-reason", decision.reason.value),
+    ]
+    challenge = www_authenticate(decision)
+    if challenge is not None:
+        headers.append(_header("www-authenticate", challenge))
+    return ext.CheckResponse(
+        status=status_pb2.Status(code=outcome.grpc_code, message=decision.reason.value),
+        denied_response=ext.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=http_status(decision, settings)),  # type: ignore[arg-type]
+            headers=headers,
+            body=json.dumps(body, separators=(",", ":")),
+        ),
+        dynamic_metadata=_struct(
+            {
+                "deployment": decision.deployment,
+                "route": decision.route,
+                "reason": decision.reason.value,
+            }
+        ),
+    )

@@ -1,0 +1,211 @@
+"""The gRPC edge: CheckRequest in, CheckResponse out, one access-log line per check.
+
+Nothing here decides anything: the request is lifted into a :class:`~extauthz.engine.CheckInput`,
+the engine returns a Decision, ``response.to_check_response`` renders it. The RPC never fails for a
+bad token or an IdP failure; even a bug in extauthz becomes a fail-closed ``internal_error`` denial.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import traceback
+import uuid
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from ._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
+from ._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
+from .admin import AdminServer
+from .config import Config
+from .decision import Decision, Reason, deny
+from .engine import IDP_FAILED_EVENT, CheckInput, Engine
+from .errors import IdpError
+from .idp import Providers
+from .idp.http import idp_call_counter
+from .logs import JsonLogger, current_request_id
+from .metrics import Metrics
+from .response import http_status, to_check_response
+
+__all__ = ["AuthorizationService", "lift_request", "run_server"]
+
+SERVICE_NAME = "envoy.service.auth.v3.Authorization"
+_MAX_REQUEST_ID = 128
+
+
+def _request_id(headers: dict[str, str]) -> str:
+    rid = headers.get("x-request-id", "")
+    if 0 < len(rid) <= _MAX_REQUEST_ID and rid.isprintable() and '"' not in rid:
+        return rid
+    return str(uuid.uuid4())
+
+
+def lift_request(request: ext.CheckRequest) -> tuple[CheckInput, str]:
+    """The fields the engine needs, and the request id, from a CheckRequest (possibly empty)."""
+    attrs = request.attributes
+    http = attrs.request.http
+    headers = {k.lower(): v for k, v in http.headers.items()}
+    if not headers and http.header_map.headers:
+        # Envoy sends header_map instead when encode_raw_headers is on; repeats join with ",".
+        for h in http.header_map.headers:
+            value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+            key = h.key.lower()
+            headers[key] = f"{headers[key]},{value}" if key in headers else value
+    host = http.host or headers.get(":authority", "") or headers.get("host", "")
+    return (
+        CheckInput(
+            method=http.method or headers.get(":method", ""),
+            host=host,
+            raw_path=http.path or headers.get(":path", "/"),
+            headers=headers,
+            context_extensions=dict(attrs.context_extensions),
+        ),
+        _request_id(headers),
+    )
+
+
+class AuthorizationService(ext_grpc.AuthorizationServicer):  # type: ignore[misc]
+    def __init__(self, engine: Engine, logger: JsonLogger, metrics: Metrics) -> None:
+        self.engine = engine
+        self._log = logger
+        self._metrics = metrics
+
+    async def Check(  # noqa: N802 (gRPC method name)
+        self, request: ext.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> ext.CheckResponse:
+        started = time.perf_counter()
+        calls = [0]
+        idp_call_counter.set(calls)
+        request_id = str(uuid.uuid4())
+        inp: CheckInput | None = None
+        engine = self.engine
+        try:
+            inp, request_id = lift_request(request)
+            current_request_id.set(request_id)
+            decision = await engine.check(inp)
+        except Exception as exc:  # noqa: BLE001 (fail closed on any bug; never an RPC error)
+            frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+            where = f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}" if frame else "?"
+            # The exception text is not logged: it could quote request data.
+            decision = deny(
+                Reason.INTERNAL_ERROR,
+                f"Internal error {type(exc).__name__} at {where}; the request was denied.",
+                event="server.internalError",
+            )
+        settings = engine.config.server
+        response = to_check_response(decision, request_id, settings)
+        status = 200 if decision.allowed else http_status(decision, settings)
+        self._record(decision, inp, request_id, time.perf_counter() - started, calls[0], status)
+        return response
+
+    def _record(
+        self,
+        decision: Decision,
+        inp: CheckInput | None,
+        request_id: str,
+        elapsed: float,
+        idp_calls: int,
+        status: int,
+    ) -> None:
+        reason = decision.reason.value if decision.reason else "none"
+        if decision.event:
+            self._log.log(
+                "WARNING" if decision.reason is not Reason.INTERNAL_ERROR else "ERROR",
+                decision.event,
+                requestId=request_id,
+                reason=reason,
+                message=decision.message,
+                deployment=decision.deployment or None,
+                route=decision.route or None,
+                **dict(decision.log_fields),
+            )
+        self._log.info(
+            "access",
+            requestId=request_id,
+            deployment=decision.deployment,
+            route=decision.route,
+            method=inp.method if inp else "",
+            path=(inp.raw_path.split("?", 1)[0] if inp else ""),
+            status=status,
+            decision="allow" if decision.allowed else "deny",
+            reason=reason,
+            latencyMs=round(elapsed * 1000, 3),
+            idpCalls=idp_calls,
+        )
+        self._metrics.checks.labels(
+            decision.deployment, "allow" if decision.allowed else "deny", reason
+        ).inc()
+        self._metrics.check_duration.observe(elapsed)
+
+
+def _split_hostport(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+async def run_server(
+    config: Config,
+    *,
+    listen: str,
+    admin_listen: str,
+    logger: JsonLogger,
+    grace_seconds: float = 10.0,
+) -> int:
+    """Serve until SIGTERM/SIGINT, then drain in-flight checks within ``grace_seconds``."""
+    metrics = Metrics()
+
+    def on_stale(exc: IdpError) -> None:
+        # Cached keys keep serving; the failed refresh is still worth one line.
+        logger.error(
+            IDP_FAILED_EVENT, reason="idp_call_failed", endpoint=exc.endpoint, message=exc.message
+        )
+
+    providers = Providers(config, on_stale=on_stale)
+    engine = Engine(config, providers.by_deployment)
+    service = AuthorizationService(engine, logger, metrics)
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    ext_grpc.add_AuthorizationServicer_to_server(service, server)
+    health_service = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
+    if server.add_insecure_port(listen) == 0:
+        logger.error("server.listenFailed", message=f"Cannot listen on {listen}.")
+        return 1
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def readiness() -> tuple[bool, dict[str, Any]]:
+        return True, {"config": config.source, "deployments": len(config.deployments)}
+
+    admin = AdminServer(metrics, readiness)
+    host, port = _split_hostport(admin_listen)
+    try:
+        await admin.start(host, port)
+    except OSError as exc:
+        logger.error("server.listenFailed", message=f"Cannot listen on {admin_listen}: {exc.strerror}.")
+        await server.stop(0)
+        return 1
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    logger.info(
+        "server.started",
+        listen=listen,
+        adminListen=admin_listen,
+        deployments=len(config.deployments),
+        config=config.source,
+    )
+    await stop.wait()
+    logger.info("server.stopping", graceSeconds=grace_seconds)
+    await health_service.enter_graceful_shutdown()
+    await server.stop(grace_seconds)
+    await admin.stop()
+    await providers.aclose()
+    logger.info("server.stopped")
+    return 0

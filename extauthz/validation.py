@@ -1,0 +1,209 @@
+"""The token checks of CONTRACT.md §2, as pure functions.
+
+Order: well formed → signature with an allowed algorithm and a known key → exp/nbf with skew →
+iss → aud → each verifyClaims entry → route authorization. Every function takes what it needs
+(token, policy, keys, ``now``) and returns a value or a :class:`Denial`; none awaits or raises for
+a bad token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from .config import AuthPolicy, ClaimRule
+from .decision import Denial, Reason
+from .keys import KeySet
+
+__all__ = [
+    "JwtHeader",
+    "check_claims",
+    "check_scope",
+    "claim_text",
+    "looks_like_jwt",
+    "read_header",
+    "scopes_of",
+    "verify_signature",
+]
+
+# Everything but the signature is checked by us, with our own messages and reasons.
+_DECODE_OPTIONS: Any = {
+    "verify_signature": True,
+    "verify_exp": False,
+    "verify_nbf": False,
+    "verify_iat": False,
+    "verify_aud": False,
+    "verify_iss": False,
+    "verify_sub": False,
+    "verify_jti": False,
+    "require": [],
+}
+
+
+@dataclass(frozen=True, slots=True)
+class JwtHeader:
+    alg: str
+    kid: str | None
+
+
+def looks_like_jwt(token: str) -> bool:
+    """A JWS in compact form: three dot-separated parts (RFC 7515 §7.1)."""
+    return token.count(".") == 2
+
+
+def read_header(token: str, allowed: frozenset[str]) -> JwtHeader | Denial:
+    """Parse the protected header and check its algorithm against the allow-list.
+
+    Keys named by the header itself (``jku``, ``x5u``, ``jwk``, ``x5c``) are ignored: only keys
+    from the policy can verify a token.
+    """
+    if not looks_like_jwt(token):
+        return Denial(Reason.TOKEN_MALFORMED, "The token is not a JWT in compact serialization.")
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.DecodeError:
+        return Denial(Reason.TOKEN_MALFORMED, "The JWT header is not valid base64url JSON.")
+    alg = header.get("alg")
+    if not isinstance(alg, str):
+        return Denial(Reason.TOKEN_MALFORMED, "The JWT header has no 'alg'.")
+    if alg not in allowed:
+        return Denial(
+            Reason.ALGORITHM_NOT_ALLOWED,
+            f"JWT token algorithm '{_printable(alg)}' is not among the allowed algorithms.",
+        )
+    kid = header.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        return Denial(Reason.TOKEN_MALFORMED, "The JWT header 'kid' is not a string.")
+    crit = header.get("crit")
+    if crit is not None:
+        # RFC 7515 §4.1.11: we understand no extension, so any critical one makes it invalid.
+        return Denial(Reason.TOKEN_MALFORMED, "The JWT header lists critical extensions we do not support.")
+    return JwtHeader(alg=alg, kid=kid)
+
+
+def verify_signature(token: str, header: JwtHeader, keys: KeySet) -> dict[str, Any] | Denial:
+    """Verify with the key named by ``kid`` (or each key for the algorithm when there is no kid)."""
+    candidates = keys.candidates(header.kid, header.alg)
+    if not candidates:
+        if header.kid is not None and keys.has_kid(header.kid):
+            return Denial(
+                Reason.ALGORITHM_NOT_ALLOWED,
+                f"The key '{_printable(header.kid)}' cannot verify algorithm '{header.alg}'.",
+            )
+        named = f"'{_printable(header.kid)}'" if header.kid is not None else "(no kid)"
+        return Denial(Reason.KEY_NOT_FOUND, f"No key matches the token's kid {named}.")
+    for candidate in candidates:
+        try:
+            decoded = jwt.decode_complete(
+                token, key=candidate.key, algorithms=[header.alg], options=_DECODE_OPTIONS
+            )
+        except jwt.InvalidSignatureError:
+            continue
+        except jwt.InvalidAlgorithmError:
+            return Denial(Reason.ALGORITHM_NOT_ALLOWED, f"JWT token algorithm '{header.alg}' is not allowed.")
+        except (jwt.DecodeError, jwt.InvalidTokenError, ValueError):
+            return Denial(Reason.TOKEN_MALFORMED, "The JWT payload is not valid base64url JSON object.")
+        payload = decoded["payload"]
+        if not isinstance(payload, dict):
+            return Denial(Reason.TOKEN_MALFORMED, "The JWT payload is not a JSON object.")
+        return payload
+    return Denial(Reason.SIGNATURE_INVALID, "JWT signature verification failed.")
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def check_claims(
+    claims: Mapping[str, Any], policy: AuthPolicy, now: float, issuers: tuple[str, ...]
+) -> Denial | None:
+    """exp/nbf with skew, then iss ∈ ``issuers`` (empty: any), aud and each verifyClaims rule."""
+    skew = policy.clock_skew
+    for name in ("exp", "nbf", "iat"):
+        if name in claims and _number(claims[name]) is None:
+            return Denial(Reason.TOKEN_MALFORMED, f"The '{name}' claim is not a NumericDate.")
+    if "exp" not in claims:
+        # A bearer token that never expires is not accepted by a gateway (RFC 9068 §2.2 requires exp).
+        return Denial(Reason.CLAIM_MISSING, "JWT token missing required claim 'exp'.")
+    if now > float(claims["exp"]) + skew:
+        return Denial(Reason.TOKEN_EXPIRED, "Validation failed for 'exp' claim.")
+    if "nbf" in claims and now + skew < float(claims["nbf"]):
+        return Denial(Reason.TOKEN_NOT_YET_VALID, "Validation failed for 'nbf' claim.")
+    return check_identity_claims(claims, policy, issuers)
+
+
+def check_identity_claims(
+    claims: Mapping[str, Any], policy: AuthPolicy, issuers: tuple[str, ...]
+) -> Denial | None:
+    """iss ∈ issuers, aud ∩ audiences ≠ ∅, then each verifyClaims rule (time checks are apart)."""
+    if issuers and claims.get("iss") not in issuers:
+        return Denial(Reason.ISSUER_MISMATCH, "JWT token not issued by the configured issuers.")
+    if policy.audiences:
+        aud = claims.get("aud")
+        auds = aud if isinstance(aud, list) else [aud]
+        if not any(isinstance(a, str) and a in policy.audiences for a in auds):
+            return Denial(Reason.AUDIENCE_MISMATCH, "JWT token not issued for the configured audience.")
+    for rule in policy.claims:
+        denial = _check_rule(claims, rule)
+        if denial:
+            return denial
+    return None
+
+
+def claim_text(value: Any) -> str:
+    """A claim value as the text verifyClaims compares: strings as is, others as JSON text."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _check_rule(claims: Mapping[str, Any], rule: ClaimRule) -> Denial | None:
+    value = claims.get(rule.key)
+    if value is None:
+        if rule.is_required:
+            return Denial(Reason.CLAIM_MISSING, f"JWT token missing required claim '{rule.key}'.")
+        return None
+    if not rule.values:
+        return None
+    candidates = value if isinstance(value, list) else [value]
+    if any(claim_text(c) in rule.values for c in candidates):
+        return None
+    return Denial(
+        Reason.CLAIM_VALUE_MISMATCH,
+        f"JWT token does not have the expected claim value for '{rule.key}'.",
+    )
+
+
+def scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:
+    """``scope`` as a space-separated string (RFC 8693 §4.2) or an array; ``scp`` as a fallback."""
+    raw = claims.get("scope", claims.get("scp"))
+    if isinstance(raw, str):
+        return frozenset(raw.split())
+    if isinstance(raw, list):
+        return frozenset(s for s in raw if isinstance(s, str))
+    return frozenset()
+
+
+def check_scope(claims: Mapping[str, Any], allowed_scope: tuple[str, ...]) -> Denial | None:
+    """ANY_OF: at least one of ``allowed_scope`` is granted."""
+    if scopes_of(claims).intersection(allowed_scope):
+        return None
+    return Denial(
+        Reason.INSUFFICIENT_SCOPE,
+        "The token does not grant any of the scopes the route requires.",
+    )
+
+
+def _printable(text: str, limit: int = 64) -> str:
+    """Attacker-controlled header text, made safe for a log line."""
+    cleaned = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return cleaned + ("…" if len(text) > limit else "")
