@@ -191,13 +191,23 @@ class _RawPolicyBase(_Raw):
     additional_validation_policy: _RawAdditional = _RawAdditional()
 
 
+def _non_empty(v: tuple[Any, ...]) -> tuple[Any, ...]:
+    # Not Field(min_length=1): pydantic would also report a bogus "0 items" when an item fails.
+    if not v:
+        raise ValueError("must not be empty")
+    return v
+
+
+_StaticKeys = Annotated[tuple[_RawStaticKey, ...], AfterValidator(_non_empty)]
+
+
 def _keys_usable(keys: tuple[_RawStaticKey, ...], algorithms: tuple[str, ...]) -> None:
     keyset_from_static([k.model_dump(exclude_none=True) for k in keys], frozenset(algorithms))
 
 
 class _RawStaticKeysPolicy(_RawPolicyBase):
     type: Literal["STATIC_KEYS"]
-    keys: Annotated[tuple[_RawStaticKey, ...], Field(min_length=1)]
+    keys: _StaticKeys
 
     @model_validator(mode="after")
     def _usable(self) -> _RawStaticKeysPolicy:
@@ -249,7 +259,7 @@ class _RawTokenAuthentication(_RawTokenSource):
 
 class _RawLegacyStaticKeys(_Raw):
     type: Literal["STATIC_KEYS"]
-    keys: Annotated[tuple[_RawStaticKey, ...], Field(min_length=1)]
+    keys: _StaticKeys
 
 
 class _RawLegacyJwks(_Raw):
@@ -537,14 +547,14 @@ def _json_text(v: Any) -> Any:
 
 
 def _resolve_keys(raw: Any) -> KeySource:
-    common: dict[str, Any] = {
-        "max_cache_seconds": raw.max_cache_duration_in_hours * 3600,
-        "verify_tls": not raw.is_ssl_verify_disabled,
-    }
     if isinstance(raw, _RawLegacyStaticKeys | _RawStaticKeysPolicy):
         return KeySource(
             type="STATIC_KEYS", static_keys=tuple(_static_key_dict(k) for k in raw.keys)
         )
+    common: dict[str, Any] = {
+        "max_cache_seconds": raw.max_cache_duration_in_hours * 3600,
+        "verify_tls": not raw.is_ssl_verify_disabled,
+    }
     if isinstance(raw, _RawLegacyJwks):
         return KeySource(type="REMOTE_JWKS", uri=raw.uri, **common)
     client = getattr(raw, "client_details", None)

@@ -68,6 +68,9 @@ def read_header(token: str, allowed: frozenset[str]) -> JwtHeader | Denial:
         header = jwt.get_unverified_header(token)
     except jwt.DecodeError:
         return Denial(Reason.TOKEN_MALFORMED, "The JWT header is not valid base64url JSON.")
+    except (jwt.InvalidTokenError, ValueError, TypeError):
+        # pyjwt refuses e.g. a `crit` header naming extensions it does not implement (RFC 7515 §4.1.11).
+        return Denial(Reason.TOKEN_MALFORMED, "The JWT header is not acceptable.")
     alg = header.get("alg")
     if not isinstance(alg, str):
         return Denial(Reason.TOKEN_MALFORMED, "The JWT header has no 'alg'.")
