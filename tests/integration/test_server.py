@@ -1,0 +1,189 @@
+"""The server as a user runs it: `python -m extauthz serve`, spoken to over real gRPC."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extauthz._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
+from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
+from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
+from tests.conftest import claims
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Any, timeout: float = 15.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen[str], log: Path, port: int, admin: int) -> None:
+        self.proc, self.log, self.port, self.admin = proc, log, port, admin
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = ext_grpc.AuthorizationStub(self.channel)
+
+    def lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def check(self, token: str | None = None, path: str = "/orders/1", request_id: str = "r-1", **extra: str) -> ext.CheckResponse:
+        headers = {"x-request-id": request_id, **extra}
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        req = ext.CheckRequest(
+            attributes=ac.AttributeContext(
+                request=ac.AttributeContext.Request(
+                    http=ac.AttributeContext.HttpRequest(method="GET", host="api", path=path, headers=headers)
+                )
+            )
+        )
+        return self.stub.Check(req, timeout=5)
+
+
+def start(config: dict[str, Any], tmp: Path) -> Server:
+    cfg = tmp / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    port, admin = free_port(), free_port()
+    log = tmp / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "extauthz", "serve", "--config", str(cfg),
+             "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}", "--grace-seconds", "5"],
+            stdout=out, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    server = Server(proc, log, port, admin)
+    wait_for(lambda: any(l["event"] == "server.started" for l in server.lines()) or proc.poll() is not None,
+             what="server.started")
+    assert proc.poll() is None, log.read_text()
+    return server
+
+
+@pytest.fixture
+def config(rsa_key: Any) -> dict[str, Any]:
+    return {
+        "deployments": [
+            {
+                "name": "orders",
+                "pathPrefix": "/orders",
+                "authentication": {
+                    "type": "TOKEN_AUTHENTICATION",
+                    "validationPolicy": {
+                        "type": "STATIC_KEYS",
+                        "keys": [rsa_key.public_jwk],
+                        "additionalValidationPolicy": {"issuers": ["https://idp.example.com"]},
+                    },
+                },
+                "headersFromClaims": {"x-auth-subject": "sub"},
+            }
+        ]
+    }
+
+
+@pytest.fixture
+def server(config: dict[str, Any], tmp_path: Path) -> Iterator[Server]:
+    s = start(config, tmp_path)
+    yield s
+    s.channel.close()
+    if s.proc.poll() is None:
+        s.proc.kill()
+        s.proc.wait()
+
+
+def test_allow_deny_and_log_lines(server: Server, rsa_key: Any) -> None:
+    token = rsa_key.sign(claims())
+    ok = server.check(token, request_id="req-allow")
+    assert ok.status.code == 0
+    assert [(h.header.key, h.header.value) for h in ok.ok_response.headers] == [("x-auth-subject", "alice")]
+    denied = server.check(rsa_key.sign(claims(exp=1)), request_id="req-deny")
+    assert denied.status.code == 16 and denied.denied_response.status.code == 401
+    lines = wait_for(lambda: [l for l in server.lines() if l.get("requestId") == "req-deny"] if len(
+        [l for l in server.lines() if l.get("requestId") == "req-deny"]) == 2 else None, what="deny lines")
+    failure = next(l for l in lines if l["event"] == "tokenAuthentication.authenticationFailed")
+    assert failure["reason"] == "token_expired" and failure["message"] == "Validation failed for 'exp' claim."
+    access = next(l for l in lines if l["event"] == "access")
+    assert access["decision"] == "deny" and access["status"] == 401 and access["path"] == "/orders/1"
+    assert access["deployment"] == "orders" and access["idpCalls"] == 0
+    for line in server.lines():
+        assert {"ts", "level", "event", "requestId"} <= line.keys()
+        assert line["ts"].endswith("Z")
+    assert token not in server.log.read_text()
+
+
+@pytest.mark.parametrize(
+    "request_msg",
+    [
+        ext.CheckRequest(),
+        ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request())),
+        ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
+            http=ac.AttributeContext.HttpRequest(path="\x00\xff/orders/%%", headers={"authorization": "Bearer \x01"})))),
+    ],
+)
+def test_malformed_check_requests_get_a_denial(server: Server, request_msg: ext.CheckRequest) -> None:
+    resp = server.stub.Check(request_msg, timeout=5)
+    assert resp.status.code != 0
+    assert resp.denied_response.status.code in (401, 403)
+    assert server.proc.poll() is None
+
+
+def test_health_and_admin(server: Server) -> None:
+    stub = health_pb2_grpc.HealthStub(server.channel)
+    for service in ("", "envoy.service.auth.v3.Authorization"):
+        assert stub.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.admin}/healthz") as r:
+        assert r.status == 200
+    server.check(None)
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.admin}/metrics") as r:
+        text = r.read().decode()
+    assert 'extauthz_checks_total{decision="deny",deployment="orders",reason="token_missing"} 1.0' in text
+
+
+def test_sigterm_exits_cleanly(server: Server) -> None:
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=15) == 0
+    events = [l["event"] for l in server.lines()]
+    assert events[-2:] == ["server.stopping", "server.stopped"]
+
+
+def test_invalid_config_refuses_to_start(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("deployments:\n  - name: x\n    pathPrefix: /x\n    bogus: 1\n")
+    res = subprocess.run(
+        [sys.executable, "-m", "extauthz", "serve", "--config", str(cfg), "--listen", f"127.0.0.1:{free_port()}",
+         "--admin-listen", f"127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert res.returncode == 2
+    assert "deployments[0].bogus: unknown key" in res.stderr
