@@ -71,8 +71,11 @@ def _serve(args: argparse.Namespace) -> int:
                 grace_seconds=args.grace_seconds,
             )
         )
-    except NotImplementedError as exc:
-        logger.error("server.configInvalid", message=f"Refusing to start: {exc}.")
+    except ConfigError as exc:  # e.g. a client secret file that cannot be read
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        logger.error("server.configInvalid", message="Refusing to start: the config is invalid.",
+                     errors=exc.errors)
         return EXIT_USAGE
 
 

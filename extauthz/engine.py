@@ -16,13 +16,14 @@ from typing import Any
 from .config import Config, Deployment
 from .decision import Decision, Denial, Reason, allow, deny
 from .errors import IdpError
-from .idp import KeyProvider
+from .idp import DeploymentIdp
 from .routing import Selection, normalize_path, select_route
 from .tokens import extract_token
 from .validation import (
     check_claims,
     check_scope,
     claim_text,
+    looks_like_jwt,
     read_header,
     scopes_of,
     verify_signature,
@@ -65,7 +66,7 @@ class Engine:
     def __init__(
         self,
         config: Config,
-        providers: Mapping[str, KeyProvider],
+        providers: Mapping[str, DeploymentIdp],
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -114,23 +115,22 @@ class Engine:
             )
             return denied(Denial(Reason.TOKEN_MISSING, f"No token was found in the {where}."))
 
-        header = read_header(token, policy.algorithms)
-        if isinstance(header, Denial):
-            return denied(header)
-        provider = self._providers[deployment.name]
+        idp = self._providers[deployment.name]
         try:
-            keys = await provider.keyset(header.kid)
-            issuers = await provider.issuers()
+            claims = await self._authenticate(token, policy.algorithms, idp)
+            issuers = await idp.issuers()
         except IdpError as exc:
             return denied(
                 Denial(Reason.IDP_CALL_FAILED, exc.message),
                 event=IDP_FAILED_EVENT,
                 log_fields=(("endpoint", exc.endpoint),),
             )
-        claims = verify_signature(token, header, keys)
         if isinstance(claims, Denial):
             return denied(claims)
-        failure = check_claims(claims, policy, self._clock(), issuers)
+        # RFC 7662 makes `exp` optional in an introspection answer; a JWT must carry it.
+        failure = check_claims(
+            claims, policy, self._clock(), issuers, require_exp=idp.keys is not None and looks_like_jwt(token)
+        )
         if failure is None and selection.authorization == "ANY_OF":
             assert selection.route is not None
             failure = check_scope(claims, selection.route.allowed_scope)
@@ -139,6 +139,23 @@ class Engine:
         if failure:
             return denied(failure)
         return self._allow(selection, claims)
+
+    @staticmethod
+    async def _authenticate(
+        token: str, algorithms: frozenset[str], idp: DeploymentIdp
+    ) -> Mapping[str, Any] | Denial:
+        """The token's claims once its signature (or the IdP's introspection) vouches for them."""
+        if idp.keys is None or (not looks_like_jwt(token) and idp.introspection is not None):
+            assert idp.introspection is not None
+            claims = await idp.introspection.introspect(token)
+            if claims is None:
+                return Denial(Reason.TOKEN_INACTIVE, "The identity provider reports the token as not active.")
+            return claims
+        header = read_header(token, algorithms)
+        if isinstance(header, Denial):
+            return header
+        keys = await idp.keys.keyset(header.kid)
+        return verify_signature(token, header, keys)
 
     def _allow(self, selection: Selection, claims: Mapping[str, Any]) -> Decision:
         deployment: Deployment = selection.deployment

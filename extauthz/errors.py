@@ -48,7 +48,7 @@ class IdpError(ExtauthzError):
 
 
 class IdpUnreachable(IdpError):
-    def __init__(self, endpoint: str, uri: str, kind: str) -> None:
+    def __init__(self, endpoint: str, uri: str, kind: str, *, before_request: bool = False) -> None:
         super().__init__(
             endpoint,
             uri,
@@ -56,6 +56,7 @@ class IdpUnreachable(IdpError):
             "accessible from the network of the authorization service.",
         )
         self.kind = kind  # TIMEOUT | CONNECTION_REFUSED | DNS_FAILURE | TLS_ERROR
+        self.before_request = before_request  # nothing reached the IdP: safe to retry
 
     @property
     def error_type(self) -> str:

@@ -39,3 +39,12 @@ class Metrics:
         self.cache_events = Counter(
             "extauthz_cache_events", "Cache lookups", ["cache", "result"], registry=r
         )
+
+    # IdpObserver: how the IdP layer reports without knowing about Prometheus.
+    def idp_call(self, endpoint: str, outcome: str, seconds: float) -> None:
+        self.idp_requests.labels(endpoint, outcome).inc()
+        if outcome != "circuit_open":
+            self.idp_duration.labels(endpoint).observe(seconds)
+
+    def cache(self, cache: str, result: str) -> None:
+        self.cache_events.labels(cache, result).inc()

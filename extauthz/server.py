@@ -163,7 +163,7 @@ async def run_server(
             IDP_FAILED_EVENT, reason="idp_call_failed", endpoint=exc.endpoint, message=exc.message
         )
 
-    providers = Providers(config, on_stale=on_stale)
+    providers = Providers(config, on_stale=on_stale, observer=metrics)
     engine = Engine(config, providers.by_deployment)
     service = AuthorizationService(engine, logger, metrics)
 

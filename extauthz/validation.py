@@ -127,7 +127,12 @@ def _number(value: Any) -> float | None:
 
 
 def check_claims(
-    claims: Mapping[str, Any], policy: AuthPolicy, now: float, issuers: tuple[str, ...]
+    claims: Mapping[str, Any],
+    policy: AuthPolicy,
+    now: float,
+    issuers: tuple[str, ...],
+    *,
+    require_exp: bool = True,
 ) -> Denial | None:
     """exp/nbf with skew, then iss ∈ ``issuers`` (empty: any), aud and each verifyClaims rule."""
     skew = policy.clock_skew
@@ -135,9 +140,10 @@ def check_claims(
         if name in claims and _number(claims[name]) is None:
             return Denial(Reason.TOKEN_MALFORMED, f"The '{name}' claim is not a NumericDate.")
     if "exp" not in claims:
-        # A bearer token that never expires is not accepted by a gateway (RFC 9068 §2.2 requires exp).
-        return Denial(Reason.CLAIM_MISSING, "JWT token missing required claim 'exp'.")
-    if now > float(claims["exp"]) + skew:
+        if require_exp:
+            # A JWT access token that never expires is not accepted (RFC 9068 §2.2 requires exp).
+            return Denial(Reason.CLAIM_MISSING, "JWT token missing required claim 'exp'.")
+    elif now > float(claims["exp"]) + skew:
         return Denial(Reason.TOKEN_EXPIRED, "Validation failed for 'exp' claim.")
     if "nbf" in claims and now + skew < float(claims["nbf"]):
         return Denial(Reason.TOKEN_NOT_YET_VALID, "Validation failed for 'nbf' claim.")

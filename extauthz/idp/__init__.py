@@ -1,26 +1,32 @@
-"""The identity-provider layer: everything that touches the network to get keys.
+"""The identity-provider layer: everything that touches the network for keys or introspection.
 
-One :class:`KeyProvider` per validation method (``static_keys``, ``jwks``, ``discovery``), all
-built by :class:`Providers` from the config. Providers with the same URI and settings are shared
-across deployments, so ten deployments on one IdP fetch its JWKS once.
+One module per validation method (``static_keys`` here, ``jwks``, ``discovery``,
+``introspection``); :class:`Providers` builds them from the config. Caching, single-flight and
+circuit breaking are written once (``cache.py``, ``http.IdpEndpoint``, ``resilience.py``) and
+wrapped around every method. Endpoints with the same URI and settings are shared across
+deployments, so ten deployments on one IdP fetch its JWKS once and share one breaker.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import httpx
 
-from ..config import ASYMMETRIC_ALGORITHMS, Config, KeySource
-from ..errors import IdpError
+from ..config import ASYMMETRIC_ALGORITHMS, ClientDetails, Config, ConfigError, KeySource
+from ..errors import IdpBadResponse, IdpError
 from ..keys import KeySet, keyset_from_static
 from .discovery import DiscoveryProvider
-from .http import TlsSettings, make_client
+from .http import IdpEndpoint, IdpObserver, NullObserver, TlsSettings, make_client
+from .introspection import ClientSecret, IntrospectionClient
 from .jwks import JwksProvider
+from .resilience import CircuitBreaker
 
-__all__ = ["KeyProvider", "Providers", "StaticKeysProvider"]
+__all__ = ["DeploymentIdp", "KeyProvider", "Providers", "StaticKeysProvider"]
 
 DEFAULT_STALE_SECONDS = 3600.0
 
@@ -35,6 +41,19 @@ class KeyProvider(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class DeploymentIdp:
+    """How one deployment validates tokens: JWTs with ``keys``, others with ``introspection``.
+
+    ``REMOTE_INTROSPECTION`` has no keys (every token is introspected); ``REMOTE_DISCOVERY``
+    without ``clientDetails`` has no introspection (a token that is not a JWT is malformed).
+    """
+
+    keys: KeyProvider | None
+    introspection: IntrospectionClient | None
+    issuers: Callable[[], Awaitable[tuple[str, ...]]]
+
+
 class StaticKeysProvider:
     def __init__(self, source: KeySource, issuers: tuple[str, ...]) -> None:
         self._keys = keyset_from_static(source.static_keys, frozenset(ASYMMETRIC_ALGORITHMS))
@@ -47,8 +66,8 @@ class StaticKeysProvider:
         return self._issuers
 
 
-class _FixedIssuers:
-    """A JWKS provider seen through a deployment's configured issuers."""
+class _JwksKeys:
+    """A JWKS seen through a deployment's configured issuers."""
 
     def __init__(self, jwks: JwksProvider, issuers: tuple[str, ...]) -> None:
         self._jwks = jwks
@@ -61,8 +80,51 @@ class _FixedIssuers:
         return self._issuers
 
 
+class _DiscoveredKeys:
+    """Keys from the JWKS that a discovery document names."""
+
+    def __init__(
+        self, discovery: DiscoveryProvider, issuers: tuple[str, ...], jwks_for: Callable[[str], JwksProvider]
+    ) -> None:
+        self.discovery = discovery
+        self._issuers = issuers
+        self._jwks_for = jwks_for
+
+    async def keyset(self, kid: str | None) -> KeySet:
+        doc = await self.discovery.document()
+        return await self._jwks_for(doc.jwks_uri).keyset(kid)
+
+    async def issuers(self) -> tuple[str, ...]:
+        # The configured issuers, or else the one the IdP names for itself.
+        if self._issuers:
+            return self._issuers
+        return ((await self.discovery.document()).issuer,)
+
+
+def read_client_secret(client: ClientDetails, where: str) -> ClientSecret:
+    """The secret from ``clientSecretFile`` or ``clientSecretEnv``; ConfigError if unreadable."""
+    if client.secret_file is not None:
+        try:
+            with open(client.secret_file, encoding="utf-8") as f:
+                value = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(
+                [f"{where}.clientSecretFile: cannot read {client.secret_file}: {exc.strerror}"]
+            ) from None
+        if not value:
+            raise ConfigError([f"{where}.clientSecretFile: {client.secret_file} is empty"])
+        return ClientSecret(value)
+    assert client.secret_env is not None
+    value = os.environ.get(client.secret_env, "").strip()
+    if not value:
+        raise ConfigError(
+            [f"{where}.clientSecretEnv: environment variable {client.secret_env} is not set"]
+        )
+    return ClientSecret(value)
+
+
 class Providers:
-    """Key providers for every deployment of a config, sharing clients and caches."""
+    """The IdP side of every deployment of a config, sharing clients, caches and breakers."""
 
     def __init__(
         self,
@@ -70,33 +132,51 @@ class Providers:
         *,
         on_stale: Callable[[IdpError], None] = lambda _e: None,
         client_factory: Callable[[TlsSettings], httpx.AsyncClient] = make_client,
+        observer: IdpObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         stale_seconds: float = DEFAULT_STALE_SECONDS,
     ) -> None:
         self._on_stale = on_stale
         self._client_factory = client_factory
+        self._observer = observer or NullObserver()
         self._clock = clock
+        self._wall_clock = wall_clock
         self._stale_seconds = stale_seconds
         self._clients: dict[TlsSettings, httpx.AsyncClient] = {}
+        self.endpoints: dict[tuple[str, str, TlsSettings, float], IdpEndpoint] = {}
         self._jwks: dict[tuple[str, TlsSettings, float, float], JwksProvider] = {}
         self._discovery: dict[tuple[str, TlsSettings, float, float, tuple[str, ...]], DiscoveryProvider] = {}
-        self.by_deployment: dict[str, KeyProvider] = {
-            d.name: self._provider(d.auth.keys, d.auth.issuers) for d in config.deployments
-        }
+        self.by_deployment: dict[str, DeploymentIdp] = {}
+        for i, d in enumerate(config.deployments):
+            where = f"deployments[{i}].authentication.validationPolicy"
+            self.by_deployment[d.name] = self._for_deployment(d.auth.keys, d.auth.issuers, where)
 
     def _client(self, tls: TlsSettings) -> httpx.AsyncClient:
         if tls not in self._clients:
             self._clients[tls] = self._client_factory(tls)
         return self._clients[tls]
 
+    def _endpoint(self, name: str, uri: str, source: KeySource) -> IdpEndpoint:
+        tls = TlsSettings(source.verify_tls, source.ca_file)
+        key = (name, uri, tls, source.timeout_seconds)
+        if key not in self.endpoints:
+            self.endpoints[key] = IdpEndpoint(
+                name,
+                uri,
+                self._client(tls),
+                timeout=source.timeout_seconds,
+                breaker=CircuitBreaker(clock=self._clock, wall_clock=self._wall_clock),
+                observer=self._observer,
+            )
+        return self.endpoints[key]
+
     def _jwks_provider(self, uri: str, source: KeySource) -> JwksProvider:
         tls = TlsSettings(source.verify_tls, source.ca_file)
         key = (uri, tls, source.timeout_seconds, source.max_cache_seconds)
         if key not in self._jwks:
             self._jwks[key] = JwksProvider(
-                uri,
-                self._client(tls),
-                timeout=source.timeout_seconds,
+                self._endpoint("jwks_uri", uri, source),
                 max_cache_seconds=source.max_cache_seconds,
                 stale_seconds=self._stale_seconds,
                 on_stale=self._on_stale,
@@ -104,29 +184,70 @@ class Providers:
             )
         return self._jwks[key]
 
-    def _provider(self, source: KeySource, issuers: tuple[str, ...]) -> KeyProvider:
-        if source.type == "STATIC_KEYS":
-            return StaticKeysProvider(source, issuers)
+    def _discovery_provider(self, source: KeySource, issuers: tuple[str, ...]) -> DiscoveryProvider:
         assert source.uri is not None
+        tls = TlsSettings(source.verify_tls, source.ca_file)
+        key = (source.uri, tls, source.timeout_seconds, source.max_cache_seconds, issuers)
+        if key not in self._discovery:
+            self._discovery[key] = DiscoveryProvider(
+                self._endpoint("discovery", source.uri, source),
+                issuers=issuers,
+                max_cache_seconds=source.max_cache_seconds,
+                stale_seconds=self._stale_seconds,
+                on_stale=self._on_stale,
+                clock=self._clock,
+            )
+        return self._discovery[key]
+
+    def _introspection(
+        self, source: KeySource, where: str, uri: Callable[[], Awaitable[str]]
+    ) -> IntrospectionClient:
+        assert source.client is not None
+        secret = read_client_secret(source.client, f"{where}.clientDetails")
+
+        async def endpoint() -> IdpEndpoint:
+            return self._endpoint("introspection_endpoint", await uri(), source)
+
+        return IntrospectionClient(
+            endpoint,
+            source.client,
+            secret,
+            max_cache_seconds=source.max_cache_seconds,
+            observer=self._observer,
+            clock=self._wall_clock,
+        )
+
+    def _for_deployment(self, source: KeySource, issuers: tuple[str, ...], where: str) -> DeploymentIdp:
+        if source.type == "STATIC_KEYS":
+            static = StaticKeysProvider(source, issuers)
+            return DeploymentIdp(static, None, static.issuers)
+        assert source.uri is not None
+        uri = source.uri
         if source.type == "REMOTE_JWKS":
-            return _FixedIssuers(self._jwks_provider(source.uri, source), issuers)
-        if source.type == "REMOTE_DISCOVERY":
-            tls = TlsSettings(source.verify_tls, source.ca_file)
-            key = (source.uri, tls, source.timeout_seconds, source.max_cache_seconds, issuers)
-            if key not in self._discovery:
-                self._discovery[key] = DiscoveryProvider(
-                    source.uri,
-                    self._client(tls),
-                    issuers=issuers,
-                    timeout=source.timeout_seconds,
-                    max_cache_seconds=source.max_cache_seconds,
-                    stale_seconds=self._stale_seconds,
-                    jwks_for=lambda uri: self._jwks_provider(uri, source),
-                    on_stale=self._on_stale,
-                    clock=self._clock,
-                )
-            return self._discovery[key]
-        raise NotImplementedError(f"{source.type} is not supported yet")
+            jwks = _JwksKeys(self._jwks_provider(uri, source), issuers)
+            return DeploymentIdp(jwks, None, jwks.issuers)
+        if source.type == "REMOTE_INTROSPECTION":
+
+            async def fixed_uri() -> str:
+                return uri
+
+            async def fixed_issuers() -> tuple[str, ...]:
+                return issuers
+
+            return DeploymentIdp(None, self._introspection(source, where, fixed_uri), fixed_issuers)
+        discovery = self._discovery_provider(source, issuers)
+        keys = _DiscoveredKeys(discovery, issuers, lambda jwks_uri: self._jwks_provider(jwks_uri, source))
+        introspection = None
+        if source.client is not None:
+
+            async def discovered_uri() -> str:
+                doc = await discovery.document()
+                if doc.introspection_endpoint is None:
+                    raise IdpBadResponse("discovery", uri, "no introspection_endpoint")
+                return doc.introspection_endpoint
+
+            introspection = self._introspection(source, where, discovered_uri)
+        return DeploymentIdp(keys, introspection, keys.issuers)
 
     async def aclose(self) -> None:
         for client in self._clients.values():

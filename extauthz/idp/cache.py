@@ -1,8 +1,14 @@
 """One remote document, cached: TTL, single-flight refresh, and stale-while-error.
 
 Written once and wrapped around every provider (JWKS, discovery), so none of them re-implements
-caching. Concurrent callers of an expired entry share one fetch; a caller that is cancelled does not
-cancel the fetch for the others.
+caching:
+
+* fresh: served from memory (``hit``);
+* expired, but within the stale window: served from memory at once (``stale``) while one refresh
+  runs in the background; a failed refresh is reported through ``on_stale`` and not retried for
+  ``RETRY_SECONDS``, so an IdP outage costs checks no latency and the IdP no flood;
+* nothing usable: the caller waits for the fetch (``miss``); concurrent callers share it, and a
+  caller that is cancelled does not cancel it for the others.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ __all__ = ["CachedDocument", "CacheResult"]
 
 T = TypeVar("T")
 CacheResult = Literal["hit", "miss", "stale"]
+
+RETRY_SECONDS = 5.0
 
 
 class CachedDocument(Generic[T]):
@@ -39,6 +47,7 @@ class CachedDocument(Generic[T]):
         self._expires_at = 0.0
         self.fetched_at: float | None = None  # monotonic time of the last successful fetch
         self.last_error: IdpError | None = None
+        self._failed_at: float | None = None
         self.last_result: CacheResult = "miss"
         self._inflight: asyncio.Future[T] | None = None
 
@@ -48,20 +57,24 @@ class CachedDocument(Generic[T]):
 
     async def get(self) -> T:
         now = self._clock()
-        if self._value is not None and now < self._expires_at:
-            self.last_result = "hit"
-            return self._value
-        try:
-            value = await self.refresh()
-            self.last_result = "miss"
-            return value
-        except IdpError as exc:
-            if self._value is not None and now < self._expires_at + self._stale_seconds:
-                # Keys the IdP published before it failed still verify its tokens.
-                self.last_result = "stale"
-                self._on_stale(exc)
+        if self._value is not None:
+            if now < self._expires_at:
+                self.last_result = "hit"
                 return self._value
-            raise
+            if now < self._expires_at + self._stale_seconds:
+                self.last_result = "stale"
+                recently_failed = self._failed_at is not None and now - self._failed_at < RETRY_SECONDS
+                if self._inflight is None and not recently_failed:
+                    self._inflight = asyncio.ensure_future(self._fetch())
+                    self._inflight.add_done_callback(self._background_done)
+                return self._value
+        self.last_result = "miss"
+        return await self.refresh()
+
+    def _background_done(self, future: asyncio.Future[T]) -> None:
+        if not future.cancelled() and isinstance(future.exception(), IdpError):
+            # Keys the IdP published before it failed still verify its tokens; say so once.
+            self._on_stale(future.exception())  # type: ignore[arg-type]
 
     async def refresh(self) -> T:
         """Fetch now, joining a fetch already under way."""
@@ -74,6 +87,7 @@ class CachedDocument(Generic[T]):
             value, ttl = await self._load()
         except IdpError as exc:
             self.last_error = exc
+            self._failed_at = self._clock()
             raise
         finally:
             self._inflight = None
@@ -81,4 +95,5 @@ class CachedDocument(Generic[T]):
         self.fetched_at = self._clock()
         self._expires_at = self.fetched_at + ttl
         self.last_error = None
+        self._failed_at = None
         return value

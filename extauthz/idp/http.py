@@ -6,21 +6,34 @@ can pass ``httpx.MockTransport`` and production gets one pooled client per TLS s
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 import socket
 import ssl
+import time
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 
 import certifi
 import httpx
 
-from ..errors import IdpBadResponse, IdpBadStatus, IdpUnreachable
+from ..errors import CircuitOpen, IdpBadResponse, IdpBadStatus, IdpError, IdpUnreachable
+from ..logs import rfc3339
+from .resilience import CircuitBreaker
 
-__all__ = ["IdpResponse", "TlsSettings", "fetch_json", "idp_call_counter", "make_client"]
+__all__ = [
+    "IdpEndpoint",
+    "IdpObserver",
+    "IdpResponse",
+    "TlsSettings",
+    "fetch_json",
+    "idp_call_counter",
+    "make_client",
+]
 
 MAX_BODY_BYTES = 1024 * 1024  # a JWKS, discovery document or introspection answer is small
 
@@ -139,7 +152,7 @@ async def fetch_json(
     except httpx.TimeoutException as exc:
         raise IdpUnreachable(endpoint, uri, "TIMEOUT") from exc
     except httpx.ConnectError as exc:
-        raise IdpUnreachable(endpoint, uri, _unreachable_kind(exc)) from exc
+        raise IdpUnreachable(endpoint, uri, _unreachable_kind(exc), before_request=True) from exc
     except httpx.TransportError as exc:
         # Connected, then the peer closed or spoke something that is not HTTP.
         raise IdpBadResponse(endpoint, uri, type(exc).__name__) from exc
@@ -148,3 +161,108 @@ async def fetch_json(
     except (ValueError, UnicodeDecodeError) as exc:
         raise IdpBadResponse(endpoint, uri, "not JSON") from exc
     return IdpResponse(parsed, max_age)
+
+
+class IdpObserver(Protocol):
+    """Where IdP call outcomes and cache lookups are reported (metrics; tests)."""
+
+    def idp_call(self, endpoint: str, outcome: str, seconds: float) -> None: ...
+
+    def cache(self, cache: str, result: str) -> None: ...
+
+
+class NullObserver:
+    def idp_call(self, endpoint: str, outcome: str, seconds: float) -> None:
+        pass
+
+    def cache(self, cache: str, result: str) -> None:
+        pass
+
+
+MAX_OUTSTANDING_CALLS = 64
+
+
+class IdpEndpoint:
+    """One IdP URL with everything that keeps calling it safe: the pooled client, the timeout,
+    a circuit breaker, a cap on outstanding calls and one quick retry when the connection is
+    refused. Every IdP request in extauthz goes through :meth:`call`."""
+
+    def __init__(
+        self,
+        name: str,
+        uri: str,
+        client: httpx.AsyncClient,
+        *,
+        timeout: float,
+        breaker: CircuitBreaker | None = None,
+        max_outstanding: int = MAX_OUTSTANDING_CALLS,
+        observer: IdpObserver | None = None,
+    ) -> None:
+        self.name = name
+        self.uri = uri
+        self._client = client
+        self._timeout = timeout
+        self.breaker = breaker or CircuitBreaker()
+        self._slots = asyncio.Semaphore(max_outstanding)
+        self._observer = observer or NullObserver()
+        self.last_success: float | None = None  # wall clock
+        self.last_error: IdpError | None = None
+
+    async def call(
+        self,
+        *,
+        method: str = "GET",
+        data: Mapping[str, str] | None = None,
+        auth: httpx.Auth | None = None,
+    ) -> IdpResponse:
+        if not self.breaker.allow():
+            exc: IdpError = CircuitOpen(self.name, self.uri, rfc3339(self.breaker.open_until()))
+            self._observer.idp_call(self.name, "circuit_open", 0.0)
+            raise exc
+        started = time.perf_counter()
+        try:
+            resp = await self._limited(method, data, auth)
+        except IdpError as exc:
+            self.breaker.failure()
+            self.last_error = exc
+            self._observer.idp_call(self.name, exc.error_type, time.perf_counter() - started)
+            raise
+        except BaseException:
+            self.breaker.abandon()  # cancelled: no verdict on the IdP
+            raise
+        self.breaker.success()
+        self.last_success = time.time()
+        self.last_error = None
+        self._observer.idp_call(self.name, "ok", time.perf_counter() - started)
+        return resp
+
+    async def _limited(
+        self, method: str, data: Mapping[str, str] | None, auth: httpx.Auth | None
+    ) -> IdpResponse:
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self._timeout)
+        except TimeoutError:
+            raise IdpUnreachable(self.name, self.uri, "TIMEOUT") from None
+        try:
+            return await self._call_once_or_twice(method, data, auth)
+        finally:
+            self._slots.release()
+
+    async def _call_once_or_twice(
+        self, method: str, data: Mapping[str, str] | None, auth: httpx.Auth | None
+    ) -> IdpResponse:
+        try:
+            return await fetch_json(
+                self._client, self.name, self.uri, timeout=self._timeout, method=method,
+                data=data, auth=auth,
+            )
+        except IdpUnreachable as exc:
+            if not (exc.before_request and exc.kind == "CONNECTION_REFUSED"):
+                raise
+        # A refused connection is often a restarting IdP or a stale pooled address: one quick
+        # retry with jitter, so that many checks retrying do not arrive in lockstep.
+        await asyncio.sleep(random.uniform(0.01, 0.05))
+        return await fetch_json(
+            self._client, self.name, self.uri, timeout=self._timeout, method=method,
+            data=data, auth=auth,
+        )

@@ -5,13 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import httpx
-
 from ..config import ASYMMETRIC_ALGORITHMS
 from ..errors import IdpBadResponse, IdpError
 from ..keys import KeySet, keyset_from_jwks
 from .cache import CachedDocument
-from .http import fetch_json
+from .http import IdpEndpoint
 
 __all__ = ["JwksProvider", "cache_ttl"]
 
@@ -28,22 +26,16 @@ def cache_ttl(max_age: float | None, max_cache_seconds: float) -> float:
 
 
 class JwksProvider:
-    endpoint = "jwks_uri"
-
     def __init__(
         self,
-        uri: str,
-        client: httpx.AsyncClient,
+        endpoint: IdpEndpoint,
         *,
-        timeout: float,
         max_cache_seconds: float,
         stale_seconds: float,
         on_stale: Callable[[IdpError], None] = lambda _e: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.uri = uri
-        self._client = client
-        self._timeout = timeout
+        self.endpoint = endpoint
         self._max_cache_seconds = max_cache_seconds
         self._clock = clock
         self.cache: CachedDocument[KeySet] = CachedDocument(
@@ -51,13 +43,13 @@ class JwksProvider:
         )
 
     async def _load(self) -> tuple[KeySet, float]:
-        resp = await fetch_json(self._client, self.endpoint, self.uri, timeout=self._timeout)
+        resp = await self.endpoint.call()
         keys = resp.data.get("keys") if isinstance(resp.data, dict) else None
         if not isinstance(keys, list):
-            raise IdpBadResponse(self.endpoint, self.uri, "no 'keys' array")
+            raise IdpBadResponse(self.endpoint.name, self.endpoint.uri, "no 'keys' array")
         keyset = keyset_from_jwks(keys, _ALL_ALGORITHMS)
         if not keyset.keys:
-            raise IdpBadResponse(self.endpoint, self.uri, "no usable signing keys")
+            raise IdpBadResponse(self.endpoint.name, self.endpoint.uri, "no usable signing keys")
         return keyset, cache_ttl(resp.max_age, self._max_cache_seconds)
 
     async def keyset(self, kid: str | None) -> KeySet:

@@ -373,6 +373,7 @@ def test_cache_control_max_age_bounds_the_ttl(config: Config, idp: FakeIdp, rsa_
     async def at(t: float) -> None:
         now[0] = t
         assert (await engine.check(request(rsa_key.sign(claims())))).allowed
+        await asyncio.sleep(0.01)  # an expired document is refreshed in the background
 
     async def run() -> None:
         await at(0)
@@ -396,8 +397,11 @@ def test_cached_keys_survive_an_idp_outage(config: Config, idp: FakeIdp, rsa_key
     async def run() -> None:
         assert (await engine.check(request(token))).allowed
         idp.fail = 500
-        now[0] = 3600 + 10  # expired, within the stale window
-        assert (await engine.check(request(token))).allowed
+        now[0] = 3600 + 10  # expired, within the stale window: served at once, refreshed behind
+        for _ in range(20):
+            assert (await engine.check(request(token))).allowed
+        await asyncio.sleep(0.01)
+        assert idp.calls["/.well-known/openid-configuration"] == 2  # one failed background refresh
         now[0] = 3 * 3600  # beyond the stale window: fail closed
         assert (await engine.check(request(token))).reason is Reason.IDP_CALL_FAILED
 

@@ -1,0 +1,130 @@
+"""RFC 7662 token introspection, with a bounded cache keyed by the token's SHA-256.
+
+* A positive answer is cached until the earlier of the token's ``exp`` and
+  ``maxCacheDurationInHours``; an inactive answer for a few seconds (a revoked token stays revoked,
+  but a token that was not yet known to a replica should not be refused for long).
+* Entries are keyed by SHA-256 of the token, never the token, and the cache is an LRU with a hard
+  ceiling on entries.
+* Concurrent checks of the same new token share one IdP call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import quote_plus
+
+import httpx
+
+from ..config import ClientDetails
+from ..errors import IdpBadResponse
+from .http import IdpEndpoint, IdpObserver, NullObserver
+
+__all__ = ["ClientSecret", "IntrospectionClient"]
+
+NEGATIVE_TTL_SECONDS = 10.0
+MAX_ENTRIES = 100_000
+
+_INACTIVE: dict[str, Any] = {}
+
+
+class ClientSecret:
+    """A client secret that cannot be printed by accident."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "ClientSecret(***)"
+
+    __str__ = __repr__
+
+
+class IntrospectionClient:
+    def __init__(
+        self,
+        endpoint: Callable[[], Awaitable[IdpEndpoint]],
+        client: ClientDetails,
+        secret: ClientSecret,
+        *,
+        max_cache_seconds: float,
+        observer: IdpObserver | None = None,
+        clock: Callable[[], float] = time.time,
+        max_entries: int = MAX_ENTRIES,
+    ) -> None:
+        self._endpoint = endpoint
+        self._client = client
+        self._secret = secret
+        self._max_cache_seconds = max_cache_seconds
+        self._observer = observer or NullObserver()
+        self._clock = clock
+        self._max_entries = max_entries
+        self._cache: OrderedDict[bytes, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._inflight: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    async def introspect(self, token: str) -> dict[str, Any] | None:
+        """The claims of an active token, None for an inactive one; raises IdpError."""
+        key = hashlib.sha256(token.encode()).digest()
+        hit = self._cache.get(key)
+        if hit is not None:
+            expires_at, claims = hit
+            if self._clock() < expires_at:
+                self._cache.move_to_end(key)
+                self._observer.cache("introspection", "hit")
+                return None if claims is _INACTIVE else claims
+            del self._cache[key]
+        self._observer.cache("introspection", "miss")
+        future = self._inflight.get(key)
+        if future is None:
+            future = asyncio.ensure_future(self._fetch(key, token))
+            self._inflight[key] = future
+            future.add_done_callback(lambda _f: self._inflight.pop(key, None))
+        claims = await asyncio.shield(future)
+        return None if claims is _INACTIVE else claims
+
+    async def _fetch(self, key: bytes, token: str) -> dict[str, Any]:
+        endpoint = await self._endpoint()
+        form = {"token": token, "token_type_hint": "access_token"}
+        auth: httpx.Auth | None = None
+        if self._client.auth_method == "client_secret_post":
+            form.update(client_id=self._client.client_id, client_secret=self._secret.reveal())
+        else:
+            # RFC 6749 §2.3.1: both parts are form-urlencoded before Basic encoding.
+            auth = httpx.BasicAuth(
+                quote_plus(self._client.client_id), quote_plus(self._secret.reveal())
+            )
+        resp = await endpoint.call(method="POST", data=form, auth=auth)
+        body = resp.data
+        if not isinstance(body, dict) or not isinstance(body.get("active"), bool):
+            # RFC 7662 §2.2: `active` is REQUIRED and a boolean; "yes" or 1 is not an answer.
+            raise IdpBadResponse(endpoint.name, endpoint.uri, "no boolean 'active'")
+        now = self._clock()
+        if body["active"] is not True:
+            self._store(key, now + NEGATIVE_TTL_SECONDS, _INACTIVE)
+            return _INACTIVE
+        claims = {k: v for k, v in body.items() if k != "active"}
+        expires_at = now + self._max_cache_seconds
+        exp = claims.get("exp")
+        if isinstance(exp, int | float) and not isinstance(exp, bool):
+            expires_at = min(expires_at, float(exp))
+        if expires_at > now:
+            self._store(key, expires_at, claims)
+        return claims
+
+    def _store(self, key: bytes, expires_at: float, claims: dict[str, Any]) -> None:
+        self._cache[key] = (expires_at, claims)
+        self._cache.move_to_end(key)
+        while len(self._cache) > self._max_entries:
+            self._cache.popitem(last=False)
