@@ -1,0 +1,299 @@
+"""The IdP layer on httpx.MockTransport: introspection, its cache, the breaker, error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any
+from urllib.parse import parse_qs
+
+import httpx
+import pytest
+
+from extauthz.config import Config, parse_config
+from extauthz.decision import Reason
+from extauthz.engine import CheckInput, Engine
+from extauthz.errors import IdpBadResponse, IdpBadStatus, IdpUnreachable
+from extauthz.idp import Providers
+from extauthz.idp.http import IdpEndpoint
+from extauthz.idp.resilience import CircuitBreaker
+from tests.conftest import AUDIENCE, ISSUER
+
+INTROSPECT = "https://idp.example.com/introspect"
+
+
+class Introspector:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.requests: list[httpx.Request] = []
+        self.answer: dict[str, Any] | None = None
+        self.status = 200
+        self.delay = 0.0
+        self.raw: bytes | None = None
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        self.requests.append(request)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.raw is not None:
+            return httpx.Response(self.status, content=self.raw)
+        form = parse_qs(request.content.decode())
+        token = form["token"][0]
+        body = self.answer if self.answer is not None else (
+            {"active": True, "iss": ISSUER, "aud": AUDIENCE, "sub": "svc", "scope": "orders.read",
+             "client_id": "svc", "exp": 4_000_000_000}
+            if token.startswith("good") else {"active": False}
+        )
+        return httpx.Response(self.status, json=body)
+
+
+def config(auth_method: str = "client_secret_basic", **avp: Any) -> Config:
+    return parse_config({"deployments": [{
+        "name": "opaque", "pathPrefix": "/",
+        "authentication": {"type": "TOKEN_AUTHENTICATION", "validationPolicy": {
+            "type": "REMOTE_INTROSPECTION", "uri": INTROSPECT, "timeoutSeconds": 1,
+            "clientDetails": {"clientId": "rs client", "clientSecretEnv": "EXTAUTHZ_TEST_SECRET", "authMethod": auth_method},
+            "additionalValidationPolicy": {"issuers": [ISSUER], "audiences": [AUDIENCE], **avp},
+        }},
+        "routes": [{"path": "/{p*}", "authorization": {"type": "ANY_OF", "allowedScope": ["orders.read"]}}],
+    }]})
+
+
+@pytest.fixture(autouse=True)
+def secret(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("EXTAUTHZ_TEST_SECRET", "s3cr&t")
+    return "s3cr&t"
+
+
+def engine_for(cfg: Config, handler: Any, **kw: Any) -> Engine:
+    transport = httpx.MockTransport(handler)
+    providers = Providers(cfg, client_factory=lambda _t: httpx.AsyncClient(transport=transport), **kw)
+    return Engine(cfg, providers.by_deployment)
+
+
+def req(token: str) -> CheckInput:
+    return CheckInput("GET", "h", "/x", {"authorization": f"Bearer {token}"}, {})
+
+
+def test_active_token_is_allowed_and_inactive_is_token_inactive() -> None:
+    idp = Introspector()
+    e = engine_for(config(), idp)
+
+    async def run() -> None:
+        assert (await e.check(req("good-1"))).allowed
+        d = await e.check(req("revoked-1"))
+        assert d.reason is Reason.TOKEN_INACTIVE
+
+    asyncio.run(run())
+
+
+def test_basic_auth_is_form_encoded_and_form_is_rfc7662(secret: str) -> None:
+    idp = Introspector()
+    asyncio.run(engine_for(config(), idp).check(req("good-1")))
+    r = idp.requests[0]
+    assert r.method == "POST"
+    assert parse_qs(r.content.decode()) == {"token": ["good-1"], "token_type_hint": ["access_token"]}
+    user, _, pw = base64.b64decode(r.headers["authorization"].split()[1]).decode().partition(":")
+    assert (user, pw) == ("rs+client", "s3cr%26t")
+
+
+def test_client_secret_post(secret: str) -> None:
+    idp = Introspector()
+    asyncio.run(engine_for(config("client_secret_post"), idp).check(req("good-1")))
+    r = idp.requests[0]
+    assert "authorization" not in r.headers
+    form = parse_qs(r.content.decode())
+    assert form["client_id"] == ["rs client"] and form["client_secret"] == [secret]
+
+
+def test_claims_of_an_active_token_are_checked() -> None:
+    idp = Introspector()
+    idp.answer = {"active": True, "iss": ISSUER, "aud": "https://other", "scope": "orders.read"}
+    assert asyncio.run(engine_for(config(), idp).check(req("good"))).reason is Reason.AUDIENCE_MISMATCH
+    idp.answer = {"active": True, "iss": ISSUER, "aud": AUDIENCE, "scope": "x"}
+    assert asyncio.run(engine_for(config(), idp).check(req("good"))).reason is Reason.INSUFFICIENT_SCOPE
+    idp.answer = {"active": True, "iss": ISSUER, "aud": AUDIENCE, "scope": "orders.read", "exp": 1}
+    assert asyncio.run(engine_for(config(), idp).check(req("good"))).reason is Reason.TOKEN_EXPIRED
+    idp.answer = {"active": True, "iss": ISSUER, "aud": AUDIENCE, "scope": "orders.read"}  # no exp: fine
+    assert asyncio.run(engine_for(config(), idp).check(req("good"))).allowed
+
+
+@pytest.mark.parametrize("active", ["yes", "true", 1, None])
+def test_active_must_be_boolean_true(active: Any) -> None:
+    idp = Introspector()
+    idp.answer = {"active": active} if active is not None else {"sub": "x"}
+    d = asyncio.run(engine_for(config(), idp).check(req("good")))
+    assert d.reason is Reason.IDP_CALL_FAILED
+    assert d.message == "Unable to parse response from Identity Provider"
+
+
+def test_single_flight_64_concurrent_checks_one_call() -> None:
+    idp = Introspector()
+    idp.delay = 0.05
+    e = engine_for(config(), idp)
+
+    async def run() -> list[Any]:
+        return await asyncio.gather(*(e.check(req("good-new")) for _ in range(64)))
+
+    assert all(d.allowed for d in asyncio.run(run()))
+    assert idp.calls == 1
+
+
+def test_positive_and_negative_cache() -> None:
+    idp = Introspector()
+    now = [1000.0]
+    e = engine_for(config(), idp, wall_clock=lambda: now[0])
+
+    async def run() -> None:
+        for _ in range(5):
+            assert (await e.check(req("good-a"))).allowed
+            assert (await e.check(req("bad-a"))).reason is Reason.TOKEN_INACTIVE
+        assert idp.calls == 2
+        now[0] += 11  # the negative entry is short-lived, the positive one is not
+        assert (await e.check(req("good-a"))).allowed
+        assert (await e.check(req("bad-a"))).reason is Reason.TOKEN_INACTIVE
+        assert idp.calls == 3
+
+    asyncio.run(run())
+
+
+def test_cache_is_bounded() -> None:
+    from extauthz.idp.introspection import IntrospectionClient
+
+    idp = Introspector()
+    cfg = config()
+    transport = httpx.MockTransport(idp)
+    providers = Providers(cfg, client_factory=lambda _t: httpx.AsyncClient(transport=transport))
+    client = providers.by_deployment["opaque"].introspection
+    assert isinstance(client, IntrospectionClient)
+    client._max_entries = 100  # noqa: SLF001 (the ceiling is a module constant in production)
+
+    async def run() -> None:
+        for i in range(300):
+            await client.introspect(f"good-{i}")
+
+    asyncio.run(run())
+    assert len(client) == 100
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        (500, f"Unexpected response from the introspection_endpoint uri: {INTROSPECT}, received (500, Internal Server Error)."),
+        (401, f"Unexpected response from the introspection_endpoint uri: {INTROSPECT}, received (401, Unauthorized)."),
+    ],
+)
+def test_http_errors(status: int, message: str) -> None:
+    idp = Introspector()
+    idp.status = status
+    d = asyncio.run(engine_for(config(), idp).check(req("good")))
+    assert d.reason is Reason.IDP_CALL_FAILED and d.message == message
+    assert dict(d.log_fields)["endpoint"] == "introspection_endpoint"
+
+
+def test_html_is_unparseable() -> None:
+    idp = Introspector()
+    idp.raw = b"<html>oops</html>"
+    d = asyncio.run(engine_for(config(), idp).check(req("good")))
+    assert d.message == "Unable to parse response from Identity Provider"
+
+
+def test_breaker_opens_fails_fast_and_recovers() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(failure_threshold=3, cool_down_seconds=30, clock=lambda: now[0], wall_clock=lambda: 1_800_000_000 + now[0])
+    calls = [0]
+    healthy = [False]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls[0] += 1
+        return httpx.Response(200 if healthy[0] else 503, json={"keys": []})
+
+    ep = IdpEndpoint("jwks_uri", "https://idp/jwks", httpx.AsyncClient(transport=httpx.MockTransport(handler)), timeout=1, breaker=breaker)
+
+    async def run() -> None:
+        for _ in range(3):
+            with pytest.raises(IdpBadStatus):
+                await ep.call()
+        assert breaker.state == "open"
+        for _ in range(10):
+            with pytest.raises(Exception) as exc:
+                await ep.call()
+            assert str(exc.value) == (
+                "Circuit open for the jwks_uri uri: https://idp/jwks; failing fast until 2027-01-15T08:00:30.000Z."
+            )
+        assert calls[0] == 3
+        now[0] = 31  # half-open: one probe
+        healthy[0] = True
+        await ep.call()
+        assert breaker.state == "closed" and calls[0] == 4
+
+    asyncio.run(run())
+
+
+def test_half_open_probe_failure_reopens() -> None:
+    now = [0.0]
+    b = CircuitBreaker(failure_threshold=1, cool_down_seconds=10, clock=lambda: now[0])
+    b.failure()
+    assert not b.allow()
+    now[0] = 10
+    assert b.allow() and not b.allow()  # one probe only
+    b.failure()
+    assert b.state == "open"
+
+
+def test_refused_connection_is_retried_once() -> None:
+    attempts = [0]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        attempts[0] += 1
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+    ep = IdpEndpoint("jwks_uri", "https://idp/jwks", httpx.AsyncClient(transport=httpx.MockTransport(handler)), timeout=1)
+    with pytest.raises(IdpUnreachable) as exc:
+        asyncio.run(ep.call())
+    assert attempts[0] == 2 and exc.value.kind == "CONNECTION_REFUSED"
+    assert exc.value.message == (
+        "Unable to connect to the jwks_uri uri: https://idp/jwks, CONNECTION_REFUSED. "
+        "Make sure that the URI is accessible from the network of the authorization service."
+    )
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (httpx.ConnectTimeout("timed out"), "TIMEOUT"),
+        (httpx.ReadTimeout("timed out"), "TIMEOUT"),
+        (httpx.ConnectError("[Errno -2] Name or service not known"), "DNS_FAILURE"),
+        (httpx.ConnectError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"), "TLS_ERROR"),
+    ],
+)
+def test_transport_errors_map_to_the_contract_kinds(exc: Exception, kind: str) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    ep = IdpEndpoint("discovery", "https://idp/.well-known", httpx.AsyncClient(transport=httpx.MockTransport(handler)), timeout=1)
+    with pytest.raises(IdpUnreachable) as info:
+        asyncio.run(ep.call())
+    assert info.value.kind == kind
+
+
+def test_closed_socket_is_unparseable() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+
+    ep = IdpEndpoint("jwks_uri", "https://idp/jwks", httpx.AsyncClient(transport=httpx.MockTransport(handler)), timeout=1)
+    with pytest.raises(IdpBadResponse):
+        asyncio.run(ep.call())
+
+
+def test_missing_secret_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from extauthz.config import ConfigError
+
+    monkeypatch.delenv("EXTAUTHZ_TEST_SECRET")
+    with pytest.raises(ConfigError) as exc:
+        Providers(config())
+    assert exc.value.errors == [
+        "deployments[0].authentication.validationPolicy.clientDetails.clientSecretEnv: "
+        "environment variable EXTAUTHZ_TEST_SECRET is not set"
+    ]
