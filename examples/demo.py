@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stack import DEMO_PORTS, REPO, Stack, StackError, accepts_tcp  # noqa: E402 (needs the path above)
+from stack import DEMO_PORTS, REPO, Stack, StackError, accepts_tcp
 
 ISSUER = f"http://127.0.0.1:{DEMO_PORTS.idp}"
 ENVOY = f"http://127.0.0.1:{DEMO_PORTS.envoy}"
@@ -39,7 +39,7 @@ def instructions(log_dir: Path) -> str:
     return f"""
 extauthz demo is up. Envoy listens on {ENVOY}. Try:
 
-  # 1. a token with orders.read + orders.write: 200, and the upstream echoes x-auth-subject / x-auth-tenant
+  # 1. a token with orders.read + orders.write: 200; the upstream echoes the identity headers
   {token_command("TOKEN", "orders.read orders.write")}
   curl -i -H "Authorization: Bearer $TOKEN" {ENVOY}/orders/42
 

@@ -66,7 +66,9 @@ class Ports:
                 sock.close()
 
 
-DEMO_PORTS = Ports(idp=3000, extauthz=9001, extauthz_admin=9090, upstream=8081, envoy=8080, envoy_admin=9901)
+DEMO_PORTS = Ports(
+    idp=3000, extauthz=9001, extauthz_admin=9090, upstream=8081, envoy=8080, envoy_admin=9901
+)
 
 
 def render_extauthz_config(template: str, ports: Ports) -> str:
@@ -85,7 +87,9 @@ def render_envoy_config(template: str, ports: Ports, listen_address: str = "0.0.
     for demo_port in replacements:
         found = len(re.findall(rf"\bport_value: {demo_port}\b", template))
         if found != 1:
-            raise StackError(f"envoy template: expected one 'port_value: {demo_port}', found {found}")
+            raise StackError(
+                f"envoy template: expected one 'port_value: {demo_port}', found {found}"
+            )
     rendered = re.sub(
         r"\bport_value: (\d+)\b",
         lambda m: f"port_value: {replacements.get(int(m.group(1)), int(m.group(1)))}",
@@ -132,7 +136,7 @@ def accepts_tcp(port: int) -> bool:
 
 
 def read_json_lines(path: Path) -> Iterator[dict[str, Any]]:
-    """The JSON objects of a JSON-lines log; other lines (and a partly written last line) skipped."""
+    """The JSON objects in a JSON-lines log, skipping other lines and a half-written last one."""
     if not path.exists():
         return
     with path.open(encoding="utf-8", errors="replace") as lines:
@@ -158,7 +162,7 @@ class _Process:
 
 
 class Stack:
-    """The IdP, extauthz, the upstream and Envoy, started in that order and stopped in reverse."""
+    """The IdP, the upstream, extauthz and Envoy, started in that order and stopped in reverse."""
 
     def __init__(
         self,
@@ -219,7 +223,7 @@ class Stack:
             self.stop()
             raise
 
-    def stop(self, grace: float = 5.0) -> None:
+    def stop(self, grace: float = 15.0) -> None:
         """SIGTERM every process (newest first), wait up to ``grace`` seconds, then SIGKILL."""
         for process in reversed(self._processes):
             if process.popen.poll() is None:
@@ -273,29 +277,44 @@ class Stack:
         # Unbuffered, so each JSON log line reaches the file (and the tests) when it is printed.
         env = {**self._env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath}
         argv = [
-            *self.extauthz_argv, "serve",
-            "--config", str(config),
-            "--listen", f"127.0.0.1:{self.ports.extauthz}",
-            "--admin-listen", f"127.0.0.1:{self.ports.extauthz_admin}",
-        ]  # fmt: skip
+            *self.extauthz_argv,
+            "serve",
+            "--config",
+            str(config),
+            "--listen",
+            f"127.0.0.1:{self.ports.extauthz}",
+            "--admin-listen",
+            f"127.0.0.1:{self.ports.extauthz_admin}",
+        ]
         process = self._spawn("extauthz", argv, env=env)
 
         def serving() -> bool:
-            started = any(r.get("event") == "server.started" for r in read_json_lines(process.stdout))
-            return (started or accepts_tcp(self.ports.extauthz)) and accepts_tcp(self.ports.extauthz_admin)
+            started = any(
+                r.get("event") == "server.started" for r in read_json_lines(process.stdout)
+            )
+            return (started or accepts_tcp(self.ports.extauthz)) and accepts_tcp(
+                self.ports.extauthz_admin
+            )
 
         self._wait(process, serving, deadline, "extauthz gRPC and admin ports")
 
     def _start_envoy(self, deadline: float) -> None:
         config = self.workdir / "envoy.yaml"
-        config.write_text(render_envoy_config(ENVOY_TEMPLATE.read_text(), self.ports, self.listen_address))
+        config.write_text(
+            render_envoy_config(ENVOY_TEMPLATE.read_text(), self.ports, self.listen_address)
+        )
         argv = [
-            find_envoy(), "-c", str(config),
+            find_envoy(),
+            "-c",
+            str(config),
             # Distinct base ids let several Envoys (demo and tests) run on one machine.
-            "--base-id", str(self.ports.envoy_admin),
-            "--concurrency", "1",
-            "--log-level", "warn",
-        ]  # fmt: skip
+            "--base-id",
+            str(self.ports.envoy_admin),
+            "--concurrency",
+            "1",
+            "--log-level",
+            "warn",
+        ]
         process = self._spawn("envoy", argv, env=self._env)
         ready = f"http://127.0.0.1:{self.ports.envoy_admin}/ready"
 
@@ -310,30 +329,41 @@ class Stack:
 
     # -- plumbing -------------------------------------------------------------------------
 
-    def _spawn(self, name: str, argv: list[str], *, env: Mapping[str, str], cwd: Path = REPO) -> _Process:
+    def _spawn(
+        self, name: str, argv: list[str], *, env: Mapping[str, str], cwd: Path = REPO
+    ) -> _Process:
         stdout = self.log_dir / f"{name}.log"
         stderr = self.log_dir / f"{name}.stderr.log"
         files = (stdout.open("wb"), stderr.open("wb"))
         # A new session: Ctrl-C in the demo's terminal reaches the launcher only, which then
         # stops everything in order.
         popen = subprocess.Popen(
-            argv, cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL,
-            stdout=files[0], stderr=files[1], start_new_session=True,
-        )  # fmt: skip
+            argv,
+            cwd=cwd,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=files[0],
+            stderr=files[1],
+            start_new_session=True,
+        )
         process = _Process(name, popen, stdout, stderr, files)
         self._processes.append(process)
         return process
 
-    def _wait(self, process: _Process, ready: Callable[[], bool], deadline: float, what: str) -> None:
+    def _wait(
+        self, process: _Process, ready: Callable[[], bool], deadline: float, what: str
+    ) -> None:
         """Poll ``ready`` until it holds; fail if the process exits or the deadline passes."""
         while not ready():
             if process.popen.poll() is not None:
                 raise StackError(
-                    f"{process.name} exited with {process.popen.returncode} before {what} was ready\n"
+                    f"{process.name} exited ({process.popen.returncode}) before {what} was ready\n"
                     + self._tail(process)
                 )
             if time.monotonic() > deadline:
-                raise StackError(f"{process.name}: {what} not ready in time\n" + self._tail(process))
+                raise StackError(
+                    f"{process.name}: {what} not ready in time\n" + self._tail(process)
+                )
             time.sleep(0.05)
 
     @staticmethod

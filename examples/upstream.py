@@ -2,7 +2,7 @@
 
 Every request, whatever its method or path, gets ``200`` and
 ``{"method": ..., "path": ..., "headers": {...}}`` so the demo and the e2e tests can see which
-identity headers (``x-auth-subject``, ``x-auth-tenant``...) Envoy forwarded after extauthz allowed it.
+identity headers (``x-auth-subject``...) Envoy forwarded after extauthz allowed the request.
 Header names are lower-cased; a repeated header is joined with ``", "``.
 
     python examples/upstream.py [PORT]        # or UPSTREAM_PORT=8081; default 8081
@@ -44,7 +44,9 @@ class EchoHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib signature)
         # One plain line per request on stderr; the launcher sends it to the upstream's log file.
-        sys.stderr.write(f"upstream {self.command} {self.path} {args[1] if len(args) > 1 else ''}\n")
+        sys.stderr.write(
+            f"upstream {self.command} {self.path} {args[1] if len(args) > 1 else ''}\n"
+        )
 
 
 def _stop_on_sigterm(signum: int, frame: object) -> None:

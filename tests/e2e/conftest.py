@@ -32,7 +32,7 @@ LOG_WAIT_SECONDS = 5.0
 
 
 def wait_until(condition: Callable[[], Any], *, timeout: float, what: str) -> Any:
-    """Poll ``condition`` until it returns something truthy, and return that; fail after ``timeout``."""
+    """Poll ``condition`` until it returns something truthy and return that, or fail."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
@@ -56,7 +56,9 @@ class IdP:
     issuer: str
     http: httpx.Client
 
-    def token(self, client_id: str, *, resource: str = API, scope: str = "orders.read orders.write") -> str:
+    def token(
+        self, client_id: str, *, resource: str = API, scope: str = "orders.read orders.write"
+    ) -> str:
         response = self.http.post(
             f"{self.issuer}/token",
             auth=(client_id, f"{client_id}-secret"),
@@ -121,7 +123,10 @@ class Logs:
         """Everything extauthz wrote, stdout and stderr."""
         return "".join(
             path.read_text(errors="replace")
-            for path in (self.stack.log_dir / "extauthz.log", self.stack.log_dir / "extauthz.stderr.log")
+            for path in (
+                self.stack.log_dir / "extauthz.log",
+                self.stack.log_dir / "extauthz.stderr.log",
+            )
             if path.exists()
         )
 
@@ -133,7 +138,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         pytest.skip(f"e2e tests need {' and '.join(missing)} to run the demo IdP (examples/idp)")
     workdir = tmp_path_factory.mktemp("stack")
     with Stack(
-        config_template=POLICY_TEMPLATE, ports=Ports.free(), workdir=workdir, listen_address="127.0.0.1"
+        config_template=POLICY_TEMPLATE,
+        ports=Ports.free(),
+        workdir=workdir,
+        listen_address="127.0.0.1",
     ) as running:
         yield running
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the fixtures' types; conftest is never imported at run time
-    from conftest import Call, Gateway, IdP, Logs
+    from tests.e2e.conftest import Call, Gateway, IdP, Logs
 
 REPO = Path(__file__).resolve().parents[2]
 OTHER_API = "https://other.example.com"
@@ -30,7 +30,9 @@ def tamper_signature(token: str) -> str:
     return ".".join([header, payload, signature[:middle] + flipped + signature[middle + 1 :]])
 
 
-def assert_denied(call: Call, *, status: int, error: str, reason: str, www_authenticate: str | None) -> None:
+def assert_denied(
+    call: Call, *, status: int, error: str, reason: str, www_authenticate: str | None
+) -> None:
     """A denial as the contract's section 3 table describes it, on every surface the client sees."""
     response = call.response
     assert response.status_code == status, response.text
@@ -45,8 +47,19 @@ def assert_denied(call: Call, *, status: int, error: str, reason: str, www_authe
 def assert_access_line(logs: Logs, call: Call, **expected: Any) -> dict[str, Any]:
     """The request's access log line, with the fields every access line has and ``expected``."""
     line = logs.find(call.request_id, "access")
-    for field in ("ts", "level", "deployment", "route", "method", "path", "status", "decision",
-                  "reason", "latencyMs", "idpCalls"):  # fmt: skip
+    for field in (
+        "ts",
+        "level",
+        "deployment",
+        "route",
+        "method",
+        "path",
+        "status",
+        "decision",
+        "reason",
+        "latencyMs",
+        "idpCalls",
+    ):
         assert field in line, f"access line without {field!r}: {line}"
     assert isinstance(line["latencyMs"], (int, float)) and line["latencyMs"] >= 0
     assert isinstance(line["idpCalls"], int) and line["idpCalls"] >= 0
@@ -58,7 +71,11 @@ def assert_failure_line(
     logs: Logs, call: Call, *, reason: str, message: str | None = None, legacy: bool = False
 ) -> dict[str, Any]:
     """The request's execution log line for an authentication failure."""
-    event = "jwtAuthentication.authenticationFailed" if legacy else "tokenAuthentication.authenticationFailed"
+    event = (
+        "jwtAuthentication.authenticationFailed"
+        if legacy
+        else "tokenAuthentication.authenticationFailed"
+    )
     line = logs.find(call.request_id, event)
     assert line["reason"] == reason, line
     assert "ts" in line and "level" in line, line
@@ -79,20 +96,30 @@ def upstream_echo(call: Call) -> dict[str, Any]:
 # -- allowed -----------------------------------------------------------------------------------
 
 
-def test_valid_token_reaches_upstream_with_identity_headers(idp: IdP, gateway: Gateway, logs: Logs) -> None:
+def test_valid_token_reaches_upstream_with_identity_headers(
+    idp: IdP, gateway: Gateway, logs: Logs
+) -> None:
     """A valid acme token with orders.read is allowed; identity headers replace client-sent ones."""
     token = idp.token("acme-client", scope="orders.read")
     call = gateway.request(
-        "GET", "/orders/42?expand=items", token=token,
+        "GET",
+        "/orders/42?expand=items",
+        token=token,
         headers={"x-auth-subject": "attacker", "x-auth-tenant": "evil"},
-    )  # fmt: skip
+    )
     echo = upstream_echo(call)
     assert echo["path"] == "/orders/42?expand=items"
     assert echo["headers"]["x-auth-subject"] == "acme-client"
     assert echo["headers"]["x-auth-tenant"] == "acme"
     assert echo["headers"]["x-request-id"] == call.request_id
     assert_access_line(
-        logs, call, deployment="orders", route="get-order", method="GET", path="/orders/42", decision="allow"
+        logs,
+        call,
+        deployment="orders",
+        route="get-order",
+        method="GET",
+        path="/orders/42",
+        decision="allow",
     )
 
 
@@ -100,14 +127,18 @@ def test_post_with_write_scope_is_allowed(idp: IdP, gateway: Gateway, logs: Logs
     """POST /orders matches the create-order route, and orders.write grants it."""
     call = gateway.request("POST", "/orders", token=idp.token("acme-client"))
     assert upstream_echo(call)["method"] == "POST"
-    assert_access_line(logs, call, deployment="orders", route="create-order", method="POST", decision="allow")
+    assert_access_line(
+        logs, call, deployment="orders", route="create-order", method="POST", decision="allow"
+    )
 
 
 def test_healthz_route_bypasses_ext_authz(gateway: Gateway, logs: Logs) -> None:
     """Envoy's /healthz route disables ext_authz: no token needed and no check is logged."""
     call = gateway.request("GET", "/healthz")
     assert upstream_echo(call)["path"] == "/healthz"
-    assert not any(line.get("requestId") == call.request_id for line in logs.stack.extauthz_log_lines())
+    assert not any(
+        line.get("requestId") == call.request_id for line in logs.stack.extauthz_log_lines()
+    )
 
 
 # -- 401: token missing or invalid --------------------------------------------------------------
@@ -116,39 +147,77 @@ def test_healthz_route_bypasses_ext_authz(gateway: Gateway, logs: Logs) -> None:
 def test_missing_token_is_401_without_error_code(gateway: Gateway, logs: Logs) -> None:
     """No credentials: 401 and a bare Bearer challenge (RFC 6750 §3.1: no error code)."""
     call = gateway.request("GET", "/orders/42")
-    assert_denied(call, status=401, error="invalid_token", reason="token_missing",
-                  www_authenticate='Bearer realm="orders"')  # fmt: skip
-    assert_access_line(logs, call, deployment="orders", route="get-order", method="GET", path="/orders/42",
-                       status=401, decision="deny", reason="token_missing")  # fmt: skip
+    assert_denied(
+        call,
+        status=401,
+        error="invalid_token",
+        reason="token_missing",
+        www_authenticate='Bearer realm="orders"',
+    )
+    assert_failure_line(logs, call, reason="token_missing")
+    assert_access_line(
+        logs,
+        call,
+        deployment="orders",
+        route="get-order",
+        method="GET",
+        path="/orders/42",
+        status=401,
+        decision="deny",
+        reason="token_missing",
+    )
 
 
 def test_tampered_signature_is_rejected(idp: IdP, gateway: Gateway, logs: Logs) -> None:
     """One changed character in the signature: 401 signature_invalid."""
     call = gateway.request("GET", "/orders/42", token=tamper_signature(idp.token("acme-client")))
-    assert_denied(call, status=401, error="invalid_token", reason="signature_invalid",
-                  www_authenticate=INVALID_TOKEN.format(realm="orders"))  # fmt: skip
+    assert_denied(
+        call,
+        status=401,
+        error="invalid_token",
+        reason="signature_invalid",
+        www_authenticate=INVALID_TOKEN.format(realm="orders"),
+    )
     assert_failure_line(logs, call, reason="signature_invalid")
-    assert_access_line(logs, call, deployment="orders", status=401, decision="deny", reason="signature_invalid")
+    assert_access_line(
+        logs, call, deployment="orders", status=401, decision="deny", reason="signature_invalid"
+    )
 
 
 def test_garbage_token_is_malformed(gateway: Gateway, logs: Logs) -> None:
     """A bearer value that is not a JWT at all: 401 token_malformed."""
     call = gateway.request("GET", "/orders/42", token="not-a-jwt")
-    assert_denied(call, status=401, error="invalid_token", reason="token_malformed",
-                  www_authenticate=INVALID_TOKEN.format(realm="orders"))  # fmt: skip
+    assert_denied(
+        call,
+        status=401,
+        error="invalid_token",
+        reason="token_malformed",
+        www_authenticate=INVALID_TOKEN.format(realm="orders"),
+    )
     assert_failure_line(logs, call, reason="token_malformed")
 
 
 def test_expired_token_is_rejected(expired_token: str, gateway: Gateway, logs: Logs) -> None:
     """A token past its exp, with no clock skew allowed: 401 token_expired."""
     call = gateway.request("GET", "/orders/42", token=expired_token)
-    assert_denied(call, status=401, error="invalid_token", reason="token_expired",
-                  www_authenticate=INVALID_TOKEN.format(realm="orders"))  # fmt: skip
-    assert_failure_line(logs, call, reason="token_expired", message="Validation failed for 'exp' claim.")
-    assert_access_line(logs, call, deployment="orders", status=401, decision="deny", reason="token_expired")
+    assert_denied(
+        call,
+        status=401,
+        error="invalid_token",
+        reason="token_expired",
+        www_authenticate=INVALID_TOKEN.format(realm="orders"),
+    )
+    assert_failure_line(
+        logs, call, reason="token_expired", message="Validation failed for 'exp' claim."
+    )
+    assert_access_line(
+        logs, call, deployment="orders", status=401, decision="deny", reason="token_expired"
+    )
 
 
-def test_expired_token_within_clock_skew_is_accepted(expired_token: str, gateway: Gateway, logs: Logs) -> None:
+def test_expired_token_within_clock_skew_is_accepted(
+    expired_token: str, gateway: Gateway, logs: Logs
+) -> None:
     """The same kind of token, seconds past exp, passes where maxClockSkewInSeconds is 60."""
     call = gateway.request("GET", "/skew/anything", token=expired_token)
     assert upstream_echo(call)["headers"]["x-auth-subject"] == "short-lived"
@@ -158,39 +227,76 @@ def test_expired_token_within_clock_skew_is_accepted(expired_token: str, gateway
 def test_wrong_issuer_is_rejected(idp: IdP, gateway: Gateway, logs: Logs) -> None:
     """A deployment that trusts another issuer: 401 issuer_mismatch."""
     call = gateway.request("GET", "/wrong-issuer/x", token=idp.token("acme-client"))
-    assert_denied(call, status=401, error="invalid_token", reason="issuer_mismatch",
-                  www_authenticate=INVALID_TOKEN.format(realm="wrong-issuer"))  # fmt: skip
-    assert_failure_line(logs, call, reason="issuer_mismatch",
-                        message="JWT token not issued by the configured issuers.")  # fmt: skip
-    assert_access_line(logs, call, deployment="wrong-issuer", status=401, decision="deny",
-                       reason="issuer_mismatch")  # fmt: skip
+    assert_denied(
+        call,
+        status=401,
+        error="invalid_token",
+        reason="issuer_mismatch",
+        www_authenticate=INVALID_TOKEN.format(realm="wrong-issuer"),
+    )
+    assert_failure_line(
+        logs,
+        call,
+        reason="issuer_mismatch",
+        message="JWT token not issued by the configured issuers.",
+    )
+    assert_access_line(
+        logs, call, deployment="wrong-issuer", status=401, decision="deny", reason="issuer_mismatch"
+    )
 
 
 def test_token_for_another_audience_is_rejected(idp: IdP, gateway: Gateway, logs: Logs) -> None:
     """A genuine token issued for https://other.example.com: 401 audience_mismatch."""
     call = gateway.request("GET", "/orders/42", token=idp.token("acme-client", resource=OTHER_API))
-    assert_denied(call, status=401, error="invalid_token", reason="audience_mismatch",
-                  www_authenticate=INVALID_TOKEN.format(realm="orders"))  # fmt: skip
-    assert_failure_line(logs, call, reason="audience_mismatch",
-                        message="JWT token not issued for the configured audience.")  # fmt: skip
+    assert_denied(
+        call,
+        status=401,
+        error="invalid_token",
+        reason="audience_mismatch",
+        www_authenticate=INVALID_TOKEN.format(realm="orders"),
+    )
+    assert_failure_line(
+        logs,
+        call,
+        reason="audience_mismatch",
+        message="JWT token not issued for the configured audience.",
+    )
 
 
 def test_missing_required_claim_is_rejected(idp: IdP, gateway: Gateway, logs: Logs) -> None:
     """plain-client's token has no tenant claim: 401 claim_missing."""
     call = gateway.request("GET", "/orders/42", token=idp.token("plain-client"))
-    assert_denied(call, status=401, error="invalid_token", reason="claim_missing",
-                  www_authenticate=INVALID_TOKEN.format(realm="orders"))  # fmt: skip
-    assert_failure_line(logs, call, reason="claim_missing", message="JWT token missing required claim 'tenant'.")
+    assert_denied(
+        call,
+        status=401,
+        error="invalid_token",
+        reason="claim_missing",
+        www_authenticate=INVALID_TOKEN.format(realm="orders"),
+    )
+    assert_failure_line(
+        logs, call, reason="claim_missing", message="JWT token missing required claim 'tenant'."
+    )
 
 
 def test_wrong_claim_value_is_rejected(idp: IdP, gateway: Gateway, logs: Logs) -> None:
-    """globex-client's token has tenant globex, the deployment wants acme: 401 claim_value_mismatch."""
+    """globex-client's token has tenant globex, orders wants acme: 401 claim_value_mismatch."""
     call = gateway.request("GET", "/orders/42", token=idp.token("globex-client"))
-    assert_denied(call, status=401, error="invalid_token", reason="claim_value_mismatch",
-                  www_authenticate=INVALID_TOKEN.format(realm="orders"))  # fmt: skip
-    assert_failure_line(logs, call, reason="claim_value_mismatch",
-                        message="JWT token does not have the expected claim value for 'tenant'.")  # fmt: skip
-    assert_access_line(logs, call, deployment="orders", status=401, decision="deny", reason="claim_value_mismatch")
+    assert_denied(
+        call,
+        status=401,
+        error="invalid_token",
+        reason="claim_value_mismatch",
+        www_authenticate=INVALID_TOKEN.format(realm="orders"),
+    )
+    assert_failure_line(
+        logs,
+        call,
+        reason="claim_value_mismatch",
+        message="JWT token does not have the expected claim value for 'tenant'.",
+    )
+    assert_access_line(
+        logs, call, deployment="orders", status=401, decision="deny", reason="claim_value_mismatch"
+    )
 
 
 # -- 403 ---------------------------------------------------------------------------------------
@@ -199,30 +305,50 @@ def test_wrong_claim_value_is_rejected(idp: IdP, gateway: Gateway, logs: Logs) -
 def test_missing_scope_is_403_insufficient_scope(idp: IdP, gateway: Gateway, logs: Logs) -> None:
     """A valid token with only orders.read cannot POST: 403 naming the scope it lacks."""
     call = gateway.request("POST", "/orders", token=idp.token("acme-client", scope="orders.read"))
-    assert_denied(call, status=403, error="insufficient_scope", reason="insufficient_scope",
-                  www_authenticate='Bearer realm="orders", error="insufficient_scope", scope="orders.write"')  # fmt: skip
-    assert_access_line(logs, call, deployment="orders", route="create-order", method="POST", path="/orders",
-                       status=403, decision="deny", reason="insufficient_scope")  # fmt: skip
+    assert_denied(
+        call,
+        status=403,
+        error="insufficient_scope",
+        reason="insufficient_scope",
+        www_authenticate='Bearer realm="orders", error="insufficient_scope", scope="orders.write"',
+    )
+    assert_access_line(
+        logs,
+        call,
+        deployment="orders",
+        route="create-order",
+        method="POST",
+        path="/orders",
+        status=403,
+        decision="deny",
+        reason="insufficient_scope",
+    )
 
 
-def test_path_no_deployment_covers_is_403_no_matching_policy(idp: IdP, gateway: Gateway, logs: Logs) -> None:
+def test_path_no_deployment_covers_is_403_no_matching_policy(
+    idp: IdP, gateway: Gateway, logs: Logs
+) -> None:
     """No deployment's pathPrefix covers /nowhere: 403 access_denied, no challenge."""
     call = gateway.request("GET", "/nowhere/1", token=idp.token("acme-client"))
-    assert_denied(call, status=403, error="access_denied", reason="no_matching_policy", www_authenticate=None)
+    assert_denied(
+        call, status=403, error="access_denied", reason="no_matching_policy", www_authenticate=None
+    )
     assert_access_line(logs, call, status=403, decision="deny", reason="no_matching_policy")
 
 
 def test_path_prefix_matches_whole_segments_only(gateway: Gateway) -> None:
     """/publicity is not under the /public deployment, so nothing covers it."""
     call = gateway.request("GET", "/publicity")
-    assert_denied(call, status=403, error="access_denied", reason="no_matching_policy", www_authenticate=None)
+    assert_denied(
+        call, status=403, error="access_denied", reason="no_matching_policy", www_authenticate=None
+    )
 
 
 # -- anonymous access --------------------------------------------------------------------------
 
 
 def test_anonymous_access_allows_no_token(gateway: Gateway, logs: Logs) -> None:
-    """isAnonymousAccessAllowed: no token is allowed, and a client-sent identity header is dropped."""
+    """isAnonymousAccessAllowed: no token is fine; a client-sent identity header is dropped."""
     call = gateway.request("GET", "/public/hello", headers={"x-auth-subject": "attacker"})
     assert "x-auth-subject" not in upstream_echo(call)["headers"]
     assert_access_line(logs, call, deployment="public", path="/public/hello", decision="allow")
@@ -237,28 +363,47 @@ def test_anonymous_access_still_uses_a_valid_token(idp: IdP, gateway: Gateway) -
 def test_anonymous_access_still_rejects_a_bad_token(idp: IdP, gateway: Gateway, logs: Logs) -> None:
     """isAnonymousAccessAllowed does not excuse a token that was sent and is invalid."""
     call = gateway.request("GET", "/public/hello", token=tamper_signature(idp.token("acme-client")))
-    assert_denied(call, status=401, error="invalid_token", reason="signature_invalid",
-                  www_authenticate=INVALID_TOKEN.format(realm="public"))  # fmt: skip
+    assert_denied(
+        call,
+        status=401,
+        error="invalid_token",
+        reason="signature_invalid",
+        www_authenticate=INVALID_TOKEN.format(realm="public"),
+    )
     assert_failure_line(logs, call, reason="signature_invalid")
 
 
 # -- legacy JWT_AUTHENTICATION form --------------------------------------------------------------
 
 
-def test_legacy_jwt_authentication_allows_a_valid_token(idp: IdP, gateway: Gateway, logs: Logs) -> None:
+def test_legacy_jwt_authentication_allows_a_valid_token(
+    idp: IdP, gateway: Gateway, logs: Logs
+) -> None:
     """type JWT_AUTHENTICATION with publicKeys REMOTE_JWKS validates like TOKEN_AUTHENTICATION."""
     call = gateway.request("GET", "/legacy/1", token=idp.token("acme-client"))
     assert upstream_echo(call)["headers"]["x-auth-subject"] == "acme-client"
     assert_access_line(logs, call, deployment="legacy", decision="allow")
 
 
-def test_legacy_jwt_authentication_logs_its_own_event(idp: IdP, gateway: Gateway, logs: Logs) -> None:
+def test_legacy_jwt_authentication_logs_its_own_event(
+    idp: IdP, gateway: Gateway, logs: Logs
+) -> None:
     """A legacy deployment's failure is logged as jwtAuthentication.authenticationFailed."""
     call = gateway.request("GET", "/legacy/1", token=idp.token("globex-client"))
-    assert_denied(call, status=401, error="invalid_token", reason="claim_value_mismatch",
-                  www_authenticate=INVALID_TOKEN.format(realm="legacy"))  # fmt: skip
-    assert_failure_line(logs, call, reason="claim_value_mismatch", legacy=True,
-                        message="JWT token does not have the expected claim value for 'tenant'.")  # fmt: skip
+    assert_denied(
+        call,
+        status=401,
+        error="invalid_token",
+        reason="claim_value_mismatch",
+        www_authenticate=INVALID_TOKEN.format(realm="legacy"),
+    )
+    assert_failure_line(
+        logs,
+        call,
+        reason="claim_value_mismatch",
+        legacy=True,
+        message="JWT token does not have the expected claim value for 'tenant'.",
+    )
 
 
 # -- what never leaves the server ----------------------------------------------------------------
@@ -282,6 +427,9 @@ def test_demo_config_passes_check_config() -> None:
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     result = subprocess.run(
         [sys.executable, "-m", "extauthz", "check-config", str(REPO / "examples" / "demo.yaml")],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": pythonpath}, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": pythonpath},
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
