@@ -58,6 +58,7 @@ ASYMMETRIC_ALGORITHMS = (
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
 DEFAULT_MAX_CACHE_HOURS = 1.0
+DEFAULT_STALE_HOURS = 1.0
 
 
 class ConfigError(ExtauthzError):
@@ -83,10 +84,16 @@ class _Raw(BaseModel):
     )
 
 
+class _RawBreaker(_Raw):
+    failure_threshold: Annotated[int, Field(ge=1, le=1000)] = 5
+    cool_down_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
+
+
 class _RawServer(_Raw):
     expose_detailed_errors: bool = False
     deny_status_on_idp_failure: Literal[500, 503] = 500
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    circuit_breaker: _RawBreaker = _RawBreaker()
 
 
 class _RawClaim(_Raw):
@@ -184,6 +191,7 @@ class _RawPolicyBase(_Raw):
     max_cache_duration_in_hours: Annotated[float, Field(gt=0, le=24 * 7)] = (
         DEFAULT_MAX_CACHE_HOURS
     )
+    max_stale_duration_in_hours: Annotated[float, Field(ge=0, le=24 * 7)] = DEFAULT_STALE_HOURS
     is_ssl_verify_disabled: bool = False
     ca_file: str | None = None
     timeout_seconds: Annotated[float, Field(gt=0, le=60)] = DEFAULT_TIMEOUT_SECONDS
@@ -268,6 +276,7 @@ class _RawLegacyJwks(_Raw):
     max_cache_duration_in_hours: Annotated[float, Field(gt=0, le=24 * 7)] = (
         DEFAULT_MAX_CACHE_HOURS
     )
+    max_stale_duration_in_hours: Annotated[float, Field(ge=0, le=24 * 7)] = DEFAULT_STALE_HOURS
     is_ssl_verify_disabled: bool = False
 
 
@@ -417,6 +426,8 @@ class ServerSettings:
     expose_detailed_errors: bool = False
     deny_status_on_idp_failure: int = 500
     log_level: str = "INFO"
+    breaker_failure_threshold: int = 5
+    breaker_cool_down_seconds: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,6 +453,7 @@ class KeySource:
     uri: str | None = None
     static_keys: tuple[Mapping[str, Any], ...] = ()
     max_cache_seconds: float = DEFAULT_MAX_CACHE_HOURS * 3600
+    stale_seconds: float = DEFAULT_STALE_HOURS * 3600
     verify_tls: bool = True
     ca_file: str | None = None
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
@@ -553,6 +565,7 @@ def _resolve_keys(raw: Any) -> KeySource:
         )
     common: dict[str, Any] = {
         "max_cache_seconds": raw.max_cache_duration_in_hours * 3600,
+        "stale_seconds": raw.max_stale_duration_in_hours * 3600,
         "verify_tls": not raw.is_ssl_verify_disabled,
     }
     if isinstance(raw, _RawLegacyJwks):
@@ -639,6 +652,8 @@ def resolve(raw: _RawConfig, source: str = "") -> Config:
             expose_detailed_errors=s.expose_detailed_errors,
             deny_status_on_idp_failure=s.deny_status_on_idp_failure,
             log_level=s.log_level,
+            breaker_failure_threshold=s.circuit_breaker.failure_threshold,
+            breaker_cool_down_seconds=s.circuit_breaker.cool_down_seconds,
         ),
         deployments=deployments,
         by_name={d.name: d for d in deployments},

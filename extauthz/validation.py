@@ -22,8 +22,12 @@ from .keys import KeySet
 
 __all__ = [
     "JwtHeader",
+    "check_audience",
     "check_claims",
+    "check_issuer",
+    "check_rule",
     "check_scope",
+    "check_time",
     "claim_text",
     "looks_like_jwt",
     "read_header",
@@ -134,8 +138,23 @@ def check_claims(
     *,
     require_exp: bool = True,
 ) -> Denial | None:
-    """exp/nbf with skew, then iss ∈ ``issuers`` (empty: any), aud and each verifyClaims rule."""
-    skew = policy.clock_skew
+    """exp/nbf with skew, then iss ∈ ``issuers`` (empty: any), aud and each verifyClaims rule.
+
+    The first failure wins, in the contract's order; ``extauthz explain`` runs the same steps one
+    by one to show every result.
+    """
+    return (
+        check_time(claims, policy.clock_skew, now, require_exp=require_exp)
+        or check_issuer(claims, issuers)
+        or check_audience(claims, policy.audiences)
+        or next((d for rule in policy.claims if (d := check_rule(claims, rule))), None)
+    )
+
+
+def check_time(
+    claims: Mapping[str, Any], skew: float, now: float, *, require_exp: bool = True
+) -> Denial | None:
+    """``exp`` and ``nbf`` against ``now`` with ``skew`` seconds of tolerance either way."""
     for name in ("exp", "nbf", "iat"):
         if name in claims and _number(claims[name]) is None:
             return Denial(Reason.TOKEN_MALFORMED, f"The '{name}' claim is not a NumericDate.")
@@ -147,25 +166,25 @@ def check_claims(
         return Denial(Reason.TOKEN_EXPIRED, "Validation failed for 'exp' claim.")
     if "nbf" in claims and now + skew < float(claims["nbf"]):
         return Denial(Reason.TOKEN_NOT_YET_VALID, "Validation failed for 'nbf' claim.")
-    return check_identity_claims(claims, policy, issuers)
+    return None
 
 
-def check_identity_claims(
-    claims: Mapping[str, Any], policy: AuthPolicy, issuers: tuple[str, ...]
-) -> Denial | None:
-    """iss ∈ issuers, aud ∩ audiences ≠ ∅, then each verifyClaims rule (time checks are apart)."""
+def check_issuer(claims: Mapping[str, Any], issuers: tuple[str, ...]) -> Denial | None:
+    """``iss`` is exactly one of ``issuers``; no issuers configured: not checked."""
     if issuers and claims.get("iss") not in issuers:
         return Denial(Reason.ISSUER_MISMATCH, "JWT token not issued by the configured issuers.")
-    if policy.audiences:
-        aud = claims.get("aud")
-        auds = aud if isinstance(aud, list) else [aud]
-        if not any(isinstance(a, str) and a in policy.audiences for a in auds):
-            return Denial(Reason.AUDIENCE_MISMATCH, "JWT token not issued for the configured audience.")
-    for rule in policy.claims:
-        denial = _check_rule(claims, rule)
-        if denial:
-            return denial
     return None
+
+
+def check_audience(claims: Mapping[str, Any], audiences: frozenset[str]) -> Denial | None:
+    """``aud`` (a string or an array) shares at least one value with ``audiences``."""
+    if not audiences:
+        return None
+    aud = claims.get("aud")
+    auds = aud if isinstance(aud, list) else [aud]
+    if any(isinstance(a, str) and a in audiences for a in auds):
+        return None
+    return Denial(Reason.AUDIENCE_MISMATCH, "JWT token not issued for the configured audience.")
 
 
 def claim_text(value: Any) -> str:
@@ -175,7 +194,8 @@ def claim_text(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def _check_rule(claims: Mapping[str, Any], rule: ClaimRule) -> Denial | None:
+def check_rule(claims: Mapping[str, Any], rule: ClaimRule) -> Denial | None:
+    """One verifyClaims entry: presence when required, then the values when there are any."""
     value = claims.get(rule.key)
     if value is None:
         if rule.is_required:

@@ -28,9 +28,6 @@ from .resilience import CircuitBreaker
 
 __all__ = ["DeploymentIdp", "KeyProvider", "Providers", "StaticKeysProvider"]
 
-DEFAULT_STALE_SECONDS = 3600.0
-
-
 class KeyProvider(Protocol):
     async def keyset(self, kid: str | None) -> KeySet:
         """Keys to verify a token whose header names ``kid``; raises IdpError if none can be had."""
@@ -135,18 +132,20 @@ class Providers:
         observer: IdpObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
-        stale_seconds: float = DEFAULT_STALE_SECONDS,
     ) -> None:
         self._on_stale = on_stale
         self._client_factory = client_factory
         self._observer = observer or NullObserver()
         self._clock = clock
         self._wall_clock = wall_clock
-        self._stale_seconds = stale_seconds
+        self._breaker_threshold = config.server.breaker_failure_threshold
+        self._breaker_cool_down = config.server.breaker_cool_down_seconds
         self._clients: dict[TlsSettings, httpx.AsyncClient] = {}
         self.endpoints: dict[tuple[str, str, TlsSettings, float], IdpEndpoint] = {}
-        self._jwks: dict[tuple[str, TlsSettings, float, float], JwksProvider] = {}
-        self._discovery: dict[tuple[str, TlsSettings, float, float, tuple[str, ...]], DiscoveryProvider] = {}
+        self._jwks: dict[tuple[str, TlsSettings, float, float, float], JwksProvider] = {}
+        self._discovery: dict[
+            tuple[str, TlsSettings, float, float, float, tuple[str, ...]], DiscoveryProvider
+        ] = {}
         self.by_deployment: dict[str, DeploymentIdp] = {}
         for i, d in enumerate(config.deployments):
             where = f"deployments[{i}].authentication.validationPolicy"
@@ -166,19 +165,24 @@ class Providers:
                 uri,
                 self._client(tls),
                 timeout=source.timeout_seconds,
-                breaker=CircuitBreaker(clock=self._clock, wall_clock=self._wall_clock),
+                breaker=CircuitBreaker(
+                    failure_threshold=self._breaker_threshold,
+                    cool_down_seconds=self._breaker_cool_down,
+                    clock=self._clock,
+                    wall_clock=self._wall_clock,
+                ),
                 observer=self._observer,
             )
         return self.endpoints[key]
 
     def _jwks_provider(self, uri: str, source: KeySource) -> JwksProvider:
         tls = TlsSettings(source.verify_tls, source.ca_file)
-        key = (uri, tls, source.timeout_seconds, source.max_cache_seconds)
+        key = (uri, tls, source.timeout_seconds, source.max_cache_seconds, source.stale_seconds)
         if key not in self._jwks:
             self._jwks[key] = JwksProvider(
                 self._endpoint("jwks_uri", uri, source),
                 max_cache_seconds=source.max_cache_seconds,
-                stale_seconds=self._stale_seconds,
+                stale_seconds=source.stale_seconds,
                 on_stale=self._on_stale,
                 clock=self._clock,
             )
@@ -187,13 +191,13 @@ class Providers:
     def _discovery_provider(self, source: KeySource, issuers: tuple[str, ...]) -> DiscoveryProvider:
         assert source.uri is not None
         tls = TlsSettings(source.verify_tls, source.ca_file)
-        key = (source.uri, tls, source.timeout_seconds, source.max_cache_seconds, issuers)
+        key = (source.uri, tls, source.timeout_seconds, source.max_cache_seconds, source.stale_seconds, issuers)
         if key not in self._discovery:
             self._discovery[key] = DiscoveryProvider(
                 self._endpoint("discovery", source.uri, source),
                 issuers=issuers,
                 max_cache_seconds=source.max_cache_seconds,
-                stale_seconds=self._stale_seconds,
+                stale_seconds=source.stale_seconds,
                 on_stale=self._on_stale,
                 clock=self._clock,
             )
