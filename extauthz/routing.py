@@ -130,9 +130,9 @@ def select_route(
             continue
         if not _host_matches(deployment.hosts, hostname):
             continue
-        relative = _under_prefix(deployment.path_prefix, path)
-        if relative is not None:
-            best = (deployment, relative)
+        under = _under_prefix(deployment.path_prefix, path)
+        if under is not None:
+            best = (deployment, under)
     if best is None:
         return None
     return _pick_route(best[0], best[1], method)
