@@ -26,8 +26,9 @@ from .engine import IDP_FAILED_EVENT, CheckInput, Engine
 from .errors import IdpError
 from .idp import Providers
 from .idp.http import idp_call_counter
-from .logs import JsonLogger, current_request_id
+from .logs import JsonLogger, current_request_id, rfc3339
 from .metrics import Metrics
+from .reload import ConfigWatcher
 from .response import http_status, to_check_response
 
 __all__ = ["AuthorizationService", "lift_request", "run_server"]
@@ -146,6 +147,47 @@ def _split_hostport(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+class Runtime:
+    """The policy being served: config, IdP providers and engine, replaced whole on reload."""
+
+    def __init__(self, config: Config, logger: JsonLogger, metrics: Metrics) -> None:
+        def on_stale(exc: IdpError) -> None:
+            # Cached keys keep serving; the failed refresh is still worth one line.
+            logger.error(
+                IDP_FAILED_EVENT,
+                reason="idp_call_failed",
+                endpoint=exc.endpoint,
+                message=exc.message,
+            )
+
+        self.config = config
+        self.providers = Providers(config, on_stale=on_stale, observer=metrics)
+        self.engine = Engine(config, self.providers.by_deployment)
+
+    def readiness(self) -> dict[str, Any]:
+        """What /readyz shows: the config and each IdP endpoint's last fetch, error and breaker."""
+        endpoints = []
+        for ep in self.providers.endpoints.values():
+            endpoints.append(
+                {
+                    "endpoint": ep.name,
+                    "uri": ep.uri,
+                    "breaker": ep.breaker.state,
+                    "lastSuccess": rfc3339(ep.last_success) if ep.last_success else None,
+                    "lastError": ep.last_error.message if ep.last_error else None,
+                }
+            )
+        return {
+            "config": self.config.source,
+            "deployments": len(self.config.deployments),
+            "providers": endpoints,
+        }
+
+
+# How long a replaced runtime's HTTP clients stay open for checks that started before the swap.
+_RETIRE_AFTER_SECONDS = 60.0
+
+
 async def run_server(
     config: Config,
     *,
@@ -153,19 +195,28 @@ async def run_server(
     admin_listen: str,
     logger: JsonLogger,
     grace_seconds: float = 10.0,
+    reload_poll_seconds: float = 1.0,
 ) -> int:
     """Serve until SIGTERM/SIGINT, then drain in-flight checks within ``grace_seconds``."""
     metrics = Metrics()
+    runtime = Runtime(config, logger, metrics)
+    service = AuthorizationService(runtime.engine, logger, metrics)
+    retired: set[asyncio.Task[None]] = set()
 
-    def on_stale(exc: IdpError) -> None:
-        # Cached keys keep serving; the failed refresh is still worth one line.
-        logger.error(
-            IDP_FAILED_EVENT, reason="idp_call_failed", endpoint=exc.endpoint, message=exc.message
-        )
+    def apply(new_config: Config) -> None:
+        nonlocal runtime
+        new_runtime = Runtime(new_config, logger, metrics)  # may raise ConfigError: keep the old
+        old, runtime = runtime, new_runtime
+        service.engine = new_runtime.engine  # one assignment: a check sees old or new, never both
+        logger.set_level(new_config.server.log_level)
 
-    providers = Providers(config, on_stale=on_stale, observer=metrics)
-    engine = Engine(config, providers.by_deployment)
-    service = AuthorizationService(engine, logger, metrics)
+        async def retire() -> None:
+            await asyncio.sleep(_RETIRE_AFTER_SECONDS)
+            await old.providers.aclose()
+
+        task = asyncio.ensure_future(retire())
+        retired.add(task)
+        task.add_done_callback(retired.discard)
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     ext_grpc.add_AuthorizationServicer_to_server(service, server)
@@ -178,10 +229,7 @@ async def run_server(
     for name in ("", SERVICE_NAME):
         await health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    def readiness() -> tuple[bool, dict[str, Any]]:
-        return True, {"config": config.source, "deployments": len(config.deployments)}
-
-    admin = AdminServer(metrics, readiness)
+    admin = AdminServer(metrics, lambda: (True, runtime.readiness()))
     host, port = _split_hostport(admin_listen)
     try:
         await admin.start(host, port)
@@ -190,10 +238,13 @@ async def run_server(
         await server.stop(0)
         return 1
 
+    watcher = ConfigWatcher(config.source, apply, logger, poll_seconds=reload_poll_seconds)
+    watcher.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, watcher.poke)
     logger.info(
         "server.started",
         listen=listen,
@@ -203,9 +254,12 @@ async def run_server(
     )
     await stop.wait()
     logger.info("server.stopping", graceSeconds=grace_seconds)
+    await watcher.stop()
     await health_service.enter_graceful_shutdown()
     await server.stop(grace_seconds)
     await admin.stop()
-    await providers.aclose()
+    for task in list(retired):
+        task.cancel()
+    await runtime.providers.aclose()
     logger.info("server.stopped")
     return 0

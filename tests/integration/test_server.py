@@ -187,3 +187,64 @@ def test_invalid_config_refuses_to_start(tmp_path: Path) -> None:
     )
     assert res.returncode == 2
     assert "deployments[0].bogus: unknown key" in res.stderr
+
+
+def _swap_in(link: Path, data_dir: Path, content: dict[str, Any], n: int) -> None:
+    """Update the file the way Kubernetes updates a mounted ConfigMap: a new directory, then an
+    atomic rename of the `..data` symlink."""
+    version = data_dir / f"..v{n}"
+    version.mkdir()
+    (version / "config.yaml").write_text(yaml.safe_dump(content))
+    tmp_link = data_dir / "..data_tmp"
+    tmp_link.symlink_to(version.name)
+    os.replace(tmp_link, data_dir / "..data")
+
+
+def test_config_reload_by_symlink_swap(config: dict[str, Any], tmp_path: Path, rsa_key: Any) -> None:
+    data_dir = tmp_path / "cm"
+    data_dir.mkdir()
+    _swap_in(data_dir / "config.yaml", data_dir, config, 1)
+    (data_dir / "config.yaml").symlink_to("..data/config.yaml")
+    port, admin = free_port(), free_port()
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "extauthz", "serve", "--config", str(data_dir / "config.yaml"),
+             "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}"],
+            stdout=out, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    server = Server(proc, log, port, admin)
+    try:
+        wait_for(lambda: any(l["event"] == "server.started" for l in server.lines()), what="start")
+        token = rsa_key.sign(claims())
+        assert server.check(token, path="/orders/1").status.code == 0
+        assert server.check(token, path="/billing/1").denied_response.status.code == 403
+
+        # 1. a valid new policy: /billing appears, /orders is gone
+        new = json.loads(json.dumps(config))
+        new["deployments"][0]["name"] = "billing"
+        new["deployments"][0]["pathPrefix"] = "/billing"
+        _swap_in(data_dir / "config.yaml", data_dir, new, 2)
+        wait_for(lambda: any(l["event"] == "config.reloaded" for l in server.lines()), what="reload")
+        assert server.check(token, path="/billing/1").status.code == 0
+        assert server.check(token, path="/orders/1").denied_response.status.code == 403
+
+        # 2. an invalid file: every error logged, the previous policy keeps serving
+        broken = json.loads(json.dumps(new))
+        broken["deployments"][0]["bogus"] = 1
+        _swap_in(data_dir / "config.yaml", data_dir, broken, 3)
+        failed = wait_for(lambda: next((l for l in server.lines() if l["event"] == "config.reloadFailed"), None),
+                          what="reloadFailed")
+        assert failed["errors"] == ["deployments[0].bogus: unknown key"]
+        assert server.check(token, path="/billing/1").status.code == 0
+        assert proc.poll() is None
+    finally:
+        server.channel.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+
+
+def test_readyz_reports_providers(server: Server) -> None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.admin}/readyz") as r:
+        body = json.loads(r.read())
+    assert body["ready"] is True and body["deployments"] == 1 and body["providers"] == []
