@@ -15,11 +15,12 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import IO, Any
 
-__all__ = ["JsonLogger", "current_request_id", "rfc3339", "token_hash"]
+__all__ = ["JsonLogger", "current_request_id", "current_trace_id", "rfc3339", "token_hash"]
 
 LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
 
 current_request_id: ContextVar[str | None] = ContextVar("current_request_id", default=None)
+current_trace_id: ContextVar[str | None] = ContextVar("current_trace_id", default=None)
 
 
 def rfc3339(epoch: float | None = None) -> str:
@@ -45,6 +46,9 @@ class JsonLogger:
             return
         request_id = fields.pop("requestId", None) or current_request_id.get() or str(uuid.uuid4())
         line = {"ts": rfc3339(), "level": level, "event": event, "requestId": request_id}
+        trace_id = current_trace_id.get()
+        if trace_id is not None:
+            line["traceId"] = trace_id
         line.update((k, v) for k, v in fields.items() if v is not None)
         stream = self._stream or sys.stdout
         stream.write(json.dumps(line, separators=(",", ":"), default=str) + "\n")

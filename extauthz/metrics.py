@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 __all__ = ["Metrics"]
@@ -48,3 +49,8 @@ class Metrics:
 
     def cache(self, cache: str, result: str) -> None:
         self.cache_events.labels(cache, result).inc()
+        # CONTRACT.md §5: cache results are recorded on the check's span, never as spans.
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.add_event("cache", {"extauthz.cache": result, "extauthz.cache.name": cache})
+            span.set_attribute("extauthz.cache", result)

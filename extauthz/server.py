@@ -16,6 +16,9 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry.trace import Span, SpanKind, StatusCode
+
+from . import tracing
 
 from ._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
 from ._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
@@ -26,7 +29,7 @@ from .engine import IDP_FAILED_EVENT, CheckInput, Engine
 from .errors import IdpError
 from .idp import Providers
 from .idp.http import idp_call_counter
-from .logs import JsonLogger, current_request_id, rfc3339
+from .logs import JsonLogger, current_request_id, current_trace_id, rfc3339
 from .metrics import Metrics
 from .reload import ConfigWatcher
 from .response import http_status, to_check_response
@@ -34,6 +37,8 @@ from .response import http_status, to_check_response
 __all__ = ["AuthorizationService", "lift_request", "run_server"]
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
+CHECK_SPAN_NAME = f"{SERVICE_NAME}/Check"
+_RPC_ATTRIBUTES = {"rpc.system": "grpc", "rpc.service": SERVICE_NAME, "rpc.method": "Check"}
 _MAX_REQUEST_ID = 128
 
 
@@ -77,6 +82,20 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):  # type: ignore[misc
     async def Check(  # noqa: N802 (gRPC method name)
         self, request: ext.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ext.CheckResponse:
+        if not tracing.enabled():
+            return await self._check(request, None)
+        try:
+            headers = request.attributes.request.http.headers
+            parent = tracing.extract_parent(context.invocation_metadata(), headers)
+        except Exception:  # noqa: BLE001 (a malformed trace context must not fail the check)
+            parent = None
+        with tracing.tracer().start_as_current_span(
+            CHECK_SPAN_NAME, context=parent, kind=SpanKind.SERVER, attributes=_RPC_ATTRIBUTES
+        ) as span:
+            current_trace_id.set(format(span.get_span_context().trace_id, "032x"))
+            return await self._check(request, span)
+
+    async def _check(self, request: ext.CheckRequest, span: Span | None) -> ext.CheckResponse:
         started = time.perf_counter()
         calls = [0]
         idp_call_counter.set(calls)
@@ -100,6 +119,22 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):  # type: ignore[misc
         response = to_check_response(decision, request_id, settings)
         status = 200 if decision.allowed else http_status(decision, settings)
         self._record(decision, inp, request_id, time.perf_counter() - started, calls[0], status)
+        if span is not None:
+            reason = decision.reason.value if decision.reason else "none"
+            span.set_attributes(
+                {
+                    "extauthz.deployment": decision.deployment,
+                    "extauthz.route": decision.route,
+                    "extauthz.decision": "allow" if decision.allowed else "deny",
+                    "extauthz.reason": reason,
+                    "extauthz.request_id": request_id,
+                    "http.request.method": inp.method if inp else "",
+                    "url.path": inp.path if inp else "",
+                    "http.response.status_code": status,
+                }
+            )
+            if decision.reason in (Reason.IDP_CALL_FAILED, Reason.INTERNAL_ERROR):
+                span.set_status(StatusCode.ERROR, reason)
         return response
 
     def _record(
@@ -198,6 +233,7 @@ async def run_server(
     reload_poll_seconds: float = 1.0,
 ) -> int:
     """Serve until SIGTERM/SIGINT, then drain in-flight checks within ``grace_seconds``."""
+    tracing.configure()
     metrics = Metrics()
     runtime = Runtime(config, logger, metrics)
     service = AuthorizationService(runtime.engine, logger, metrics)
@@ -261,5 +297,6 @@ async def run_server(
     for task in list(retired):
         task.cancel()
     await runtime.providers.aclose()
+    tracing.shutdown()
     logger.info("server.stopped")
     return 0

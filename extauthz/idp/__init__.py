@@ -184,6 +184,7 @@ class Providers:
                 max_cache_seconds=source.max_cache_seconds,
                 stale_seconds=source.stale_seconds,
                 on_stale=self._on_stale,
+                on_result=lambda result: self._observer.cache("jwks", result),
                 clock=self._clock,
             )
         return self._jwks[key]
@@ -199,6 +200,7 @@ class Providers:
                 max_cache_seconds=source.max_cache_seconds,
                 stale_seconds=source.stale_seconds,
                 on_stale=self._on_stale,
+                on_result=lambda result: self._observer.cache("discovery", result),
                 clock=self._clock,
             )
         return self._discovery[key]

@@ -37,9 +37,11 @@ class CachedDocument(Generic[T]):
         *,
         stale_seconds: float,
         on_stale: Callable[[IdpError], None] = lambda _e: None,
+        on_result: Callable[[CacheResult], None] = lambda _r: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._load = load
+        self._on_result = on_result
         self._stale_seconds = stale_seconds
         self._on_stale = on_stale
         self._clock = clock
@@ -60,15 +62,18 @@ class CachedDocument(Generic[T]):
         if self._value is not None:
             if now < self._expires_at:
                 self.last_result = "hit"
+                self._on_result("hit")
                 return self._value
             if now < self._expires_at + self._stale_seconds:
                 self.last_result = "stale"
+                self._on_result("stale")
                 recently_failed = self._failed_at is not None and now - self._failed_at < RETRY_SECONDS
                 if self._inflight is None and not recently_failed:
                     self._inflight = asyncio.ensure_future(self._fetch())
                     self._inflight.add_done_callback(self._background_done)
                 return self._value
         self.last_result = "miss"
+        self._on_result("miss")
         return await self.refresh()
 
     def _background_done(self, future: asyncio.Future[T]) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import IdpBadResponse, IdpError
-from .cache import CachedDocument
+from .cache import CachedDocument, CacheResult
 from .http import IdpEndpoint
 from .jwks import cache_ttl
 
@@ -45,13 +45,18 @@ class DiscoveryProvider:
         max_cache_seconds: float,
         stale_seconds: float,
         on_stale: Callable[[IdpError], None] = lambda _e: None,
+        on_result: Callable[[CacheResult], None] = lambda _r: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.endpoint = endpoint
         self._issuers = issuers
         self._max_cache_seconds = max_cache_seconds
         self.cache: CachedDocument[DiscoveryDocument] = CachedDocument(
-            self._load, stale_seconds=stale_seconds, on_stale=on_stale, clock=clock
+            self._load,
+            stale_seconds=stale_seconds,
+            on_stale=on_stale,
+            on_result=on_result,
+            clock=clock,
         )
 
     async def _load(self) -> tuple[DiscoveryDocument, float]:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import certifi
 import httpx
 
+from .. import tracing
 from ..errors import CircuitOpen, IdpBadResponse, IdpBadStatus, IdpError, IdpUnreachable
 from ..logs import rfc3339
 from .resilience import CircuitBreaker
@@ -62,7 +63,7 @@ def make_client(tls: TlsSettings, max_connections: int = 32) -> httpx.AsyncClien
         verify = ssl.create_default_context(cafile=certifi.where())
         if tls.ca_file:
             verify.load_verify_locations(cafile=tls.ca_file)
-    return httpx.AsyncClient(
+    client = httpx.AsyncClient(
         verify=verify,
         follow_redirects=False,
         trust_env=False,
@@ -71,6 +72,8 @@ def make_client(tls: TlsSettings, max_connections: int = 32) -> httpx.AsyncClien
         ),
         headers={"accept": "application/json", "user-agent": "extauthz"},
     )
+    tracing.instrument_client(client)
+    return client
 
 
 def _unreachable_kind(exc: BaseException) -> str:
@@ -136,6 +139,7 @@ async def fetch_json(
             data=data,
             auth=auth if auth is not None else httpx.USE_CLIENT_DEFAULT,
             timeout=httpx.Timeout(timeout),
+            extensions={tracing.ENDPOINT_EXTENSION: endpoint},
         ) as resp:
             if not 200 <= resp.status_code < 300:
                 try:

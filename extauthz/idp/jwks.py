@@ -8,7 +8,7 @@ from collections.abc import Callable
 from ..config import ASYMMETRIC_ALGORITHMS
 from ..errors import IdpBadResponse, IdpError
 from ..keys import KeySet, keyset_from_jwks
-from .cache import CachedDocument
+from .cache import CachedDocument, CacheResult
 from .http import IdpEndpoint
 
 __all__ = ["JwksProvider", "cache_ttl"]
@@ -33,13 +33,18 @@ class JwksProvider:
         max_cache_seconds: float,
         stale_seconds: float,
         on_stale: Callable[[IdpError], None] = lambda _e: None,
+        on_result: Callable[[CacheResult], None] = lambda _r: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.endpoint = endpoint
         self._max_cache_seconds = max_cache_seconds
         self._clock = clock
         self.cache: CachedDocument[KeySet] = CachedDocument(
-            self._load, stale_seconds=stale_seconds, on_stale=on_stale, clock=clock
+            self._load,
+            stale_seconds=stale_seconds,
+            on_stale=on_stale,
+            on_result=on_result,
+            clock=clock,
         )
 
     async def _load(self) -> tuple[KeySet, float]:
