@@ -248,3 +248,32 @@ def test_readyz_reports_providers(server: Server) -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{server.admin}/readyz") as r:
         body = json.loads(r.read())
     assert body["ready"] is True and body["deployments"] == 1 and body["providers"] == []
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{") and line.split("}")[0][len(name) + 1 :] == want:
+            return float(line.rsplit(" ", 1)[1])
+        if not labels and line.startswith(f"{name} "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_match_a_scripted_mix_exactly(server: Server, rsa_key: Any) -> None:
+    good, expired = rsa_key.sign(claims()), rsa_key.sign(claims(exp=1))
+    wrong_iss = rsa_key.sign(claims(iss="https://evil.example.com"))
+    mix = [(good, "/orders/1")] * 7 + [(expired, "/orders/1")] * 3 + [(None, "/orders/1")] * 2 + [
+        (wrong_iss, "/orders/1")] * 4 + [(good, "/nothing")] * 5
+    for token, path in mix:
+        server.check(token, path=path)
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.admin}/metrics") as r:
+        text = r.read().decode()
+    checks = "extauthz_checks_total"
+    assert _metric(text, checks, deployment="orders", decision="allow", reason="none") == 7
+    assert _metric(text, checks, deployment="orders", decision="deny", reason="token_expired") == 3
+    assert _metric(text, checks, deployment="orders", decision="deny", reason="token_missing") == 2
+    assert _metric(text, checks, deployment="orders", decision="deny", reason="issuer_mismatch") == 4
+    assert _metric(text, checks, deployment="", decision="deny", reason="no_matching_policy") == 5
+    assert _metric(text, "extauthz_check_duration_seconds_count") == len(mix)
+    assert 'le="0.0001"' in text and 'le="10.0"' in text  # sub-millisecond to multi-second buckets
