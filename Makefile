@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 IDP_STAMP := examples/idp/node_modules/.installed
 
-.PHONY: install idp protos test unit run check-examples clean
+.PHONY: install idp protos test unit lint run check-examples clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: install idp
 
 unit: install
 	$(PY) -m pytest tests/unit
+
+lint: install
+	$(VENV)/bin/ruff check extauthz
+	$(VENV)/bin/ruff format --check extauthz
+	$(VENV)/bin/mypy extauthz
 
 run: install idp
 	$(PY) examples/demo.py

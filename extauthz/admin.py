@@ -19,7 +19,9 @@ __all__ = ["AdminServer"]
 
 
 class AdminServer:
-    def __init__(self, metrics: Metrics, readiness: Callable[[], tuple[bool, dict[str, Any]]]) -> None:
+    def __init__(
+        self, metrics: Metrics, readiness: Callable[[], tuple[bool, dict[str, Any]]]
+    ) -> None:
         self._metrics = metrics
         self._readiness = readiness
         self._server: asyncio.Server | None = None

@@ -188,9 +188,7 @@ _Url = Annotated[str, AfterValidator(_absolute_url)]
 
 
 class _RawPolicyBase(_Raw):
-    max_cache_duration_in_hours: Annotated[float, Field(gt=0, le=24 * 7)] = (
-        DEFAULT_MAX_CACHE_HOURS
-    )
+    max_cache_duration_in_hours: Annotated[float, Field(gt=0, le=24 * 7)] = DEFAULT_MAX_CACHE_HOURS
     max_stale_duration_in_hours: Annotated[float, Field(ge=0, le=24 * 7)] = DEFAULT_STALE_HOURS
     is_ssl_verify_disabled: bool = False
     ca_file: str | None = None
@@ -273,9 +271,7 @@ class _RawLegacyStaticKeys(_Raw):
 class _RawLegacyJwks(_Raw):
     type: Literal["REMOTE_JWKS"]
     uri: _Url
-    max_cache_duration_in_hours: Annotated[float, Field(gt=0, le=24 * 7)] = (
-        DEFAULT_MAX_CACHE_HOURS
-    )
+    max_cache_duration_in_hours: Annotated[float, Field(gt=0, le=24 * 7)] = DEFAULT_MAX_CACHE_HOURS
     max_stale_duration_in_hours: Annotated[float, Field(ge=0, le=24 * 7)] = DEFAULT_STALE_HOURS
     is_ssl_verify_disabled: bool = False
 
@@ -476,7 +472,9 @@ class AuthPolicy:
 
     @property
     def log_event(self) -> str:
-        prefix = "jwtAuthentication" if self.style == "JWT_AUTHENTICATION" else "tokenAuthentication"
+        prefix = (
+            "jwtAuthentication" if self.style == "JWT_AUTHENTICATION" else "tokenAuthentication"
+        )
         return f"{prefix}.authenticationFailed"
 
 

@@ -8,13 +8,13 @@ those.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
-__all__ = ["Challenge", "Decision", "Denial", "Outcome", "OUTCOMES", "Reason", "allow", "deny"]
+__all__ = ["OUTCOMES", "Challenge", "Decision", "Denial", "Outcome", "Reason", "allow", "deny"]
 
 
-class Reason(str, Enum):
+class Reason(StrEnum):
     TOKEN_MISSING = "token_missing"
     TOKEN_MALFORMED = "token_malformed"
     SIGNATURE_INVALID = "signature_invalid"

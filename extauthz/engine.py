@@ -29,7 +29,7 @@ from .validation import (
     verify_signature,
 )
 
-__all__ = ["CheckInput", "Engine", "IDP_FAILED_EVENT", "NO_POLICY_EVENT"]
+__all__ = ["IDP_FAILED_EVENT", "NO_POLICY_EVENT", "CheckInput", "Engine"]
 
 IDP_FAILED_EVENT = "authentication.idpCallFailed"
 NO_POLICY_EVENT = "routing.noMatchingPolicy"
@@ -57,7 +57,7 @@ def _header_value(value: Any) -> str | None:
     else:
         text = claim_text(value)
     # CR, LF and other controls would let a claim smuggle headers; drop rather than encode.
-    if any(ord(c) < 0x20 and c != "\t" or ord(c) == 0x7F for c in text):
+    if any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F for c in text):
         return None
     return text
 
@@ -129,7 +129,11 @@ class Engine:
             return denied(claims)
         # RFC 7662 makes `exp` optional in an introspection answer; a JWT must carry it.
         failure = check_claims(
-            claims, policy, self._clock(), issuers, require_exp=idp.keys is not None and looks_like_jwt(token)
+            claims,
+            policy,
+            self._clock(),
+            issuers,
+            require_exp=idp.keys is not None and looks_like_jwt(token),
         )
         if failure is None and selection.authorization == "ANY_OF":
             assert selection.route is not None
@@ -149,7 +153,9 @@ class Engine:
             assert idp.introspection is not None
             claims = await idp.introspection.introspect(token)
             if claims is None:
-                return Denial(Reason.TOKEN_INACTIVE, "The identity provider reports the token as not active.")
+                return Denial(
+                    Reason.TOKEN_INACTIVE, "The identity provider reports the token as not active."
+                )
             return claims
         header = read_header(token, algorithms)
         if isinstance(header, Denial):

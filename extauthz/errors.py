@@ -1,7 +1,7 @@
 """Exceptions: only for "we could not decide". A bad token is a Denial value, never an exception.
 
     ExtauthzError
-     ├── ConfigError            the config file cannot be used (config.py; every error with its YAML path)
+     ├── ConfigError            the config file cannot be used (every error with its YAML path)
      └── IdpError               an identity-provider call failed → 500 idp_call_failed
           ├── IdpUnreachable    DNS, connect, TLS or timeout
           ├── IdpBadStatus      a non-2xx answer

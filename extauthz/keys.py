@@ -37,9 +37,7 @@ class KeySet:
 
     def candidates(self, kid: str | None, alg: str) -> list[VerificationKey]:
         """Keys that may verify ``alg``: the one named by ``kid``, or every key when no kid."""
-        return [
-            k for k in self.keys if alg in k.algorithms and (kid is None or k.kid == kid)
-        ]
+        return [k for k in self.keys if alg in k.algorithms and (kid is None or k.kid == kid)]
 
     def has_kid(self, kid: str) -> bool:
         return any(k.kid == kid for k in self.keys)
@@ -130,8 +128,6 @@ def keyset_from_static(keys: Iterable[Mapping[str, Any]], allowed: frozenset[str
             jwk = {name: v for name, v in k.items() if name != "format"}
             one = keyset_from_jwks([jwk], allowed)
             if not one.keys:
-                raise ValueError(
-                    f"keys[{i}]: not a usable public JWK for the allowed algorithms"
-                )
+                raise ValueError(f"keys[{i}]: not a usable public JWK for the allowed algorithms")
             jwks.append(jwk)
     return KeySet(keyset_from_jwks(jwks, allowed).keys + tuple(pems))

@@ -12,6 +12,7 @@ with one assignment, so every check runs entirely on the old policy or entirely 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 from collections.abc import Callable
@@ -64,10 +65,8 @@ class ConfigWatcher:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
 
     def poke(self) -> None:
         """Check now (SIGHUP)."""
@@ -76,10 +75,8 @@ class ConfigWatcher:
 
     async def _run(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_seconds)
-            except TimeoutError:
-                pass
             self._wake.clear()
             self.check_once()
 

@@ -1,4 +1,4 @@
-"""Route selection (CONTRACT.md §2, "Route selection"): a pure function of the request and config."""
+"""Route selection (CONTRACT.md §2, "Route selection"): a pure function of request and config."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Finding the token in a request (CONTRACT.md §2 ``tokenHeader``/``tokenAuthScheme``/``tokenQueryParam``)."""
+"""Finding the token in a request: ``tokenHeader`` + ``tokenAuthScheme``, or ``tokenQueryParam``."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ from .decision import Denial, Reason
 __all__ = ["extract_token"]
 
 # RFC 6750 §2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
-_B64TOKEN_CHARS = frozenset(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/="
-)
+_B64TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/=")
 MAX_TOKEN_BYTES = 16 * 1024
 
 
@@ -23,7 +21,9 @@ def extract_token(
     """The token, a Denial when one is present but unusable, or None when there is none."""
     if policy.token_query_param is not None:
         query = raw_path.split("?", 1)[1] if "?" in raw_path else ""
-        values = [v for k, v in parse_qsl(query, keep_blank_values=True) if k == policy.token_query_param]
+        values = [
+            v for k, v in parse_qsl(query, keep_blank_values=True) if k == policy.token_query_param
+        ]
         if not values:
             return None
         if len(values) > 1:
@@ -52,5 +52,7 @@ def _check_shape(token: str) -> str | Denial:
     if len(token) > MAX_TOKEN_BYTES:
         return Denial(Reason.TOKEN_MALFORMED, f"The token is longer than {MAX_TOKEN_BYTES} bytes.")
     if not _B64TOKEN_CHARS.issuperset(token):
-        return Denial(Reason.TOKEN_MALFORMED, "The token contains characters a bearer token cannot hold.")
+        return Denial(
+            Reason.TOKEN_MALFORMED, "The token contains characters a bearer token cannot hold."
+        )
     return token

@@ -73,7 +73,7 @@ def read_header(token: str, allowed: frozenset[str]) -> JwtHeader | Denial:
     except jwt.DecodeError:
         return Denial(Reason.TOKEN_MALFORMED, "The JWT header is not valid base64url JSON.")
     except (jwt.InvalidTokenError, ValueError, TypeError):
-        # pyjwt refuses e.g. a `crit` header naming extensions it does not implement (RFC 7515 §4.1.11).
+        # pyjwt refuses e.g. a `crit` header naming extensions it lacks (RFC 7515 §4.1.11).
         return Denial(Reason.TOKEN_MALFORMED, "The JWT header is not acceptable.")
     alg = header.get("alg")
     if not isinstance(alg, str):
@@ -89,7 +89,9 @@ def read_header(token: str, allowed: frozenset[str]) -> JwtHeader | Denial:
     crit = header.get("crit")
     if crit is not None:
         # RFC 7515 §4.1.11: we understand no extension, so any critical one makes it invalid.
-        return Denial(Reason.TOKEN_MALFORMED, "The JWT header lists critical extensions we do not support.")
+        return Denial(
+            Reason.TOKEN_MALFORMED, "The JWT header lists critical extensions we do not support."
+        )
     return JwtHeader(alg=alg, kid=kid)
 
 
@@ -112,9 +114,13 @@ def verify_signature(token: str, header: JwtHeader, keys: KeySet) -> dict[str, A
         except jwt.InvalidSignatureError:
             continue
         except jwt.InvalidAlgorithmError:
-            return Denial(Reason.ALGORITHM_NOT_ALLOWED, f"JWT token algorithm '{header.alg}' is not allowed.")
+            return Denial(
+                Reason.ALGORITHM_NOT_ALLOWED, f"JWT token algorithm '{header.alg}' is not allowed."
+            )
         except (jwt.DecodeError, jwt.InvalidTokenError, ValueError):
-            return Denial(Reason.TOKEN_MALFORMED, "The JWT payload is not valid base64url JSON object.")
+            return Denial(
+                Reason.TOKEN_MALFORMED, "The JWT payload is not valid base64url JSON object."
+            )
         payload = decoded["payload"]
         if not isinstance(payload, dict):
             return Denial(Reason.TOKEN_MALFORMED, "The JWT payload is not a JSON object.")

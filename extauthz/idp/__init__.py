@@ -28,6 +28,7 @@ from .resilience import CircuitBreaker
 
 __all__ = ["DeploymentIdp", "KeyProvider", "Providers", "StaticKeysProvider"]
 
+
 class KeyProvider(Protocol):
     async def keyset(self, kid: str | None) -> KeySet:
         """Keys to verify a token whose header names ``kid``; raises IdpError if none can be had."""
@@ -81,7 +82,10 @@ class _DiscoveredKeys:
     """Keys from the JWKS that a discovery document names."""
 
     def __init__(
-        self, discovery: DiscoveryProvider, issuers: tuple[str, ...], jwks_for: Callable[[str], JwksProvider]
+        self,
+        discovery: DiscoveryProvider,
+        issuers: tuple[str, ...],
+        jwks_for: Callable[[str], JwksProvider],
     ) -> None:
         self.discovery = discovery
         self._issuers = issuers
@@ -192,7 +196,14 @@ class Providers:
     def _discovery_provider(self, source: KeySource, issuers: tuple[str, ...]) -> DiscoveryProvider:
         assert source.uri is not None
         tls = TlsSettings(source.verify_tls, source.ca_file)
-        key = (source.uri, tls, source.timeout_seconds, source.max_cache_seconds, source.stale_seconds, issuers)
+        key = (
+            source.uri,
+            tls,
+            source.timeout_seconds,
+            source.max_cache_seconds,
+            source.stale_seconds,
+            issuers,
+        )
         if key not in self._discovery:
             self._discovery[key] = DiscoveryProvider(
                 self._endpoint("discovery", source.uri, source),
@@ -223,7 +234,9 @@ class Providers:
             clock=self._wall_clock,
         )
 
-    def _for_deployment(self, source: KeySource, issuers: tuple[str, ...], where: str) -> DeploymentIdp:
+    def _for_deployment(
+        self, source: KeySource, issuers: tuple[str, ...], where: str
+    ) -> DeploymentIdp:
         if source.type == "STATIC_KEYS":
             static = StaticKeysProvider(source, issuers)
             return DeploymentIdp(static, None, static.issuers)
@@ -242,7 +255,9 @@ class Providers:
 
             return DeploymentIdp(None, self._introspection(source, where, fixed_uri), fixed_issuers)
         discovery = self._discovery_provider(source, issuers)
-        keys = _DiscoveredKeys(discovery, issuers, lambda jwks_uri: self._jwks_provider(jwks_uri, source))
+        keys = _DiscoveredKeys(
+            discovery, issuers, lambda jwks_uri: self._jwks_provider(jwks_uri, source)
+        )
         introspection = None
         if source.client is not None:
 

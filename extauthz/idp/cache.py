@@ -20,7 +20,7 @@ from typing import Generic, Literal, TypeVar
 
 from ..errors import IdpError
 
-__all__ = ["CachedDocument", "CacheResult"]
+__all__ = ["CacheResult", "CachedDocument"]
 
 T = TypeVar("T")
 CacheResult = Literal["hit", "miss", "stale"]
@@ -67,7 +67,9 @@ class CachedDocument(Generic[T]):
             if now < self._expires_at + self._stale_seconds:
                 self.last_result = "stale"
                 self._on_result("stale")
-                recently_failed = self._failed_at is not None and now - self._failed_at < RETRY_SECONDS
+                recently_failed = (
+                    self._failed_at is not None and now - self._failed_at < RETRY_SECONDS
+                )
                 if self._inflight is None and not recently_failed:
                     self._inflight = asyncio.ensure_future(self._fetch())
                     self._inflight.add_done_callback(self._background_done)

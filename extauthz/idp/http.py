@@ -55,7 +55,7 @@ class IdpResponse:
 
 
 def make_client(tls: TlsSettings, max_connections: int = 32) -> httpx.AsyncClient:
-    """A pooled client. ``caFile`` adds trust on top of the public roots; it does not replace them."""
+    """A pooled client. ``caFile`` adds trust to the public roots; it does not replace them."""
     verify: ssl.SSLContext | bool
     if not tls.verify:
         verify = False
@@ -88,8 +88,10 @@ def _unreachable_kind(exc: BaseException) -> str:
         if isinstance(cur, ConnectionRefusedError):
             return "CONNECTION_REFUSED"
         text = str(cur)
-        if "Name or service not known" in text or "nodename nor servname" in text or (
-            "Temporary failure in name resolution" in text
+        if (
+            "Name or service not known" in text
+            or "nodename nor servname" in text
+            or ("Temporary failure in name resolution" in text)
         ):
             return "DNS_FAILURE"
         if "CERTIFICATE_VERIFY_FAILED" in text or "SSL" in text:
@@ -257,8 +259,13 @@ class IdpEndpoint:
     ) -> IdpResponse:
         try:
             return await fetch_json(
-                self._client, self.name, self.uri, timeout=self._timeout, method=method,
-                data=data, auth=auth,
+                self._client,
+                self.name,
+                self.uri,
+                timeout=self._timeout,
+                method=method,
+                data=data,
+                auth=auth,
             )
         except IdpUnreachable as exc:
             if not (exc.before_request and exc.kind == "CONNECTION_REFUSED"):
@@ -267,6 +274,11 @@ class IdpEndpoint:
         # retry with jitter, so that many checks retrying do not arrive in lockstep.
         await asyncio.sleep(random.uniform(0.01, 0.05))
         return await fetch_json(
-            self._client, self.name, self.uri, timeout=self._timeout, method=method,
-            data=data, auth=auth,
+            self._client,
+            self.name,
+            self.uri,
+            timeout=self._timeout,
+            method=method,
+            data=data,
+            auth=auth,
         )
