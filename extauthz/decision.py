@@ -108,6 +108,8 @@ class Decision:
     remove_headers: tuple[str, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
     required_scope: tuple[str, ...] = ()
+    # The same object is returned for repeated checks, so its rendering may be reused too.
+    reusable: bool = False
 
 
 def allow(
@@ -117,6 +119,7 @@ def allow(
     upstream_headers: tuple[tuple[str, str], ...] = (),
     remove_headers: tuple[str, ...] = (),
     metadata: dict[str, Any] | None = None,
+    reusable: bool = False,
 ) -> Decision:
     return Decision(
         allowed=True,
@@ -125,6 +128,7 @@ def allow(
         upstream_headers=upstream_headers,
         remove_headers=remove_headers,
         metadata=metadata or {},
+        reusable=reusable,
     )
 
 

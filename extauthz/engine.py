@@ -8,6 +8,7 @@ this one boundary.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,12 +27,15 @@ from .validation import (
     looks_like_jwt,
     read_header,
     scopes_of,
-    verify_signature,
+    verifying_key,
 )
+from .verified import Verified, VerifiedTokens, token_digest
 
 __all__ = ["IDP_FAILED_EVENT", "NO_POLICY_EVENT", "CheckInput", "Engine"]
 
 IDP_FAILED_EVENT = "authentication.idpCallFailed"
+_MAX_REUSED_ALLOWS = 65_536
+_NO_CLAIMS: Mapping[str, Any] = {}
 NO_POLICY_EVENT = "routing.noMatchingPolicy"
 
 
@@ -48,6 +52,9 @@ class CheckInput:
     @property
     def path(self) -> str:
         return normalize_path(self.raw_path)
+
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _header_value(value: Any) -> str | None:
@@ -73,6 +80,10 @@ class Engine:
         self.config = config
         self._providers = providers
         self._clock = clock
+        self._verified = VerifiedTokens()
+        # (id(claims), deployment, route) → (claims, allow decision); the claims object is kept
+        # so that its id cannot be reused while the entry exists.
+        self._allows: dict[tuple[int, str, str], tuple[Mapping[str, Any], Decision]] = {}
 
     async def check(self, req: CheckInput) -> Decision:
         path = req.path
@@ -107,7 +118,7 @@ class Engine:
             return denied(token)
         if token is None:
             if selection.authorization == "ANONYMOUS":
-                return self._allow(selection, {})
+                return self._allow(selection, _NO_CLAIMS)
             where = (
                 f"query parameter '{policy.token_query_param}'"
                 if policy.token_query_param
@@ -144,26 +155,51 @@ class Engine:
             return denied(failure)
         return self._allow(selection, claims)
 
-    @staticmethod
     async def _authenticate(
-        token: str, algorithms: frozenset[str], idp: DeploymentIdp
+        self, token: str, algorithms: frozenset[str], idp: DeploymentIdp
     ) -> Mapping[str, Any] | Denial:
         """The token's claims once its signature (or the IdP's introspection) vouches for them."""
         if idp.keys is None or (not looks_like_jwt(token) and idp.introspection is not None):
             assert idp.introspection is not None
             claims = await idp.introspection.introspect(token)
             if claims is None:
-                return Denial(
-                    Reason.TOKEN_INACTIVE, "The identity provider reports the token as not active."
-                )
+                inactive = "The identity provider reports the token as not active."
+                return Denial(Reason.TOKEN_INACTIVE, inactive)
             return claims
+        digest = token_digest(token)
+        hit = self._verified.get(digest, self._clock())
+        if hit is not None and hit.alg in algorithms:
+            keys = await idp.keys.keyset(hit.kid)
+            if any(k is hit.key for k in keys.keys):
+                return hit.claims
         header = read_header(token, algorithms)
         if isinstance(header, Denial):
             return header
         keys = await idp.keys.keyset(header.kid)
-        return verify_signature(token, header, keys)
+        key = verifying_key(header, keys)
+        if isinstance(key, Denial):
+            return key
+        payload: dict[str, Any] = header.payload
+        exp = payload.get("exp")
+        if isinstance(exp, int | float) and not isinstance(exp, bool):
+            self._verified.put(digest, Verified(payload, header.alg, header.kid, key, float(exp)))
+        return payload
 
     def _allow(self, selection: Selection, claims: Mapping[str, Any]) -> Decision:
+        """The allow decision, reused while the same cached claims pass the same route: a token
+        seen again (verified-token or introspection cache) costs no header or metadata work."""
+        key = (id(claims), selection.deployment.name, selection.route_name)
+        cached = self._allows.get(key)
+        if cached is not None and cached[0] is claims:
+            return cached[1]
+        decision = self._build_allow(selection, claims)
+        if len(self._allows) >= _MAX_REUSED_ALLOWS:
+            self._allows.clear()
+        self._allows[key] = (claims, decision)
+        return decision
+
+    @staticmethod
+    def _build_allow(selection: Selection, claims: Mapping[str, Any]) -> Decision:
         deployment: Deployment = selection.deployment
         headers: list[tuple[str, str]] = []
         remove: list[str] = []
@@ -192,4 +228,5 @@ class Engine:
             upstream_headers=tuple(headers),
             remove_headers=tuple(remove),
             metadata=metadata,
+            reusable=True,
         )

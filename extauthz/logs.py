@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import time
 import uuid
 from contextvars import ContextVar
-from datetime import UTC, datetime
 from typing import IO, Any
 
 __all__ = ["JsonLogger", "current_request_id", "current_trace_id", "rfc3339", "token_hash"]
@@ -24,8 +24,20 @@ current_trace_id: ContextVar[str | None] = ContextVar("current_trace_id", defaul
 
 
 def rfc3339(epoch: float | None = None) -> str:
-    dt = datetime.fromtimestamp(epoch, UTC) if epoch is not None else datetime.now(UTC)
-    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """``2026-11-22T10:00:00.123Z``; the second part is formatted once per second."""
+    global _second, _second_text
+    t = time.time() if epoch is None else epoch
+    second = int(t)
+    if second != _second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        if epoch is not None:
+            return f"{text}.{int((t - second) * 1000):03d}Z"
+        _second, _second_text = second, text
+    return f"{_second_text}.{int((t - second) * 1000):03d}Z"
+
+
+_second = -1
+_second_text = ""
 
 
 def token_hash(token: str) -> str:
@@ -34,12 +46,21 @@ def token_hash(token: str) -> str:
 
 
 class JsonLogger:
-    def __init__(self, stream: IO[str] | None = None, level: str = "INFO") -> None:
+    """One JSON object per line. With ``autoflush`` off (the server), lines are buffered and the
+    owner calls :meth:`flush` on a short timer, so a check does not pay for a write syscall."""
+
+    def __init__(
+        self, stream: IO[str] | None = None, level: str = "INFO", *, autoflush: bool = True
+    ) -> None:
         self._stream = stream
         self.level = LEVELS.get(level, 20)
+        self.autoflush = autoflush
 
     def set_level(self, level: str) -> None:
         self.level = LEVELS.get(level, 20)
+
+    def flush(self) -> None:
+        (self._stream or sys.stdout).flush()
 
     def log(self, level: str, event: str, /, **fields: Any) -> None:
         if LEVELS[level] < self.level:
@@ -50,9 +71,39 @@ class JsonLogger:
         if trace_id is not None:
             line["traceId"] = trace_id
         line.update((k, v) for k, v in fields.items() if v is not None)
+        self._write(json.dumps(line, separators=(",", ":"), default=str))
+
+    def _write(self, text: str) -> None:
         stream = self._stream or sys.stdout
-        stream.write(json.dumps(line, separators=(",", ":"), default=str) + "\n")
-        stream.flush()
+        stream.write(text + "\n")
+        if self.autoflush:
+            stream.flush()
+
+    def access(
+        self,
+        request_id: str,
+        deployment: str,
+        route: str,
+        method: str,
+        path: str,
+        status: int,
+        decision: str,
+        reason: str,
+        latency_ms: float,
+        idp_calls: int,
+    ) -> None:
+        """The per-check access line, formatted without a dict: it is on every check's path."""
+        if self.level > 20:
+            return
+        trace_id = current_trace_id.get()
+        trace = f',"traceId":"{trace_id}"' if trace_id else ""
+        q = _quote
+        self._write(
+            f'{{"ts":"{rfc3339()}","level":"INFO","event":"access","requestId":{q(request_id)}'
+            f'{trace},"deployment":{q(deployment)},"route":{q(route)},"method":{q(method)},'
+            f'"path":{q(path)},"status":{status},"decision":"{decision}","reason":"{reason}",'
+            f'"latencyMs":{latency_ms},"idpCalls":{idp_calls}}}'
+        )
 
     def info(self, event: str, /, **fields: Any) -> None:
         self.log("INFO", event, **fields)
@@ -62,3 +113,6 @@ class JsonLogger:
 
     def error(self, event: str, /, **fields: Any) -> None:
         self.log("ERROR", event, **fields)
+
+
+_quote = json.encoder.encode_basestring_ascii  # the C string encoder json.dumps itself uses

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -37,9 +39,17 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self._check_children: dict[tuple[str, str, str], Any] = {}
         self.cache_events = Counter(
             "extauthz_cache_events", "Cache lookups", ["cache", "result"], registry=r
         )
+
+    def count_check(self, deployment: str, decision: str, reason: str) -> None:
+        key = (deployment, decision, reason)
+        child = self._check_children.get(key)
+        if child is None:  # labels() costs more than the increment; look each series up once
+            child = self._check_children[key] = self.checks.labels(*key)
+        child.inc()
 
     # IdpObserver: how the IdP layer reports without knowing about Prometheus.
     def idp_call(self, endpoint: str, outcome: str, seconds: float) -> None:

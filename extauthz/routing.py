@@ -37,6 +37,8 @@ def normalize_path(raw: str) -> str:
     Envoy normally normalizes paths itself (``normalize_path``, ``merge_slashes``); doing it again
     here means a policy never matches a different path than the upstream will serve.
     """
+    if raw[:1] == "/" and "//" not in raw and "/." not in raw and "?" not in raw and "#" not in raw:
+        return raw  # already normal: the common case costs four substring scans
     path = raw.split("?", 1)[0].split("#", 1)[0]
     if not path.startswith("/"):
         path = "/" + path

@@ -12,6 +12,7 @@ import signal
 import time
 import traceback
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -22,7 +23,7 @@ from . import tracing
 from ._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
 from ._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from .admin import AdminServer
-from .config import Config
+from .config import Config, ServerSettings
 from .decision import Decision, Reason, deny
 from .engine import IDP_FAILED_EVENT, CheckInput, Engine
 from .errors import IdpError
@@ -39,9 +40,10 @@ SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 CHECK_SPAN_NAME = f"{SERVICE_NAME}/Check"
 _RPC_ATTRIBUTES = {"rpc.system": "grpc", "rpc.service": SERVICE_NAME, "rpc.method": "Check"}
 _MAX_REQUEST_ID = 128
+_MAX_RENDERED = 65_536
 
 
-def _request_id(headers: dict[str, str]) -> str:
+def _request_id(headers: Mapping[str, str]) -> str:
     rid = headers.get("x-request-id", "")
     if 0 < len(rid) <= _MAX_REQUEST_ID and rid.isprintable() and '"' not in rid:
         return rid
@@ -52,13 +54,17 @@ def lift_request(request: ext.CheckRequest) -> tuple[CheckInput, str]:
     """The fields the engine needs, and the request id, from a CheckRequest (possibly empty)."""
     attrs = request.attributes
     http = attrs.request.http
-    headers = {k.lower(): v for k, v in http.headers.items()}
-    if not headers and http.header_map.headers:
+    headers: Mapping[str, str] = http.headers  # Envoy sends lower-case names: no copy needed
+    if headers and not all(k.islower() for k in headers):
+        headers = {k.lower(): v for k, v in headers.items()}
+    elif not headers and http.header_map.headers:
         # Envoy sends header_map instead when encode_raw_headers is on; repeats join with ",".
+        joined: dict[str, str] = {}
         for h in http.header_map.headers:
             value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
             key = h.key.lower()
-            headers[key] = f"{headers[key]},{value}" if key in headers else value
+            joined[key] = f"{joined[key]},{value}" if key in joined else value
+        headers = joined
     host = http.host or headers.get(":authority", "") or headers.get("host", "")
     return (
         CheckInput(
@@ -66,7 +72,7 @@ def lift_request(request: ext.CheckRequest) -> tuple[CheckInput, str]:
             host=host,
             raw_path=http.path or headers.get(":path", "/"),
             headers=headers,
-            context_extensions=dict(attrs.context_extensions),
+            context_extensions=attrs.context_extensions,
         ),
         _request_id(headers),
     )
@@ -77,6 +83,8 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
         self.engine = engine
         self._log = logger
         self._metrics = metrics
+        # id(decision) → (decision, response); the decision is kept so its id is not reused.
+        self._rendered: dict[int, tuple[Decision, ext.CheckResponse]] = {}
 
     async def Check(  # noqa: N802 (gRPC method name)
         self, request: ext.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -98,7 +106,7 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
         started = time.perf_counter()
         calls = [0]
         idp_call_counter.set(calls)
-        request_id = str(uuid.uuid4())
+        request_id = ""
         inp: CheckInput | None = None
         engine = self.engine
         try:
@@ -114,8 +122,9 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
                 f"Internal error {type(exc).__name__} at {where}; the request was denied.",
                 event="server.internalError",
             )
+            request_id = request_id or str(uuid.uuid4())
         settings = engine.config.server
-        response = to_check_response(decision, request_id, settings)
+        response = self._render(decision, request_id, settings)
         status = 200 if decision.allowed else http_status(decision, settings)
         self._record(decision, inp, request_id, time.perf_counter() - started, calls[0], status)
         if span is not None:
@@ -134,6 +143,21 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
             )
             if decision.reason in (Reason.IDP_CALL_FAILED, Reason.INTERNAL_ERROR):
                 span.set_status(StatusCode.ERROR, reason)
+        return response
+
+    def _render(
+        self, decision: Decision, request_id: str, settings: ServerSettings
+    ) -> ext.CheckResponse:
+        """The CheckResponse; an allow the engine reuses is rendered once (no request id in it)."""
+        if not decision.reusable:
+            return to_check_response(decision, request_id, settings)
+        cached = self._rendered.get(id(decision))
+        if cached is not None and cached[0] is decision:
+            return cached[1]
+        response = to_check_response(decision, request_id, settings)
+        if len(self._rendered) >= _MAX_RENDERED:
+            self._rendered.clear()
+        self._rendered[id(decision)] = (decision, response)
         return response
 
     def _record(
@@ -157,22 +181,21 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
                 route=decision.route or None,
                 **dict(decision.log_fields),
             )
-        self._log.info(
-            "access",
-            requestId=request_id,
-            deployment=decision.deployment,
-            route=decision.route,
-            method=inp.method if inp else "",
-            path=(inp.raw_path.split("?", 1)[0] if inp else ""),
-            status=status,
-            decision="allow" if decision.allowed else "deny",
-            reason=reason,
-            latencyMs=round(elapsed * 1000, 3),
-            idpCalls=idp_calls,
+        self._log.access(
+            request_id,
+            decision.deployment,
+            decision.route,
+            inp.method if inp else "",
+            inp.raw_path.split("?", 1)[0] if inp else "",
+            status,
+            "allow" if decision.allowed else "deny",
+            reason,
+            round(elapsed * 1000, 3),
+            idp_calls,
         )
-        self._metrics.checks.labels(
+        self._metrics.count_check(
             decision.deployment, "allow" if decision.allowed else "deny", reason
-        ).inc()
+        )
         self._metrics.check_duration.observe(elapsed)
 
 
@@ -216,6 +239,15 @@ class Runtime:
             "deployments": len(self.config.deployments),
             "providers": endpoints,
         }
+
+
+_LOG_FLUSH_SECONDS = 0.05
+
+
+async def _flush_every(logger: JsonLogger, seconds: float) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        logger.flush()
 
 
 # How long a replaced runtime's HTTP clients stay open for checks that started before the swap.
@@ -278,6 +310,9 @@ async def run_server(
 
     watcher = ConfigWatcher(config.source, apply, logger, poll_seconds=reload_poll_seconds)
     watcher.start()
+    # Log lines are buffered and flushed every few milliseconds, not written one syscall each.
+    logger.autoflush = False
+    flusher = asyncio.ensure_future(_flush_every(logger, _LOG_FLUSH_SECONDS))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -291,6 +326,8 @@ async def run_server(
         config=config.source,
     )
     await stop.wait()
+    logger.autoflush = True
+    flusher.cancel()
     logger.info("server.stopping", graceSeconds=grace_seconds)
     await watcher.stop()
     await health_service.enter_graceful_shutdown()

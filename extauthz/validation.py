@@ -8,17 +8,19 @@ a bad token.
 
 from __future__ import annotations
 
+import binascii
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
+import jwt.algorithms
 
 from .config import AuthPolicy, ClaimRule
 from .decision import Denial, Reason
-from .keys import KeySet
+from .keys import KeySet, VerificationKey
 
 __all__ = [
     "JwtHeader",
@@ -33,26 +35,63 @@ __all__ = [
     "read_header",
     "scopes_of",
     "verify_signature",
+    "verifying_key",
 ]
-
-# Everything but the signature is checked by us, with our own messages and reasons.
-_DECODE_OPTIONS: Any = {
-    "verify_signature": True,
-    "verify_exp": False,
-    "verify_nbf": False,
-    "verify_iat": False,
-    "verify_aud": False,
-    "verify_iss": False,
-    "verify_sub": False,
-    "verify_jti": False,
-    "require": [],
-}
 
 
 @dataclass(frozen=True, slots=True)
 class JwtHeader:
+    """A JWS parsed once: its header fields, its payload and the bytes the signature covers."""
+
     alg: str
     kid: str | None
+    fields: dict[str, Any] = field(default_factory=dict, repr=False)
+    payload: Any = field(default=None, repr=False)
+    signing_input: bytes = field(default=b"", repr=False)
+    signature: bytes = field(default=b"", repr=False)
+
+
+_ALGORITHMS = jwt.algorithms.get_default_algorithms()
+_URL_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_SEXTET = {c: i for i, c in enumerate(_URL_ALPHABET)}
+# base64url → standard alphabet; the standard-only characters become invalid so that the strict
+# decoder refuses them.
+_TO_STANDARD = bytes.maketrans(b"-_+/=", b"+/!!!")
+
+
+def _b64url(segment: str) -> bytes | None:
+    """Strict RFC 7515 base64url: the URL-safe alphabet, no padding, canonical trailing bits."""
+    rem = len(segment) % 4
+    if rem == 1:
+        return None
+    if rem:
+        # The unused low bits of the last character must be zero, or two encodings would decode
+        # to the same bytes.
+        last = _SEXTET.get(segment[-1])
+        if last is None or last & (0b1111 if rem == 2 else 0b11):
+            return None
+    try:
+        standard = segment.encode("ascii").translate(_TO_STANDARD)
+        return binascii.a2b_base64(standard + b"=" * ((4 - rem) % 4), strict_mode=True)
+    except (binascii.Error, ValueError):  # UnicodeEncodeError is a ValueError
+        return None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate member name")
+    return out
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    # RFC 7515 §4 / RFC 7519 §4: a duplicate member name makes the JWT invalid here, rather than
+    # letting the parser silently keep the last value.
+    try:
+        value = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def looks_like_jwt(token: str) -> bool:
@@ -61,20 +100,18 @@ def looks_like_jwt(token: str) -> bool:
 
 
 def read_header(token: str, allowed: frozenset[str]) -> JwtHeader | Denial:
-    """Parse the protected header and check its algorithm against the allow-list.
+    """Parse the whole JWS (strictly) and check its algorithm against the allow-list.
 
     Keys named by the header itself (``jku``, ``x5u``, ``jwk``, ``x5c``) are ignored: only keys
     from the policy can verify a token.
     """
     if not looks_like_jwt(token):
         return Denial(Reason.TOKEN_MALFORMED, "The token is not a JWT in compact serialization.")
-    try:
-        header = jwt.get_unverified_header(token)
-    except jwt.DecodeError:
+    head_b64, payload_b64, signature_b64 = token.split(".")
+    head_raw = _b64url(head_b64)
+    header = _json_object(head_raw) if head_raw is not None else None
+    if header is None:
         return Denial(Reason.TOKEN_MALFORMED, "The JWT header is not valid base64url JSON.")
-    except (jwt.InvalidTokenError, ValueError, TypeError):
-        # pyjwt refuses e.g. a `crit` header naming extensions it lacks (RFC 7515 §4.1.11).
-        return Denial(Reason.TOKEN_MALFORMED, "The JWT header is not acceptable.")
     alg = header.get("alg")
     if not isinstance(alg, str):
         return Denial(Reason.TOKEN_MALFORMED, "The JWT header has no 'alg'.")
@@ -86,17 +123,51 @@ def read_header(token: str, allowed: frozenset[str]) -> JwtHeader | Denial:
     kid = header.get("kid")
     if kid is not None and not isinstance(kid, str):
         return Denial(Reason.TOKEN_MALFORMED, "The JWT header 'kid' is not a string.")
-    crit = header.get("crit")
-    if crit is not None:
+    if "crit" in header:
         # RFC 7515 §4.1.11: we understand no extension, so any critical one makes it invalid.
         return Denial(
             Reason.TOKEN_MALFORMED, "The JWT header lists critical extensions we do not support."
         )
-    return JwtHeader(alg=alg, kid=kid)
+    if header.get("b64") is False:
+        return Denial(Reason.TOKEN_MALFORMED, "Unencoded JWS payloads (b64: false) are refused.")
+    payload_raw = _b64url(payload_b64)
+    signature = _b64url(signature_b64)
+    if payload_raw is None or signature is None:
+        return Denial(Reason.TOKEN_MALFORMED, "The JWT payload or signature is not base64url.")
+    if not signature:
+        return Denial(Reason.SIGNATURE_INVALID, "The JWT has an empty signature.")
+    payload = _json_object(payload_raw)
+    if payload is None:
+        return Denial(Reason.TOKEN_MALFORMED, "The JWT payload is not a JSON object.")
+    return JwtHeader(
+        alg=alg,
+        kid=kid,
+        fields=header,
+        payload=payload,
+        signing_input=f"{head_b64}.{payload_b64}".encode(),
+        signature=signature,
+    )
 
 
 def verify_signature(token: str, header: JwtHeader, keys: KeySet) -> dict[str, Any] | Denial:
-    """Verify with the key named by ``kid`` (or each key for the algorithm when there is no kid)."""
+    """Verify with the key named by ``kid`` (or each key for the algorithm when there is no kid).
+
+    The cryptography is pyjwt's (its algorithm objects over ``cryptography``); only the parsing is
+    ours, done once in :func:`read_header`.
+    """
+    if header.payload is None:  # a JwtHeader built by hand, not by read_header
+        parsed = read_header(token, frozenset({header.alg}))
+        if isinstance(parsed, Denial):
+            return parsed
+        header = parsed
+    key = verifying_key(header, keys)
+    if isinstance(key, Denial):
+        return key
+    return dict(header.payload)
+
+
+def verifying_key(header: JwtHeader, keys: KeySet) -> VerificationKey | Denial:
+    """The key whose signature the token carries, or why there is none."""
     candidates = keys.candidates(header.kid, header.alg)
     if not candidates:
         if header.kid is not None and keys.has_kid(header.kid):
@@ -106,34 +177,21 @@ def verify_signature(token: str, header: JwtHeader, keys: KeySet) -> dict[str, A
             )
         named = f"'{_printable(header.kid)}'" if header.kid is not None else "(no kid)"
         return Denial(Reason.KEY_NOT_FOUND, f"No key matches the token's kid {named}.")
+    algorithm = _ALGORITHMS[header.alg]
     for candidate in candidates:
         try:
-            decoded = jwt.decode_complete(
-                token, key=candidate.key, algorithms=[header.alg], options=_DECODE_OPTIONS
-            )
-        except jwt.InvalidSignatureError:
+            if algorithm.verify(header.signing_input, candidate.key, header.signature):
+                return candidate
+        except (ValueError, TypeError, jwt.InvalidKeyError):
             continue
-        except jwt.InvalidAlgorithmError:
-            return Denial(
-                Reason.ALGORITHM_NOT_ALLOWED, f"JWT token algorithm '{header.alg}' is not allowed."
-            )
-        except (jwt.DecodeError, jwt.InvalidTokenError, ValueError):
-            return Denial(
-                Reason.TOKEN_MALFORMED, "The JWT payload is not valid base64url JSON object."
-            )
-        payload = decoded["payload"]
-        if not isinstance(payload, dict):
-            return Denial(Reason.TOKEN_MALFORMED, "The JWT payload is not a JSON object.")
-        return payload
     return Denial(Reason.SIGNATURE_INVALID, "JWT signature verification failed.")
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return float(value)
+    kind = type(value)
+    if kind is int or (kind is float and math.isfinite(value)):
+        return float(value)
+    return None  # bool, str, NaN, ±Infinity, ...
 
 
 def check_claims(

@@ -1,0 +1,60 @@
+"""A bounded cache of JWTs whose signature was verified, keyed by the token's SHA-256.
+
+A token seen again costs a hash and a dict lookup instead of a parse and a signature check. What
+is cached is only the cryptographic fact "this key signed these claims": every check still runs
+the time, issuer, audience, claim and scope checks against its own policy and the current time,
+and a hit counts only while the key that verified it is still in the deployment's current key set
+(a key the IdP withdraws stops vouching at once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .keys import VerificationKey
+
+__all__ = ["Verified", "VerifiedTokens", "token_digest"]
+
+MAX_ENTRIES = 65_536
+
+
+def token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    claims: Mapping[str, Any]
+    alg: str
+    kid: str | None
+    key: VerificationKey
+    expires_at: float  # the token's exp: an entry is useless after it
+
+
+class VerifiedTokens:
+    def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
+        self._entries: OrderedDict[bytes, Verified] = OrderedDict()
+        self._max_entries = max_entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, digest: bytes, now: float) -> Verified | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        if now > entry.expires_at:
+            del self._entries[digest]
+            return None
+        self._entries.move_to_end(digest)
+        return entry
+
+    def put(self, digest: bytes, entry: Verified) -> None:
+        self._entries[digest] = entry
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
