@@ -11,18 +11,16 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-from .metrics import Metrics
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 __all__ = ["AdminServer"]
 
 
 class AdminServer:
     def __init__(
-        self, metrics: Metrics, readiness: Callable[[], tuple[bool, dict[str, Any]]]
+        self, registry: CollectorRegistry, readiness: Callable[[], tuple[bool, dict[str, Any]]]
     ) -> None:
-        self._metrics = metrics
+        self._registry = registry
         self._readiness = readiness
         self._server: asyncio.Server | None = None
 
@@ -42,7 +40,7 @@ class AdminServer:
             body = json.dumps({"ready": ready, **detail}, default=str).encode()
             return (200 if ready else 503), "application/json", body
         if path == "/metrics":
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self._metrics.registry)
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
         return 404, "application/json", b'{"error":"not_found"}'
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

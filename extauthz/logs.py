@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 import uuid
@@ -55,12 +56,22 @@ class JsonLogger:
         self._stream = stream
         self.level = LEVELS.get(level, 20)
         self.autoflush = autoflush
+        self._pending: list[str] = []
 
     def set_level(self, level: str) -> None:
         self.level = LEVELS.get(level, 20)
 
     def flush(self) -> None:
-        (self._stream or sys.stdout).flush()
+        stream = self._stream or sys.stdout
+        if self._pending:
+            text, self._pending = "".join(self._pending), []
+            fd = _fileno(stream)
+            if fd is None:
+                stream.write(text)
+            else:
+                stream.flush()
+                _write_whole_lines(fd, text.encode())
+        stream.flush()
 
     def log(self, level: str, event: str, /, **fields: Any) -> None:
         if LEVELS[level] < self.level:
@@ -74,10 +85,12 @@ class JsonLogger:
         self._write(json.dumps(line, separators=(",", ":"), default=str))
 
     def _write(self, text: str) -> None:
+        if not self.autoflush:
+            self._pending.append(text + "\n")
+            return
         stream = self._stream or sys.stdout
         stream.write(text + "\n")
-        if self.autoflush:
-            stream.flush()
+        stream.flush()
 
     def access(
         self,
@@ -113,6 +126,36 @@ class JsonLogger:
 
     def error(self, event: str, /, **fields: Any) -> None:
         self.log("ERROR", event, **fields)
+
+
+def _fileno(stream: IO[str]) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+# A pipe write of at most PIPE_BUF bytes is atomic, so workers sharing stdout (`--workers N`)
+# never interleave inside a line when each write holds whole lines and stays under it.
+_PIPE_BUF = 4096
+
+
+def _write_whole_lines(fd: int, data: bytes) -> None:
+    start = 0
+    while start < len(data):
+        end = start + _PIPE_BUF
+        if end < len(data):
+            cut = data.rfind(b"\n", start, end)
+            if cut >= start:
+                end = cut + 1
+            else:  # a single line longer than PIPE_BUF: write it whole
+                newline = data.find(b"\n", end)
+                end = len(data) if newline == -1 else newline + 1
+        view = memoryview(data)[start:end]
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        start = end
 
 
 _quote = json.encoder.encode_basestring_ascii  # the C string encoder json.dumps itself uses

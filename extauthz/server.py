@@ -297,16 +297,17 @@ async def run_server(
     for name in ("", SERVICE_NAME):
         await health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    admin = AdminServer(metrics, lambda: (True, runtime.readiness()))
-    host, port = _split_hostport(admin_listen)
-    try:
-        await admin.start(host, port)
-    except OSError as exc:
-        logger.error(
-            "server.listenFailed", message=f"Cannot listen on {admin_listen}: {exc.strerror}."
-        )
-        await server.stop(0)
-        return 1
+    admin = AdminServer(metrics.registry, lambda: (True, runtime.readiness()))
+    if admin_listen:  # a worker under `--workers N` leaves the admin port to its supervisor
+        host, port = _split_hostport(admin_listen)
+        try:
+            await admin.start(host, port)
+        except OSError as exc:
+            logger.error(
+                "server.listenFailed", message=f"Cannot listen on {admin_listen}: {exc.strerror}."
+            )
+            await server.stop(0)
+            return 1
 
     watcher = ConfigWatcher(config.source, apply, logger, poll_seconds=reload_poll_seconds)
     watcher.start()

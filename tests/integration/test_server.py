@@ -277,3 +277,40 @@ def test_metrics_match_a_scripted_mix_exactly(server: Server, rsa_key: Any) -> N
     assert _metric(text, checks, deployment="", decision="deny", reason="no_matching_policy") == 5
     assert _metric(text, "extauthz_check_duration_seconds_count") == len(mix)
     assert 'le="0.0001"' in text and 'le="10.0"' in text  # sub-millisecond to multi-second buckets
+
+
+def test_workers_share_the_port_and_the_metrics(config: dict[str, Any], tmp_path: Path, rsa_key: Any) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    port, admin = free_port(), free_port()
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "extauthz", "serve", "--config", str(cfg), "--workers", "2",
+             "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}"],
+            stdout=out, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    server = Server(proc, log, port, admin)
+    try:
+        wait_for(lambda: sum(l["event"] == "server.started" for l in server.lines()) == 2, what="2 workers")
+        token = rsa_key.sign(claims())
+        # separate channels: the kernel balances connections, not streams
+        for _ in range(20):
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = ext_grpc.AuthorizationStub(ch)
+                req = ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
+                    http=ac.AttributeContext.HttpRequest(method="GET", host="api", path="/orders/1",
+                                                         headers={"authorization": f"Bearer {token}"}))))
+                assert stub.Check(req, timeout=5).status.code == 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics") as r:
+            text = r.read().decode()
+        assert _metric(text, "extauthz_checks_total", deployment="orders", decision="allow", reason="none") == 20
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz") as r:
+            assert json.loads(r.read())["workersAlive"] == 2
+        access = wait_for(lambda: (lambda a: a if len(a) == 20 else None)(
+            [l for l in server.lines() if l["event"] == "access"]), what="20 access lines")
+        assert len({l["requestId"] for l in access}) == 20
+    finally:
+        server.channel.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
