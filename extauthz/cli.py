@@ -57,10 +57,23 @@ def _serve(args: argparse.Namespace) -> int:
         logger.error("server.configInvalid", message="Refusing to start: the config is invalid.",
                      errors=exc.errors)
         return EXIT_USAGE
-    if args.workers != 1:
-        print("--workers other than 1 is not supported yet", file=sys.stderr)
+    if args.workers < 1:
+        print("--workers must be at least 1", file=sys.stderr)
         return EXIT_USAGE
     logger.set_level(config.server.log_level)
+    if args.workers > 1:
+        from .workers import supervise
+
+        return asyncio.run(
+            supervise(
+                config,
+                workers=args.workers,
+                listen=args.listen,
+                admin_listen=args.admin_listen,
+                logger=logger,
+                grace_seconds=args.grace_seconds,
+            )
+        )
     try:
         return asyncio.run(
             run_server(
