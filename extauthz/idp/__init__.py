@@ -20,6 +20,7 @@ import httpx
 from ..config import ASYMMETRIC_ALGORITHMS, ClientDetails, Config, ConfigError, KeySource
 from ..errors import IdpBadResponse, IdpError
 from ..keys import KeySet, keyset_from_static
+from .cache import CacheSettings
 from .discovery import DiscoveryProvider
 from .http import IdpEndpoint, IdpObserver, NullObserver, TlsSettings, make_client
 from .introspection import ClientSecret, IntrospectionClient
@@ -179,17 +180,24 @@ class Providers:
             )
         return self.endpoints[key]
 
+    def _cache_settings(self, source: KeySource, cache: str) -> CacheSettings:
+        def on_result(result: str) -> None:
+            self._observer.cache(cache, result)
+
+        return CacheSettings(
+            max_cache_seconds=source.max_cache_seconds,
+            stale_seconds=source.stale_seconds,
+            on_stale=self._on_stale,
+            on_result=on_result,
+            clock=self._clock,
+        )
+
     def _jwks_provider(self, uri: str, source: KeySource) -> JwksProvider:
         tls = TlsSettings(source.verify_tls, source.ca_file)
         key = (uri, tls, source.timeout_seconds, source.max_cache_seconds, source.stale_seconds)
         if key not in self._jwks:
             self._jwks[key] = JwksProvider(
-                self._endpoint("jwks_uri", uri, source),
-                max_cache_seconds=source.max_cache_seconds,
-                stale_seconds=source.stale_seconds,
-                on_stale=self._on_stale,
-                on_result=lambda result: self._observer.cache("jwks", result),
-                clock=self._clock,
+                self._endpoint("jwks_uri", uri, source), self._cache_settings(source, "jwks")
             )
         return self._jwks[key]
 
@@ -207,12 +215,8 @@ class Providers:
         if key not in self._discovery:
             self._discovery[key] = DiscoveryProvider(
                 self._endpoint("discovery", source.uri, source),
-                issuers=issuers,
-                max_cache_seconds=source.max_cache_seconds,
-                stale_seconds=source.stale_seconds,
-                on_stale=self._on_stale,
-                on_result=lambda result: self._observer.cache("discovery", result),
-                clock=self._clock,
+                issuers,
+                self._cache_settings(source, "discovery"),
             )
         return self._discovery[key]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
 from ..errors import IdpError
@@ -28,23 +29,28 @@ CacheResult = Literal["hit", "miss", "stale"]
 RETRY_SECONDS = 5.0
 
 
+@dataclass(frozen=True)
+class CacheSettings:
+    """How one remote document is cached, and where its outcomes are reported."""
+
+    max_cache_seconds: float
+    stale_seconds: float
+    on_stale: Callable[[IdpError], None] = lambda _e: None
+    on_result: Callable[[CacheResult], None] = lambda _r: None
+    clock: Callable[[], float] = time.monotonic
+
+
 class CachedDocument(Generic[T]):
     """``load()`` returns ``(value, ttl_seconds)`` or raises IdpError."""
 
     def __init__(
-        self,
-        load: Callable[[], Awaitable[tuple[T, float]]],
-        *,
-        stale_seconds: float,
-        on_stale: Callable[[IdpError], None] = lambda _e: None,
-        on_result: Callable[[CacheResult], None] = lambda _r: None,
-        clock: Callable[[], float] = time.monotonic,
+        self, load: Callable[[], Awaitable[tuple[T, float]]], settings: CacheSettings
     ) -> None:
         self._load = load
-        self._on_result = on_result
-        self._stale_seconds = stale_seconds
-        self._on_stale = on_stale
-        self._clock = clock
+        self._on_result = settings.on_result
+        self._stale_seconds = settings.stale_seconds
+        self._on_stale = settings.on_stale
+        self._clock = settings.clock
         self._value: T | None = None
         self._expires_at = 0.0
         self.fetched_at: float | None = None  # monotonic time of the last successful fetch

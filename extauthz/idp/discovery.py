@@ -3,12 +3,10 @@ introspection endpoint."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import IdpBadResponse, IdpError
-from .cache import CachedDocument, CacheResult
+from ..errors import IdpBadResponse
+from .cache import CachedDocument, CacheSettings
 from .http import IdpEndpoint
 from .jwks import cache_ttl
 
@@ -38,26 +36,12 @@ def _is_url(value: object) -> bool:
 
 class DiscoveryProvider:
     def __init__(
-        self,
-        endpoint: IdpEndpoint,
-        *,
-        issuers: tuple[str, ...],
-        max_cache_seconds: float,
-        stale_seconds: float,
-        on_stale: Callable[[IdpError], None] = lambda _e: None,
-        on_result: Callable[[CacheResult], None] = lambda _r: None,
-        clock: Callable[[], float] = time.monotonic,
+        self, endpoint: IdpEndpoint, issuers: tuple[str, ...], settings: CacheSettings
     ) -> None:
         self.endpoint = endpoint
         self._issuers = issuers
-        self._max_cache_seconds = max_cache_seconds
-        self.cache: CachedDocument[DiscoveryDocument] = CachedDocument(
-            self._load,
-            stale_seconds=stale_seconds,
-            on_stale=on_stale,
-            on_result=on_result,
-            clock=clock,
-        )
+        self._max_cache_seconds = settings.max_cache_seconds
+        self.cache: CachedDocument[DiscoveryDocument] = CachedDocument(self._load, settings)
 
     async def _load(self) -> tuple[DiscoveryDocument, float]:
         name, uri = self.endpoint.name, self.endpoint.uri

@@ -257,28 +257,22 @@ class IdpEndpoint:
     async def _call_once_or_twice(
         self, method: str, data: Mapping[str, str] | None, auth: httpx.Auth | None
     ) -> IdpResponse:
-        try:
-            return await fetch_json(
-                self._client,
-                self.name,
-                self.uri,
-                timeout=self._timeout,
-                method=method,
-                data=data,
-                auth=auth,
-            )
-        except IdpUnreachable as exc:
-            if not (exc.before_request and exc.kind == "CONNECTION_REFUSED"):
-                raise
-        # A refused connection is often a restarting IdP or a stale pooled address: one quick
-        # retry with jitter, so that many checks retrying do not arrive in lockstep.
-        await asyncio.sleep(random.uniform(0.01, 0.05))
-        return await fetch_json(
-            self._client,
-            self.name,
-            self.uri,
-            timeout=self._timeout,
-            method=method,
-            data=data,
-            auth=auth,
-        )
+        for attempt in (1, 2):
+            try:
+                return await fetch_json(
+                    self._client,
+                    self.name,
+                    self.uri,
+                    timeout=self._timeout,
+                    method=method,
+                    data=data,
+                    auth=auth,
+                )
+            except IdpUnreachable as exc:
+                refused = exc.before_request and exc.kind == "CONNECTION_REFUSED"
+                if attempt == 2 or not refused:
+                    raise
+            # A refused connection is often a restarting IdP or a stale pooled address: one quick
+            # retry with jitter, so that many checks retrying do not arrive in lockstep.
+            await asyncio.sleep(random.uniform(0.01, 0.05))
+        raise AssertionError("unreachable")

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 from ..config import ASYMMETRIC_ALGORITHMS
 from ..errors import IdpBadResponse, IdpError
 from ..keys import KeySet, keyset_from_jwks
-from .cache import CachedDocument, CacheResult
+from .cache import CachedDocument, CacheSettings
 from .http import IdpEndpoint
 
 __all__ = ["JwksProvider", "cache_ttl"]
@@ -26,26 +23,11 @@ def cache_ttl(max_age: float | None, max_cache_seconds: float) -> float:
 
 
 class JwksProvider:
-    def __init__(
-        self,
-        endpoint: IdpEndpoint,
-        *,
-        max_cache_seconds: float,
-        stale_seconds: float,
-        on_stale: Callable[[IdpError], None] = lambda _e: None,
-        on_result: Callable[[CacheResult], None] = lambda _r: None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, endpoint: IdpEndpoint, settings: CacheSettings) -> None:
         self.endpoint = endpoint
-        self._max_cache_seconds = max_cache_seconds
-        self._clock = clock
-        self.cache: CachedDocument[KeySet] = CachedDocument(
-            self._load,
-            stale_seconds=stale_seconds,
-            on_stale=on_stale,
-            on_result=on_result,
-            clock=clock,
-        )
+        self._max_cache_seconds = settings.max_cache_seconds
+        self._clock = settings.clock
+        self.cache: CachedDocument[KeySet] = CachedDocument(self._load, settings)
 
     async def _load(self) -> tuple[KeySet, float]:
         resp = await self.endpoint.call()
