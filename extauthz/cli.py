@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Sequence
 
@@ -30,6 +31,26 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file")
+
+    explain = sub.add_parser(
+        "explain", help="diagnose one token against the policy the server would apply"
+    )
+    explain.add_argument("--config", required=True, help="policy file (YAML)")
+    token = explain.add_mutually_exclusive_group(required=True)
+    token.add_argument("--token", help="the token (prefer --token-file: argv is visible to ps)")
+    token.add_argument("--token-file", help="file holding the token; '-' reads standard input")
+    explain.add_argument("--deployment", help="as Envoy's context_extensions `deployment`")
+    explain.add_argument("--path", help="request path (default: the deployment's pathPrefix)")
+    explain.add_argument("--method", default="GET", help="request method (default GET)")
+    explain.add_argument("--host", help="request :authority")
+    explain.add_argument(
+        "--offline", action="store_true", help="no network: remote keys and introspection skipped"
+    )
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+
+    probe = sub.add_parser("probe", help="check every identity-provider endpoint of a config")
+    probe.add_argument("--config", required=True, help="policy file (YAML)")
+    probe.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
 
@@ -92,12 +113,79 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
 
+def _read_token(args: argparse.Namespace) -> str:
+    if args.token is not None:
+        return str(args.token)
+    if args.token_file == "-":
+        return sys.stdin.read()
+    with open(args.token_file, encoding="utf-8") as f:
+        return f.read()
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .explain import ExplainRequest, UsageError, clean_token, explain, render_text, to_json
+
+    try:
+        config = load_config(args.config)
+        text = _read_token(args)
+    except ConfigError as exc:
+        print("\n".join(exc.errors), file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"--token-file {args.token_file}: cannot read: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    token, note = clean_token(text)
+    if not token:
+        print("the token is empty", file=sys.stderr)
+        return EXIT_USAGE
+    if note:
+        print(note, file=sys.stderr)
+    request = ExplainRequest(
+        token=token,
+        deployment=args.deployment,
+        path=args.path,
+        method=args.method,
+        host=args.host,
+        offline=args.offline,
+    )
+    try:
+        result = asyncio.run(explain(config, request))
+    except (UsageError, ConfigError) as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(to_json(result), indent=2, ensure_ascii=False))
+    else:
+        print(render_text(result), end="")
+    return result.exit_code
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from .probe import probe, render_text, to_json
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print("\n".join(exc.errors), file=sys.stderr)
+        return EXIT_USAGE
+    report = asyncio.run(probe(config))
+    if args.json:
+        print(json.dumps(to_json(report), indent=2, ensure_ascii=False))
+    else:
+        print(render_text(report), end="")
+    return report.exit_code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return _check_config(args.file)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "explain":
+        return _explain(args)
+    if args.command == "probe":
+        return _probe(args)
     return EXIT_USAGE
 
 

@@ -51,6 +51,8 @@ class DeploymentIdp:
     keys: KeyProvider | None
     introspection: IntrospectionClient | None
     issuers: Callable[[], Awaitable[tuple[str, ...]]]
+    # REMOTE_DISCOVERY: the document itself (what `extauthz probe` checks); None otherwise.
+    discovery: DiscoveryProvider | None = None
 
 
 class StaticKeysProvider:
@@ -272,7 +274,7 @@ class Providers:
                 return doc.introspection_endpoint
 
             introspection = self._introspection(source, where, discovered_uri)
-        return DeploymentIdp(keys, introspection, keys.issuers)
+        return DeploymentIdp(keys, introspection, keys.issuers, discovery)
 
     async def aclose(self) -> None:
         for client in self._clients.values():
