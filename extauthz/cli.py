@@ -25,9 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", default="0.0.0.0:9001", help="gRPC HOST:PORT")
     serve.add_argument("--admin-listen", default="0.0.0.0:9090", help="admin HTTP HOST:PORT")
     serve.add_argument("--workers", type=int, default=1, help="server processes")
-    serve.add_argument(
-        "--grace-seconds", type=float, default=10.0, help="drain time on SIGTERM"
-    )
+    serve.add_argument("--grace-seconds", type=float, default=10.0, help="drain time on SIGTERM")
 
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file")
@@ -75,8 +73,11 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
-        logger.error("server.configInvalid", message="Refusing to start: the config is invalid.",
-                     errors=exc.errors)
+        logger.error(
+            "server.configInvalid",
+            message="Refusing to start: the config is invalid.",
+            errors=exc.errors,
+        )
         return EXIT_USAGE
     if args.workers < 1:
         print("--workers must be at least 1", file=sys.stderr)
@@ -108,8 +109,11 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:  # e.g. a client secret file that cannot be read
         for line in exc.errors:
             print(line, file=sys.stderr)
-        logger.error("server.configInvalid", message="Refusing to start: the config is invalid.",
-                     errors=exc.errors)
+        logger.error(
+            "server.configInvalid",
+            message="Refusing to start: the config is invalid.",
+            errors=exc.errors,
+        )
         return EXIT_USAGE
 
 

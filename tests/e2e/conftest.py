@@ -7,6 +7,7 @@ the stack from starting is an error with the failing process's log tail.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -29,6 +30,13 @@ POLICY_TEMPLATE = Path(__file__).with_name("policy.yaml")
 API = "https://api.example.com"
 OTHER_API = "https://other.example.com"
 LOG_WAIT_SECONDS = 5.0
+# extauthz's introspection client secrets (policy.yaml reads them with clientSecretEnv). The
+# values are the demo IdP's throw-away client secrets (examples/idp/server.mjs).
+INTROSPECTION_ENV = {
+    "E2E_INTROSPECTION_SECRET": "extauthz-secret",
+    "E2E_INTROSPECTION_POST_SECRET": "extauthz-post-secret",
+    "E2E_INTROSPECTION_WRONG_SECRET": "not-the-extauthz-secret",
+}
 
 
 def wait_until(condition: Callable[[], Any], *, timeout: float, what: str) -> Any:
@@ -142,6 +150,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         ports=Ports.free(),
         workdir=workdir,
         listen_address="127.0.0.1",
+        env={**os.environ, **INTROSPECTION_ENV},
     ) as running:
         yield running
 
