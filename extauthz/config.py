@@ -180,6 +180,9 @@ def _only_asymmetric(v: tuple[str, ...]) -> tuple[str, ...]:
 def _absolute_url(v: str) -> str:
     if not re.match(r"^https?://[^/\s]+", v):
         raise ValueError("must be an absolute http(s) URL")
+    if "@" in v.split("://", 1)[1].split("/", 1)[0]:
+        # A URI is logged and shown by /readyz and probe; credentials belong in clientDetails.
+        raise ValueError("credentials in the URI are refused; use clientDetails")
     return v
 
 
@@ -339,9 +342,10 @@ class _RawRoute(_Raw):
 _HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 # Never let a claim overwrite what routing or the transport depends on.
 _RESERVED_HEADERS = frozenset(
-    {"host", "content-length", "transfer-encoding", "connection", "te", "upgrade",
-     "authorization", "cookie", "x-request-id", "x-forwarded-for", "x-forwarded-proto",
-     "x-envoy-original-path"}
+    {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer",
+     "upgrade", "proxy-connection", "proxy-authorization", "authorization", "cookie",
+     "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "traceparent",
+     "tracestate"}
 )  # fmt: skip
 
 
@@ -376,8 +380,10 @@ class _RawDeployment(_Raw):
             lname = name.lower()
             if not _HEADER_NAME.match(lname) or lname.startswith(":"):
                 raise ValueError(f"{name!r} is not a valid header name")
-            if lname in _RESERVED_HEADERS:
+            if lname in _RESERVED_HEADERS or lname.startswith("x-envoy-"):
                 raise ValueError(f"{name!r} may not be set from a claim")
+            if lname in out:
+                raise ValueError(f"{name!r} is listed twice (header names ignore case)")
             if not claim:
                 raise ValueError(f"{name!r} needs a claim name")
             out[lname] = claim

@@ -25,6 +25,7 @@ from .validation import (
     check_scope,
     claim_text,
     looks_like_jwt,
+    numeric_date,
     read_header,
     scopes_of,
     verifying_key,
@@ -37,6 +38,16 @@ IDP_FAILED_EVENT = "authentication.idpCallFailed"
 _MAX_REUSED_ALLOWS = 65_536
 _NO_CLAIMS: Mapping[str, Any] = {}
 NO_POLICY_EVENT = "routing.noMatchingPolicy"
+
+
+def idp_log_fields(exc: IdpError) -> tuple[tuple[str, str], ...]:
+    """``endpoint``, and for an unusable answer what was wrong with it (never the body itself)."""
+    detail = getattr(exc, "detail", "")
+    return (
+        (("endpoint", exc.endpoint), ("detail", detail))
+        if detail
+        else (("endpoint", exc.endpoint),)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +145,7 @@ class Engine:
             return denied(
                 Denial(Reason.IDP_CALL_FAILED, exc.message),
                 event=IDP_FAILED_EVENT,
-                log_fields=(("endpoint", exc.endpoint),),
+                log_fields=idp_log_fields(exc),
             )
         if isinstance(claims, Denial):
             return denied(claims)
@@ -170,7 +181,8 @@ class Engine:
         hit = self._verified.get(digest, self._clock())
         if hit is not None and hit.alg in algorithms:
             keys = await idp.keys.keyset(hit.kid)
-            if any(k is hit.key for k in keys.keys):
+            # Equal keys count too: two deployments with the same static key hold two copies.
+            if any(k is hit.key or k == hit.key for k in keys.keys):
                 return hit.claims
         header = read_header(token, algorithms)
         if isinstance(header, Denial):
@@ -180,9 +192,9 @@ class Engine:
         if isinstance(key, Denial):
             return key
         payload: dict[str, Any] = header.payload
-        exp = payload.get("exp")
-        if isinstance(exp, int | float) and not isinstance(exp, bool):
-            self._verified.put(digest, Verified(payload, header.alg, header.kid, key, float(exp)))
+        exp = numeric_date(payload.get("exp"))
+        if exp is not None:
+            self._verified.put(digest, Verified(payload, header.alg, header.kid, key, exp))
         return payload
 
     def _allow(self, selection: Selection, claims: Mapping[str, Any]) -> Decision:

@@ -25,7 +25,7 @@ from ._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from .admin import AdminServer
 from .config import Config, ServerSettings
 from .decision import Decision, Reason, deny
-from .engine import IDP_FAILED_EVENT, CheckInput, Engine
+from .engine import IDP_FAILED_EVENT, CheckInput, Engine, idp_log_fields
 from .errors import IdpError
 from .idp import Providers
 from .idp.http import idp_call_counter
@@ -41,6 +41,10 @@ CHECK_SPAN_NAME = f"{SERVICE_NAME}/Check"
 _RPC_ATTRIBUTES = {"rpc.system": "grpc", "rpc.service": SERVICE_NAME, "rpc.method": "Check"}
 _MAX_REQUEST_ID = 128
 _MAX_RENDERED = 65_536
+# Answered if rendering a decision itself fails: a denial with nothing taken from the request.
+_FALLBACK_DENIAL = to_check_response(
+    deny(Reason.INTERNAL_ERROR, ""), "unavailable", ServerSettings()
+)
 
 
 def _request_id(headers: Mapping[str, str]) -> str:
@@ -124,9 +128,18 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
             )
             request_id = request_id or str(uuid.uuid4())
         settings = engine.config.server
-        response = self._render(decision, request_id, settings)
-        status = 200 if decision.allowed else http_status(decision, settings)
-        self._record(decision, inp, request_id, time.perf_counter() - started, calls[0], status)
+        try:
+            response = self._render(decision, request_id, settings)
+            status = 200 if decision.allowed else http_status(decision, settings)
+            self._record(decision, inp, request_id, time.perf_counter() - started, calls[0], status)
+        except Exception as exc:  # noqa: BLE001 (the RPC itself must never fail: fail closed)
+            response, status = _FALLBACK_DENIAL, 500
+            decision = deny(Reason.INTERNAL_ERROR, "", deployment=decision.deployment)
+            self._log.error(
+                "server.internalError",
+                message=f"Internal error {type(exc).__name__} while answering; denied.",
+                requestId=request_id or None,
+            )
         if span is not None:
             reason = decision.reason.value if decision.reason else "none"
             span.set_attributes(
@@ -213,8 +226,8 @@ class Runtime:
             logger.error(
                 IDP_FAILED_EVENT,
                 reason="idp_call_failed",
-                endpoint=exc.endpoint,
                 message=exc.message,
+                **dict(idp_log_fields(exc)),
             )
 
         self.config = config

@@ -32,6 +32,7 @@ __all__ = [
     "check_time",
     "claim_text",
     "looks_like_jwt",
+    "numeric_date",
     "read_header",
     "scopes_of",
     "verify_signature",
@@ -85,11 +86,17 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:
-    # RFC 7515 §4 / RFC 7519 §4: a duplicate member name makes the JWT invalid here, rather than
-    # letting the parser silently keep the last value.
+    """A JSON object from UTF-8 bytes (RFC 7519 §7.2), strictly.
+
+    A duplicate member name makes the JWT invalid here, rather than letting the parser silently
+    keep the last value (RFC 7515 §4); a ``\\u`` escape that leaves a lone surrogate, which no
+    UTF-8 text can hold, is refused too.
+    """
     try:
-        value = json.loads(raw, object_pairs_hook=_no_duplicates)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        if b"\\u" in raw:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError):  # UnicodeError is a ValueError
         return None
     return value if isinstance(value, dict) else None
 
@@ -123,6 +130,9 @@ def read_header(token: str, allowed: frozenset[str]) -> JwtHeader | Denial:
     kid = header.get("kid")
     if kid is not None and not isinstance(kid, str):
         return Denial(Reason.TOKEN_MALFORMED, "The JWT header 'kid' is not a string.")
+    for name in ("typ", "cty"):
+        if name in header and not isinstance(header[name], str):
+            return Denial(Reason.TOKEN_MALFORMED, f"The JWT header '{name}' is not a string.")
     if "crit" in header:
         # RFC 7515 §4.1.11: we understand no extension, so any critical one makes it invalid.
         return Denial(
@@ -187,11 +197,18 @@ def verifying_key(header: JwtHeader, keys: KeySet) -> VerificationKey | Denial:
     return Denial(Reason.SIGNATURE_INVALID, "JWT signature verification failed.")
 
 
-def _number(value: Any) -> float | None:
+def numeric_date(value: Any) -> float | None:
+    """A NumericDate (RFC 7519 §2) as a float, or None: bool, str, NaN, ±Infinity and integers
+    too large for a float are not dates."""
     kind = type(value)
-    if kind is int or (kind is float and math.isfinite(value)):
-        return float(value)
-    return None  # bool, str, NaN, ±Infinity, ...
+    if kind is float:
+        return float(value) if math.isfinite(value) else None
+    if kind is int:
+        try:
+            return float(value)
+        except OverflowError:  # 10**400: no float, so no date
+            return None
+    return None
 
 
 def check_claims(
@@ -220,7 +237,7 @@ def check_time(
 ) -> Denial | None:
     """``exp`` and ``nbf`` against ``now`` with ``skew`` seconds of tolerance either way."""
     for name in ("exp", "nbf", "iat"):
-        if name in claims and _number(claims[name]) is None:
+        if name in claims and numeric_date(claims[name]) is None:
             return Denial(Reason.TOKEN_MALFORMED, f"The '{name}' claim is not a NumericDate.")
     if "exp" not in claims:
         if require_exp:
@@ -277,10 +294,13 @@ def check_rule(claims: Mapping[str, Any], rule: ClaimRule) -> Denial | None:
 
 
 def scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:
-    """``scope`` as a space-separated string (RFC 8693 §4.2) or an array; ``scp`` as a fallback."""
+    """``scope`` as a space-separated string (RFC 8693 §4.2) or an array; ``scp`` as a fallback.
+
+    Only the space separates scopes (RFC 6749 §3.3): "a\u00a0b" or "a\tb" is one scope.
+    """
     raw = claims.get("scope", claims.get("scp"))
     if isinstance(raw, str):
-        return frozenset(raw.split())
+        return frozenset(s for s in raw.split(" ") if s)
     if isinstance(raw, list):
         return frozenset(s for s in raw if isinstance(s, str))
     return frozenset()

@@ -14,13 +14,12 @@ __all__ = ["DiscoveryDocument", "DiscoveryProvider", "IssuerMismatch"]
 
 
 class IssuerMismatch(IdpBadResponse):
+    """The document is well formed but names another issuer: not a usable answer (the contract's
+    "Unable to parse" message), with the reason in ``detail`` for the log line."""
+
     def __init__(self, uri: str, issuer: str) -> None:
-        super().__init__("discovery", uri, "issuer mismatch")
-        self.message = (
-            f"The discovery document at {uri} names issuer {issuer!r}, which is not among the "
-            "configured issuers."
-        )
-        self.args = (self.message,)
+        super().__init__("discovery", uri, "the document's issuer is not a configured issuer")
+        self.issuer = issuer
 
 
 @dataclass(frozen=True, slots=True)

@@ -306,7 +306,12 @@ def test_discovery_issuer_must_match_configured(rsa_key: Any) -> None:
     idp = FakeIdp([rsa_key.public_jwk], issuer="https://impostor.example.com")
     config = make_config(discovery_policy())
     d = check(build(config, idp), request(rsa_key.sign(claims())))
-    assert d.reason is Reason.IDP_CALL_FAILED and "impostor" in d.message
+    assert d.reason is Reason.IDP_CALL_FAILED
+    assert d.message == "Unable to parse response from Identity Provider"
+    assert dict(d.log_fields) == {
+        "endpoint": "discovery",
+        "detail": "the document's issuer is not a configured issuer",
+    }
 
 
 def test_discovery_issuer_is_used_when_none_configured(rsa_key: Any) -> None:

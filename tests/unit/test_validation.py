@@ -191,8 +191,9 @@ def test_scope_string_or_array(scope_claims: dict[str, Any], granted: bool) -> N
         assert d.reason is Reason.INSUFFICIENT_SCOPE
 
 
-def test_scopes_of_splits_on_whitespace() -> None:
-    assert scopes_of({"scope": " a  b\tc "}) == {"a", "b", "c"}
+def test_scopes_are_separated_by_spaces_only() -> None:
+    """RFC 6749 §3.3: a tab or a no-break space does not separate scopes."""
+    assert scopes_of({"scope": " a  b\tc "}) == {"a", "b\tc"}
 
 
 ALLOWED = frozenset({"RS256", "ES256"})

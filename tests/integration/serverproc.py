@@ -1,0 +1,270 @@
+"""extauthz as a user runs it, for integration tests: ``python -m extauthz serve`` in a subprocess.
+
+    with ExtauthzProcess(config_dict, tmp_path, env={"SECRET": "..."}) as server:
+        checked = server.check(token, path="/orders/1")
+        checked.allowed, checked.http_status, checked.headers, checked.body
+        server.line(checked.request_id, "access")       # waits for the JSON log line
+        server.metric("extauthz_idp_requests_total", endpoint="jwks_uri", outcome="ok")
+
+Free loopback ports, a config written to a file, start-up and log lines waited on with deadlines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import yaml
+
+from extauthz._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
+from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
+from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
+
+__all__ = ["Checked", "ExtauthzProcess", "closed_port", "free_port", "wait_for"]
+
+ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (it was free a moment ago)."""
+    return free_port()
+
+
+def wait_for(
+    predicate: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.05
+) -> T:
+    """Poll ``predicate`` until it returns something truthy and return that, or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Checked:
+    """One CheckRequest and what came back."""
+
+    request_id: str
+    response: ext.CheckResponse
+    seconds: float  # round trip, as the client measured it
+
+    @property
+    def allowed(self) -> bool:
+        return self.response.status.code == 0 and self.response.HasField("ok_response")
+
+    @property
+    def grpc_code(self) -> int:
+        return int(self.response.status.code)
+
+    @property
+    def http_status(self) -> int:
+        return int(self.response.denied_response.status.code)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The denied response's headers."""
+        return {h.header.key: h.header.value for h in self.response.denied_response.headers}
+
+    @property
+    def upstream_headers(self) -> dict[str, str]:
+        """Headers an allow adds for the upstream."""
+        return {h.header.key: h.header.value for h in self.response.ok_response.headers}
+
+    @property
+    def body(self) -> Any:
+        return json.loads(self.response.denied_response.body)
+
+
+def check_request(
+    *, token: str | None, path: str, method: str, host: str, request_id: str,
+    headers: Mapping[str, str] | None = None,
+) -> ext.CheckRequest:
+    sent = {"x-request-id": request_id, **(headers or {})}
+    if token is not None:
+        sent["authorization"] = f"Bearer {token}"
+    return ext.CheckRequest(
+        attributes=ac.AttributeContext(
+            request=ac.AttributeContext.Request(
+                http=ac.AttributeContext.HttpRequest(
+                    method=method, host=host, path=path, headers=sent
+                )
+            )
+        )
+    )
+
+
+class ExtauthzProcess:
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        workdir: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        start_timeout: float = 30.0,
+    ) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = workdir / "extauthz.yaml"
+        self.config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+        self.log_path = workdir / "extauthz.log"
+        self.port, self.admin_port = free_port(), free_port()
+        self._env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
+        self._start_timeout = start_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.channel: grpc.Channel | None = None
+        self.stub: Any = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> ExtauthzProcess:
+        with self.log_path.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "extauthz", "serve",
+                    "--config", str(self.config_path),
+                    "--listen", f"127.0.0.1:{self.port}",
+                    "--admin-listen", f"127.0.0.1:{self.admin_port}",
+                    "--grace-seconds", "1",
+                ],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self._env, cwd=self.workdir,
+            )
+        proc = self.proc
+        wait_for(
+            lambda: proc.poll() is not None or any(
+                line.get("event") == "server.started" for line in self.lines()
+            ),
+            timeout=self._start_timeout,
+            what="extauthz server.started",
+        )
+        if proc.poll() is not None:
+            raise AssertionError(f"extauthz exited ({proc.returncode}):\n{self.text()}")
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = ext_grpc.AuthorizationStub(self.channel)  # type: ignore[no-untyped-call]
+        return self
+
+    def stop(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> ExtauthzProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- checks ----------------------------------------------------------------------------
+
+    def check(
+        self,
+        token: str | None = None,
+        *,
+        path: str = "/",
+        method: str = "GET",
+        host: str = "api.example.com",
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 20.0,
+    ) -> Checked:
+        request_id = f"it-{uuid.uuid4()}"
+        req = check_request(
+            token=token, path=path, method=method, host=host, request_id=request_id, headers=headers
+        )
+        started = time.perf_counter()
+        response = self.stub.Check(req, timeout=timeout)
+        return Checked(request_id, response, time.perf_counter() - started)
+
+    def check_many(
+        self, requests: Iterable[tuple[str | None, str]], *, timeout: float = 20.0
+    ) -> list[tuple[str, Future[Any]]]:
+        """Send ``(token, path)`` checks all at once; each with its request id and future."""
+        out = []
+        for token, path in requests:
+            request_id = f"it-{uuid.uuid4()}"
+            req = check_request(
+                token=token, path=path, method="GET", host="api.example.com", request_id=request_id
+            )
+            out.append((request_id, self.stub.Check.future(req, timeout=timeout)))
+        return out
+
+    # -- logs ------------------------------------------------------------------------------
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def lines(self) -> list[dict[str, Any]]:
+        out = []
+        for raw in self.text().splitlines():
+            if raw.startswith("{"):
+                try:
+                    record = json.loads(raw)
+                except ValueError:
+                    continue  # a line still being written
+                if isinstance(record, dict):
+                    out.append(record)
+        return out
+
+    def lines_for(self, request_id: str, event: str | None = None) -> list[dict[str, Any]]:
+        return [
+            line for line in self.lines()
+            if line.get("requestId") == request_id and (event is None or line.get("event") == event)
+        ]
+
+    def line(self, request_id: str, event: str, *, timeout: float = 10.0) -> dict[str, Any]:
+        """The one line with this requestId and event, once it has been written."""
+        found = wait_for(
+            lambda: self.lines_for(request_id, event),
+            timeout=timeout,
+            what=f"log line {event} for {request_id}",
+        )
+        assert len(found) == 1, found
+        return found[0]
+
+    # -- admin -----------------------------------------------------------------------------
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample's value (0 when the series does not exist yet)."""
+        for raw in self.metrics_text().splitlines():
+            m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$", raw)
+            if not m or m.group(1) != name:
+                continue
+            found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+            if found == labels:
+                return float(m.group(3))
+        return 0.0

@@ -1,0 +1,390 @@
+"""What the security tests share: raw JWS building, a recording IdP, an attacker web server and the
+real server process.
+
+Tokens here are built byte by byte (``sign_raw``) rather than with pyjwt's encoder, so that a test
+can put exactly the bytes an attacker would send on the wire: duplicate JSON members, padding,
+UTF-16, a JSON array as payload, a header the encoder would refuse to write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import http.server
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import httpx
+import yaml
+from jwt.algorithms import get_default_algorithms
+
+from extauthz._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
+from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
+from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
+from extauthz.config import Config
+from extauthz.decision import Decision
+from extauthz.engine import CheckInput, Engine
+from extauthz.idp import Providers
+from tests.conftest import AUDIENCE, ISSUER
+
+ROOT = Path(__file__).resolve().parents[2]
+JWKS_URI = "https://idp.example.com/jwks"
+T = TypeVar("T")
+
+# Every status a CheckResponse may carry (CONTRACT.md §3): OK, UNAUTHENTICATED, PERMISSION_DENIED,
+# UNAVAILABLE. INTERNAL (13) is extauthz's own fail-closed bug path and must never show up here.
+CONTRACT_GRPC_CODES = frozenset({0, 16, 7, 14})
+CONTRACT_HTTP_DENY = frozenset({401, 403, 500, 503})
+
+
+# -- JWS bytes ------------------------------------------------------------------------------------
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def jbytes(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+_ALGORITHMS = get_default_algorithms()
+
+
+def signature(alg: str, key: Any, signing_input: bytes) -> bytes:
+    """A signature made with ``key`` (a private key object, or bytes for HMAC)."""
+    if alg.startswith("HS"):
+        digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}[alg]
+        return hmac.new(key, signing_input, digest).digest()
+    return bytes(_ALGORITHMS[alg].sign(signing_input, key))
+
+
+def sign_raw(header: bytes | str, payload: bytes | str, key: Any, alg: str) -> str:
+    """A compact JWS over exactly these header and payload segments.
+
+    ``bytes`` are base64url-encoded; a ``str`` is used as the segment as is (for padding and
+    alphabet tricks, the signature then covers the odd segment, as an issuer that emits it would)."""
+    h = header if isinstance(header, str) else b64url(header)
+    p = payload if isinstance(payload, str) else b64url(payload)
+    return f"{h}.{p}.{b64url(signature(alg, key, f'{h}.{p}'.encode()))}"
+
+
+def sign_json(header: dict[str, Any], payload: Any, key: Any, alg: str | None = None) -> str:
+    return sign_raw(jbytes(header), jbytes(payload), key, alg or str(header["alg"]))
+
+
+def split(token: str) -> tuple[str, str, str]:
+    h, p, s = token.split(".")
+    return h, p, s
+
+
+# -- the IdP side ---------------------------------------------------------------------------------
+
+
+class RecordingIdp:
+    """httpx.MockTransport handler serving one JWKS; records the URL of every request it sees."""
+
+    def __init__(self, jwks: list[dict[str, Any]], uri: str = JWKS_URI) -> None:
+        self.jwks = jwks
+        self.uri = uri
+        self.urls: list[str] = []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.urls.append(str(request.url))
+        if str(request.url) == self.uri:
+            return httpx.Response(200, json={"keys": self.jwks})
+        return httpx.Response(404)
+
+
+def build_engine(config: Config, transport_handler: Any) -> tuple[Engine, Providers]:
+    transport = httpx.MockTransport(transport_handler)
+    providers = Providers(
+        config, client_factory=lambda _tls: httpx.AsyncClient(transport=transport)
+    )
+    return Engine(config, providers.by_deployment), providers
+
+
+def run_check(engine: Engine, providers: Providers, req: CheckInput) -> Decision:
+    async def once() -> Decision:
+        try:
+            return await engine.check(req)
+        finally:
+            await providers.aclose()
+
+    return asyncio.run(once())
+
+
+class AttackerServer:
+    """A web server on loopback standing in for attacker.example: any hit means a URL taken from a
+    token was fetched."""
+
+    def __init__(self) -> None:
+        hits = self.hits = []  # type: list[str]
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _any(self) -> None:
+                hits.append(f"{self.command} {self.path}")
+                body = b'{"keys": []}'
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _any  # noqa: N815
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> AttackerServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+# -- policy ---------------------------------------------------------------------------------------
+
+
+def validation(source: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **source,
+        "additionalValidationPolicy": {
+            "issuers": [ISSUER],
+            "audiences": [AUDIENCE],
+            "verifyClaims": [{"key": "tenant", "values": ["acme"], "isRequired": True}],
+        },
+    }
+
+
+def corpus_config(source: dict[str, Any]) -> dict[str, Any]:
+    """``orders`` reads the Authorization header, ``query`` reads ``?access_token=``; both check
+    iss, aud, tenant and (on /{id}) the orders.read scope."""
+    routes = [
+        {
+            "name": "get-order",
+            "path": "/{id}",
+            "methods": ["GET"],
+            "authorization": {"type": "ANY_OF", "allowedScope": ["orders.read"]},
+        }
+    ]
+    return {
+        "deployments": [
+            {
+                "name": "orders",
+                "pathPrefix": "/orders",
+                "authentication": {
+                    "type": "TOKEN_AUTHENTICATION",
+                    "validationPolicy": validation(source),
+                },
+                "routes": routes,
+                "headersFromClaims": {"x-auth-subject": "sub"},
+            },
+            {
+                "name": "query",
+                "pathPrefix": "/q",
+                "authentication": {
+                    "type": "TOKEN_AUTHENTICATION",
+                    "tokenQueryParam": "access_token",
+                    "validationPolicy": validation(source),
+                },
+                "routes": routes,
+            },
+        ]
+    }
+
+
+# -- the server as a user runs it -----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], T], *, timeout: float, what: str) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def http_request(
+    *,
+    headers: Mapping[str, str] | None = None,
+    path: str = "/orders/42",
+    method: str = "GET",
+    host: str = "api.example.com",
+) -> ext.CheckRequest:
+    return ext.CheckRequest(
+        attributes=ac.AttributeContext(
+            request=ac.AttributeContext.Request(
+                http=ac.AttributeContext.HttpRequest(
+                    method=method, host=host, path=path, headers=dict(headers or {})
+                )
+            )
+        )
+    )
+
+
+@dataclass
+class ServerProcess:
+    """``python -m extauthz serve`` with stdout and stderr captured in separate files."""
+
+    config: Mapping[str, Any]
+    workdir: Path
+    env: Mapping[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    admin_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    channel: grpc.Channel | None = None
+
+    @property
+    def stdout_path(self) -> Path:
+        return self.workdir / "stdout.log"
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.workdir / "stderr.log"
+
+    def start(self) -> ServerProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfg = self.workdir / "extauthz.yaml"
+        cfg.write_text(yaml.safe_dump(dict(self.config), sort_keys=False))
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **self.env}
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "extauthz", "serve", "--config", str(cfg),
+                    "--listen", f"127.0.0.1:{self.port}",
+                    "--admin-listen", f"127.0.0.1:{self.admin_port}",
+                    "--grace-seconds", "2",
+                ],
+                stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=self.workdir,
+            )  # fmt: skip
+        proc = self.proc
+        wait_for(
+            lambda: proc.poll() is not None or "server.started" in self.stdout(),
+            timeout=30,
+            what="server.started",
+        )
+        assert proc.poll() is None, self.stdout() + self.stderr()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        return self
+
+    def stop(self) -> int | None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc is not None else None
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def stub(self) -> Any:
+        assert self.channel is not None
+        return ext_grpc.AuthorizationStub(self.channel)  # type: ignore[no-untyped-call]
+
+    def check(self, request: ext.CheckRequest, timeout: float = 10.0) -> ext.CheckResponse:
+        response: ext.CheckResponse = self.stub.Check(request, timeout=timeout)
+        return response
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    def lines(self) -> list[dict[str, Any]]:
+        out = []
+        for raw in self.stdout().splitlines():
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+        return out
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What a client puts in front of Envoy: request headers and the path (query included)."""
+
+    headers: Mapping[str, str]
+    path: str = "/orders/42"
+
+    def check_input(self) -> CheckInput:
+        return CheckInput(
+            method="GET",
+            host="api.example.com",
+            raw_path=self.path,
+            headers={"x-request-id": "attack", **{k.lower(): v for k, v in self.headers.items()}},
+            context_extensions={},
+        )
+
+    def check_request(self) -> ext.CheckRequest:
+        return http_request(headers={"x-request-id": "attack", **self.headers}, path=self.path)
+
+
+def bearer(token: str, path: str = "/orders/42") -> Sent:
+    return Sent({"authorization": f"Bearer {token}"}, path)
+
+
+def scan(haystack: str, needles: Mapping[str, str]) -> list[str]:
+    """Names of the needles found in ``haystack``."""
+    return [name for name, needle in needles.items() if needle and needle in haystack]
+
+
+@contextmanager
+def serve_in_thread(server: http.server.HTTPServer) -> Iterator[None]:
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
