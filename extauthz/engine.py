@@ -35,19 +35,17 @@ from .verified import Verified, VerifiedTokens, token_digest
 __all__ = ["IDP_FAILED_EVENT", "NO_POLICY_EVENT", "CheckInput", "Engine"]
 
 IDP_FAILED_EVENT = "authentication.idpCallFailed"
-_MAX_REUSED_ALLOWS = 65_536
-_NO_CLAIMS: Mapping[str, Any] = {}
 NO_POLICY_EVENT = "routing.noMatchingPolicy"
+_MAX_REUSED_ALLOWS = 65_536
+_NO_CLAIMS: Mapping[str, Any] = {}  # an anonymous allow
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but TAB
 
 
 def idp_log_fields(exc: IdpError) -> tuple[tuple[str, str], ...]:
     """``endpoint``, and for an unusable answer what was wrong with it (never the body itself)."""
+    fields: tuple[tuple[str, str], ...] = (("endpoint", exc.endpoint),)
     detail = getattr(exc, "detail", "")
-    return (
-        (("endpoint", exc.endpoint), ("detail", detail))
-        if detail
-        else (("endpoint", exc.endpoint),)
-    )
+    return (*fields, ("detail", detail)) if detail else fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +63,6 @@ class CheckInput:
         return normalize_path(self.raw_path)
 
 
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-
-
 def _header_value(value: Any) -> str | None:
     """A claim as an upstream header value; None when it cannot be one safely."""
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -75,9 +70,7 @@ def _header_value(value: Any) -> str | None:
     else:
         text = claim_text(value)
     # CR, LF and other controls would let a claim smuggle headers; drop rather than encode.
-    if any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F for c in text):
-        return None
-    return text
+    return None if _CONTROL_CHARS.search(text) else text
 
 
 class Engine:
