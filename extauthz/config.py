@@ -514,6 +514,9 @@ class Config:
     server: ServerSettings
     deployments: tuple[Deployment, ...]
     by_name: Mapping[str, Deployment] = field(repr=False, default_factory=dict)
+    # pathPrefix → the deployments with that prefix, in config order: route selection looks up
+    # each prefix of a path instead of scanning every deployment.
+    by_prefix: Mapping[str, tuple[Deployment, ...]] = field(repr=False, default_factory=dict)
     source: str = ""
 
     def summary(self) -> str:
@@ -648,6 +651,13 @@ def _resolve_deployment(raw: _RawDeployment) -> Deployment:
     )
 
 
+def _group_by_prefix(deployments: tuple[Deployment, ...]) -> dict[str, tuple[Deployment, ...]]:
+    grouped: dict[str, list[Deployment]] = {}
+    for d in deployments:
+        grouped.setdefault(d.path_prefix, []).append(d)
+    return {prefix: tuple(ds) for prefix, ds in grouped.items()}
+
+
 def resolve(raw: _RawConfig, source: str = "") -> Config:
     deployments = tuple(_resolve_deployment(d) for d in raw.deployments)
     s = raw.server
@@ -661,6 +671,7 @@ def resolve(raw: _RawConfig, source: str = "") -> Config:
         ),
         deployments=deployments,
         by_name={d.name: d for d in deployments},
+        by_prefix=_group_by_prefix(deployments),
         source=source,
     )
 

@@ -126,15 +126,15 @@ def select_route(
         return None
 
     hostname = _strip_port(host)
-    best: tuple[Deployment, str] | None = None
-    for deployment in config.deployments:
-        if best and len(deployment.path_prefix) <= len(best[0].path_prefix):
-            continue
-        if not _host_matches(deployment.hosts, hostname):
-            continue
-        under = _under_prefix(deployment.path_prefix, path)
-        if under is not None:
-            best = (deployment, under)
-    if best is None:
-        return None
-    return _pick_route(best[0], best[1], method)
+    # The longest prefix first: the path itself, then without its last segment, ..., then "/".
+    # A trailing slash is not part of a prefix ("/orders/" is under "/orders").
+    candidate = path.rstrip("/") or "/"
+    while True:
+        for deployment in config.by_prefix.get(candidate, ()):
+            if _host_matches(deployment.hosts, hostname):
+                relative = _under_prefix(deployment.path_prefix, path)
+                assert relative is not None
+                return _pick_route(deployment, relative, method)
+        if candidate == "/":
+            return None
+        candidate = candidate.rsplit("/", 1)[0] or "/"
