@@ -132,9 +132,9 @@ def select_route(
     while True:
         for deployment in config.by_prefix.get(candidate, ()):
             if _host_matches(deployment.hosts, hostname):
-                relative = _under_prefix(deployment.path_prefix, path)
-                assert relative is not None
-                return _pick_route(deployment, relative, method)
+                under = _under_prefix(deployment.path_prefix, path)
+                assert under is not None
+                return _pick_route(deployment, under, method)
         if candidate == "/":
             return None
         candidate = candidate.rsplit("/", 1)[0] or "/"
