@@ -4,8 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 IDP_STAMP := examples/idp/node_modules/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: install idp protos test unit lint run check-examples clean
+.PHONY: install idp protos test unit lint run check-examples clean bench bench-smoke chaos wrk
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,3 +44,19 @@ check-examples: install
 
 clean:
 	rm -rf $(VENV) examples/idp/node_modules .pytest_cache
+
+# -- benchmarks and chaos scenarios (bench/README.md) -------------------------------------------
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk; }
+
+bench: $(BENCH_STAMP) wrk
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+bench-smoke: $(BENCH_STAMP) wrk
+	$(PY) -m bench.run --smoke $(BENCH_ARGS)

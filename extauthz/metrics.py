@@ -39,26 +39,30 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self._check_children: dict[tuple[str, str, str], Any] = {}
+        self._children: dict[tuple[Any, ...], Any] = {}
         self.cache_events = Counter(
             "extauthz_cache_events", "Cache lookups", ["cache", "result"], registry=r
         )
 
     def count_check(self, deployment: str, decision: str, reason: str) -> None:
-        key = (deployment, decision, reason)
-        child = self._check_children.get(key)
-        if child is None:  # labels() costs more than the increment; look each series up once
-            child = self._check_children[key] = self.checks.labels(*key)
-        child.inc()
+        self._child(self.checks, deployment, decision, reason).inc()
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once: labels() costs more than the increment."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     # IdpObserver: how the IdP layer reports without knowing about Prometheus.
     def idp_call(self, endpoint: str, outcome: str, seconds: float) -> None:
-        self.idp_requests.labels(endpoint, outcome).inc()
+        self._child(self.idp_requests, endpoint, outcome).inc()
         if outcome != "circuit_open":
-            self.idp_duration.labels(endpoint).observe(seconds)
+            self._child(self.idp_duration, endpoint).observe(seconds)
 
     def cache(self, cache: str, result: str) -> None:
-        self.cache_events.labels(cache, result).inc()
+        self._child(self.cache_events, cache, result).inc()
         # CONTRACT.md §5: cache results are recorded on the check's span, never as spans.
         span = trace.get_current_span()
         if span.is_recording():

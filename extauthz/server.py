@@ -33,6 +33,7 @@ from .logs import JsonLogger, current_request_id, current_trace_id, rfc3339
 from .metrics import Metrics
 from .reload import ConfigWatcher
 from .response import http_status, to_check_response
+from .workers import mark_ready
 
 __all__ = ["AuthorizationService", "lift_request", "run_server"]
 
@@ -40,7 +41,7 @@ SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 CHECK_SPAN_NAME = f"{SERVICE_NAME}/Check"
 _RPC_ATTRIBUTES = {"rpc.system": "grpc", "rpc.service": SERVICE_NAME, "rpc.method": "Check"}
 _MAX_REQUEST_ID = 128
-_MAX_RENDERED = 65_536
+_MAX_RENDERED = 8_192
 # Answered if rendering a decision itself fails: a denial with nothing taken from the request.
 _FALLBACK_DENIAL = to_check_response(
     deny(Reason.INTERNAL_ERROR, ""), "unavailable", ServerSettings()
@@ -309,6 +310,7 @@ async def run_server(
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
+    mark_ready()  # under `--workers N`, the supervisor's /readyz counts listening workers
 
     admin = AdminServer(metrics.registry, lambda: (True, runtime.readiness()))
     if admin_listen:  # a worker under `--workers N` leaves the admin port to its supervisor

@@ -19,7 +19,7 @@ from .keys import VerificationKey
 
 __all__ = ["Verified", "VerifiedTokens", "token_digest"]
 
-MAX_ENTRIES = 65_536
+MAX_ENTRIES = 16_384
 
 
 def token_digest(token: str) -> bytes:

@@ -5,8 +5,9 @@ check's cost, so using more cores means more interpreters. Why one port (``SO_RE
 grpc sets on its listening sockets): Envoy, Istio and a Kubernetes Service keep pointing at one
 address, and the kernel spreads incoming *connections* across the workers. Envoy multiplexes
 many checks over few HTTP/2 connections, so give the ext_authz cluster enough connections to
-spread, e.g. ``http2_protocol_options: {max_concurrent_streams: 16}`` (Envoy opens another
-connection whenever one carries that many streams); see the README.
+spread, e.g. ``http2_protocol_options: {max_concurrent_streams: 8}`` (Envoy opens another
+connection whenever one carries that many streams); see the README. The supervisor reports ready
+only once every worker listens, or the connections Envoy opens first would all stay on one.
 
 This process is the supervisor: it validates the config, starts the workers, restarts one that
 dies, forwards SIGTERM/SIGINT/SIGHUP, and serves the admin port itself, with /metrics summed over
@@ -29,7 +30,18 @@ from .admin import AdminServer
 from .config import Config
 from .logs import JsonLogger
 
-__all__ = ["supervise"]
+__all__ = ["READY_DIR_ENV", "mark_ready", "supervise"]
+
+READY_DIR_ENV = "EXTAUTHZ_READY_DIR"
+
+
+def mark_ready() -> None:
+    """In a worker: tell the supervisor this process listens (a file named by its pid)."""
+    ready_dir = os.environ.get(READY_DIR_ENV)
+    if ready_dir:
+        with open(os.path.join(ready_dir, str(os.getpid())), "w"):
+            pass
+
 
 _RESTART_BACKOFF_SECONDS = 1.0
 
@@ -61,7 +73,9 @@ async def supervise(
     grace_seconds: float,
 ) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="extauthz-metrics-")
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    ready_dir = os.path.join(metrics_dir, "ready")
+    os.mkdir(ready_dir)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir, READY_DIR_ENV: ready_dir}
     argv = _worker_argv(config.source, listen, grace_seconds)
     procs: list[subprocess.Popen[bytes]] = []
     stopping = False
@@ -76,12 +90,16 @@ async def supervise(
     MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
 
     def readiness() -> tuple[bool, dict[str, Any]]:
-        alive = sum(1 for p in procs if p.poll() is None)
-        return alive == workers, {
+        # Ready only when every worker listens: Envoy keeps the connections it opens, so
+        # connections made while one worker is up would all stay on it.
+        alive = [p for p in procs if p.poll() is None]
+        listening = sum(1 for p in alive if os.path.exists(os.path.join(ready_dir, str(p.pid))))
+        return listening == workers, {
             "config": config.source,
             "deployments": len(config.deployments),
             "workers": workers,
-            "workersAlive": alive,
+            "workersAlive": len(alive),
+            "workersListening": listening,
         }
 
     admin = AdminServer(registry, readiness)

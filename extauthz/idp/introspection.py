@@ -27,7 +27,7 @@ from .http import IdpEndpoint, IdpObserver, NullObserver
 __all__ = ["ClientSecret", "IntrospectionClient"]
 
 NEGATIVE_TTL_SECONDS = 10.0
-MAX_ENTRIES = 100_000
+MAX_ENTRIES = 20_000
 
 _INACTIVE: dict[str, Any] = {}
 

@@ -306,7 +306,8 @@ def test_workers_share_the_port_and_the_metrics(config: dict[str, Any], tmp_path
             text = r.read().decode()
         assert _metric(text, "extauthz_checks_total", deployment="orders", decision="allow", reason="none") == 20
         with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz") as r:
-            assert json.loads(r.read())["workersAlive"] == 2
+            ready = json.loads(r.read())
+        assert ready["ready"] is True and ready["workersAlive"] == ready["workersListening"] == 2
         access = wait_for(lambda: (lambda a: a if len(a) == 20 else None)(
             [l for l in server.lines() if l["event"] == "access"]), what="20 access lines")
         assert len({l["requestId"] for l in access}) == 20

@@ -1,0 +1,178 @@
+"""Load with Debian ``wrk`` and the latency math.
+
+``wrk`` runs ``bench/wrk/bench.lua``, whose ``done()`` writes a JSON summary with the whole
+latency histogram (one count per microsecond value), so percentiles (p50, p99, p99.9) are
+computed here by :func:`percentile`, the same way for every backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.procs import die_with_parent
+
+LUA = Path(__file__).resolve().parent / "wrk" / "bench.lua"
+
+
+def percentile(histogram: Sequence[Sequence[int]], p: float) -> float:
+    """The ``p``-th percentile (0 < p <= 100) of a histogram of ``[value, count]`` pairs: the
+    smallest value with at least ``p`` % of the samples at or below it (nearest rank). NaN when
+    the histogram is empty."""
+    if not 0 < p <= 100:
+        raise ValueError("p must be in (0, 100]")
+    pairs = sorted((int(v), int(c)) for v, c in histogram if c > 0)
+    total = sum(c for _, c in pairs)
+    if total == 0:
+        return math.nan
+    rank = math.ceil(p / 100.0 * total)
+    seen = 0
+    for value, count in pairs:
+        seen += count
+        if seen >= rank:
+            return float(value)
+    return float(pairs[-1][0])
+
+
+def merge_histograms(histograms: Iterable[Sequence[Sequence[int]]]) -> list[list[int]]:
+    merged: dict[int, int] = {}
+    for h in histograms:
+        for v, c in h:
+            merged[int(v)] = merged.get(int(v), 0) + int(c)
+    return [[v, merged[v]] for v in sorted(merged)]
+
+
+@dataclass
+class Load:
+    """What to send: see the header of bench/wrk/bench.lua for the modes."""
+
+    mode: str = "fixed"  # fixed | rotate | unique
+    token: str = ""
+    token_file: str | None = None
+    delay_ms: float = 0.0
+    stop_after: int = 0  # per wrk thread
+
+    def env(self) -> dict[str, str]:
+        env = {
+            "BENCH_MODE": self.mode,
+            "BENCH_TOKEN": self.token,
+            "BENCH_NONCE": uuid.uuid4().hex[:10],  # unique tokens never repeat across runs
+            "BENCH_DELAY_MS": f"{self.delay_ms:g}",
+            "BENCH_STOP_AFTER": str(self.stop_after),
+        }
+        if self.token_file:
+            env["BENCH_TOKEN_FILE"] = self.token_file
+        return env
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    seconds: float
+    errors: dict[str, int]
+    histogram: list[list[int]] = field(repr=False)
+    wrk_latency_us: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+    def latency_ms(self, p: float) -> float:
+        return percentile(self.histogram, p) / 1000.0
+
+    @property
+    def socket_errors(self) -> int:
+        return sum(v for k, v in self.errors.items() if k != "status")
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> WrkResult:
+        return cls(
+            requests=int(summary["requests"]),
+            seconds=int(summary["duration_us"]) / 1e6,
+            errors={k: int(v) for k, v in summary["errors"].items()},
+            histogram=[[int(v), int(c)] for v, c in summary.get("histogram", [])],
+            wrk_latency_us=summary.get("wrk_latency_us", {}),
+        )
+
+
+def wrk_binary() -> str:
+    found = shutil.which("wrk")
+    if found is None:
+        raise RuntimeError("wrk is not installed: apt-get install -y wrk (make bench does this)")
+    return found
+
+
+def wrk_command(
+    url: str, *, connections: int, seconds: float, threads: int = 1, timeout_s: float = 5.0
+) -> list[str]:
+    threads = max(1, min(threads, connections))
+    return [
+        wrk_binary(),
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        f"--timeout={timeout_s:g}s",
+        "-s",
+        str(LUA),
+        url,
+    ]
+
+
+def run_wrk(
+    url: str,
+    load: Load,
+    *,
+    connections: int,
+    seconds: float,
+    threads: int = 1,
+    workdir: Path | None = None,
+    until: Callable[[], bool] | None = None,
+) -> WrkResult:
+    """One bounded wrk run (killed if it overstays its duration by 30 s). With ``until``, polled
+    every 0.25 s, wrk is stopped early (SIGINT: it still reports) once ``until()`` is true."""
+    with tempfile.NamedTemporaryFile(
+        "r", suffix=".json", dir=workdir, delete=False, encoding="utf-8"
+    ) as out:
+        out_path = Path(out.name)
+    env = {**os.environ, **load.env(), "BENCH_OUT": str(out_path)}
+    cmd = wrk_command(url, connections=connections, seconds=seconds, threads=threads)
+    deadline = time.monotonic() + seconds + 30
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=die_with_parent,  # the harness is single-threaded
+    )
+    try:
+        interrupted = False
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"wrk overstayed {seconds} s by 30 s")
+            if until is not None and not interrupted and until():
+                proc.send_signal(signal.SIGINT)
+                interrupted = True
+            time.sleep(0.25 if until is not None else 0.05)
+        output = proc.stdout.read() if proc.stdout else ""
+        if proc.returncode != 0 or out_path.stat().st_size == 0:
+            raise RuntimeError(f"wrk failed ({proc.returncode}): {output}")
+        return WrkResult.from_summary(json.loads(out_path.read_text(encoding="utf-8")))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+        out_path.unlink(missing_ok=True)

@@ -1,0 +1,301 @@
+"""Ratios, the markdown tables and the latency-vs-load chart, from the results dict of a run.
+
+Pure functions of that dict (bench/run.py builds it), so they are unit-tested without load.
+Every ratio divides two numbers measured in the same run, minutes apart, on the same machine.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+BACKENDS = {"a": "floor", "b": "extauthz", "c": "jwt_authn"}
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    """num / den, or None when either is missing, not finite, or den is 0."""
+    if num is None or den is None:
+        return None
+    if not (math.isfinite(num) and math.isfinite(den)) or den == 0:
+        return None
+    return num / den
+
+
+def scenario_ratios(points: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
+    """(b) against (a) the floor and (c) jwt_authn, from the main point of each backend.
+
+    CPU ÷ (a) compares the ext_authz server processes' CPU per check. Against (c), whose work
+    happens inside Envoy, the fair cost is the total (server + Envoy) CPU per check.
+    """
+    a, b, c = points.get("a"), points.get("b"), points.get("c")
+    if b is None:
+        return {}
+    out: dict[str, float | None] = {}
+    if a is not None:
+        out["rate_vs_a"] = ratio(b["rate"], a["rate"])
+        out["cpu_vs_a"] = ratio(b["server_cpu_us"], a["server_cpu_us"])
+        out["total_cpu_vs_a"] = ratio(b["total_cpu_us"], a["total_cpu_us"])
+        out["p50_vs_a"] = ratio(b["p50_ms"], a["p50_ms"])
+        out["p99_vs_a"] = ratio(b["p99_ms"], a["p99_ms"])
+    if c is not None:
+        out["rate_vs_c"] = ratio(b["rate"], c["rate"])
+        out["total_cpu_vs_c"] = ratio(b["total_cpu_us"], c["total_cpu_us"])
+        out["p50_vs_c"] = ratio(b["p50_ms"], c["p50_ms"])
+        out["p99_vs_c"] = ratio(b["p99_ms"], c["p99_ms"])
+    return out
+
+
+def fmt(value: Any, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def _row(label: str, backend: str, p: Mapping[str, Any], r: Mapping[str, Any]) -> str:
+    flag = "" if p.get("valid", True) else " ⚠"
+    cells = [
+        label,
+        f"{backend} {p.get('label', BACKENDS.get(backend[:1], ''))}{flag}",
+        fmt(p["rate"]),
+        fmt(p["p50_ms"], 2),
+        fmt(p["p99_ms"], 2),
+        fmt(p["p999_ms"], 2),
+        fmt(p.get("server_cpu_us")),
+        fmt(p.get("envoy_cpu_us")),
+        fmt(p.get("rss_mb"), 1),
+        fmt(p.get("idp_calls")),
+        fmt_ratio(r.get("rate_vs_a")),
+        fmt_ratio(r.get("cpu_vs_a")),
+        fmt_ratio(r.get("rate_vs_c")),
+        fmt_ratio(r.get("total_cpu_vs_c")),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+TABLE_HEADER = (
+    "| scenario | backend | checks/s | p50 ms | p99 ms | p99.9 ms | server CPU µs/check "
+    "| Envoy CPU µs/check | RSS MB | IdP calls | checks/s ÷ (a) | CPU ÷ (a) | checks/s ÷ (c) "
+    "| total CPU ÷ (c) |\n"
+    "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+)
+
+
+def results_table(scenarios: Sequence[Mapping[str, Any]]) -> str:
+    """One row per backend of each scenario; the ratio columns are filled on the (b) rows."""
+    lines = [TABLE_HEADER]
+    for s in scenarios:
+        label = f"{s['id']}. {s['title']}"
+        ratios = s.get("ratios", {})
+        for backend, point in s["points"].items():
+            lines.append(_row(label, backend, point, ratios if backend == "b" else {}))
+            label = ""
+        for name, point in s.get("extra_points", {}).items():
+            lines.append(_row(label, name, point, point.get("ratios", {})))
+            label = ""
+        if s.get("skipped"):
+            lines.append(f"| {label} | skipped: {s['skipped']} |" + " |" * 12)
+    return "\n".join(lines)
+
+
+def targets_table(targets: Sequence[Mapping[str, Any]]) -> str:
+    lines = ["| target | measured | goal | met |", "|---|--:|---|:-:|"]
+    for t in targets:
+        met = {True: "yes", False: "**no**", None: "–"}[t.get("met")]
+        lines.append(f"| {t['name']} | {t['measured']} | {t['goal']} | {met} |")
+    return "\n".join(lines)
+
+
+def curve_table(curve: Sequence[Mapping[str, Any]]) -> str:
+    lines = [
+        "| backend | connections | checks/s | p50 ms | p99 ms | p99.9 ms | server CPU µs/check |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for p in sorted(curve, key=lambda p: (p["backend"], p["connections"])):
+        lines.append(
+            f"| {p['backend']} {p.get('label', '')} | {p['connections']} | {fmt(p['rate'])} "
+            f"| {fmt(p['p50_ms'], 2)} | {fmt(p['p99_ms'], 2)} | {fmt(p['p999_ms'], 2)} "
+            f"| {fmt(p.get('server_cpu_us'))} |"
+        )
+    return "\n".join(lines)
+
+
+def markdown(results: Mapping[str, Any]) -> str:
+    meta = results["meta"]
+    parts = [
+        "# extauthz bench",
+        "",
+        f"{meta['date']} · {meta['machine']} · profile `{meta['profile']}` "
+        f"({meta.get('rounds', 1)} × {meta['seconds']} s per point, "
+        f"{meta['connections']} connections, wrk "
+        f"{meta['wrk_threads']} thread) · extauthz `--workers {meta['workers']}` · "
+        f"commit {meta.get('commit', '?')} · run took {meta.get('elapsed_s', 0):.0f} s",
+        "",
+        "(a) do-nothing grpc.aio ext_authz server · (b) extauthz · (c) Envoy jwt_authn; all "
+        "behind the same Envoy (`--concurrency 1`, direct_response upstream). Ratios compare "
+        "points of this one run. server CPU: the ext_authz process(es), from /proc; total CPU "
+        "adds Envoy's.",
+        "",
+        results_table(results["scenarios"]),
+    ]
+    if results.get("targets"):
+        parts += ["", "## Targets of issue 7", "", targets_table(results["targets"])]
+    if results.get("curve"):
+        parts += [
+            "",
+            "## Latency against offered load (scenario 1)",
+            "",
+            curve_table(results["curve"]),
+            "",
+            f"![latency against load]({results.get('chart_file', 'latency_vs_load.png')})",
+        ]
+    for note in results.get("notes", []):
+        parts += ["", f"- {note}"]
+    if results.get("profiles"):
+        parts += [
+            "",
+            "## Where extauthz's CPU goes (py-spy, Python frames, one extra unmeasured run)",
+            "",
+            "Percentages of the busy samples (samples waiting in epoll or in grpc's poller "
+            "thread left out). A leaf in the event loop (`Handle._run`, `_run_once`) is C code "
+            "it calls: mostly grpc's cython core (Python frames only; no `--native`).",
+        ]
+        for name, prof in results["profiles"].items():
+            parts += [
+                "",
+                f"**{name}**: {prof['samples']:,} busy samples "
+                f"({prof.get('idle_samples', 0):,} waiting); extauthz's own code on the stack "
+                f"in {prof['extauthz_code_pct']:.1f} %.",
+                "",
+                "| extauthz function (inclusive) | % | leaf function (self) | % |",
+                "|---|--:|---|--:|",
+            ]
+            mine, leaves = prof["extauthz_inclusive"], prof["self"]
+            for i in range(max(len(mine), len(leaves))):
+                a = mine[i] if i < len(mine) else ("", None)
+                b = leaves[i] if i < len(leaves) else ("", None)
+                parts.append(
+                    f"| {'`' + a[0] + '`' if a[0] else ''} | {fmt(a[1], 1)} "
+                    f"| {'`' + b[0] + '`' if b[0] else ''} | {fmt(b[1], 1)} |"
+                )
+    return "\n".join(parts) + "\n"
+
+
+def chart(curve: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
+    """p50 (solid) and p99 (dashed) latency against achieved checks/s, one colour per backend,
+    each point labelled with its wrk connection count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    colours = {"a": "tab:gray", "b": "tab:blue", "c": "tab:green"}
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    for backend in sorted({p["backend"] for p in curve}):
+        pts = sorted((p for p in curve if p["backend"] == backend), key=lambda p: p["connections"])
+        xs = [p["rate"] for p in pts]
+        label = f"({backend}) {BACKENDS.get(backend, backend)}"
+        colour = colours.get(backend)
+        ax.plot(xs, [p["p50_ms"] for p in pts], "o-", color=colour, label=f"{label} p50")
+        ax.plot(
+            xs, [p["p99_ms"] for p in pts], "s--", color=colour, label=f"{label} p99", alpha=0.8
+        )
+        for p in pts:
+            ax.annotate(
+                f"c={p['connections']}",
+                (p["rate"], p["p99_ms"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+                color=colour,
+            )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    steps = [m * 10**e for e in range(-1, 6) for m in (1, 2, 5)]
+    for axis, values in (
+        (ax.xaxis, [p["rate"] for p in curve]),
+        (ax.yaxis, [p[k] for p in curve for k in ("p50_ms", "p99_ms")]),
+    ):
+        finite = [v for v in values if v and math.isfinite(v)]
+        if finite:
+            lo, hi = min(finite) / 1.5, max(finite) * 1.5
+            axis.set_major_locator(ticker.FixedLocator([s for s in steps if lo <= s <= hi]))
+        axis.set_major_formatter(ticker.FuncFormatter(lambda v, _pos: f"{v:,.10g}"))
+        axis.set_minor_formatter(ticker.NullFormatter())
+    ax.set_xlabel("achieved checks/s, log (each point: wrk connections c)")
+    ax.set_ylabel("latency through Envoy, ms (log)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.13))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+_LINE_NO = re.compile(r":\d+\)$")
+
+
+def _frame(text: str) -> str:
+    """A py-spy frame ``func (file.py:123)`` without its line number and site-packages path."""
+    text = _LINE_NO.sub(")", text.strip())
+    return re.sub(r"\(.*/(site-packages|lib/python3\.\d+)/", "(", text)
+
+
+def _stacks(collapsed: str) -> Iterator[tuple[list[str], int]]:
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            yield [_frame(f) for f in stack.split(";")], int(count)
+
+
+def _is_ours(frame: str) -> bool:
+    return "(extauthz/" in frame and not frame.startswith(("main (", "_serve (", "<module> ("))
+
+
+# Leaves that are (mostly) waiting, not working: the event loop's epoll and grpc's poller thread
+# (py-spy's idle detection misses them without --native). Left out of the percentages.
+_IDLE_LEAVES = ("EpollSelector.select (", "Thread.run (", "Condition.wait (", "Event.wait (")
+
+
+def profile_summary(collapsed: str, n: int = 12) -> dict[str, Any]:
+    """What py-spy ``--format raw`` output (collapsed stacks, ``frame;...;leaf count`` per
+    line) says: the share of busy samples with extauthz's own code on the stack, the extauthz
+    functions by inclusive share, and the leaf functions (self time). Percentages are of the
+    busy samples (leaves waiting in epoll or in grpc's poller thread are counted apart)."""
+    total = ours_total = idle = 0
+    ours: dict[str, int] = {}
+    leaves: dict[str, int] = {}
+    for frames, count in _stacks(collapsed):
+        if frames[-1].startswith(_IDLE_LEAVES):
+            idle += count
+            continue
+        total += count
+        leaves[frames[-1]] = leaves.get(frames[-1], 0) + count
+        mine = {f for f in frames if _is_ours(f)}
+        if mine:
+            ours_total += count
+        for f in mine:
+            ours[f] = ours.get(f, 0) + count
+
+    def top(counts: Mapping[str, int]) -> list[tuple[str, float]]:
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:n]
+        return [(f, 100.0 * c / total) for f, c in ranked] if total else []
+
+    return {
+        "samples": total,
+        "idle_samples": idle,
+        "extauthz_code_pct": 100.0 * ours_total / total if total else 0.0,
+        "extauthz_inclusive": top(ours),
+        "self": top(leaves),
+    }

