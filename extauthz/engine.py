@@ -37,6 +37,7 @@ __all__ = ["IDP_FAILED_EVENT", "NO_POLICY_EVENT", "CheckInput", "Engine"]
 IDP_FAILED_EVENT = "authentication.idpCallFailed"
 NO_POLICY_EVENT = "routing.noMatchingPolicy"
 _MAX_REUSED_ALLOWS = 8_192
+EXPIRED_TOKEN_MEMORY_SECONDS = 300.0
 _NO_CLAIMS: Mapping[str, Any] = {}  # an anonymous allow
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but TAB
 
@@ -187,7 +188,9 @@ class Engine:
         payload: dict[str, Any] = header.payload
         exp = numeric_date(payload.get("exp"))
         if exp is not None:
-            self._verified.put(digest, Verified(payload, header.alg, header.kid, key, exp))
+            # Kept a while past exp too: a client retrying an expired token is denied cheaply.
+            until = max(exp, self._clock()) + EXPIRED_TOKEN_MEMORY_SECONDS
+            self._verified.put(digest, Verified(payload, header.alg, header.kid, key, until))
         return payload
 
     def _allow(self, selection: Selection, claims: Mapping[str, Any]) -> Decision:

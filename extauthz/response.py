@@ -14,7 +14,7 @@ from ._pb.envoy.type.v3 import http_status_pb2
 from .config import ServerSettings
 from .decision import OUTCOMES, Challenge, Decision, Reason
 
-__all__ = ["to_check_response", "www_authenticate"]
+__all__ = ["Renderer", "http_status", "to_check_response", "www_authenticate"]
 
 # Set explicitly: Envoy's default for a HeaderValueOption is to append, which would let a
 # client-sent copy of an identity header survive next to ours.
@@ -101,3 +101,57 @@ def to_check_response(
             }
         ),
     )
+
+
+_MAX_TEMPLATES = 4_096
+
+
+class Renderer:
+    """Renders decisions for one config's settings, building each denial's fixed parts once.
+
+    A denial differs from the previous one with the same reason, deployment and route only by its
+    request id, so the response is copied from a template (a C-level copy) and gets the
+    ``x-request-id`` header and the body's ``request_id`` filled in.
+    """
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self._templates: dict[tuple[object, ...], tuple[ext.CheckResponse, str, str]] = {}
+
+    def render(self, decision: Decision, request_id: str) -> ext.CheckResponse:
+        if decision.allowed:
+            return to_check_response(decision, request_id, self.settings)
+        key = (
+            decision.reason,
+            decision.deployment,
+            decision.route,
+            decision.required_scope,
+            decision.message if self.settings.expose_detailed_errors else "",
+        )
+        template = self._templates.get(key)
+        if template is None:
+            template = self._template(decision)
+            if len(self._templates) >= _MAX_TEMPLATES:
+                self._templates.clear()
+            self._templates[key] = template
+        fixed, body_head, body_tail = template
+        response = ext.CheckResponse()
+        response.CopyFrom(fixed)
+        denied = response.denied_response
+        denied.headers.append(_header("x-request-id", request_id))
+        denied.body = f"{body_head}{_json_string(request_id)}{body_tail}"
+        return response
+
+    def _template(self, decision: Decision) -> tuple[ext.CheckResponse, str, str]:
+        marker = "\x00request-id\x00"
+        full = to_check_response(decision, marker, self.settings)
+        denied = full.denied_response
+        kept = [h for h in denied.headers if h.header.key != "x-request-id"]
+        del denied.headers[:]
+        denied.headers.extend(kept)
+        head, _, tail = denied.body.partition(_json_string(marker))
+        denied.body = ""
+        return full, head, tail
+
+
+_json_string = json.encoder.encode_basestring_ascii  # as json.dumps writes strings

@@ -32,7 +32,7 @@ from .idp.http import idp_call_counter
 from .logs import JsonLogger, current_request_id, current_trace_id, rfc3339
 from .metrics import Metrics
 from .reload import ConfigWatcher
-from .response import http_status, to_check_response
+from .response import Renderer, http_status, to_check_response
 from .workers import mark_ready
 
 __all__ = ["AuthorizationService", "lift_request", "run_server"]
@@ -90,6 +90,7 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
         self._metrics = metrics
         # id(decision) → (decision, response); the decision is kept so its id is not reused.
         self._rendered: dict[int, tuple[Decision, ext.CheckResponse]] = {}
+        self._renderer = Renderer(engine.config.server)
 
     async def Check(  # noqa: N802 (gRPC method name)
         self, request: ext.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -162,9 +163,11 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
     def _render(
         self, decision: Decision, request_id: str, settings: ServerSettings
     ) -> ext.CheckResponse:
+        if self._renderer.settings is not settings:  # a reloaded config
+            self._renderer = Renderer(settings)
         """The CheckResponse; an allow the engine reuses is rendered once (no request id in it)."""
         if not decision.reusable:
-            return to_check_response(decision, request_id, settings)
+            return self._renderer.render(decision, request_id)
         cached = self._rendered.get(id(decision))
         if cached is not None and cached[0] is decision:
             return cached[1]

@@ -32,7 +32,7 @@ class Verified:
     alg: str
     kid: str | None
     key: VerificationKey
-    expires_at: float  # the token's exp: an entry is useless after it
+    expires_at: float  # a while after the token's exp: an entry is useless after it
 
 
 class VerifiedTokens:
