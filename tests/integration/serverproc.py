@@ -52,7 +52,7 @@ def closed_port() -> int:
 
 
 def wait_for(
-    predicate: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.05
+    predicate: Callable[[], T | None], *, timeout: float = 15.0, what: str, interval: float = 0.05
 ) -> T:
     """Poll ``predicate`` until it returns something truthy and return that, or fail."""
     deadline = time.monotonic() + timeout

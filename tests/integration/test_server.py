@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,24 +21,9 @@ from extauthz._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from tests.conftest import claims
+from tests.integration.serverproc import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Any, timeout: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Server:

@@ -16,12 +16,10 @@ import http.server
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +38,7 @@ from extauthz.decision import Decision
 from extauthz.engine import CheckInput, Engine
 from extauthz.idp import Providers
 from tests.conftest import AUDIENCE, ISSUER
+from tests.integration.serverproc import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 JWKS_URI = "https://idp.example.com/jwks"
@@ -222,23 +221,6 @@ def corpus_config(source: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- the server as a user runs it -----------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], T], *, timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def http_request(
