@@ -3,23 +3,36 @@
     python examples/demo.py [--config examples/demo.yaml]
 
 Ports: Envoy 8080 (admin 9901), extauthz 9001 (admin 9090), IdP 3000, upstream 8081.
-Set OTEL_EXPORTER_OTLP_ENDPOINT (and any other OTEL_* variable) to send extauthz traces to a
-collector; the environment is passed through. Ctrl-C stops everything.
+Set OTEL_EXPORTER_OTLP_ENDPOINT (an OTLP/gRPC address such as http://127.0.0.1:4317; any other
+OTEL_* variable is passed through too) to send the traces of both Envoy and extauthz to a
+collector, e.g. Jaeger's OTLP port; one trace then shows Envoy's request span, its ext_authz call,
+extauthz's check span and its identity-provider calls. Unset, extauthz does not trace and Envoy
+tries 127.0.0.1:4317, quietly failing when nothing listens there. Ctrl-C stops everything.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import astuple
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stack import DEMO_PORTS, REPO, Stack, StackError, accepts_tcp
+from stack import (
+    DEMO_PORTS,
+    REPO,
+    Stack,
+    StackError,
+    accepts_tcp,
+    otlp_collector,
+    otlp_endpoint_from_env,
+)
 
 ISSUER = f"http://127.0.0.1:{DEMO_PORTS.idp}"
 ENVOY = f"http://127.0.0.1:{DEMO_PORTS.envoy}"
@@ -33,6 +46,26 @@ def token_command(variable: str, scope: str) -> str:
         f"-d 'scope={scope}' {ISSUER}/token "
         "| python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])')"
     )
+
+
+def tracing_hint(env: Mapping[str, str]) -> str | None:
+    """The line saying where traces go, when OTEL_EXPORTER_OTLP_ENDPOINT (or the traces-only
+    variable) is set; None otherwise."""
+    endpoint = otlp_endpoint_from_env(env)
+    if not endpoint:
+        return None
+    host, port = otlp_collector(endpoint)
+    hint = (
+        f"tracing: Envoy (service envoy-gateway) and extauthz (service "
+        f"{env.get('OTEL_SERVICE_NAME') or 'extauthz'}) export OTLP/gRPC spans to "
+        f"{endpoint} ({host}:{port})"
+    )
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL", ""
+    )
+    if protocol.startswith("http"):
+        hint += "; note: Envoy's tracer speaks OTLP/gRPC only, use the collector's gRPC port"
+    return hint
 
 
 def instructions(log_dir: Path) -> str:
@@ -81,6 +114,9 @@ def main(argv: list[str]) -> int:
     stack = Stack(config_template=args.config, ports=DEMO_PORTS, workdir=workdir)
     try:
         print("starting IdP, upstream, extauthz and Envoy...", flush=True)
+        hint = tracing_hint(os.environ)
+        if hint:
+            print(hint, flush=True)
         stack.start()
         print(instructions(stack.log_dir), flush=True)
         while True:  # watch the processes; a crash ends the demo with its name

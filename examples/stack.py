@@ -8,10 +8,14 @@ Used by ``examples/demo.py`` (fixed demo ports) and by ``tests/e2e`` (free ports
 
 Config files are templates written for the demo ports: every ``127.0.0.1:3000`` (the IdP) in the
 extauthz config and every demo ``port_value`` in ``envoy/envoy.yaml`` is replaced by the port in
-use, and the rendered copies are written to ``workdir``. Each process writes stdout and stderr
-to its own files in ``workdir/logs``. Start-up waits on conditions (discovery answers, ports
-accept, Envoy says LIVE) with a deadline, and a process that dies early fails the start with the
-tail of its logs. ``stop()`` sends SIGTERM, then SIGKILL to whatever is still running.
+use, and the rendered copies are written to ``workdir``. Envoy's trace collector (the
+``opentelemetry_collector`` cluster, demo ``127.0.0.1:4317``) is pointed at ``otlp_endpoint``, else
+at ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_ENDPOINT`` from the environment;
+an explicit ``otlp_endpoint`` is given to extauthz too, so both export to the same collector.
+Each process writes stdout and stderr to its own files in ``workdir/logs``. Start-up waits on
+conditions (discovery answers, ports accept, Envoy says LIVE) with a deadline, and a process that
+dies early fails the start with the tail of its logs. ``stop()`` sends SIGTERM, then SIGKILL to
+whatever is still running.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +41,9 @@ REPO = Path(__file__).resolve().parent.parent
 IDP_DIR = REPO / "examples" / "idp"
 ENVOY_TEMPLATE = REPO / "envoy" / "envoy.yaml"
 DEMO_IDP_ORIGIN = "127.0.0.1:3000"
+# Envoy's OTLP/gRPC collector in envoy/envoy.yaml, written there exactly like this, once.
+DEMO_OTLP_HOST, DEMO_OTLP_PORT = "127.0.0.1", 4317
+_OTLP_SOCKET = re.compile(rf"address: {re.escape(DEMO_OTLP_HOST)}, port_value: {DEMO_OTLP_PORT}\b")
 
 
 class StackError(RuntimeError):
@@ -71,25 +79,78 @@ DEMO_PORTS = Ports(
 )
 
 
-def render_extauthz_config(template: str, ports: Ports) -> str:
-    """The extauthz config with the demo IdP origin pointed at ``ports.idp``."""
-    return template.replace(DEMO_IDP_ORIGIN, f"127.0.0.1:{ports.idp}")
+def render_extauthz_config(
+    template: str, ports: Ports, replacements: Mapping[str, str] | None = None
+) -> str:
+    """The extauthz config with the demo IdP origin pointed at ``ports.idp``, and each other
+    ``replacements`` key (e.g. another test IdP's template origin) replaced by its value."""
+    rendered = template.replace(DEMO_IDP_ORIGIN, f"127.0.0.1:{ports.idp}")
+    for old, new in (replacements or {}).items():
+        rendered = rendered.replace(old, new)
+    return rendered
 
 
-def render_envoy_config(template: str, ports: Ports, listen_address: str = "0.0.0.0") -> str:
-    """``envoy/envoy.yaml`` with each demo port value replaced by the one in ``ports``."""
-    replacements = {
-        DEMO_PORTS.envoy: ports.envoy,
-        DEMO_PORTS.extauthz: ports.extauthz,
-        DEMO_PORTS.upstream: ports.upstream,
-        DEMO_PORTS.envoy_admin: ports.envoy_admin,
-    }
-    for demo_port in replacements:
+def otlp_collector(endpoint: str | None) -> tuple[str, int]:
+    """Host and port of an OTLP/gRPC endpoint (``http://host:4317``, ``host:4317``, ``host``);
+    the demo's ``127.0.0.1:4317`` when ``endpoint`` is empty."""
+    if not endpoint:
+        return DEMO_OTLP_HOST, DEMO_OTLP_PORT
+    parsed = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    try:
+        port = parsed.port
+    except ValueError as exc:
+        raise StackError(f"OTLP endpoint {endpoint!r}: {exc}") from None
+    if not parsed.hostname:
+        raise StackError(f"OTLP endpoint {endpoint!r}: no host")
+    return parsed.hostname, port or DEMO_OTLP_PORT
+
+
+def otlp_endpoint_from_env(env: Mapping[str, str]) -> str | None:
+    """The traces endpoint the standard OTEL_* variables name, if any."""
+    return env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+
+
+def render_envoy_config(
+    template: str,
+    ports: Ports,
+    listen_address: str = "0.0.0.0",
+    otlp_endpoint: str | None = None,
+) -> str:
+    """``envoy/envoy.yaml`` with each demo port value replaced by the one in ``ports``, and the
+    trace collector's address by ``otlp_endpoint`` (default: the demo's 127.0.0.1:4317)."""
+    for demo_port in _port_replacements(ports):
         found = len(re.findall(rf"\bport_value: {demo_port}\b", template))
         if found != 1:
             raise StackError(
                 f"envoy template: expected one 'port_value: {demo_port}', found {found}"
             )
+    collector = list(_OTLP_SOCKET.finditer(template))
+    if len(collector) != 1:
+        raise StackError(
+            f"envoy template: expected one 'address: {DEMO_OTLP_HOST}, port_value: "
+            f"{DEMO_OTLP_PORT}' (the trace collector), found {len(collector)}"
+        )
+    host, port = otlp_collector(otlp_endpoint)
+    before, after = template[: collector[0].start()], template[collector[0].end() :]
+    return (
+        _render_ports(before, ports, listen_address)
+        + f"address: {json.dumps(host) if ':' in host else host}, port_value: {port}"
+        + _render_ports(after, ports, listen_address)
+    )
+
+
+def _port_replacements(ports: Ports) -> dict[int, int]:
+    return {
+        DEMO_PORTS.envoy: ports.envoy,
+        DEMO_PORTS.extauthz: ports.extauthz,
+        DEMO_PORTS.upstream: ports.upstream,
+        DEMO_PORTS.envoy_admin: ports.envoy_admin,
+    }
+
+
+def _render_ports(template: str, ports: Ports, listen_address: str) -> str:
+    """Each demo port value replaced (the collector's, cut out by the caller, is not here)."""
+    replacements = _port_replacements(ports)
     rendered = re.sub(
         r"\bport_value: (\d+)\b",
         lambda m: f"port_value: {replacements.get(int(m.group(1)), int(m.group(1)))}",
@@ -167,15 +228,28 @@ class Stack:
     def __init__(
         self,
         *,
-        config_template: Path,
+        config_template: Path | None = None,
         ports: Ports,
         workdir: Path,
         env: Mapping[str, str] | None = None,
         listen_address: str = "0.0.0.0",
         start_timeout: float = 60.0,
         extauthz_argv: Sequence[str] = (sys.executable, "-m", "extauthz"),
+        otlp_endpoint: str | None = None,
+        config_path: Path | None = None,
+        config_replacements: Mapping[str, str] | None = None,
     ) -> None:
+        """``config_template`` is rendered (IdP port, ``config_replacements``) to
+        ``workdir/extauthz.yaml``; or ``config_path`` is served as it is (e.g. a ConfigMap-style
+        symlink the caller prepared and rewrites). ``otlp_endpoint`` (an OTLP/gRPC address)
+        receives the traces of Envoy and of extauthz; without it Envoy exports to the endpoint
+        the OTEL_* variables of ``env`` name, else to 127.0.0.1:4317, and extauthz traces only
+        if ``env`` says so."""
+        if (config_template is None) == (config_path is None):
+            raise ValueError("give exactly one of config_template and config_path")
         self.config_template = config_template
+        self.config_path = config_path
+        self.config_replacements = dict(config_replacements or {})
         self.ports = ports
         self.workdir = workdir
         self.log_dir = workdir / "logs"
@@ -183,6 +257,10 @@ class Stack:
         self.start_timeout = start_timeout
         self.extauthz_argv = list(extauthz_argv)  # e.g. an installed `extauthz` executable
         self._env = dict(os.environ if env is None else env)
+        if otlp_endpoint is not None:
+            self._env["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp_endpoint
+            self._env.pop("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", None)
+        self.otlp_endpoint = otlp_endpoint_from_env(self._env)
         self._processes: list[_Process] = []
 
     # -- public surface -------------------------------------------------------------------
@@ -271,8 +349,16 @@ class Stack:
         self._wait(process, lambda: accepts_tcp(self.ports.upstream), deadline, "upstream port")
 
     def _start_extauthz(self, deadline: float) -> None:
-        config = self.workdir / "extauthz.yaml"
-        config.write_text(render_extauthz_config(self.config_template.read_text(), self.ports))
+        if self.config_path is not None:
+            config = self.config_path
+        else:
+            assert self.config_template is not None
+            config = self.workdir / "extauthz.yaml"
+            config.write_text(
+                render_extauthz_config(
+                    self.config_template.read_text(), self.ports, self.config_replacements
+                )
+            )
         pythonpath = os.pathsep.join(p for p in (str(REPO), self._env.get("PYTHONPATH", "")) if p)
         # Unbuffered, so each JSON log line reaches the file (and the tests) when it is printed.
         env = {**self._env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath}
@@ -301,7 +387,9 @@ class Stack:
     def _start_envoy(self, deadline: float) -> None:
         config = self.workdir / "envoy.yaml"
         config.write_text(
-            render_envoy_config(ENVOY_TEMPLATE.read_text(), self.ports, self.listen_address)
+            render_envoy_config(
+                ENVOY_TEMPLATE.read_text(), self.ports, self.listen_address, self.otlp_endpoint
+            )
         )
         argv = [
             find_envoy(),

@@ -3,6 +3,12 @@
 Started once per session on free ports with ``tests/e2e/policy.yaml`` (examples/stack.py does the
 work). The tests skip, saying why, only when node or npm is missing; anything else that keeps
 the stack from starting is an error with the failing process's log tail.
+
+Both Envoy and extauthz export their traces to a real OTLP/gRPC receiver (``otlp``) started
+before the stack, and the ``idp-down`` deployment introspects at a real misbehaving IdP
+(``faulty_idp``) whose endpoint answers 500. Every token the ``idp`` fixture issues and every
+token sent through the ``gateway`` is recorded in ``secrets_registry``;
+``test_secrets_e2e.py`` runs last and greps every extauthz log and every exported span for them.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +32,18 @@ sys.path.insert(0, str(REPO / "examples"))
 
 from stack import Ports, Stack  # noqa: E402 (examples/ is not a package; needs the path above)
 
+from tests.integration.faulty_idp import Fault, FaultyIdp  # noqa: E402
+from tests.otlp_receiver import OtlpReceiver  # noqa: E402
+
 POLICY_TEMPLATE = Path(__file__).with_name("policy.yaml")
 API = "https://api.example.com"
 OTHER_API = "https://other.example.com"
 LOG_WAIT_SECONDS = 5.0
+# policy.yaml's template origin of the misbehaving IdP (faulty_idp), replaced by its real address.
+FAULTY_IDP_ORIGIN = "http://127.0.0.1:3999"
+FAULTY_INTROSPECTION = "/introspect-500"  # answers 500 to every call
+# extauthz's spans leave within 0.1 s (Envoy's: flush_interval_ms in envoy/envoy.yaml).
+TRACING_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "100"}
 # extauthz's introspection client secrets (policy.yaml reads them with clientSecretEnv). The
 # values are the demo IdP's throw-away client secrets (examples/idp/server.mjs).
 INTROSPECTION_ENV = {
@@ -58,11 +72,24 @@ def unverified_claims(token: str) -> dict[str, Any]:
 
 
 @dataclass
+class SecretsRegistry:
+    """Every token and client secret the e2e run used: what no log line or span may contain."""
+
+    tokens: set[str] = field(default_factory=set)
+    secrets: set[str] = field(default_factory=set)
+
+    def token(self, value: str) -> str:
+        self.tokens.add(value)
+        return value
+
+
+@dataclass
 class IdP:
     """The demo oidc-provider: client_credentials tokens for the demo clients."""
 
     issuer: str
     http: httpx.Client
+    registry: SecretsRegistry | None = None  # records every token handed out
 
     def token(
         self, client_id: str, *, resource: str = API, scope: str = "orders.read orders.write"
@@ -74,6 +101,8 @@ class IdP:
         )
         assert response.status_code == 200, response.text
         token: str = response.json()["access_token"]
+        if self.registry is not None:
+            self.registry.token(token)
         return token
 
 
@@ -91,6 +120,7 @@ class Gateway:
 
     base_url: str
     http: httpx.Client
+    registry: SecretsRegistry | None = None  # records every token sent
 
     def request(
         self,
@@ -104,6 +134,8 @@ class Gateway:
         sent = {"x-request-id": request_id, **(headers or {})}
         if token is not None:
             sent["authorization"] = f"Bearer {token}"
+            if self.registry is not None and token:
+                self.registry.token(token)
         return Call(request_id, self.http.request(method, f"{self.base_url}{path}", headers=sent))
 
 
@@ -140,7 +172,9 @@ class Logs:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, otlp: OtlpReceiver, faulty_idp: FaultyIdp
+) -> Iterator[Stack]:
     missing = [tool for tool in ("node", "npm") if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"e2e tests need {' and '.join(missing)} to run the demo IdP (examples/idp)")
@@ -150,7 +184,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         ports=Ports.free(),
         workdir=workdir,
         listen_address="127.0.0.1",
-        env={**os.environ, **INTROSPECTION_ENV},
+        env={**os.environ, **INTROSPECTION_ENV, **TRACING_ENV},
+        otlp_endpoint=otlp.endpoint,  # Envoy's and extauthz's spans
+        config_replacements={FAULTY_IDP_ORIGIN: faulty_idp.url},
     ) as running:
         yield running
 
@@ -162,13 +198,13 @@ def http() -> Iterator[httpx.Client]:
 
 
 @pytest.fixture(scope="session")
-def idp(stack: Stack, http: httpx.Client) -> IdP:
-    return IdP(stack.issuer, http)
+def idp(stack: Stack, http: httpx.Client, secrets_registry: SecretsRegistry) -> IdP:
+    return IdP(stack.issuer, http, secrets_registry)
 
 
 @pytest.fixture(scope="session")
-def gateway(stack: Stack, http: httpx.Client) -> Gateway:
-    return Gateway(stack.envoy_url, http)
+def gateway(stack: Stack, http: httpx.Client, secrets_registry: SecretsRegistry) -> Gateway:
+    return Gateway(stack.envoy_url, http, secrets_registry)
 
 
 @pytest.fixture(scope="session")
@@ -183,3 +219,54 @@ def expired_token(idp: IdP) -> str:
     exp = unverified_claims(token)["exp"]
     wait_until(lambda: time.time() > exp + 1, timeout=10, what="the short-lived token to expire")
     return token
+
+
+# -- tracing, the misbehaving IdP and the secrets audit (issue 4) ---------------------------------
+# The demo IdP's clients (examples/idp/server.mjs); each one's secret is "<client>-secret".
+DEMO_CLIENTS = (
+    "acme-client",
+    "globex-client",
+    "plain-client",
+    "short-lived",
+    "extauthz",
+    "extauthz-post",
+)
+
+
+@pytest.fixture(scope="session")
+def secrets_registry() -> SecretsRegistry:
+    """The tokens and client secrets of the whole e2e run; test_secrets_e2e.py audits them."""
+    registry = SecretsRegistry()
+    registry.secrets.update(f"{client}-secret" for client in DEMO_CLIENTS)
+    registry.secrets.update(INTROSPECTION_ENV.values())
+    return registry
+
+
+@pytest.fixture(scope="session")
+def otlp() -> Iterator[OtlpReceiver]:
+    """A real OTLP/gRPC receiver for the whole session: the e2e stacks export their spans here."""
+    with OtlpReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="session")
+def failing_introspection(faulty_idp: FaultyIdp) -> str:
+    """The URL of faulty_idp's introspection endpoint that answers 500 (``idp-down``'s)."""
+    return faulty_idp.url + FAULTY_INTROSPECTION
+
+
+@pytest.fixture(scope="session")
+def faulty_idp() -> Iterator[FaultyIdp]:
+    """A real IdP whose introspection endpoint answers 500 (the ``idp-down`` deployment)."""
+    with FaultyIdp(
+        clients={"extauthz": INTROSPECTION_ENV["E2E_INTROSPECTION_SECRET"]}, tls=False
+    ) as idp:
+        idp.introspection(FAULTY_INTROSPECTION, fault=Fault.status_code(500))
+        yield idp
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The secrets audit runs after every other test, so that it sees the whole run."""
+    audit = [item for item in items if item.path.name == "test_secrets_e2e.py"]
+    if audit:
+        items[:] = [item for item in items if item.path.name != "test_secrets_e2e.py"] + audit
