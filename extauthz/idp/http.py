@@ -245,14 +245,19 @@ class IdpEndpoint:
     async def _limited(
         self, method: str, data: Mapping[str, str] | None, auth: httpx.Auth | None
     ) -> IdpResponse:
+        # One deadline for the whole call: waiting for a slot, connecting, a retry and reading
+        # together take at most timeoutSeconds, so a check never waits twice the timeout.
+        acquired = False
         try:
-            await asyncio.wait_for(self._slots.acquire(), self._timeout)
+            async with asyncio.timeout(self._timeout):
+                await self._slots.acquire()
+                acquired = True
+                return await self._call_once_or_twice(method, data, auth)
         except TimeoutError:
             raise IdpUnreachable(self.name, self.uri, "TIMEOUT") from None
-        try:
-            return await self._call_once_or_twice(method, data, auth)
         finally:
-            self._slots.release()
+            if acquired:
+                self._slots.release()
 
     async def _call_once_or_twice(
         self, method: str, data: Mapping[str, str] | None, auth: httpx.Auth | None

@@ -297,3 +297,32 @@ def test_missing_secret_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> No
         "deployments[0].authentication.validationPolicy.clientDetails.clientSecretEnv: "
         "environment variable EXTAUTHZ_TEST_SECRET is not set"
     ]
+
+
+def test_waiting_for_a_slot_counts_against_the_same_timeout() -> None:
+    """A call queued behind the outstanding-call cap still ends within timeoutSeconds overall,
+    not after waiting for a slot and then again for the IdP."""
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.3)
+        return httpx.Response(200, json={"keys": []})
+
+    ep = IdpEndpoint("jwks_uri", "https://idp/jwks", httpx.AsyncClient(transport=httpx.MockTransport(slow)),
+                     timeout=0.5, max_outstanding=1, breaker=CircuitBreaker(failure_threshold=100))
+
+    async def timed() -> tuple[float, str]:
+        started = asyncio.get_running_loop().time()
+        try:
+            await ep.call()
+            outcome = "ok"
+        except IdpUnreachable as exc:
+            outcome = exc.kind
+        return asyncio.get_running_loop().time() - started, outcome
+
+    async def run() -> list[tuple[float, str]]:
+        return await asyncio.gather(*(timed() for _ in range(3)))
+
+    results = asyncio.run(run())
+    assert [o for _, o in results].count("ok") == 1
+    assert all(o in ("ok", "TIMEOUT") for _, o in results)
+    assert max(t for t, _ in results) < 0.5 + 0.25  # the deadline, with room for a busy machine
