@@ -60,3 +60,6 @@ bench: $(BENCH_STAMP) wrk
 
 bench-smoke: $(BENCH_STAMP) wrk
 	$(PY) -m bench.run --smoke $(BENCH_ARGS)
+
+chaos: $(BENCH_STAMP) wrk
+	$(PY) -m bench.chaos $(CHAOS_ARGS)
