@@ -119,6 +119,22 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
             inp, request_id = lift_request(request)
             current_request_id.set(request_id)
             decision = await engine.check(inp)
+        except asyncio.CancelledError:
+            # Envoy gave up (its ext_authz timeout) and answered with its status_on_error: the
+            # check still gets its access line, so that the request id can be found.
+            self._log.access(
+                request_id,
+                "",
+                "",
+                inp.method if inp else "",
+                inp.raw_path.split("?", 1)[0] if inp else "",
+                0,
+                "deny",
+                "cancelled",
+                round((time.perf_counter() - started) * 1000, 3),
+                calls[0],
+            )
+            raise
         except Exception as exc:  # noqa: BLE001 (fail closed on any bug; never an RPC error)
             frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
             where = f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}" if frame else "?"

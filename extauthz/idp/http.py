@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 MAX_BODY_BYTES = 1024 * 1024  # a JWKS, discovery document or introspection answer is small
+MAX_OUTSTANDING_CALLS = 64  # per endpoint; the pooled client holds as many connections
 
 # Counts the IdP calls made on behalf of the current check (access log field `idpCalls`).
 idp_call_counter: ContextVar[list[int] | None] = ContextVar("idp_call_counter", default=None)
@@ -54,7 +55,9 @@ class IdpResponse:
     max_age: float | None  # Cache-Control max-age, when the IdP sent one
 
 
-def make_client(tls: TlsSettings, max_connections: int = 32) -> httpx.AsyncClient:
+def make_client(
+    tls: TlsSettings, max_connections: int = MAX_OUTSTANDING_CALLS
+) -> httpx.AsyncClient:
     """A pooled client. ``caFile`` adds trust to the public roots; it does not replace them."""
     verify: ssl.SSLContext | bool
     if not tls.verify:
@@ -183,9 +186,6 @@ class NullObserver:
 
     def cache(self, cache: str, result: str) -> None:
         pass
-
-
-MAX_OUTSTANDING_CALLS = 64
 
 
 class IdpEndpoint:

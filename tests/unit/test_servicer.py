@@ -1,0 +1,59 @@
+"""The gRPC servicer in-process: what it logs when Envoy abandons a check."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from extauthz._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
+from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
+from extauthz.config import parse_config
+from extauthz.engine import Engine
+from extauthz.idp import Providers
+from extauthz.logs import JsonLogger
+from extauthz.metrics import Metrics
+from extauthz.server import AuthorizationService
+
+
+class _Context:
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+
+def test_a_check_envoy_abandons_still_gets_an_access_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SERVICER_TEST_SECRET", "s")
+    cfg = parse_config({"deployments": [{"name": "o", "pathPrefix": "/", "authentication": {
+        "type": "TOKEN_AUTHENTICATION", "validationPolicy": {
+            "type": "REMOTE_INTROSPECTION", "uri": "https://idp.example.com/i",
+            "clientDetails": {"clientId": "c", "clientSecretEnv": "SERVICER_TEST_SECRET"}}}}]})
+
+    async def never(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(60)
+        raise AssertionError("not reached")
+
+    transport = httpx.MockTransport(never)
+    providers = Providers(cfg, client_factory=lambda _t: httpx.AsyncClient(transport=transport))
+    out = io.StringIO()
+    service = AuthorizationService(Engine(cfg, providers.by_deployment), JsonLogger(stream=out), Metrics())
+    request = ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
+        http=ac.AttributeContext.HttpRequest(method="GET", host="h", path="/x?q=1", headers={
+            "x-request-id": "rid-cancelled", "authorization": "Bearer opaque"}))))
+
+    async def run() -> None:
+        task = asyncio.ensure_future(service.Check(request, _Context()))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    lines: list[dict[str, Any]] = [json.loads(line) for line in out.getvalue().splitlines()]
+    (access,) = [line for line in lines if line["event"] == "access"]
+    assert access["requestId"] == "rid-cancelled" and access["reason"] == "cancelled"
+    assert access["decision"] == "deny" and access["status"] == 0 and access["path"] == "/x"
+    assert "opaque" not in out.getvalue()
