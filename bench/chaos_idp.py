@@ -27,12 +27,11 @@ import hmac
 import json
 import os
 import secrets
-import signal
 import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from bench.idp import Idp
+from bench.idp import Idp, serve_until_signalled
 from bench.keys import AUDIENCE, CLIENT_ID, ISSUER, SCOPE
 
 SECRET_ENV = "CHAOS_IDP_TOKEN_SECRET"
@@ -150,13 +149,7 @@ async def _main(port: int, jwks_file: str, max_age: int) -> None:
     if not secret:
         raise SystemExit(f"{SECRET_ENV} is not set")
     idp = ChaosIdp(jwks, secret, max_age)
-    server = await asyncio.start_server(idp.handle, "127.0.0.1", port, backlog=1024)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with server:
-        await stop.wait()
+    await serve_until_signalled(idp.handle, port)
 
 
 def main() -> None:

@@ -113,16 +113,21 @@ class Idp:
             writer.close()
 
 
-async def _main(port: int, jwks_file: str, latency_ms: float) -> None:
-    with open(jwks_file, encoding="utf-8") as f:
-        idp = Idp(json.load(f), latency_ms)
-    server = await asyncio.start_server(idp.handle, "127.0.0.1", port, backlog=1024)
+async def serve_until_signalled(handle: Any, port: int) -> None:
+    """Serve ``handle`` (an asyncio stream handler) on 127.0.0.1:port until SIGTERM or SIGINT."""
+    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with server:
         await stop.wait()
+
+
+async def _main(port: int, jwks_file: str, latency_ms: float) -> None:
+    with open(jwks_file, encoding="utf-8") as f:
+        idp = Idp(json.load(f), latency_ms)
+    await serve_until_signalled(idp.handle, port)
 
 
 def main() -> None:
