@@ -501,11 +501,31 @@ async def _introspection_checks(
     return _Claims(answer, verified=True, introspected=True)
 
 
+def _date_line(name: str, value: Any, skew: float, now: float, require_exp: bool) -> CheckLine:
+    """``exp`` or ``nbf``: its date, how far from now, and the skew that applies."""
+    d = check_time({name: value}, skew, now, require_exp=require_exp)
+    facts = {"actual": value, "now": now, "skewSeconds": skew}
+    if d and d.reason is Reason.TOKEN_MALFORMED:
+        return _fail(name, f"token: {_j(value)} is not a NumericDate", d, **facts)
+    sk = _seconds(skew)
+    # exp is in the past once expired; nbf is in the future while not yet valid.
+    late = now - value if name == "exp" else value - now
+    if d:
+        what = f"expired {_span(late)} ago" if name == "exp" else f"valid in {_span(late)}"
+        return _fail(name, f"{_time(value)}, {what} (skew {sk}, now {_time(now)})", d, **facts)
+    if late > 0:
+        what = f"expired {_span(late)} ago" if name == "exp" else f"in {_span(late)}"
+        return CheckLine(
+            name, "PASS", f"{_time(value)}, {what}, within the skew of {sk}", facts=facts
+        )
+    what = f"{_span(-late)} left" if name == "exp" else f"{_span(-late)} ago"
+    return CheckLine(name, "PASS", f"{_time(value)}, {what} (skew {sk})", facts=facts)
+
+
 def _time_lines(
     claims: Mapping[str, Any], skew: float, now: float, require_exp: bool
 ) -> list[CheckLine]:
     out: list[CheckLine] = []
-    sk = _seconds(skew)
     if "exp" not in claims:
         d = check_time({}, skew, now, require_exp=require_exp)
         if d:
@@ -513,37 +533,11 @@ def _time_lines(
         else:
             out.append(CheckLine("exp", "SKIP", "no exp in the introspection answer (optional)"))
     else:
-        exp = claims["exp"]
-        d = check_time({"exp": exp}, skew, now, require_exp=require_exp)
-        facts = {"actual": exp, "now": now, "skewSeconds": skew}
-        if d and d.reason is Reason.TOKEN_MALFORMED:
-            out.append(_fail("exp", f"token: {_j(exp)} is not a NumericDate", d, **facts))
-        elif d:
-            detail = f"{_time(exp)}, expired {_span(now - exp)} ago (skew {sk}, now {_time(now)})"
-            out.append(_fail("exp", detail, d, **facts))
-        elif now > exp:
-            detail = f"{_time(exp)}, expired {_span(now - exp)} ago, within the skew of {sk}"
-            out.append(CheckLine("exp", "PASS", detail, facts=facts))
-        else:
-            detail = f"{_time(exp)}, {_span(exp - now)} left (skew {sk})"
-            out.append(CheckLine("exp", "PASS", detail, facts=facts))
+        out.append(_date_line("exp", claims["exp"], skew, now, require_exp))
     if "nbf" not in claims:
         out.append(CheckLine("nbf", "SKIP", "no nbf claim"))
     else:
-        nbf = claims["nbf"]
-        d = check_time({"nbf": nbf}, skew, now, require_exp=False)
-        facts = {"actual": nbf, "now": now, "skewSeconds": skew}
-        if d and d.reason is Reason.TOKEN_MALFORMED:
-            out.append(_fail("nbf", f"token: {_j(nbf)} is not a NumericDate", d, **facts))
-        elif d:
-            detail = f"{_time(nbf)}, valid in {_span(nbf - now)} (skew {sk}, now {_time(now)})"
-            out.append(_fail("nbf", detail, d, **facts))
-        elif nbf > now:
-            detail = f"{_time(nbf)}, in {_span(nbf - now)}, within the skew of {sk}"
-            out.append(CheckLine("nbf", "PASS", detail, facts=facts))
-        else:
-            detail = f"{_time(nbf)}, {_span(now - nbf)} ago (skew {sk})"
-            out.append(CheckLine("nbf", "PASS", detail, facts=facts))
+        out.append(_date_line("nbf", claims["nbf"], skew, now, False))
     if "iat" in claims:
         d = check_time({"iat": claims["iat"]}, skew, now, require_exp=False)
         if d:  # only a malformed iat fails; its value is not checked
