@@ -54,24 +54,16 @@ class CachedDocument(Generic[T]):
         self._value: T | None = None
         self._expires_at = 0.0
         self.fetched_at: float | None = None  # monotonic time of the last successful fetch
-        self.last_error: IdpError | None = None
         self._failed_at: float | None = None
-        self.last_result: CacheResult = "miss"
         self._inflight: asyncio.Future[T] | None = None
-
-    @property
-    def value(self) -> T | None:
-        return self._value
 
     async def get(self) -> T:
         now = self._clock()
         if self._value is not None:
             if now < self._expires_at:
-                self.last_result = "hit"
                 self._on_result("hit")
                 return self._value
             if now < self._expires_at + self._stale_seconds:
-                self.last_result = "stale"
                 self._on_result("stale")
                 recently_failed = (
                     self._failed_at is not None and now - self._failed_at < RETRY_SECONDS
@@ -80,7 +72,6 @@ class CachedDocument(Generic[T]):
                     self._inflight = asyncio.ensure_future(self._fetch())
                     self._inflight.add_done_callback(self._background_done)
                 return self._value
-        self.last_result = "miss"
         self._on_result("miss")
         return await self.refresh()
 
@@ -98,8 +89,7 @@ class CachedDocument(Generic[T]):
     async def _fetch(self) -> T:
         try:
             value, ttl = await self._load()
-        except IdpError as exc:
-            self.last_error = exc
+        except IdpError:
             self._failed_at = self._clock()
             raise
         finally:
@@ -107,6 +97,5 @@ class CachedDocument(Generic[T]):
         self._value = value
         self.fetched_at = self._clock()
         self._expires_at = self.fetched_at + ttl
-        self.last_error = None
         self._failed_at = None
         return value
