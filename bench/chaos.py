@@ -79,7 +79,15 @@ from bench.chaos_client import Load, Record, Stream, http_request, read_response
 from bench.chaos_idp import SECRET_ENV, forged_opaque_token, opaque_token
 from bench.chaos_proc import Sampler
 from bench.keys import CLIENT_SECRET_ENV, BenchKeys, SigningKey, claims
-from bench.procs import Proc, Processes, accepts, die_with_parent, free_ports, http_get
+from bench.procs import (
+    Proc,
+    Processes,
+    accepts,
+    die_with_parent,
+    free_ports,
+    http_get,
+    run_workdir,
+)
 from bench.run import _git, find_envoy, machine, start_envoy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1461,13 +1469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     loadgen.wrk_binary()  # fails early, with the apt-get hint, when wrk is missing
     started = time.monotonic()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)  # unwinds through the `with` blocks: everything stops
-
-    signal.signal(signal.SIGTERM, on_signal)
-    RESULTS.joinpath("tmp").mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="chaos-", dir=RESULTS / "tmp"))
+    workdir = run_workdir(RESULTS, "chaos-")
     log(f"profile {prof.name}; work dir {workdir}")
     keys = BenchKeys.generate()
     meta: dict[str, Any] = {

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -192,6 +193,21 @@ def die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def run_workdir(results: Path, prefix: str) -> Path:
+    """Make a fresh work dir under ``results/tmp`` and let SIGTERM unwind the run.
+
+    SIGTERM becomes SystemExit, so every ``with Processes()`` block on the way out stops what it
+    started: a harness stopped from outside leaves nothing running.
+    """
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    results.joinpath("tmp").mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=results / "tmp"))
 
 
 class StartError(RuntimeError):

@@ -18,11 +18,9 @@ import math
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -48,6 +46,7 @@ from bench.procs import (
     free_ports,
     http_get,
     listening_sockets,
+    run_workdir,
     usage,
 )
 
@@ -1046,13 +1045,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prof = replace(prof, rounds=args.rounds)
     wanted = set(args.scenarios.split(","))
     started = time.monotonic()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)  # unwinds through the `with` blocks: everything stops
-
-    signal.signal(signal.SIGTERM, on_signal)
-    RESULTS.joinpath("tmp").mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="run-", dir=RESULTS / "tmp"))
+    workdir = run_workdir(RESULTS, "run-")
     log(f"profile {args.profile_name}: {prof}; work dir {workdir}")
 
     keys = BenchKeys.generate()

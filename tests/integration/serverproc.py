@@ -46,6 +46,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> int | None:
+    """SIGTERM, wait up to ``timeout`` seconds for the drain, then kill; the exit status."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 def closed_port() -> int:
     """A loopback port nothing listens on (it was free a moment ago)."""
     return free_port()
@@ -172,13 +186,7 @@ class ExtauthzProcess:
         if self.channel is not None:
             self.channel.close()
             self.channel = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def __enter__(self) -> ExtauthzProcess:
         return self.start()

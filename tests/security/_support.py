@@ -15,7 +15,6 @@ import hmac
 import http.server
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -38,7 +37,7 @@ from extauthz.decision import Decision
 from extauthz.engine import CheckInput, Engine
 from extauthz.idp import Providers
 from tests.conftest import AUDIENCE, ISSUER
-from tests.integration.serverproc import free_port, wait_for
+from tests.integration.serverproc import free_port, stop_process, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 JWKS_URI = "https://idp.example.com/jwks"
@@ -290,14 +289,7 @@ class ServerProcess:
         if self.channel is not None:
             self.channel.close()
             self.channel = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode if self.proc is not None else None
+        return stop_process(self.proc, timeout=15)
 
     def __enter__(self) -> ServerProcess:
         return self.start()
