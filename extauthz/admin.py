@@ -18,10 +18,15 @@ __all__ = ["AdminServer"]
 
 class AdminServer:
     def __init__(
-        self, registry: CollectorRegistry, readiness: Callable[[], tuple[bool, dict[str, Any]]]
+        self,
+        registry: CollectorRegistry,
+        readiness: Callable[[], tuple[bool, dict[str, Any]]],
+        *,
+        before_scrape: Callable[[], None] = lambda: None,
     ) -> None:
         self._registry = registry
         self._readiness = readiness
+        self._before_scrape = before_scrape
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> None:
@@ -40,6 +45,7 @@ class AdminServer:
             body = json.dumps({"ready": ready, **detail}, default=str).encode()
             return (200 if ready else 503), "application/json", body
         if path == "/metrics":
+            self._before_scrape()
             return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
         return 404, "application/json", b'{"error":"not_found"}'
 

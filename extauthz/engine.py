@@ -8,6 +8,8 @@ this one boundary.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -32,11 +34,14 @@ from .validation import (
 )
 from .verified import Verified, VerifiedTokens, token_digest
 
-__all__ = ["IDP_FAILED_EVENT", "NO_POLICY_EVENT", "CheckInput", "Engine"]
+__all__ = ["IDP_FAILED_EVENT", "NO_POLICY_EVENT", "Answer", "CheckInput", "Engine"]
 
 IDP_FAILED_EVENT = "authentication.idpCallFailed"
 NO_POLICY_EVENT = "routing.noMatchingPolicy"
 _MAX_REUSED_ALLOWS = 8_192
+_MAX_ROUTES = 8_192
+_MAX_ROUTE_KEY_CHARS = 512  # longer host + path: selected every time, never kept
+_MAX_ANSWERS = 16_384
 EXPIRED_TOKEN_MEMORY_SECONDS = 300.0
 _NO_CLAIMS: Mapping[str, Any] = {}  # an anonymous allow
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but TAB
@@ -64,6 +69,40 @@ class CheckInput:
         return normalize_path(self.raw_path)
 
 
+RouteKey = tuple[str, str, str, frozenset[tuple[str, str]] | None]
+
+
+def _route_key(
+    host: str, path: str, method: str, context_extensions: Mapping[str, str]
+) -> RouteKey:
+    extensions = frozenset(context_extensions.items()) if context_extensions else None
+    return (host, path, method, extensions)
+
+
+def _credential_digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An allow that may be given again to the same credential on the same route without
+    validating it again: while the wall clock is within ``[not_before, not_after]`` (the token's
+    nbf and exp with the clock skew, and the introspection answer's cache lifetime) and the IdP
+    documents it rested on are the same version and within their TTL."""
+
+    decision: Decision
+    not_before: float
+    not_after: float
+    idp: DeploymentIdp
+    documents_version: int
+
+    def valid(self, now: float) -> bool:
+        return (
+            self.not_before <= now <= self.not_after
+            and self.idp.documents_version() == self.documents_version
+        )
+
+
 def _header_value(value: Any) -> str | None:
     """A claim as an upstream header value; None when it cannot be one safely."""
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -89,16 +128,90 @@ class Engine:
         # (id(claims), deployment, route) → (claims, allow decision); the claims object is kept
         # so that its id cannot be reused while the entry exists.
         self._allows: dict[tuple[int, str, str], tuple[Mapping[str, Any], Decision]] = {}
+        # Route selection is a pure function of the request line and the config: memoized.
+        self._routes: dict[RouteKey, Selection | None] = {}
+        # (id(deployment), id(route), SHA-256 of the credential header) → Answer. The ids are of
+        # objects of this engine's config, which lives as long as the engine: never reused.
+        self._answers: dict[tuple[int, int, bytes], Answer] = {}
+
+    def _select(
+        self, host: str, path: str, method: str, context_extensions: Mapping[str, str]
+    ) -> Selection | None:
+        key = _route_key(host, path, method, context_extensions)
+        try:
+            return self._routes[key]
+        except KeyError:
+            pass
+        selection = select_route(
+            self.config,
+            host=host,
+            path=path,
+            method=method,
+            context_extensions=context_extensions,
+        )
+        if len(host) + len(path) <= _MAX_ROUTE_KEY_CHARS:
+            if len(self._routes) >= _MAX_ROUTES:
+                self._routes.clear()
+            self._routes[key] = selection
+        return selection
+
+    def reuse(
+        self,
+        host: str,
+        raw_path: str,
+        method: str,
+        context_extensions: Mapping[str, str],
+        headers: Mapping[str, str],
+    ) -> Decision | None:
+        """The allow an earlier check gave the same credential on the same route, if it may be
+        given again now (see :class:`Answer`); None sends the check down the whole path.
+
+        ``host``, ``raw_path`` and ``method`` are the CheckRequest's own fields: when one is empty
+        the whole path derives it from the headers instead, so nothing is reused.
+        """
+        if not (host and raw_path and method):
+            return None
+        key = _route_key(host, normalize_path(raw_path), method, context_extensions)
+        selection = self._routes.get(key)
+        if selection is None:
+            return None
+        header = selection.deployment.auth.token_header
+        value = headers.get(header) if header is not None else None
+        if value is None:
+            return None
+        answer = self._answers.get(
+            (id(selection.deployment), id(selection.route), _credential_digest(value))
+        )
+        if answer is not None and answer.valid(self._clock()):
+            return answer.decision
+        return None
+
+    def _remember(
+        self,
+        selection: Selection,
+        headers: Mapping[str, str],
+        decision: Decision,
+        claims: Mapping[str, Any],
+        cached_until: float,
+        idp: DeploymentIdp,
+        documents_version: int,
+    ) -> None:
+        policy = selection.deployment.auth
+        value = headers.get(policy.token_header) if policy.token_header is not None else None
+        if value is None:
+            return
+        exp = numeric_date(claims.get("exp"))
+        nbf = numeric_date(claims.get("nbf"))
+        not_after = min(cached_until, math.inf if exp is None else exp + policy.clock_skew)
+        not_before = -math.inf if nbf is None else nbf - policy.clock_skew
+        if len(self._answers) >= _MAX_ANSWERS:
+            self._answers.clear()
+        key = (id(selection.deployment), id(selection.route), _credential_digest(value))
+        self._answers[key] = Answer(decision, not_before, not_after, idp, documents_version)
 
     async def check(self, req: CheckInput) -> Decision:
         path = req.path
-        selection = select_route(
-            self.config,
-            host=req.host,
-            path=path,
-            method=req.method,
-            context_extensions=req.context_extensions,
-        )
+        selection = self._select(req.host, path, req.method, req.context_extensions)
         if selection is None:
             return deny(
                 Reason.NO_MATCHING_POLICY,
@@ -132,8 +245,10 @@ class Engine:
             return denied(Denial(Reason.TOKEN_MISSING, f"No token was found in the {where}."))
 
         idp = self._providers[deployment.name]
+        # Taken before any await: a document fetched meanwhile makes the answer unusable.
+        documents_version = idp.documents_version()
         try:
-            claims = await self._authenticate(token, policy.algorithms, idp)
+            authenticated = await self._authenticate(token, policy.algorithms, idp)
             issuers = await idp.issuers()
         except IdpError as exc:
             return denied(
@@ -141,8 +256,9 @@ class Engine:
                 event=IDP_FAILED_EVENT,
                 log_fields=idp_log_fields(exc),
             )
-        if isinstance(claims, Denial):
-            return denied(claims)
+        if isinstance(authenticated, Denial):
+            return denied(authenticated)
+        claims, cached_until = authenticated
         # RFC 7662 makes `exp` optional in an introspection answer; a JWT must carry it.
         failure = check_claims(
             claims,
@@ -158,26 +274,32 @@ class Engine:
                 return denied(failure, required_scope=selection.route.allowed_scope)
         if failure:
             return denied(failure)
-        return self._allow(selection, claims)
+        decision = self._allow(selection, claims)
+        if documents_version is not None:
+            self._remember(
+                selection, req.headers, decision, claims, cached_until, idp, documents_version
+            )
+        return decision
 
     async def _authenticate(
         self, token: str, algorithms: frozenset[str], idp: DeploymentIdp
-    ) -> Mapping[str, Any] | Denial:
-        """The token's claims once its signature (or the IdP's introspection) vouches for them."""
+    ) -> tuple[Mapping[str, Any], float] | Denial:
+        """The token's claims once its signature (or the IdP's introspection) vouches for them,
+        with how long that vouching may be remembered (wall clock)."""
         if idp.keys is None or (not looks_like_jwt(token) and idp.introspection is not None):
             assert idp.introspection is not None
             claims = await idp.introspection.introspect(token)
             if claims is None:
                 inactive = "The identity provider reports the token as not active."
                 return Denial(Reason.TOKEN_INACTIVE, inactive)
-            return claims
+            return claims, idp.introspection.cached_until(token)
         digest = token_digest(token)
         hit = self._verified.get(digest, self._clock())
         if hit is not None and hit.alg in algorithms:
             keys = await idp.keys.keyset(hit.kid)
             # Equal keys count too: two deployments with the same static key hold two copies.
             if any(k is hit.key or k == hit.key for k in keys.keys):
-                return hit.claims
+                return hit.claims, math.inf
         header = read_header(token, algorithms)
         if isinstance(header, Denial):
             return header
@@ -191,7 +313,7 @@ class Engine:
             # Kept a while past exp too: a client retrying an expired token is denied cheaply.
             until = max(exp, self._clock()) + EXPIRED_TOKEN_MEMORY_SECONDS
             self._verified.put(digest, Verified(payload, header.alg, header.kid, key, until))
-        return payload
+        return payload, math.inf
 
     def _allow(self, selection: Selection, claims: Mapping[str, Any]) -> Decision:
         """The allow decision, reused while the same cached claims pass the same route: a token

@@ -32,13 +32,14 @@ def rfc3339(epoch: float | None = None) -> str:
     if second != _second:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         if epoch is not None:
-            return f"{text}.{int((t - second) * 1000):03d}Z"
+            return text + _MILLIS[int((t - second) * 1000)]
         _second, _second_text = second, text
-    return f"{_second_text}.{int((t - second) * 1000):03d}Z"
+    return _second_text + _MILLIS[int((t - second) * 1000)]
 
 
 _second = -1
 _second_text = ""
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
 def token_hash(token: str) -> str:

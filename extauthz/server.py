@@ -97,7 +97,11 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
         self, request: ext.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ext.CheckResponse:
         if not tracing.enabled():
-            return await self._check(request, None)
+            try:
+                response = self._answer_again(request)
+            except Exception:  # noqa: BLE001 (the whole path below answers, failing closed)
+                response = None
+            return response if response is not None else await self._check(request, None)
         try:
             headers = request.attributes.request.http.headers
             parent = tracing.extract_parent(context.invocation_metadata(), headers)
@@ -108,6 +112,24 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
         ) as span:
             current_trace_id.set(format(span.get_span_context().trace_id, "032x"))
             return await self._check(request, span)
+
+    def _answer_again(self, request: ext.CheckRequest) -> ext.CheckResponse | None:
+        """The response to a credential the engine allowed on this route before and may allow
+        again without validating it (``Engine.reuse``); None when the whole path must run."""
+        started = time.perf_counter()
+        attributes = request.attributes
+        http = attributes.request.http
+        headers = http.headers
+        raw_path, method = http.path, http.method
+        engine = self.engine
+        decision = engine.reuse(http.host, raw_path, method, attributes.context_extensions, headers)
+        if decision is None:
+            return None
+        request_id = _request_id(headers)
+        response = self._render(decision, request_id, engine.config.server)
+        path = raw_path.split("?", 1)[0]
+        self._record(decision, method, path, request_id, time.perf_counter() - started, 0, 200)
+        return response
 
     async def _check(self, request: ext.CheckRequest, span: Span | None) -> ext.CheckResponse:
         started = time.perf_counter()
@@ -150,7 +172,9 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
         try:
             response = self._render(decision, request_id, settings)
             status = 200 if decision.allowed else http_status(decision, settings)
-            self._record(decision, inp, request_id, time.perf_counter() - started, calls[0], status)
+            method, path = (inp.method, inp.raw_path.split("?", 1)[0]) if inp else ("", "")
+            elapsed = time.perf_counter() - started
+            self._record(decision, method, path, request_id, elapsed, calls[0], status)
         except Exception as exc:  # noqa: BLE001 (the RPC itself must never fail: fail closed)
             response, status = _FALLBACK_DENIAL, 500
             decision = deny(Reason.INTERNAL_ERROR, "", deployment=decision.deployment)
@@ -197,7 +221,8 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
     def _record(
         self,
         decision: Decision,
-        inp: CheckInput | None,
+        method: str,
+        path: str,
         request_id: str,
         elapsed: float,
         idp_calls: int,
@@ -219,18 +244,17 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
             request_id,
             decision.deployment,
             decision.route,
-            inp.method if inp else "",
-            inp.raw_path.split("?", 1)[0] if inp else "",
+            method,
+            path,
             status,
             "allow" if decision.allowed else "deny",
             reason,
-            round(elapsed * 1000, 3),
+            int(elapsed * 1_000_000) / 1000,  # ms to the microsecond: round() costs 4x more
             idp_calls,
         )
-        self._metrics.count_check(
-            decision.deployment, "allow" if decision.allowed else "deny", reason
+        self._metrics.check(
+            decision.deployment, "allow" if decision.allowed else "deny", reason, elapsed
         )
-        self._metrics.check_duration.observe(elapsed)
 
 
 def _split_hostport(value: str) -> tuple[str, int]:
@@ -275,13 +299,14 @@ class Runtime:
         }
 
 
-_LOG_FLUSH_SECONDS = 0.05
+_FLUSH_SECONDS = 0.05
 
 
-async def _flush_every(logger: JsonLogger, seconds: float) -> None:
+async def _flush_every(logger: JsonLogger, metrics: Metrics, seconds: float) -> None:
     while True:
         await asyncio.sleep(seconds)
         logger.flush()
+        metrics.flush()
 
 
 # How long a replaced runtime's HTTP clients stay open for checks that started before the swap.
@@ -332,7 +357,9 @@ async def run_server(
         await health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
     mark_ready()  # under `--workers N`, the supervisor's /readyz counts listening workers
 
-    admin = AdminServer(metrics.registry, lambda: (True, runtime.readiness()))
+    admin = AdminServer(
+        metrics.registry, lambda: (True, runtime.readiness()), before_scrape=metrics.flush
+    )
     if admin_listen:  # a worker under `--workers N` leaves the admin port to its supervisor
         host, port = _split_hostport(admin_listen)
         try:
@@ -348,7 +375,7 @@ async def run_server(
     watcher.start()
     # Log lines are buffered and flushed every few milliseconds, not written one syscall each.
     logger.autoflush = False
-    flusher = asyncio.ensure_future(_flush_every(logger, _LOG_FLUSH_SECONDS))
+    flusher = asyncio.ensure_future(_flush_every(logger, metrics, _FLUSH_SECONDS))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -375,6 +402,7 @@ async def run_server(
     for task in list(retired):
         task.cancel()
     await runtime.providers.aclose()
+    metrics.flush()
     tracing.shutdown()
     logger.info("server.stopped")
     return 0

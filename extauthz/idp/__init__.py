@@ -13,14 +13,14 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 
 from ..config import ASYMMETRIC_ALGORITHMS, ClientDetails, Config, ConfigError, KeySource
 from ..errors import IdpBadResponse, IdpError
 from ..keys import KeySet, keyset_from_static
-from .cache import CacheSettings
+from .cache import CachedDocument, CacheSettings
 from .discovery import DiscoveryProvider
 from .http import IdpEndpoint, IdpObserver, NullObserver, TlsSettings, make_client
 from .introspection import ClientSecret, IntrospectionClient
@@ -40,6 +40,14 @@ class KeyProvider(Protocol):
         ...
 
 
+def _never() -> int | None:
+    return None
+
+
+def _always() -> int | None:
+    return 0  # static keys, or introspection alone: nothing is fetched that could change
+
+
 @dataclass(frozen=True, slots=True)
 class DeploymentIdp:
     """How one deployment validates tokens: JWTs with ``keys``, others with ``introspection``.
@@ -53,6 +61,10 @@ class DeploymentIdp:
     issuers: Callable[[], Awaitable[tuple[str, ...]]]
     # REMOTE_DISCOVERY: the document itself (what `extauthz probe` checks); None otherwise.
     discovery: DiscoveryProvider | None = None
+    # The version of the IdP documents (JWKS, discovery) this deployment's decisions rest on,
+    # or None once one of them is past its TTL. An allow may be answered again without
+    # re-validation only while this still returns what it returned when the allow was made.
+    documents_version: Callable[[], int | None] = _never
 
 
 class StaticKeysProvider:
@@ -93,10 +105,16 @@ class _DiscoveredKeys:
         self.discovery = discovery
         self._issuers = issuers
         self._jwks_for = jwks_for
+        self._jwks: tuple[str, JwksProvider] | None = None
+
+    def jwks_for(self, jwks_uri: str) -> JwksProvider:
+        if self._jwks is None or self._jwks[0] != jwks_uri:
+            self._jwks = (jwks_uri, self._jwks_for(jwks_uri))
+        return self._jwks[1]
 
     async def keyset(self, kid: str | None) -> KeySet:
         doc = await self.discovery.document()
-        return await self._jwks_for(doc.jwks_uri).keyset(kid)
+        return await self.jwks_for(doc.jwks_uri).keyset(kid)
 
     async def issuers(self) -> tuple[str, ...]:
         # The configured issuers, or else the one the IdP names for itself.
@@ -147,6 +165,8 @@ class Providers:
         self._wall_clock = wall_clock
         self._breaker_threshold = config.server.breaker_failure_threshold
         self._breaker_cool_down = config.server.breaker_cool_down_seconds
+        # Bumped whenever any JWKS or discovery document is (re)fetched: keys may have gone.
+        self.documents_fetched = 0
         self._clients: dict[TlsSettings, httpx.AsyncClient] = {}
         self.endpoints: dict[tuple[str, str, TlsSettings, float], IdpEndpoint] = {}
         self._jwks: dict[tuple[str, TlsSettings, float, float, float], JwksProvider] = {}
@@ -186,13 +206,20 @@ class Providers:
         def on_result(result: str) -> None:
             self._observer.cache(cache, result)
 
+        def on_fetched() -> None:
+            self.documents_fetched += 1
+
         return CacheSettings(
             max_cache_seconds=source.max_cache_seconds,
             stale_seconds=source.stale_seconds,
             on_stale=self._on_stale,
             on_result=on_result,
+            on_fetched=on_fetched,
             clock=self._clock,
         )
+
+    def _version_while_fresh(self, *docs: CachedDocument[Any]) -> int | None:
+        return None if any(d.past_ttl() for d in docs) else self.documents_fetched
 
     def _jwks_provider(self, uri: str, source: KeySource) -> JwksProvider:
         tls = TlsSettings(source.verify_tls, source.ca_file)
@@ -245,12 +272,18 @@ class Providers:
     ) -> DeploymentIdp:
         if source.type == "STATIC_KEYS":
             static = StaticKeysProvider(source, issuers)
-            return DeploymentIdp(static, None, static.issuers)
+            return DeploymentIdp(static, None, static.issuers, documents_version=_always)
         assert source.uri is not None
         uri = source.uri
         if source.type == "REMOTE_JWKS":
-            jwks = _JwksKeys(self._jwks_provider(uri, source), issuers)
-            return DeploymentIdp(jwks, None, jwks.issuers)
+            provider = self._jwks_provider(uri, source)
+            jwks = _JwksKeys(provider, issuers)
+            return DeploymentIdp(
+                jwks,
+                None,
+                jwks.issuers,
+                documents_version=lambda: self._version_while_fresh(provider.cache),
+            )
         if source.type == "REMOTE_INTROSPECTION":
 
             async def fixed_uri() -> str:
@@ -259,7 +292,8 @@ class Providers:
             async def fixed_issuers() -> tuple[str, ...]:
                 return issuers
 
-            return DeploymentIdp(None, self._introspection(source, where, fixed_uri), fixed_issuers)
+            client = self._introspection(source, where, fixed_uri)
+            return DeploymentIdp(None, client, fixed_issuers, documents_version=_always)
         discovery = self._discovery_provider(source, issuers)
         keys = _DiscoveredKeys(
             discovery, issuers, lambda jwks_uri: self._jwks_provider(jwks_uri, source)
@@ -274,7 +308,14 @@ class Providers:
                 return doc.introspection_endpoint
 
             introspection = self._introspection(source, where, discovered_uri)
-        return DeploymentIdp(keys, introspection, keys.issuers, discovery)
+
+        def documents_version() -> int | None:
+            doc = discovery.cache.fresh()
+            if doc is None:
+                return None
+            return self._version_while_fresh(keys.jwks_for(doc.jwks_uri).cache)
+
+        return DeploymentIdp(keys, introspection, keys.issuers, discovery, documents_version)
 
     async def aclose(self) -> None:
         for client in self._clients.values():

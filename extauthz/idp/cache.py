@@ -37,6 +37,7 @@ class CacheSettings:
     stale_seconds: float
     on_stale: Callable[[IdpError], None] = lambda _e: None
     on_result: Callable[[CacheResult], None] = lambda _r: None
+    on_fetched: Callable[[], None] = lambda: None  # a new value replaced the cached one
     clock: Callable[[], float] = time.monotonic
 
 
@@ -50,12 +51,21 @@ class CachedDocument(Generic[T]):
         self._on_result = settings.on_result
         self._stale_seconds = settings.stale_seconds
         self._on_stale = settings.on_stale
+        self._on_fetched = settings.on_fetched
         self._clock = settings.clock
         self._value: T | None = None
         self._expires_at = 0.0
         self.fetched_at: float | None = None  # monotonic time of the last successful fetch
         self._failed_at: float | None = None
         self._inflight: asyncio.Future[T] | None = None
+
+    def fresh(self) -> T | None:
+        """The cached value while it is within its TTL, else None; no fetch, no metrics."""
+        return self._value if self._clock() < self._expires_at else None
+
+    def past_ttl(self) -> bool:
+        """A value is cached but its TTL has run out (it may still be served stale)."""
+        return self._value is not None and self._clock() >= self._expires_at
 
     async def get(self) -> T:
         now = self._clock()
@@ -98,4 +108,5 @@ class CachedDocument(Generic[T]):
         self.fetched_at = self._clock()
         self._expires_at = self.fetched_at + ttl
         self._failed_at = None
+        self._on_fetched()
         return value

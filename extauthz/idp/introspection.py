@@ -94,6 +94,11 @@ class IntrospectionClient:
         claims = await asyncio.shield(future)
         return None if claims is _INACTIVE else claims
 
+    def cached_until(self, token: str) -> float:
+        """When the cached answer for ``token`` expires (wall clock); 0 when none is cached."""
+        hit = self._cache.get(hashlib.sha256(token.encode()).digest())
+        return hit[0] if hit is not None else 0.0
+
     async def _fetch(self, key: bytes, token: str) -> dict[str, Any]:
         endpoint = await self._endpoint()
         form = {"token": token, "token_type_hint": "access_token"}

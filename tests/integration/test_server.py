@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -285,9 +286,15 @@ def test_workers_share_the_port_and_the_metrics(config: dict[str, Any], tmp_path
                     http=ac.AttributeContext.HttpRequest(method="GET", host="api", path="/orders/1",
                                                          headers={"authorization": f"Bearer {token}"}))))
                 assert stub.Check(req, timeout=5).status.code == 0
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics") as r:
-            text = r.read().decode()
-        assert _metric(text, "extauthz_checks_total", deployment="orders", decision="allow", reason="none") == 20
+        def allowed() -> float:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics") as r:
+                text = r.read().decode()
+            return _metric(text, "extauthz_checks_total", deployment="orders", decision="allow", reason="none")
+
+        # Each worker adds its checks to the shared series every 50 ms: wait for the last batch.
+        wait_for(lambda: allowed() == 20, what="20 allowed checks in the workers' metrics", timeout=5)
+        time.sleep(0.2)
+        assert allowed() == 20  # and no more
         with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz") as r:
             ready = json.loads(r.read())
         assert ready["ready"] is True and ready["workersAlive"] == ready["workersListening"] == 2

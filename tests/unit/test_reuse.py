@@ -1,0 +1,249 @@
+"""Answering an allowed credential again without validating it (``Engine.reuse``).
+
+A reused allow must never outlive anything the original validation rested on: the token's
+exp and nbf (with the skew), the route it was allowed on, the JWKS and discovery documents (a fetch
+or the end of their TTL ends every answer), and the introspection answer's cache lifetime. The
+servicer's fast lane must log and count a reused allow exactly as the whole path does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from extauthz._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
+from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
+from extauthz.config import Config, parse_config
+from extauthz.decision import Decision, Reason
+from extauthz.engine import CheckInput, Engine
+from extauthz.idp import Providers
+from extauthz.logs import JsonLogger
+from extauthz.metrics import Metrics
+from extauthz.server import AuthorizationService
+from tests.conftest import claims
+from tests.unit.test_engine import FakeIdp, discovery_policy, make_config
+from tests.unit.test_idp_resilience import Introspector
+from tests.unit.test_idp_resilience import config as introspection_config
+
+HOST = "api.example.com:443"
+
+
+class Clocks:
+    """The engine's wall clock and the IdP layer's monotonic clock, moved by hand."""
+
+    def __init__(self, wall: float) -> None:
+        self.wall = wall
+        self.mono = 1_000.0
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+
+def build(config: Config, handler: Any, clocks: Clocks) -> Engine:
+    transport = httpx.MockTransport(handler)
+    providers = Providers(
+        config,
+        client_factory=lambda _tls: httpx.AsyncClient(transport=transport),
+        clock=lambda: clocks.mono,
+        wall_clock=lambda: clocks.wall,
+    )
+    return Engine(config, providers.by_deployment, clock=lambda: clocks.wall)
+
+
+def warmed(engine: Engine, key: Any) -> Engine:
+    """The engine once a first check has fetched the IdP's documents. The check that fetches
+    them is never remembered: the documents changed under it."""
+    throwaway = key.sign(claims(sub="warm-up"))
+    assert checked(engine, throwaway).allowed and reused(engine, throwaway) is None
+    return engine
+
+
+def checked(engine: Engine, token: str, path: str = "/orders/42", method: str = "GET") -> Decision:
+    headers = {"authorization": f"Bearer {token}"}
+    return asyncio.run(engine.check(CheckInput(method, HOST, path, headers, {})))
+
+
+def reused(engine: Engine, token: str, path: str = "/orders/42", method: str = "GET") -> Decision | None:
+    return engine.reuse(HOST, path, method, {}, {"authorization": f"Bearer {token}"})
+
+
+@pytest.fixture
+def clocks() -> Clocks:
+    return Clocks(time.time())
+
+
+def test_an_allowed_credential_is_answered_again_without_the_idp(rsa_key: Any, rsa_key2: Any, clocks: Clocks) -> None:
+    idp = FakeIdp([rsa_key.public_jwk])
+    engine = warmed(build(make_config(discovery_policy()), idp, clocks), rsa_key)
+    token = rsa_key.sign(claims(exp=int(clocks.wall) + 600))
+    assert reused(engine, token) is None  # nothing allowed yet
+    first = checked(engine, token)
+    assert first.allowed
+    calls = dict(idp.calls)
+    assert reused(engine, token) is first
+    assert reused(engine, token, path="/orders/42?verbose=1") is first  # same route, query aside
+    assert idp.calls == calls
+    assert reused(engine, rsa_key.sign(claims(sub="bob"))) is None  # another credential
+    assert engine.reuse("", "/orders/42", "GET", {}, {"authorization": f"Bearer {token}"}) is None
+
+
+def test_a_reused_allow_ends_at_exp_plus_the_skew(rsa_key: Any, clocks: Clocks) -> None:
+    config = make_config(discovery_policy(), maxClockSkewInSeconds=30)
+    engine = warmed(build(config, FakeIdp([rsa_key.public_jwk]), clocks), rsa_key)
+    exp = int(clocks.wall) + 10
+    token = rsa_key.sign(claims(exp=exp))
+    assert checked(engine, token).allowed
+    clocks.wall = exp + 30  # the last instant the skew still covers
+    assert reused(engine, token) is not None
+    clocks.wall = exp + 30.5
+    assert reused(engine, token) is None
+    assert checked(engine, token).reason is Reason.TOKEN_EXPIRED
+
+
+def test_a_reused_allow_never_starts_before_nbf_minus_the_skew(rsa_key: Any, clocks: Clocks) -> None:
+    config = make_config(discovery_policy(), maxClockSkewInSeconds=30)
+    engine = warmed(build(config, FakeIdp([rsa_key.public_jwk]), clocks), rsa_key)
+    nbf = int(clocks.wall) + 20
+    token = rsa_key.sign(claims(nbf=nbf, exp=nbf + 600))
+    assert checked(engine, token).allowed  # within the skew of nbf
+    clocks.wall = nbf - 31  # the wall clock stepped back
+    assert reused(engine, token) is None
+    assert checked(engine, token).reason is Reason.TOKEN_NOT_YET_VALID
+
+
+def test_an_answer_holds_for_its_own_route_only(rsa_key: Any, clocks: Clocks) -> None:
+    engine = warmed(build(make_config(discovery_policy()), FakeIdp([rsa_key.public_jwk]), clocks), rsa_key)
+    token = rsa_key.sign(claims(scope="orders.read"))
+    assert checked(engine, token, path="/orders/42").route == "get-order"
+    assert checked(engine, token, path="/orders/").route == "list"
+    assert (d := reused(engine, token, path="/orders/42")) is not None and d.route == "get-order"
+    assert (d := reused(engine, token, path="/orders/")) is not None and d.route == "list"
+    # Another route the token was never allowed on, and a method no route covers.
+    assert reused(engine, token, path="/orders/42", method="POST") is None
+    assert checked(engine, token, path="/orders/42", method="POST").reason is Reason.NO_MATCHING_POLICY
+    assert reused(engine, token, path="/orders/42", method="POST") is None
+
+
+def test_a_jwks_fetch_ends_every_answer(rsa_key: Any, rsa_key2: Any, clocks: Clocks) -> None:
+    idp = FakeIdp([rsa_key.public_jwk])
+    engine = warmed(build(make_config(discovery_policy()), idp, clocks), rsa_key)
+    old = rsa_key.sign(claims())
+    assert checked(engine, old).allowed and reused(engine, old) is not None
+    # The IdP rotates: key 1 withdrawn. A token with the new kid makes extauthz fetch the JWKS.
+    idp.jwks = [rsa_key2.public_jwk]
+    clocks.advance(6)  # past the unknown-kid refetch interval
+    assert checked(engine, rsa_key2.sign(claims())).allowed  # fetched the JWKS again
+    assert reused(engine, old) is None
+    assert checked(engine, old).reason is Reason.KEY_NOT_FOUND
+
+
+def test_answers_stop_with_the_jwks_ttl_until_it_is_fetched_again(rsa_key: Any, clocks: Clocks) -> None:
+    idp = FakeIdp([rsa_key.public_jwk])
+    idp.cache_control = "max-age=60"
+    engine = warmed(build(make_config(discovery_policy()), idp, clocks), rsa_key)
+    token = rsa_key.sign(claims(exp=int(clocks.wall) + 3600))
+    assert checked(engine, token).allowed
+    clocks.advance(59)
+    assert reused(engine, token) is not None
+    clocks.advance(2)  # the JWKS and the discovery document are past their TTL
+    assert reused(engine, token) is None
+    jwks_calls = idp.calls["/jwks"]
+
+    async def check_then_let_the_refresh_run() -> Decision:
+        engine_decision = await engine.check(CheckInput("GET", HOST, "/orders/42", {"authorization": f"Bearer {token}"}, {}))
+        await asyncio.sleep(0.05)  # the stale documents are refreshed in the background
+        return engine_decision
+
+    assert asyncio.run(check_then_let_the_refresh_run()).allowed
+    assert idp.calls["/jwks"] == jwks_calls + 1
+    assert checked(engine, token).allowed  # remembered again under the new documents
+    assert reused(engine, token) is not None
+
+
+def test_an_introspected_answer_lives_as_long_as_its_cache_entry(clocks: Clocks, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXTAUTHZ_TEST_SECRET", "s")
+    introspector = Introspector()
+    introspector.answer = {"active": True, "iss": "https://idp.example.com", "aud": "https://api.example.com",
+                           "scope": "orders.read", "exp": int(clocks.wall) + 120}
+    engine = build(introspection_config(), introspector, clocks)
+
+    def check_opaque() -> Decision:
+        return asyncio.run(engine.check(CheckInput("GET", HOST, "/x", {"authorization": "Bearer good-1"}, {})))
+
+    def reuse_opaque() -> Decision | None:
+        return engine.reuse(HOST, "/x", "GET", {}, {"authorization": "Bearer good-1"})
+
+    assert check_opaque().allowed and introspector.calls == 1
+    clocks.wall += 119
+    assert reuse_opaque() is not None
+    clocks.wall += 2  # past exp: the introspection cache entry has expired with it
+    assert reuse_opaque() is None
+    assert check_opaque().reason is Reason.TOKEN_EXPIRED
+
+
+def test_an_introspected_answer_ends_with_max_cache_duration_before_exp(
+    clocks: Clocks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EXTAUTHZ_TEST_SECRET", "s")
+    raw = {"deployments": [{"name": "opaque", "pathPrefix": "/", "authentication": {
+        "type": "TOKEN_AUTHENTICATION", "validationPolicy": {
+            "type": "REMOTE_INTROSPECTION", "uri": "https://idp.example.com/introspect",
+            "maxCacheDurationInHours": 0.01,  # 36 s
+            "clientDetails": {"clientId": "c", "clientSecretEnv": "EXTAUTHZ_TEST_SECRET"}}}}]}
+    introspector = Introspector()
+    introspector.answer = {"active": True, "scope": "orders.read", "exp": int(clocks.wall) + 3600}
+    engine = build(parse_config(raw), introspector, clocks)
+    request = CheckInput("GET", HOST, "/x", {"authorization": "Bearer good-1"}, {})
+    assert asyncio.run(engine.check(request)).allowed
+    clocks.wall += 35
+    assert engine.reuse(HOST, "/x", "GET", {}, request.headers) is not None
+    clocks.wall += 2
+    assert engine.reuse(HOST, "/x", "GET", {}, request.headers) is None
+    introspector.answer = {"active": False}  # revoked meanwhile: the IdP is asked again
+    assert asyncio.run(engine.check(request)).reason is Reason.TOKEN_INACTIVE
+    assert introspector.calls == 2
+
+
+def _request(token: str, request_id: str) -> ext.CheckRequest:
+    return ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
+        http=ac.AttributeContext.HttpRequest(method="GET", host=HOST, path="/orders/42?x=1", headers={
+            "x-request-id": request_id, "authorization": f"Bearer {token}"}))))
+
+
+def test_the_fast_lane_answers_logs_and_counts_like_the_whole_path(rsa_key: Any, clocks: Clocks) -> None:
+    config = make_config(discovery_policy())
+    engine = build(config, FakeIdp([rsa_key.public_jwk]), clocks)
+    out = io.StringIO()
+    metrics = Metrics()
+    service = AuthorizationService(engine, JsonLogger(stream=out), metrics)
+    token = rsa_key.sign(claims(exp=int(clocks.wall) + 600))
+
+    async def run() -> list[ext.CheckResponse]:
+        return [await service.Check(_request(token, f"rid-{i}"), None) for i in range(3)]  # type: ignore[arg-type]
+
+    first, second, third = asyncio.run(run())
+    assert first.SerializeToString() == second.SerializeToString() == third.SerializeToString()
+    assert first.status.code == 0 and first.ok_response.headers[0].header.value == "alice"
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    access = [line for line in lines if line["event"] == "access"]
+    assert [a["requestId"] for a in access] == ["rid-0", "rid-1", "rid-2"]
+    assert [a["idpCalls"] for a in access] == [2, 0, 0]  # discovery + JWKS, then none
+    varying = ("ts", "requestId", "latencyMs", "idpCalls")
+    same = [{k: v for k, v in a.items() if k not in varying} for a in access]
+    assert same[0] == same[1] == same[2] == {
+        "level": "INFO", "event": "access", "deployment": "orders", "route": "get-order", "method": "GET",
+        "path": "/orders/42", "status": 200, "decision": "allow", "reason": "none",
+    }
+    assert token not in out.getvalue()
+    metrics.flush()
+    value = metrics.registry.get_sample_value(
+        "extauthz_checks_total", {"deployment": "orders", "decision": "allow", "reason": "none"})
+    assert value == 3
+    assert metrics.registry.get_sample_value("extauthz_check_duration_seconds_count") == 3
