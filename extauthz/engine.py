@@ -125,14 +125,15 @@ class Engine:
         self._providers = providers
         self._clock = clock
         self._verified = VerifiedTokens()
-        # (id(claims), deployment, route) → (claims, allow decision); the claims object is kept
-        # so that its id cannot be reused while the entry exists.
-        self._allows: dict[tuple[int, str, str], tuple[Mapping[str, Any], Decision]] = {}
+        # The content of an allow decision (headers, headers to remove, metadata: the metadata
+        # names the deployment and route) → the one Decision object with that content.
+        self._allows: dict[tuple[tuple[Any, ...], ...], Decision] = {}
         # Route selection is a pure function of the request line and the config: memoized.
         self._routes: dict[RouteKey, Selection | None] = {}
         # (id(deployment), id(route), SHA-256 of the credential header) → Answer. The ids are of
         # objects of this engine's config, which lives as long as the engine: never reused.
         self._answers: dict[tuple[int, int, bytes], Answer] = {}
+        self._last_digest: tuple[str, bytes] = ("", b"")
 
     def _select(
         self, host: str, path: str, method: str, context_extensions: Mapping[str, str]
@@ -179,9 +180,9 @@ class Engine:
         value = headers.get(header) if header is not None else None
         if value is None:
             return None
-        answer = self._answers.get(
-            (id(selection.deployment), id(selection.route), _credential_digest(value))
-        )
+        digest = _credential_digest(value)
+        self._last_digest = (value, digest)  # a miss goes on to check(), which needs it again
+        answer = self._answers.get((id(selection.deployment), id(selection.route), digest))
         if answer is not None and answer.valid(self._clock()):
             return answer.decision
         return None
@@ -206,7 +207,10 @@ class Engine:
         not_before = -math.inf if nbf is None else nbf - policy.clock_skew
         if len(self._answers) >= _MAX_ANSWERS:
             self._answers.clear()
-        key = (id(selection.deployment), id(selection.route), _credential_digest(value))
+        last_value, digest = self._last_digest
+        if value != last_value:
+            digest = _credential_digest(value)
+        key = (id(selection.deployment), id(selection.route), digest)
         self._answers[key] = Answer(decision, not_before, not_after, idp, documents_version)
 
     async def check(self, req: CheckInput) -> Decision:
@@ -316,20 +320,9 @@ class Engine:
         return payload, math.inf
 
     def _allow(self, selection: Selection, claims: Mapping[str, Any]) -> Decision:
-        """The allow decision, reused while the same cached claims pass the same route: a token
-        seen again (verified-token or introspection cache) costs no header or metadata work."""
-        key = (id(claims), selection.deployment.name, selection.route_name)
-        cached = self._allows.get(key)
-        if cached is not None and cached[0] is claims:
-            return cached[1]
-        decision = self._build_allow(selection, claims)
-        if len(self._allows) >= _MAX_REUSED_ALLOWS:
-            self._allows.clear()
-        self._allows[key] = (claims, decision)
-        return decision
-
-    @staticmethod
-    def _build_allow(selection: Selection, claims: Mapping[str, Any]) -> Decision:
+        """The allow decision for these claims on this route. Decisions with the same content
+        (headers and metadata: the same client, whichever of its tokens) are one object, so
+        that the servicer renders each once."""
         deployment: Deployment = selection.deployment
         headers: list[tuple[str, str]] = []
         remove: list[str] = []
@@ -352,11 +345,18 @@ class Engine:
             if isinstance(client_id, str):
                 metadata["client_id"] = client_id
             metadata["scope"] = " ".join(sorted(scopes_of(claims)))
-        return allow(
-            deployment.name,
-            selection.route_name,
-            upstream_headers=tuple(headers),
-            remove_headers=tuple(remove),
-            metadata=metadata,
-            reusable=True,
-        )
+        content = (tuple(headers), tuple(remove), tuple(metadata.items()))
+        decision = self._allows.get(content)
+        if decision is None:
+            decision = allow(
+                deployment.name,
+                selection.route_name,
+                upstream_headers=content[0],
+                remove_headers=content[1],
+                metadata=metadata,
+                reusable=True,
+            )
+            if len(self._allows) >= _MAX_REUSED_ALLOWS:
+                self._allows.clear()
+            self._allows[content] = decision
+        return decision

@@ -9,6 +9,7 @@ a bad token.
 from __future__ import annotations
 
 import binascii
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -85,6 +86,10 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# Built once: json.loads with a hook builds a decoder (and its scanner) per call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+
+
 def _json_object(raw: bytes) -> dict[str, Any] | None:
     """A JSON object from UTF-8 bytes (RFC 7519 §7.2), strictly.
 
@@ -93,7 +98,7 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     UTF-8 text can hold, is refused too.
     """
     try:
-        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        value = _DECODER.decode(raw.decode("utf-8"))
         if b"\\u" in raw:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
     except (ValueError, RecursionError):  # UnicodeError is a ValueError
@@ -106,15 +111,13 @@ def looks_like_jwt(token: str) -> bool:
     return token.count(".") == 2
 
 
-def read_header(token: str, allowed: frozenset[str]) -> JwtHeader | Denial:
-    """Parse the whole JWS (strictly) and check its algorithm against the allow-list.
+_MAX_CACHED_HEAD = 512
 
-    Keys named by the header itself (``jku``, ``x5u``, ``jwk``, ``x5c``) are ignored: only keys
-    from the policy can verify a token.
-    """
-    if not looks_like_jwt(token):
-        return Denial(Reason.TOKEN_MALFORMED, "The token is not a JWT in compact serialization.")
-    head_b64, payload_b64, signature_b64 = token.split(".")
+
+def _parse_head(
+    head_b64: str, allowed: frozenset[str]
+) -> tuple[str, str | None, dict[str, Any]] | Denial:
+    """The JOSE header segment: ``(alg, kid, fields)``, or why the token is refused."""
     head_raw = _b64url(head_b64)
     header = _json_object(head_raw) if head_raw is not None else None
     if header is None:
@@ -140,6 +143,30 @@ def read_header(token: str, allowed: frozenset[str]) -> JwtHeader | Denial:
         )
     if header.get("b64") is False:
         return Denial(Reason.TOKEN_MALFORMED, "Unencoded JWS payloads (b64: false) are refused.")
+    return alg, kid, header
+
+
+_cached_head = functools.lru_cache(maxsize=1024)(_parse_head)
+
+
+def read_header(token: str, allowed: frozenset[str]) -> JwtHeader | Denial:
+    """Parse the whole JWS (strictly) and check its algorithm against the allow-list.
+
+    Keys named by the header itself (``jku``, ``x5u``, ``jwk``, ``x5c``) are ignored: only keys
+    from the policy can verify a token.
+    """
+    if not looks_like_jwt(token):
+        return Denial(Reason.TOKEN_MALFORMED, "The token is not a JWT in compact serialization.")
+    head_b64, payload_b64, signature_b64 = token.split(".")
+    # An IdP signs every token with one of a few headers: each is parsed once.
+    head = (
+        _cached_head(head_b64, allowed)
+        if len(head_b64) <= _MAX_CACHED_HEAD
+        else _parse_head(head_b64, allowed)
+    )
+    if isinstance(head, Denial):
+        return head
+    alg, kid, header = head
     payload_raw = _b64url(payload_b64)
     signature = _b64url(signature_b64)
     if payload_raw is None or signature is None:
