@@ -13,7 +13,7 @@ import signal
 import time
 import traceback
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -56,14 +56,49 @@ def _request_id(headers: Mapping[str, str]) -> str:
     return str(uuid.uuid4())
 
 
+class _Headers(Mapping[str, str]):
+    """A CheckRequest's headers by lower-case name, read straight from the protobuf map: Envoy
+    lower-cases header names itself. Another client's mixed-case names are folded the first
+    time a name is not found as given (a lower-case copy of a name wins over a mixed-case one)."""
+
+    __slots__ = ("_folded", "_raw")
+
+    def __init__(self, raw: Mapping[str, str]) -> None:
+        self._raw = raw
+        self._folded: dict[str, str] | None = None
+
+    def _fold(self) -> dict[str, str]:
+        if self._folded is None:
+            folded: dict[str, str] = {}
+            for k, v in self._raw.items():
+                folded.setdefault(k.lower(), v)
+            folded.update((k, v) for k, v in self._raw.items() if k.islower())
+            self._folded = folded
+        return self._folded
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self._raw.get(key)
+        return value if value is not None else self._fold().get(key, default)
+
+    def __getitem__(self, key: str) -> str:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value  # type: ignore[no-any-return]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fold())
+
+    def __len__(self) -> int:
+        return len(self._fold())
+
+
 def lift_request(request: ext.CheckRequest) -> tuple[CheckInput, str]:
     """The fields the engine needs, and the request id, from a CheckRequest (possibly empty)."""
     attrs = request.attributes
     http = attrs.request.http
-    headers: Mapping[str, str] = http.headers  # Envoy sends lower-case names: no copy needed
-    if headers and not all(k.islower() for k in headers):
-        headers = {k.lower(): v for k, v in headers.items()}
-    elif not headers and http.header_map.headers:
+    headers: Mapping[str, str] = _Headers(http.headers)
+    if not http.headers and http.header_map.headers:
         # Envoy sends header_map instead when encode_raw_headers is on; repeats join with ",".
         joined: dict[str, str] = {}
         for h in http.header_map.headers:

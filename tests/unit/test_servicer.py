@@ -17,7 +17,7 @@ from extauthz.engine import Engine
 from extauthz.idp import Providers
 from extauthz.logs import JsonLogger
 from extauthz.metrics import Metrics
-from extauthz.server import AuthorizationService
+from extauthz.server import AuthorizationService, lift_request
 
 
 class _Context:
@@ -57,3 +57,19 @@ def test_a_check_envoy_abandons_still_gets_an_access_line(monkeypatch: pytest.Mo
     assert access["requestId"] == "rid-cancelled" and access["reason"] == "cancelled"
     assert access["decision"] == "deny" and access["status"] == 0 and access["path"] == "/x"
     assert "opaque" not in out.getvalue()
+
+
+def _http(headers: dict[str, str]) -> ext.CheckRequest:
+    return ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
+        http=ac.AttributeContext.HttpRequest(method="GET", host="h", path="/x", headers=headers))))
+
+
+def test_header_names_are_matched_lower_case_whatever_the_client_sent() -> None:
+    inp, request_id = lift_request(_http({"Authorization": "Bearer t1", "X-Request-Id": "rid-mixed"}))
+    assert inp.headers.get("authorization") == "Bearer t1" and request_id == "rid-mixed"
+    assert dict(inp.headers) == {"authorization": "Bearer t1", "x-request-id": "rid-mixed"}
+    # Both spellings sent: the lower-case one (what Envoy itself would send) wins, every time.
+    inp, _ = lift_request(_http({"Authorization": "Bearer upper", "authorization": "Bearer lower"}))
+    assert inp.headers["authorization"] == "Bearer lower" and dict(inp.headers) == {"authorization": "Bearer lower"}
+    inp, request_id = lift_request(_http({}))
+    assert inp.headers.get("authorization") is None and len(inp.headers) == 0 and len(request_id) == 36
