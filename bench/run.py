@@ -896,14 +896,26 @@ def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
             lambda v: v <= IDP_LATENCY_MS + 5,
             unit="ms",
         )
-    b1 = sc.get("1", {}).get("points", {}).get("b")
-    b7 = sc.get("7", {}).get("points", {}).get("b")
-    if b1 and b7:
+    p1 = sc.get("1", {}).get("points", {})
+    p7 = sc.get("7", {}).get("points", {})
+    if p1.get("a") and p1.get("b") and p7.get("a") and p7.get("b"):
+        # Scenarios 1 and 7 run minutes apart, and this machine drifts by more than 5 % in that
+        # time; each one's (b) ÷ (a) was measured side by side, so their quotient is the
+        # drift-free comparison. The raw quotient is reported next to it.
         add(
-            "CPU per check, scenario 7 ÷ scenario 1 (one deployment)",
-            report.ratio(b7["server_cpu_us"], b1["server_cpu_us"]),
+            "CPU per check ÷ floor, scenario 7 ÷ scenario 1 (one deployment)",
+            report.ratio(
+                report.ratio(p7["b"]["server_cpu_us"], p7["a"]["server_cpu_us"]),
+                report.ratio(p1["b"]["server_cpu_us"], p1["a"]["server_cpu_us"]),
+            ),
             "≤ 1.05×",
             lambda v: v <= 1.05,
+        )
+        add(
+            "CPU per check, scenario 7 ÷ scenario 1, raw (minutes apart)",
+            report.ratio(p7["b"]["server_cpu_us"], p1["b"]["server_cpu_us"]),
+            "report",
+            lambda v: True,
         )
     fl = results.get("flood")
     if fl:

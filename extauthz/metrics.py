@@ -49,6 +49,11 @@ class Metrics:
         # histogram bucket search.
         self._check_counts: dict[tuple[str, str, str], int] = {}
         self._check_seconds: list[float] = []
+        self._answers_reused = 0
+
+    def answer_reused(self) -> None:
+        """A check answered from the engine's answer cache."""
+        self._answers_reused += 1
 
     def check(self, deployment: str, decision: str, reason: str, seconds: float) -> None:
         key = (deployment, decision, reason)
@@ -59,6 +64,9 @@ class Metrics:
     def flush(self) -> None:
         counts, self._check_counts = self._check_counts, {}
         seconds, self._check_seconds = self._check_seconds, []
+        reused, self._answers_reused = self._answers_reused, 0
+        if reused:
+            self._child(self.cache_events, "answer", "hit").inc(reused)
         for labels, n in counts.items():
             self._child(self.checks, *labels).inc(n)
         observe = self.check_duration.observe

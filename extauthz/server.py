@@ -160,6 +160,7 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
         decision = engine.reuse(http.host, raw_path, method, attributes.context_extensions, headers)
         if decision is None:
             return None
+        self._metrics.answer_reused()
         request_id = _request_id(headers)
         response = self._render(decision, request_id, engine.config.server)
         path = raw_path.split("?", 1)[0]

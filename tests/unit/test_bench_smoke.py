@@ -243,7 +243,8 @@ def _results() -> dict[str, Any]:
     s7 = {
         "id": "7",
         "title": "10k deployments",
-        "points": {"a": _point("a", 4000, 250, 80), "b": _point("b", 3500, 310, 85)},
+        # the machine drifted 10 % slower since scenario 1: the floor shows it
+        "points": {"a": _point("a", 4000, 275, 80), "b": _point("b", 3500, 310, 85)},
     }
     scenarios = [s1, s4, s5, s7]
     for s in scenarios:
@@ -307,9 +308,9 @@ def test_targets_name_every_goal_of_issue_7() -> None:
     assert t["checks/s, scenario 1, ÷ floor"]["met"] is True
     assert t["checks/s, scenario 1, ÷ Envoy jwt_authn"]["met"] is False
     assert t["scenario 5: IdP calls per distinct token"]["met"] is True
-    assert t["CPU per check, scenario 7 ÷ scenario 1 (one deployment)"]["value"] == pytest.approx(
-        310 / 300
-    )
+    normalized = t["CPU per check ÷ floor, scenario 7 ÷ scenario 1 (one deployment)"]
+    assert normalized["value"] == pytest.approx((310 / 275) / (300 / 250)) and normalized["met"] is True
+    assert t["CPU per check, scenario 7 ÷ scenario 1, raw (minutes apart)"]["value"] == pytest.approx(310 / 300)
     assert t["checks/s, scenario 1, 2 workers ÷ 1 worker"]["value"] == pytest.approx(5000 / 3000)
     assert t["RSS after 50,000 distinct opaque tokens"]["met"] is True
     assert (

@@ -247,3 +247,5 @@ def test_the_fast_lane_answers_logs_and_counts_like_the_whole_path(rsa_key: Any,
         "extauthz_checks_total", {"deployment": "orders", "decision": "allow", "reason": "none"})
     assert value == 3
     assert metrics.registry.get_sample_value("extauthz_check_duration_seconds_count") == 3
+    answered = metrics.registry.get_sample_value("extauthz_cache_events_total", {"cache": "answer", "result": "hit"})
+    assert answered == 1  # the first check fetched the documents; the second was remembered
