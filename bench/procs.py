@@ -219,6 +219,7 @@ class Proc:
         self.name = name
         self.popen = popen
         self.log = log
+        self.admin_url = ""  # extauthz: its admin listener
 
     @property
     def pid(self) -> int:
