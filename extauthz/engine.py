@@ -85,10 +85,11 @@ def _credential_digest(value: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """An allow that may be given again to the same credential on the same route without
-    validating it again: while the wall clock is within ``[not_before, not_after]`` (the token's
-    nbf and exp with the clock skew, and the introspection answer's cache lifetime) and the IdP
-    documents it rested on are the same version and within their TTL."""
+    """A decision that may be given again to the same credential on the same route without
+    validating it again: while the wall clock is within ``[not_before, not_after]`` and the IdP
+    documents it rested on are the same version and within their TTL. For an allow the window is
+    the token's nbf and exp with the clock skew, and the introspection answer's cache lifetime;
+    for an expired token's denial, from just past exp plus the skew on."""
 
     decision: Decision
     not_before: float
@@ -164,7 +165,7 @@ class Engine:
         context_extensions: Mapping[str, str],
         headers: Mapping[str, str],
     ) -> Decision | None:
-        """The allow an earlier check gave the same credential on the same route, if it may be
+        """The decision an earlier check gave the same credential on the same route, if it may be
         given again now (see :class:`Answer`); None sends the check down the whole path.
 
         ``host``, ``raw_path`` and ``method`` are the CheckRequest's own fields: when one is empty
@@ -191,27 +192,18 @@ class Engine:
         self,
         selection: Selection,
         headers: Mapping[str, str],
-        decision: Decision,
-        claims: Mapping[str, Any],
-        cached_until: float,
-        idp: DeploymentIdp,
-        documents_version: int,
+        answer: Answer,
     ) -> None:
         policy = selection.deployment.auth
         value = headers.get(policy.token_header) if policy.token_header is not None else None
-        if value is None:
+        if value is None or answer.not_before > answer.not_after:
             return
-        exp = numeric_date(claims.get("exp"))
-        nbf = numeric_date(claims.get("nbf"))
-        not_after = min(cached_until, math.inf if exp is None else exp + policy.clock_skew)
-        not_before = -math.inf if nbf is None else nbf - policy.clock_skew
         if len(self._answers) >= _MAX_ANSWERS:
             self._answers.clear()
         last_value, digest = self._last_digest
         if value != last_value:
             digest = _credential_digest(value)
-        key = (id(selection.deployment), id(selection.route), digest)
-        self._answers[key] = Answer(decision, not_before, not_after, idp, documents_version)
+        self._answers[(id(selection.deployment), id(selection.route), digest)] = answer
 
     async def check(self, req: CheckInput) -> Decision:
         path = req.path
@@ -276,13 +268,29 @@ class Engine:
             failure = check_scope(claims, selection.route.allowed_scope)
             if failure:
                 return denied(failure, required_scope=selection.route.allowed_scope)
+        skew = policy.clock_skew
+        exp = numeric_date(claims.get("exp"))
         if failure:
-            return denied(failure)
+            decision = denied(failure)
+            expired = failure.reason is Reason.TOKEN_EXPIRED
+            if expired and exp is not None and documents_version is not None:
+                # A client retrying an expired token gets the same denial without a parse or a
+                # key lookup: an expired token stays expired (until the keys change).
+                after = math.nextafter(exp + skew, math.inf)
+                answer = Answer(decision, after, cached_until, idp, documents_version)
+                self._remember(selection, req.headers, answer)
+            return decision
         decision = self._allow(selection, claims)
         if documents_version is not None:
-            self._remember(
-                selection, req.headers, decision, claims, cached_until, idp, documents_version
+            nbf = numeric_date(claims.get("nbf"))
+            answer = Answer(
+                decision,
+                -math.inf if nbf is None else nbf - skew,
+                min(cached_until, math.inf if exp is None else exp + skew),
+                idp,
+                documents_version,
             )
+            self._remember(selection, req.headers, answer)
         return decision
 
     async def _authenticate(

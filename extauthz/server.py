@@ -149,8 +149,8 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
             return await self._check(request, span)
 
     def _answer_again(self, request: ext.CheckRequest) -> ext.CheckResponse | None:
-        """The response to a credential the engine allowed on this route before and may allow
-        again without validating it (``Engine.reuse``); None when the whole path must run."""
+        """The response to a credential the engine decided on for this route before and may
+        answer again without validating it (``Engine.reuse``); None when the whole path must run."""
         started = time.perf_counter()
         attributes = request.attributes
         http = attributes.request.http
@@ -162,9 +162,12 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
             return None
         self._metrics.answer_reused()
         request_id = _request_id(headers)
-        response = self._render(decision, request_id, engine.config.server)
+        settings = engine.config.server
+        response = self._render(decision, request_id, settings)
+        status = 200 if decision.allowed else http_status(decision, settings)
         path = raw_path.split("?", 1)[0]
-        self._record(decision, method, path, request_id, time.perf_counter() - started, 0, 200)
+        elapsed = time.perf_counter() - started
+        self._record(decision, method, path, request_id, elapsed, 0, status)
         return response
 
     async def _check(self, request: ext.CheckRequest, span: Span | None) -> ext.CheckResponse:

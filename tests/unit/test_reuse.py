@@ -249,3 +249,52 @@ def test_the_fast_lane_answers_logs_and_counts_like_the_whole_path(rsa_key: Any,
     assert metrics.registry.get_sample_value("extauthz_check_duration_seconds_count") == 3
     answered = metrics.registry.get_sample_value("extauthz_cache_events_total", {"cache": "answer", "result": "hit"})
     assert answered == 1  # the first check fetched the documents; the second was remembered
+
+
+def test_an_expired_tokens_denial_is_given_again_until_the_keys_change(rsa_key: Any, rsa_key2: Any, clocks: Clocks) -> None:
+    idp = FakeIdp([rsa_key.public_jwk])
+    config = make_config(discovery_policy(), maxClockSkewInSeconds=30)
+    engine = warmed(build(config, idp, clocks), rsa_key)
+    exp = int(clocks.wall) - 60
+    token = rsa_key.sign(claims(exp=exp, iat=exp - 300))
+    denial = checked(engine, token)
+    assert denial.reason is Reason.TOKEN_EXPIRED
+    assert reused(engine, token) is denial
+    clocks.wall = exp + 30  # the clock stepped back inside the skew: the token is valid again
+    assert reused(engine, token) is None
+    assert checked(engine, token).allowed
+    clocks.wall = exp + 31
+    assert reused(engine, token) is None  # the allow ended at exp + skew
+    assert checked(engine, token).reason is Reason.TOKEN_EXPIRED
+    # Keys rotate: the remembered denial goes, and the token is now refused for its key.
+    idp.jwks = [rsa_key2.public_jwk]
+    clocks.advance(6)
+    assert checked(engine, rsa_key2.sign(claims())).allowed
+    assert reused(engine, token) is None
+    assert checked(engine, token).reason is Reason.KEY_NOT_FOUND
+
+
+def test_the_fast_lane_answers_an_expired_token_like_the_whole_path(rsa_key: Any, clocks: Clocks) -> None:
+    config = make_config(discovery_policy())
+    engine = build(config, FakeIdp([rsa_key.public_jwk]), clocks)
+    out = io.StringIO()
+    service = AuthorizationService(engine, JsonLogger(stream=out), Metrics())
+    token = rsa_key.sign(claims(exp=int(clocks.wall) - 10))
+
+    async def run() -> list[ext.CheckResponse]:
+        return [await service.Check(_request(token, f"rid-{i}"), None) for i in range(3)]  # type: ignore[arg-type]
+
+    responses = asyncio.run(run())
+    for i, resp in enumerate(responses):
+        headers = {h.header.key: h.header.value for h in resp.denied_response.headers}
+        assert resp.denied_response.status.code == 401
+        assert headers["x-extauthz-reason"] == "token_expired" and headers["x-request-id"] == f"rid-{i}"
+        assert headers["www-authenticate"] == 'Bearer realm="orders", error="invalid_token"'
+        assert json.loads(resp.denied_response.body)["request_id"] == f"rid-{i}"
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    access = [line for line in lines if line["event"] == "access"]
+    assert [(a["status"], a["reason"], a["decision"]) for a in access] == [(401, "token_expired", "deny")] * 3
+    assert [a["idpCalls"] for a in access] == [2, 0, 0]
+    failures = [line for line in lines if line["event"] not in ("access",)]
+    assert [f["requestId"] for f in failures] == ["rid-0", "rid-1", "rid-2"]
+    assert {f["message"] for f in failures} == {"Validation failed for 'exp' claim."}
