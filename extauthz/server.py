@@ -154,7 +154,7 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
         started = time.perf_counter()
         attributes = request.attributes
         http = attributes.request.http
-        headers = http.headers
+        headers = _Headers(http.headers)  # found as the whole path finds them
         raw_path, method = http.path, http.method
         engine = self.engine
         decision = engine.reuse(http.host, raw_path, method, attributes.context_extensions, headers)

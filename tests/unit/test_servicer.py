@@ -73,3 +73,28 @@ def test_header_names_are_matched_lower_case_whatever_the_client_sent() -> None:
     assert inp.headers["authorization"] == "Bearer lower" and dict(inp.headers) == {"authorization": "Bearer lower"}
     inp, request_id = lift_request(_http({}))
     assert inp.headers.get("authorization") is None and len(inp.headers) == 0 and len(request_id) == 36
+
+
+def test_the_fast_lane_finds_a_mixed_case_request_id_like_the_whole_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SERVICER_TEST_SECRET", "s")
+    cfg = parse_config({"deployments": [{"name": "o", "pathPrefix": "/", "authentication": {
+        "type": "TOKEN_AUTHENTICATION", "validationPolicy": {
+            "type": "REMOTE_INTROSPECTION", "uri": "https://idp.example.com/i",
+            "clientDetails": {"clientId": "c", "clientSecretEnv": "SERVICER_TEST_SECRET"}}}}]})
+
+    async def active(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"active": True, "sub": "svc"})
+
+    transport = httpx.MockTransport(active)
+    providers = Providers(cfg, client_factory=lambda _t: httpx.AsyncClient(transport=transport))
+    out = io.StringIO()
+    service = AuthorizationService(Engine(cfg, providers.by_deployment), JsonLogger(stream=out), Metrics())
+
+    async def run() -> None:
+        for i in range(3):
+            await service.Check(_http({"X-Request-Id": f"rid-{i}", "authorization": "Bearer opaque"}), _Context())
+
+    asyncio.run(run())
+    access = [json.loads(line) for line in out.getvalue().splitlines() if '"access"' in line]
+    assert [a["requestId"] for a in access] == ["rid-0", "rid-1", "rid-2"]
+    assert [a["idpCalls"] for a in access] == [1, 0, 0] and {a["decision"] for a in access} == {"allow"}
