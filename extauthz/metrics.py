@@ -16,6 +16,9 @@ _LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
+_MAX_PENDING = 10_000
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -59,7 +62,10 @@ class Metrics:
         key = (deployment, decision, reason)
         counts = self._check_counts
         counts[key] = counts.get(key, 0) + 1
-        self._check_seconds.append(seconds)
+        pending = self._check_seconds
+        pending.append(seconds)
+        if len(pending) >= _MAX_PENDING:  # nobody flushed (no server loop): stay bounded
+            self.flush()
 
     def flush(self) -> None:
         counts, self._check_counts = self._check_counts, {}

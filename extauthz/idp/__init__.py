@@ -62,8 +62,8 @@ class DeploymentIdp:
     # REMOTE_DISCOVERY: the document itself (what `extauthz probe` checks); None otherwise.
     discovery: DiscoveryProvider | None = None
     # The version of the IdP documents (JWKS, discovery) this deployment's decisions rest on,
-    # or None once one of them is past its TTL. An allow may be answered again without
-    # re-validation only while this still returns what it returned when the allow was made.
+    # or None once one of them is past its TTL. A decision may be answered again without
+    # re-validation only while this still returns what it returned when the decision was made.
     documents_version: Callable[[], int | None] = _never
 
 

@@ -298,3 +298,14 @@ def test_the_fast_lane_answers_an_expired_token_like_the_whole_path(rsa_key: Any
     failures = [line for line in lines if line["event"] not in ("access",)]
     assert [f["requestId"] for f in failures] == ["rid-0", "rid-1", "rid-2"]
     assert {f["message"] for f in failures} == {"Validation failed for 'exp' claim."}
+
+
+def test_check_metrics_stay_bounded_without_a_flushing_loop() -> None:
+    metrics = Metrics()
+    for _ in range(25_000):
+        metrics.check("orders", "allow", "none", 0.0002)
+    labels = {"deployment": "orders", "decision": "allow", "reason": "none"}
+    assert metrics.registry.get_sample_value("extauthz_checks_total", labels) == 20_000
+    metrics.flush()
+    assert metrics.registry.get_sample_value("extauthz_checks_total", labels) == 25_000
+    assert metrics.registry.get_sample_value("extauthz_check_duration_seconds_count") == 25_000
