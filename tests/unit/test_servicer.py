@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -25,21 +26,27 @@ class _Context:
         return ()
 
 
-def test_a_check_envoy_abandons_still_gets_an_access_line(monkeypatch: pytest.MonkeyPatch) -> None:
+def _introspecting_service(
+    monkeypatch: pytest.MonkeyPatch, idp: Callable[[httpx.Request], Awaitable[httpx.Response]]
+) -> tuple[AuthorizationService, io.StringIO]:
+    """The servicer on one REMOTE_INTROSPECTION deployment whose IdP is ``idp``; its log."""
     monkeypatch.setenv("SERVICER_TEST_SECRET", "s")
     cfg = parse_config({"deployments": [{"name": "o", "pathPrefix": "/", "authentication": {
         "type": "TOKEN_AUTHENTICATION", "validationPolicy": {
             "type": "REMOTE_INTROSPECTION", "uri": "https://idp.example.com/i",
             "clientDetails": {"clientId": "c", "clientSecretEnv": "SERVICER_TEST_SECRET"}}}}]})
+    transport = httpx.MockTransport(idp)
+    providers = Providers(cfg, client_factory=lambda _t: httpx.AsyncClient(transport=transport))
+    out = io.StringIO()
+    return AuthorizationService(Engine(cfg, providers.by_deployment), JsonLogger(stream=out), Metrics()), out
 
+
+def test_a_check_envoy_abandons_still_gets_an_access_line(monkeypatch: pytest.MonkeyPatch) -> None:
     async def never(request: httpx.Request) -> httpx.Response:
         await asyncio.sleep(60)
         raise AssertionError("not reached")
 
-    transport = httpx.MockTransport(never)
-    providers = Providers(cfg, client_factory=lambda _t: httpx.AsyncClient(transport=transport))
-    out = io.StringIO()
-    service = AuthorizationService(Engine(cfg, providers.by_deployment), JsonLogger(stream=out), Metrics())
+    service, out = _introspecting_service(monkeypatch, never)
     request = ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
         http=ac.AttributeContext.HttpRequest(method="GET", host="h", path="/x?q=1", headers={
             "x-request-id": "rid-cancelled", "authorization": "Bearer opaque"}))))
@@ -76,19 +83,10 @@ def test_header_names_are_matched_lower_case_whatever_the_client_sent() -> None:
 
 
 def test_the_fast_lane_finds_a_mixed_case_request_id_like_the_whole_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SERVICER_TEST_SECRET", "s")
-    cfg = parse_config({"deployments": [{"name": "o", "pathPrefix": "/", "authentication": {
-        "type": "TOKEN_AUTHENTICATION", "validationPolicy": {
-            "type": "REMOTE_INTROSPECTION", "uri": "https://idp.example.com/i",
-            "clientDetails": {"clientId": "c", "clientSecretEnv": "SERVICER_TEST_SECRET"}}}}]})
-
     async def active(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={"active": True, "sub": "svc"})
 
-    transport = httpx.MockTransport(active)
-    providers = Providers(cfg, client_factory=lambda _t: httpx.AsyncClient(transport=transport))
-    out = io.StringIO()
-    service = AuthorizationService(Engine(cfg, providers.by_deployment), JsonLogger(stream=out), Metrics())
+    service, out = _introspecting_service(monkeypatch, active)
 
     async def run() -> None:
         for i in range(3):
