@@ -847,6 +847,7 @@ def flood(st: Stack, prof: Profile, args: argparse.Namespace) -> dict[str, Any]:
     with extauthz(st, "introspection") as server:
         rss0 = usage([server.pid]).rss_kb / 1024
         samples: list[tuple[int, float]] = []  # (tokens introspected, RSS MB), every second
+        last = [0.0]  # when the last sample was taken
 
         def done() -> bool:
             tokens = st.idp("/_bench/stats")["distinct"] - base
@@ -855,7 +856,6 @@ def flood(st: Stack, prof: Profile, args: argparse.Namespace) -> dict[str, Any]:
                 samples.append((tokens, usage([server.pid]).rss_kb / 1024))
             return tokens >= prof.flood
 
-        last = [0.0]
         p = measure(
             st,
             "b",
