@@ -42,11 +42,34 @@ SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 CHECK_SPAN_NAME = f"{SERVICE_NAME}/Check"
 _RPC_ATTRIBUTES = {"rpc.system": "grpc", "rpc.service": SERVICE_NAME, "rpc.method": "Check"}
 _MAX_REQUEST_ID = 128
-_MAX_RENDERED = 8_192
+# As many as the engine's remembered answers, so that answering one again never renders it anew.
+_MAX_RENDERED = 16_384
 # Answered if rendering a decision itself fails: a denial with nothing taken from the request.
 _FALLBACK_DENIAL = to_check_response(
     deny(Reason.INTERNAL_ERROR, ""), "unavailable", ServerSettings()
 )
+
+# What the Check handler answers on the wire: a CheckResponse, or one already serialized (an allow
+# the engine reuses is serialized once; 171 bytes instead of a 1.6 KB message object).
+Wire = ext.CheckResponse | bytes
+
+
+def _serialize(response: Wire) -> bytes:
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def add_to_server(service: AuthorizationService, server: grpc.aio.Server) -> None:
+    """Register ``service.check_wire`` as ``Authorization/Check``: the generated registration,
+    with a serializer that passes pre-serialized responses through."""
+    handlers = {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            service.check_wire,
+            request_deserializer=ext.CheckRequest.FromString,
+            response_serializer=_serialize,
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def _request_id(headers: Mapping[str, str]) -> str:
@@ -124,13 +147,24 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
         self.engine = engine
         self._log = logger
         self._metrics = metrics
-        # id(decision) → (decision, response); the decision is kept so its id is not reused.
-        self._rendered: dict[int, tuple[Decision, ext.CheckResponse]] = {}
+        # id(decision) → (decision, serialized response); the decision is kept so that its id is
+        # not reused.
+        self._rendered: dict[int, tuple[Decision, bytes]] = {}
         self._renderer = Renderer(engine.config.server)
 
     async def Check(  # noqa: N802 (gRPC method name)
         self, request: ext.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ext.CheckResponse:
+        """The CheckResponse as a message (what :meth:`check_wire` answers, parsed if needed)."""
+        response = await self.check_wire(request, context)
+        if isinstance(response, bytes):
+            return ext.CheckResponse.FromString(response)
+        return response
+
+    async def check_wire(
+        self, request: ext.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Wire:
+        """The gRPC handler: the response to one CheckRequest, never an RPC error."""
         if not tracing.enabled():
             try:
                 response = self._answer_again(request)
@@ -148,7 +182,7 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
             current_trace_id.set(format(span.get_span_context().trace_id, "032x"))
             return await self._check(request, span)
 
-    def _answer_again(self, request: ext.CheckRequest) -> ext.CheckResponse | None:
+    def _answer_again(self, request: ext.CheckRequest) -> Wire | None:
         """The response to a credential the engine decided on for this route before and may
         answer again without validating it (``Engine.reuse``); None when the whole path must run."""
         started = time.perf_counter()
@@ -170,7 +204,7 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
         self._record(decision, method, path, request_id, elapsed, 0, status)
         return response
 
-    async def _check(self, request: ext.CheckRequest, span: Span | None) -> ext.CheckResponse:
+    async def _check(self, request: ext.CheckRequest, span: Span | None) -> Wire:
         started = time.perf_counter()
         calls = [0]
         idp_call_counter.set(calls)
@@ -208,6 +242,7 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
             )
             request_id = request_id or str(uuid.uuid4())
         settings = engine.config.server
+        response: Wire
         try:
             response = self._render(decision, request_id, settings)
             status = 200 if decision.allowed else http_status(decision, settings)
@@ -240,22 +275,21 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
                 span.set_status(StatusCode.ERROR, reason)
         return response
 
-    def _render(
-        self, decision: Decision, request_id: str, settings: ServerSettings
-    ) -> ext.CheckResponse:
+    def _render(self, decision: Decision, request_id: str, settings: ServerSettings) -> Wire:
+        """The response; an allow the engine reuses (no request id in it) is rendered and
+        serialized once."""
         if self._renderer.settings is not settings:  # a reloaded config
             self._renderer = Renderer(settings)
-        """The CheckResponse; an allow the engine reuses is rendered once (no request id in it)."""
         if not decision.reusable:
             return self._renderer.render(decision, request_id)
         cached = self._rendered.get(id(decision))
         if cached is not None and cached[0] is decision:
             return cached[1]
-        response = to_check_response(decision, request_id, settings)
+        wire = to_check_response(decision, request_id, settings).SerializeToString()
         if len(self._rendered) >= _MAX_RENDERED:
             self._rendered.clear()
-        self._rendered[id(decision)] = (decision, response)
-        return response
+        self._rendered[id(decision)] = (decision, wire)
+        return wire
 
     def _record(
         self,
@@ -385,7 +419,7 @@ async def run_server(
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     # The generated registration function carries no annotations.
-    ext_grpc.add_AuthorizationServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+    add_to_server(service, server)
     health_service = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     if server.add_insecure_port(listen) == 0:
