@@ -130,6 +130,22 @@ def curve_table(curve: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def flood_table(flood: Mapping[str, Any], rows: int = 10) -> str:
+    """RSS against distinct tokens introspected, at about ``rows`` even steps of the flood."""
+    samples = flood["rss_samples"]
+    step = max(1, len(samples) // rows)
+    picked = samples[::step]
+    if picked[-1] != samples[-1]:
+        picked.append(samples[-1])
+    lines = ["| distinct tokens | RSS MB |", "|--:|--:|"]
+    lines += [f"| {n:,} | {mb:.1f} |" for n, mb in picked]
+    lines.append(
+        f"\n{flood['idp_distinct_tokens']:,} tokens in {flood['seconds']:.0f} s "
+        f"({flood['rate']:,.0f}/s); peak RSS {flood.get('rss_peak_mb', flood['rss_mb']):.1f} MB."
+    )
+    return "\n".join(lines)
+
+
 def markdown(results: Mapping[str, Any]) -> str:
     meta = results["meta"]
     parts = [
@@ -148,8 +164,14 @@ def markdown(results: Mapping[str, Any]) -> str:
         "",
         results_table(results["scenarios"]),
     ]
-    if results.get("targets"):
-        parts += ["", "## Targets of issue 7", "", targets_table(results["targets"])]
+    targets = results.get("targets", [])
+    if not results["scenarios"]:  # the flood alone (`make bench-flood`)
+        parts = parts[:3]
+        targets = [t for t in targets if t["value"] is not None]
+    if targets:
+        parts += ["", "## Targets of issue 7", "", targets_table(targets)]
+    if results.get("flood", {}).get("rss_samples"):
+        parts += ["", "## RSS during the token flood", "", flood_table(results["flood"])]
     if results.get("curve"):
         parts += [
             "",

@@ -418,7 +418,6 @@ async def run_server(
         task.add_done_callback(retired.discard)
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-    # The generated registration function carries no annotations.
     add_to_server(service, server)
     health_service = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
