@@ -156,17 +156,19 @@ def markdown(results: Mapping[str, Any]) -> str:
         f"{meta['connections']} connections, wrk "
         f"{meta['wrk_threads']} thread) · extauthz `--workers {meta['workers']}` · "
         f"commit {meta.get('commit', '?')} · run took {meta.get('elapsed_s', 0):.0f} s",
-        "",
-        "(a) do-nothing grpc.aio ext_authz server · (b) extauthz · (c) Envoy jwt_authn; all "
-        "behind the same Envoy (`--concurrency 1`, direct_response upstream). Ratios compare "
-        "points of this one run. server CPU: the ext_authz process(es), from /proc; total CPU "
-        "adds Envoy's.",
-        "",
-        results_table(results["scenarios"]),
     ]
     targets = results.get("targets", [])
-    if not results["scenarios"]:  # the flood alone (`make bench-flood`)
-        parts = parts[:3]
+    if results["scenarios"]:
+        parts += [
+            "",
+            "(a) do-nothing grpc.aio ext_authz server · (b) extauthz · (c) Envoy jwt_authn; all "
+            "behind the same Envoy (`--concurrency 1`, direct_response upstream). Ratios compare "
+            "points of this one run. server CPU: the ext_authz process(es), from /proc; total "
+            "CPU adds Envoy's.",
+            "",
+            results_table(results["scenarios"]),
+        ]
+    else:  # the flood alone (`make bench-flood`): only what was measured
         targets = [t for t in targets if t["value"] is not None]
     if targets:
         parts += ["", "## Targets of issue 7", "", targets_table(targets)]

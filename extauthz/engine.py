@@ -34,14 +34,14 @@ from .validation import (
 )
 from .verified import Verified, VerifiedTokens, token_digest
 
-__all__ = ["IDP_FAILED_EVENT", "NO_POLICY_EVENT", "Answer", "CheckInput", "Engine"]
+__all__ = ["IDP_FAILED_EVENT", "MAX_ANSWERS", "NO_POLICY_EVENT", "Answer", "CheckInput", "Engine"]
 
 IDP_FAILED_EVENT = "authentication.idpCallFailed"
 NO_POLICY_EVENT = "routing.noMatchingPolicy"
 _MAX_REUSED_ALLOWS = 8_192
 _MAX_ROUTES = 8_192
 _MAX_ROUTE_KEY_CHARS = 512  # longer host + path: selected every time, never kept
-_MAX_ANSWERS = 16_384
+MAX_ANSWERS = 16_384  # remembered answers; the server keeps as many rendered responses
 EXPIRED_TOKEN_MEMORY_SECONDS = 300.0
 _NO_CLAIMS: Mapping[str, Any] = {}  # an anonymous allow
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but TAB
@@ -198,7 +198,7 @@ class Engine:
         value = headers.get(policy.token_header) if policy.token_header is not None else None
         if value is None or answer.not_before > answer.not_after:
             return
-        if len(self._answers) >= _MAX_ANSWERS:
+        if len(self._answers) >= MAX_ANSWERS:
             self._answers.clear()
         last_value, digest = self._last_digest
         if value != last_value:

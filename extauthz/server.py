@@ -26,7 +26,7 @@ from ._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from .admin import AdminServer
 from .config import Config, ServerSettings
 from .decision import Decision, Reason, deny
-from .engine import IDP_FAILED_EVENT, CheckInput, Engine, idp_log_fields
+from .engine import IDP_FAILED_EVENT, MAX_ANSWERS, CheckInput, Engine, idp_log_fields
 from .errors import IdpError
 from .idp import Providers
 from .idp.http import idp_call_counter
@@ -43,7 +43,7 @@ CHECK_SPAN_NAME = f"{SERVICE_NAME}/Check"
 _RPC_ATTRIBUTES = {"rpc.system": "grpc", "rpc.service": SERVICE_NAME, "rpc.method": "Check"}
 _MAX_REQUEST_ID = 128
 # As many as the engine's remembered answers, so that answering one again never renders it anew.
-_MAX_RENDERED = 16_384
+_MAX_RENDERED = MAX_ANSWERS
 # Answered if rendering a decision itself fails: a denial with nothing taken from the request.
 _FALLBACK_DENIAL = to_check_response(
     deny(Reason.INTERNAL_ERROR, ""), "unavailable", ServerSettings()
