@@ -41,7 +41,7 @@ NO_POLICY_EVENT = "routing.noMatchingPolicy"
 _MAX_REUSED_ALLOWS = 8_192
 _MAX_ROUTES = 8_192
 _MAX_ROUTE_KEY_CHARS = 512  # longer host + path: selected every time, never kept
-MAX_ANSWERS = 16_384  # remembered answers; the server keeps as many rendered responses
+MAX_ANSWERS = 16_384  # remembered answers (with their serialized responses)
 EXPIRED_TOKEN_MEMORY_SECONDS = 300.0
 _NO_CLAIMS: Mapping[str, Any] = {}  # an anonymous allow
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but TAB
@@ -83,7 +83,7 @@ def _credential_digest(value: str) -> bytes:
     return hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class Answer:
     """A decision that may be given again to the same credential on the same route without
     validating it again: while the wall clock is within ``[not_before, not_after]`` and the IdP
@@ -96,6 +96,10 @@ class Answer:
     not_after: float
     idp: DeploymentIdp
     documents_version: int
+    # The server's serialized response to a reusable allow, set the first time the answer is
+    # given again; the engine never reads it. Kept here rather than in a cache of the server's
+    # own, a remembered answer is two objects for the garbage collector to visit, not three.
+    wire: bytes | None = None
 
     def valid(self, now: float) -> bool:
         return (
@@ -164,8 +168,8 @@ class Engine:
         method: str,
         context_extensions: Mapping[str, str],
         headers: Mapping[str, str],
-    ) -> Decision | None:
-        """The decision an earlier check gave the same credential on the same route, if it may be
+    ) -> Answer | None:
+        """The answer an earlier check gave the same credential on the same route, if it may be
         given again now (see :class:`Answer`); None sends the check down the whole path.
 
         ``host``, ``raw_path`` and ``method`` are the CheckRequest's own fields: when one is empty
@@ -185,7 +189,7 @@ class Engine:
         self._last_digest = (value, digest)  # a miss goes on to check(), which needs it again
         answer = self._answers.get((id(selection.deployment), id(selection.route), digest))
         if answer is not None and answer.valid(self._clock()):
-            return answer.decision
+            return answer
         return None
 
     def _remember(

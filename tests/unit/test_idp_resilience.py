@@ -177,6 +177,29 @@ def test_cache_is_bounded() -> None:
     assert len(client) == 100
 
 
+def test_a_cached_answer_is_the_same_claims_and_holds_nothing_the_collector_visits() -> None:
+    import gc
+
+    from extauthz.idp.introspection import IntrospectionClient
+
+    idp = Introspector()
+    idp.answer = {"active": True, "sub": "svc", "aud": ["a", "b"], "cnf": {"x5t#S256": "t"}, "exp": 4_000_000_000}
+    transport = httpx.MockTransport(idp)
+    providers = Providers(config(), client_factory=lambda _t: httpx.AsyncClient(transport=transport))
+    client = providers.by_deployment["opaque"].introspection
+    assert isinstance(client, IntrospectionClient)
+
+    async def run() -> list[dict[str, Any] | None]:
+        return [await client.introspect("t1"), await client.introspect("t1")]
+
+    fetched, cached = asyncio.run(run())
+    assert idp.calls == 1 and fetched == cached == {"sub": "svc", "aud": ["a", "b"], "cnf": {"x5t#S256": "t"}, "exp": 4_000_000_000}
+    assert cached is not fetched  # each hit is its own copy: no caller can change the cache
+    gc.collect()  # untracks tuples of atoms, as every collection does
+    (entry,) = client._cache.values()  # noqa: SLF001
+    assert not gc.is_tracked(entry) and entry[1] == b'{"sub":"svc","aud":["a","b"],"cnf":{"x5t#S256":"t"},"exp":4000000000}'
+
+
 @pytest.mark.parametrize(
     ("status", "message"),
     [
