@@ -634,9 +634,10 @@ def run_scenario(
         if sc.id == "1":
             results["curve"] = curve(st, load, server, prof, args, out["points"])
         if sc.id == "5":
-            out["extra_points"]["b@½sat"] = half_saturation(
-                st, load, server, prof, args, out["points"]["b"]
-            )
+            for name, fraction in (("½", 0.5), ("⅒", 0.1)):
+                out["extra_points"][f"b@{name}sat"] = paced_to_saturation(
+                    st, load, server, prof, args, out["points"]["b"], fraction, name
+                )
         if args.profile and sc.id in args.profile_scenarios:
             path = results_dir(args) / f"profile-s{sc.id}.txt"
             measure(
@@ -721,19 +722,22 @@ def curve(
     return pts
 
 
-def half_saturation(
+def paced_to_saturation(
     st: Stack,
     load: Load,
     server: Proc,
     prof: Profile,
     args: argparse.Namespace,
     sat: Mapping[str, Any],
+    fraction: float,
+    name: str,
 ) -> dict[str, Any]:
-    """Scenario 5 paced at about half the saturation rate just measured: each of the
-    connections waits ``delay`` between requests so that connections / (delay + latency) is
-    half that rate. The latency at that load is not the saturated one, so a 2 s calibration
-    run at a first guess measures it (wrk is closed-loop; the achieved rate is reported)."""
-    target = sat["rate"] / 2
+    """Scenario 5 paced at about ``fraction`` of the saturation rate just measured (½ for the
+    target; ⅒ shows the latency with next to no queueing): each of the connections waits
+    ``delay`` between requests so that connections / (delay + latency) is that rate. The latency
+    at that load is not the saturated one, so a 2 s calibration run at a first guess measures it
+    (wrk is closed-loop; the achieved rate is reported)."""
+    target = sat["rate"] * fraction
     first = 0.85 * pacing_delay(prof.connections, target, 0.0)
     calibration = run_wrk(
         st.url("b"),
@@ -754,10 +758,10 @@ def half_saturation(
         threads=args.wrk_threads,
         server=server,
         expect=200,
-        label="extauthz, paced to ½ saturation",
+        label=f"extauthz, paced to {name} saturation",
     )
     p["target_rate"] = target
-    log(f"scenario 5 half saturation (target {target:.0f}/s): {_summary(p)}")
+    log(f"scenario 5 at {name} saturation (target {target:.0f}/s): {_summary(p)}")
     return p
 
 
@@ -846,16 +850,18 @@ def flood(st: Stack, prof: Profile, args: argparse.Namespace, seconds: int) -> d
     """``prof.flood`` distinct opaque tokens (IdP without latency) into a fresh extauthz, for at
     most ``seconds``; RSS throughout, against the default cache bounds."""
     st.idp("/_bench/latency?ms=0")
-    threads = max(1, min(args.wrk_threads, prof.connections))
-    load = Load(mode="unique", stop_after=-(-prof.flood // threads))
-    base = st.idp("/_bench/stats")["distinct"]
+    # No per-thread stop_after: wrk's threads stop when asked for one more request than their
+    # share, cutting the answers in flight, so the IdP might never see the last tokens and the
+    # flood would idle to its time cap. New tokens flow until the IdP has seen them all.
+    load = Load(mode="unique")
+    base = int(st.idp("/_bench/stats")["distinct"])
     with extauthz(st, "introspection") as server:
         rss0 = usage([server.pid]).rss_kb / 1024
         samples: list[tuple[int, float]] = []  # (tokens introspected, RSS MB), every second
         last = [0.0]  # when the last sample was taken
 
         def done() -> bool:
-            tokens = st.idp("/_bench/stats")["distinct"] - base
+            tokens = int(st.idp("/_bench/stats")["distinct"]) - base
             if not samples or time.monotonic() - last[0] >= 1.0:
                 last[0] = time.monotonic()
                 samples.append((tokens, usage([server.pid]).rss_kb / 1024))

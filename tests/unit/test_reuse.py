@@ -252,6 +252,22 @@ def test_the_fast_lane_answers_logs_and_counts_like_the_whole_path(rsa_key: Any,
     assert answered == 1  # the first check fetched the documents; the second was remembered
 
 
+def test_an_allow_given_again_is_serialized_once_and_kept_with_its_answer(rsa_key: Any, clocks: Clocks) -> None:
+    engine = warmed(build(make_config(discovery_policy()), FakeIdp([rsa_key.public_jwk]), clocks), rsa_key)
+    service = AuthorizationService(engine, JsonLogger(stream=io.StringIO()), Metrics())
+    token = rsa_key.sign(claims(exp=int(clocks.wall) + 600))
+
+    async def run() -> list[Any]:
+        return [await service.check_wire(_request(token, f"rid-{i}"), None) for i in range(3)]  # type: ignore[arg-type]
+
+    first, second, third = asyncio.run(run())
+    assert isinstance(first, ext.CheckResponse)  # the whole path: a message, serialized by gRPC
+    assert isinstance(second, bytes) and third is second  # given again: the bytes kept with the answer
+    assert ext.CheckResponse.FromString(second) == first
+    answer = engine.reuse(HOST, "/orders/42", "GET", {}, {"authorization": f"Bearer {token}"})
+    assert answer is not None and answer.wire is second
+
+
 def test_an_expired_tokens_denial_is_given_again_until_the_keys_change(rsa_key: Any, rsa_key2: Any, clocks: Clocks) -> None:
     idp = FakeIdp([rsa_key.public_jwk])
     config = make_config(discovery_policy(), maxClockSkewInSeconds=30)
