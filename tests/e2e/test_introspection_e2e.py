@@ -16,10 +16,9 @@ import httpx
 import pytest
 
 from tests.e2e.test_jwt_e2e import (
-    INVALID_TOKEN,
     assert_access_line,
     assert_denied,
-    assert_failure_line,
+    assert_invalid_token,
     upstream_echo,
 )
 
@@ -131,14 +130,7 @@ def test_revoked_token_is_401_token_inactive(idp: IdP, gateway: Gateway, logs: L
     token = opaque_token(idp)
     revoke(idp, token)
     call = gateway.request("GET", "/opaque/42", token=token)
-    assert_denied(
-        call,
-        status=401,
-        error="invalid_token",
-        reason="token_inactive",
-        www_authenticate=INVALID_TOKEN.format(realm="opaque"),
-    )
-    assert_failure_line(logs, call, reason="token_inactive")
+    assert_invalid_token(logs, call, realm="opaque", reason="token_inactive")
     assert_access_line(
         logs, call, deployment="opaque", status=401, decision="deny", reason="token_inactive", idpCalls=1
     )
@@ -147,14 +139,7 @@ def test_revoked_token_is_401_token_inactive(idp: IdP, gateway: Gateway, logs: L
 def test_unknown_token_is_401_token_inactive(gateway: Gateway, logs: Logs) -> None:
     """A random string the IdP never issued: 401 token_inactive, not an IdP failure."""
     call = gateway.request("GET", "/opaque/42", token=secrets.token_urlsafe(32))
-    assert_denied(
-        call,
-        status=401,
-        error="invalid_token",
-        reason="token_inactive",
-        www_authenticate=INVALID_TOKEN.format(realm="opaque"),
-    )
-    assert_failure_line(logs, call, reason="token_inactive")
+    assert_invalid_token(logs, call, realm="opaque", reason="token_inactive")
 
 
 def test_opaque_token_for_another_audience_is_401_audience_mismatch(
@@ -162,32 +147,17 @@ def test_opaque_token_for_another_audience_is_401_audience_mismatch(
 ) -> None:
     """An active token whose introspected aud is not among the deployment's audiences: 401."""
     call = gateway.request("GET", "/opaque-wrong-audience/1", token=opaque_token(idp))
-    assert_denied(
-        call,
-        status=401,
-        error="invalid_token",
-        reason="audience_mismatch",
-        www_authenticate=INVALID_TOKEN.format(realm="opaque-wrong-audience"),
-    )
-    assert_failure_line(
-        logs, call, reason="audience_mismatch", message="JWT token not issued for the configured audience."
+    assert_invalid_token(
+        logs, call, realm="opaque-wrong-audience", reason="audience_mismatch",
+        message="JWT token not issued for the configured audience.",
     )
 
 
 def test_opaque_token_with_wrong_claim_value_is_401(idp: IdP, gateway: Gateway, logs: Logs) -> None:
     """verifyClaims applies to introspected claims: globex's tenant is not acme."""
     call = gateway.request("GET", "/opaque/1", token=opaque_token(idp, "globex-client"))
-    assert_denied(
-        call,
-        status=401,
-        error="invalid_token",
-        reason="claim_value_mismatch",
-        www_authenticate=INVALID_TOKEN.format(realm="opaque"),
-    )
-    assert_failure_line(
-        logs,
-        call,
-        reason="claim_value_mismatch",
+    assert_invalid_token(
+        logs, call, realm="opaque", reason="claim_value_mismatch",
         message="JWT token does not have the expected claim value for 'tenant'.",
     )
 

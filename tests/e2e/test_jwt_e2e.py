@@ -86,6 +86,32 @@ def assert_failure_line(
     return line
 
 
+def assert_invalid_token(
+    logs: Logs,
+    call: Call,
+    *,
+    realm: str,
+    reason: str,
+    message: str | None = None,
+    deployment: str | None = None,
+    legacy: bool = False,
+) -> None:
+    """A 401 ``invalid_token`` denial on every surface, its execution log line and, when
+    ``deployment`` is given, its access line."""
+    assert_denied(
+        call,
+        status=401,
+        error="invalid_token",
+        reason=reason,
+        www_authenticate=INVALID_TOKEN.format(realm=realm),
+    )
+    assert_failure_line(logs, call, reason=reason, message=message, legacy=legacy)
+    if deployment is not None:
+        assert_access_line(
+            logs, call, deployment=deployment, status=401, decision="deny", reason=reason
+        )
+
+
 def upstream_echo(call: Call) -> dict[str, Any]:
     """What the echo upstream saw: method, path and (lower-cased) headers."""
     assert call.response.status_code == 200, call.response.text
@@ -171,47 +197,27 @@ def test_missing_token_is_401_without_error_code(gateway: Gateway, logs: Logs) -
 def test_tampered_signature_is_rejected(idp: IdP, gateway: Gateway, logs: Logs) -> None:
     """One changed character in the signature: 401 signature_invalid."""
     call = gateway.request("GET", "/orders/42", token=tamper_signature(idp.token("acme-client")))
-    assert_denied(
-        call,
-        status=401,
-        error="invalid_token",
-        reason="signature_invalid",
-        www_authenticate=INVALID_TOKEN.format(realm="orders"),
-    )
-    assert_failure_line(logs, call, reason="signature_invalid")
-    assert_access_line(
-        logs, call, deployment="orders", status=401, decision="deny", reason="signature_invalid"
+    assert_invalid_token(
+        logs, call, realm="orders", reason="signature_invalid", deployment="orders"
     )
 
 
 def test_garbage_token_is_malformed(gateway: Gateway, logs: Logs) -> None:
     """A bearer value that is not a JWT at all: 401 token_malformed."""
     call = gateway.request("GET", "/orders/42", token="not-a-jwt")
-    assert_denied(
-        call,
-        status=401,
-        error="invalid_token",
-        reason="token_malformed",
-        www_authenticate=INVALID_TOKEN.format(realm="orders"),
-    )
-    assert_failure_line(logs, call, reason="token_malformed")
+    assert_invalid_token(logs, call, realm="orders", reason="token_malformed")
 
 
 def test_expired_token_is_rejected(expired_token: str, gateway: Gateway, logs: Logs) -> None:
     """A token past its exp, with no clock skew allowed: 401 token_expired."""
     call = gateway.request("GET", "/orders/42", token=expired_token)
-    assert_denied(
+    assert_invalid_token(
+        logs,
         call,
-        status=401,
-        error="invalid_token",
+        realm="orders",
         reason="token_expired",
-        www_authenticate=INVALID_TOKEN.format(realm="orders"),
-    )
-    assert_failure_line(
-        logs, call, reason="token_expired", message="Validation failed for 'exp' claim."
-    )
-    assert_access_line(
-        logs, call, deployment="orders", status=401, decision="deny", reason="token_expired"
+        message="Validation failed for 'exp' claim.",
+        deployment="orders",
     )
 
 
@@ -227,37 +233,23 @@ def test_expired_token_within_clock_skew_is_accepted(
 def test_wrong_issuer_is_rejected(idp: IdP, gateway: Gateway, logs: Logs) -> None:
     """A deployment that trusts another issuer: 401 issuer_mismatch."""
     call = gateway.request("GET", "/wrong-issuer/x", token=idp.token("acme-client"))
-    assert_denied(
-        call,
-        status=401,
-        error="invalid_token",
-        reason="issuer_mismatch",
-        www_authenticate=INVALID_TOKEN.format(realm="wrong-issuer"),
-    )
-    assert_failure_line(
+    assert_invalid_token(
         logs,
         call,
+        realm="wrong-issuer",
         reason="issuer_mismatch",
         message="JWT token not issued by the configured issuers.",
-    )
-    assert_access_line(
-        logs, call, deployment="wrong-issuer", status=401, decision="deny", reason="issuer_mismatch"
+        deployment="wrong-issuer",
     )
 
 
 def test_token_for_another_audience_is_rejected(idp: IdP, gateway: Gateway, logs: Logs) -> None:
     """A genuine token issued for https://other.example.com: 401 audience_mismatch."""
     call = gateway.request("GET", "/orders/42", token=idp.token("acme-client", resource=OTHER_API))
-    assert_denied(
-        call,
-        status=401,
-        error="invalid_token",
-        reason="audience_mismatch",
-        www_authenticate=INVALID_TOKEN.format(realm="orders"),
-    )
-    assert_failure_line(
+    assert_invalid_token(
         logs,
         call,
+        realm="orders",
         reason="audience_mismatch",
         message="JWT token not issued for the configured audience.",
     )
@@ -266,36 +258,25 @@ def test_token_for_another_audience_is_rejected(idp: IdP, gateway: Gateway, logs
 def test_missing_required_claim_is_rejected(idp: IdP, gateway: Gateway, logs: Logs) -> None:
     """plain-client's token has no tenant claim: 401 claim_missing."""
     call = gateway.request("GET", "/orders/42", token=idp.token("plain-client"))
-    assert_denied(
+    assert_invalid_token(
+        logs,
         call,
-        status=401,
-        error="invalid_token",
+        realm="orders",
         reason="claim_missing",
-        www_authenticate=INVALID_TOKEN.format(realm="orders"),
-    )
-    assert_failure_line(
-        logs, call, reason="claim_missing", message="JWT token missing required claim 'tenant'."
+        message="JWT token missing required claim 'tenant'.",
     )
 
 
 def test_wrong_claim_value_is_rejected(idp: IdP, gateway: Gateway, logs: Logs) -> None:
     """globex-client's token has tenant globex, orders wants acme: 401 claim_value_mismatch."""
     call = gateway.request("GET", "/orders/42", token=idp.token("globex-client"))
-    assert_denied(
-        call,
-        status=401,
-        error="invalid_token",
-        reason="claim_value_mismatch",
-        www_authenticate=INVALID_TOKEN.format(realm="orders"),
-    )
-    assert_failure_line(
+    assert_invalid_token(
         logs,
         call,
+        realm="orders",
         reason="claim_value_mismatch",
         message="JWT token does not have the expected claim value for 'tenant'.",
-    )
-    assert_access_line(
-        logs, call, deployment="orders", status=401, decision="deny", reason="claim_value_mismatch"
+        deployment="orders",
     )
 
 
@@ -363,14 +344,7 @@ def test_anonymous_access_still_uses_a_valid_token(idp: IdP, gateway: Gateway) -
 def test_anonymous_access_still_rejects_a_bad_token(idp: IdP, gateway: Gateway, logs: Logs) -> None:
     """isAnonymousAccessAllowed does not excuse a token that was sent and is invalid."""
     call = gateway.request("GET", "/public/hello", token=tamper_signature(idp.token("acme-client")))
-    assert_denied(
-        call,
-        status=401,
-        error="invalid_token",
-        reason="signature_invalid",
-        www_authenticate=INVALID_TOKEN.format(realm="public"),
-    )
-    assert_failure_line(logs, call, reason="signature_invalid")
+    assert_invalid_token(logs, call, realm="public", reason="signature_invalid")
 
 
 # -- legacy JWT_AUTHENTICATION form --------------------------------------------------------------
@@ -390,19 +364,13 @@ def test_legacy_jwt_authentication_logs_its_own_event(
 ) -> None:
     """A legacy deployment's failure is logged as jwtAuthentication.authenticationFailed."""
     call = gateway.request("GET", "/legacy/1", token=idp.token("globex-client"))
-    assert_denied(
-        call,
-        status=401,
-        error="invalid_token",
-        reason="claim_value_mismatch",
-        www_authenticate=INVALID_TOKEN.format(realm="legacy"),
-    )
-    assert_failure_line(
+    assert_invalid_token(
         logs,
         call,
+        realm="legacy",
         reason="claim_value_mismatch",
-        legacy=True,
         message="JWT token does not have the expected claim value for 'tenant'.",
+        legacy=True,
     )
 
 
