@@ -1,7 +1,10 @@
 """The one place that talks HTTP to identity providers and translates httpx errors.
 
 Every IdP request goes through :func:`fetch_json` on an injected ``httpx.AsyncClient``, so tests
-can pass ``httpx.MockTransport`` and production gets one pooled client per TLS setting.
+can pass ``httpx.MockTransport`` and production gets one pooled client per TLS setting. Requests
+are built whole (parsed URL, headers, encoded body, timeout) and handed to ``client.send``: the
+client's request building merged defaults and parsed the URL again on every call, about a tenth
+of an introspection call's CPU.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Protocol
+from urllib.parse import urlencode
 
 import certifi
 import httpx
@@ -38,6 +42,9 @@ __all__ = [
 
 MAX_BODY_BYTES = 1024 * 1024  # a JWKS, discovery document or introspection answer is small
 MAX_OUTSTANDING_CALLS = 64  # per endpoint; the pooled client holds as many connections
+# Every IdP request's own headers (requests are sent whole, so the client's defaults do not apply).
+BASE_HEADERS = (("accept", "application/json"), ("user-agent", "extauthz"))
+_FORM = ("content-type", "application/x-www-form-urlencoded")
 
 # Counts the IdP calls made on behalf of the current check (access log field `idpCalls`).
 idp_call_counter: ContextVar[list[int] | None] = ContextVar("idp_call_counter", default=None)
@@ -73,7 +80,7 @@ def make_client(
         limits=httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections
         ),
-        headers={"accept": "application/json", "user-agent": "extauthz"},
+        headers=dict(BASE_HEADERS),
     )
     tracing.instrument_client(client)
     return client
@@ -125,6 +132,33 @@ def _count_call() -> None:
         counter[0] += 1
 
 
+def _build_request(
+    endpoint: str,
+    url: httpx.URL,
+    *,
+    timeout: float,
+    method: str = "GET",
+    data: Mapping[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> httpx.Request:
+    """One whole IdP request: ``data`` form-encoded as the body, ``headers`` over the base ones."""
+    all_headers = [*BASE_HEADERS, *(headers or {}).items()]
+    body = None
+    if data is not None:
+        all_headers.append(_FORM)
+        body = urlencode(data).encode()
+    return httpx.Request(
+        method,
+        url,
+        headers=all_headers,
+        content=body,
+        extensions={
+            "timeout": httpx.Timeout(timeout).as_dict(),
+            tracing.ENDPOINT_EXTENSION: endpoint,
+        },
+    )
+
+
 async def fetch_json(
     client: httpx.AsyncClient,
     endpoint: str,
@@ -133,19 +167,23 @@ async def fetch_json(
     timeout: float,
     method: str = "GET",
     data: Mapping[str, str] | None = None,
-    auth: httpx.Auth | None = None,
+    headers: Mapping[str, str] | None = None,
+    url: httpx.URL | None = None,
 ) -> IdpResponse:
-    """Call an IdP endpoint and return its JSON, or raise an :class:`~extauthz.errors.IdpError`."""
+    """Call an IdP endpoint and return its JSON, or raise an :class:`~extauthz.errors.IdpError`.
+    ``url`` is ``uri`` already parsed, when the caller keeps it."""
     _count_call()
     try:
-        async with client.stream(
-            method,
-            uri,
+        request = _build_request(
+            endpoint,
+            url if url is not None else httpx.URL(uri),
+            timeout=timeout,
+            method=method,
             data=data,
-            auth=auth if auth is not None else httpx.USE_CLIENT_DEFAULT,
-            timeout=httpx.Timeout(timeout),
-            extensions={tracing.ENDPOINT_EXTENSION: endpoint},
-        ) as resp:
+            headers=headers,
+        )
+        resp = await client.send(request, stream=True)
+        try:
             if not 200 <= resp.status_code < 300:
                 try:
                     phrase = HTTPStatus(resp.status_code).phrase
@@ -158,6 +196,8 @@ async def fetch_json(
                 if len(body) > MAX_BODY_BYTES:
                     raise IdpBadResponse(endpoint, uri, "response larger than 1 MiB")
             max_age = _max_age(resp.headers)
+        finally:
+            await resp.aclose()
     except httpx.TimeoutException as exc:
         raise IdpUnreachable(endpoint, uri, "TIMEOUT") from exc
     except httpx.ConnectError as exc:
@@ -206,6 +246,10 @@ class IdpEndpoint:
     ) -> None:
         self.name = name
         self.uri = uri
+        try:
+            self._url: httpx.URL | None = httpx.URL(uri)
+        except httpx.InvalidURL:
+            self._url = None  # each call fails as it parses the uri, and is denied then
         self._client = client
         self._timeout = timeout
         self.breaker = breaker or CircuitBreaker()
@@ -219,7 +263,7 @@ class IdpEndpoint:
         *,
         method: str = "GET",
         data: Mapping[str, str] | None = None,
-        auth: httpx.Auth | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> IdpResponse:
         if not self.breaker.allow():
             exc: IdpError = CircuitOpen(self.name, self.uri, rfc3339(self.breaker.open_until()))
@@ -227,7 +271,7 @@ class IdpEndpoint:
             raise exc
         started = time.perf_counter()
         try:
-            resp = await self._limited(method, data, auth)
+            resp = await self._limited(method, data, headers)
         except IdpError as exc:
             self.breaker.failure()
             self.last_error = exc
@@ -243,7 +287,7 @@ class IdpEndpoint:
         return resp
 
     async def _limited(
-        self, method: str, data: Mapping[str, str] | None, auth: httpx.Auth | None
+        self, method: str, data: Mapping[str, str] | None, headers: Mapping[str, str] | None
     ) -> IdpResponse:
         # One deadline for the whole call: waiting for a slot, connecting, a retry and reading
         # together take at most timeoutSeconds, so a check never waits twice the timeout.
@@ -252,7 +296,7 @@ class IdpEndpoint:
             async with asyncio.timeout(self._timeout):
                 await self._slots.acquire()
                 acquired = True
-                return await self._call_once_or_twice(method, data, auth)
+                return await self._call_once_or_twice(method, data, headers)
         except TimeoutError:
             raise IdpUnreachable(self.name, self.uri, "TIMEOUT") from None
         finally:
@@ -260,7 +304,7 @@ class IdpEndpoint:
                 self._slots.release()
 
     async def _call_once_or_twice(
-        self, method: str, data: Mapping[str, str] | None, auth: httpx.Auth | None
+        self, method: str, data: Mapping[str, str] | None, headers: Mapping[str, str] | None
     ) -> IdpResponse:
         for attempt in (1, 2):
             try:
@@ -271,7 +315,8 @@ class IdpEndpoint:
                     timeout=self._timeout,
                     method=method,
                     data=data,
-                    auth=auth,
+                    headers=headers,
+                    url=self._url,
                 )
             except IdpUnreachable as exc:
                 refused = exc.before_request and exc.kind == "CONNECTION_REFUSED"

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import time
@@ -20,8 +21,6 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote_plus
-
-import httpx
 
 from ..config import ClientDetails
 from ..errors import IdpBadResponse
@@ -69,6 +68,9 @@ class IntrospectionClient:
         self._endpoint = endpoint
         self._client = client
         self._secret = secret
+        # RFC 6749 §2.3.1: both parts are form-urlencoded before Basic encoding.
+        pair = f"{quote_plus(client.client_id)}:{quote_plus(secret.reveal())}"
+        self._basic = ClientSecret("Basic " + base64.b64encode(pair.encode()).decode("ascii"))
         self._max_cache_seconds = max_cache_seconds
         self._observer = observer or NullObserver()
         self._clock = clock
@@ -111,15 +113,12 @@ class IntrospectionClient:
     async def _fetch(self, key: bytes, token: str) -> dict[str, Any]:
         endpoint = await self._endpoint()
         form = {"token": token, "token_type_hint": "access_token"}
-        auth: httpx.Auth | None = None
+        headers: dict[str, str] | None = None
         if self._client.auth_method == "client_secret_post":
             form.update(client_id=self._client.client_id, client_secret=self._secret.reveal())
         else:
-            # RFC 6749 §2.3.1: both parts are form-urlencoded before Basic encoding.
-            auth = httpx.BasicAuth(
-                quote_plus(self._client.client_id), quote_plus(self._secret.reveal())
-            )
-        resp = await endpoint.call(method="POST", data=form, auth=auth)
+            headers = {"authorization": self._basic.reveal()}
+        resp = await endpoint.call(method="POST", data=form, headers=headers)
         body = resp.data
         if not isinstance(body, dict) or not isinstance(body.get("active"), bool):
             # RFC 7662 §2.2: `active` is REQUIRED and a boolean; "yes" or 1 is not an answer.
