@@ -6,7 +6,8 @@
 * Entries are keyed by SHA-256 of the token, never the token, and the cache is an LRU with a hard
   ceiling on entries. Each entry is the claims as compact JSON: a (float, bytes) entry holds no
   object the garbage collector must visit, so a full cache does not lengthen its pauses, and it
-  takes about half the memory of the parsed dict.
+  takes about a quarter of the memory of the parsed dict (510 against 1,947 bytes for an answer
+  of 10 claims).
 * Concurrent checks of the same new token share one IdP call.
 """
 
