@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .config import ConfigError, load_config
 from .logs import JsonLogger
@@ -14,6 +14,23 @@ from .logs import JsonLogger
 __all__ = ["main"]
 
 EXIT_OK, EXIT_DENY, EXIT_USAGE = 0, 1, 2
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The server's event loop: uvloop's when asked for or (``auto``) installed, else None for
+    asyncio's own. uvloop makes a ``grpc.aio`` call itself about a fifth cheaper (README,
+    Performance). Raises ImportError when ``uvloop`` is asked for and not installed."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-listen", default="0.0.0.0:9090", help="admin HTTP HOST:PORT")
     serve.add_argument("--workers", type=int, default=1, help="server processes")
     serve.add_argument("--grace-seconds", type=float, default=10.0, help="drain time on SIGTERM")
+    serve.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default="auto",
+        help="auto (default): uvloop where it is installed, else asyncio's own",
+    )
 
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file")
@@ -94,18 +117,25 @@ def _serve(args: argparse.Namespace) -> int:
                 admin_listen=args.admin_listen,
                 logger=logger,
                 grace_seconds=args.grace_seconds,
+                event_loop=args.event_loop,
             )
         )
     try:
-        return asyncio.run(
-            run_server(
-                config,
-                listen=args.listen,
-                admin_listen=args.admin_listen,
-                logger=logger,
-                grace_seconds=args.grace_seconds,
+        factory = loop_factory(args.event_loop)
+    except ImportError:
+        print("--event-loop uvloop: uvloop is not installed", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(
+                run_server(
+                    config,
+                    listen=args.listen,
+                    admin_listen=args.admin_listen,
+                    logger=logger,
+                    grace_seconds=args.grace_seconds,
+                )
             )
-        )
     except ConfigError as exc:  # e.g. a client secret file that cannot be read
         for line in exc.errors:
             print(line, file=sys.stderr)

@@ -454,6 +454,7 @@ async def run_server(
         adminListen=admin_listen,
         deployments=len(config.deployments),
         config=config.source,
+        eventLoop=type(loop).__module__.split(".")[0],  # "uvloop" or "asyncio"
     )
     await stop.wait()
     logger.autoflush = True

@@ -46,7 +46,7 @@ def mark_ready() -> None:
 _RESTART_BACKOFF_SECONDS = 1.0
 
 
-def _worker_argv(config_path: str, listen: str, grace_seconds: float) -> list[str]:
+def _worker_argv(config_path: str, listen: str, grace_seconds: float, event_loop: str) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -60,6 +60,8 @@ def _worker_argv(config_path: str, listen: str, grace_seconds: float) -> list[st
         "",
         "--grace-seconds",
         str(grace_seconds),
+        "--event-loop",
+        event_loop,
     ]
 
 
@@ -71,12 +73,13 @@ async def supervise(
     admin_listen: str,
     logger: JsonLogger,
     grace_seconds: float,
+    event_loop: str = "auto",
 ) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="extauthz-metrics-")
     ready_dir = os.path.join(metrics_dir, "ready")
     os.mkdir(ready_dir)
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir, READY_DIR_ENV: ready_dir}
-    argv = _worker_argv(config.source, listen, grace_seconds)
+    argv = _worker_argv(config.source, listen, grace_seconds, event_loop)
     procs: list[subprocess.Popen[bytes]] = []
     stopping = False
 

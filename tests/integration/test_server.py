@@ -56,7 +56,7 @@ class Server:
         return self.stub.Check(req, timeout=5)
 
 
-def start(config: dict[str, Any], tmp: Path) -> Server:
+def start(config: dict[str, Any], tmp: Path, *args: str) -> Server:
     cfg = tmp / "config.yaml"
     cfg.write_text(yaml.safe_dump(config))
     port, admin = free_port(), free_port()
@@ -64,7 +64,7 @@ def start(config: dict[str, Any], tmp: Path) -> Server:
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "extauthz", "serve", "--config", str(cfg),
-             "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}", "--grace-seconds", "5"],
+             "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}", "--grace-seconds", "5", *args],
             stdout=out, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
@@ -152,6 +152,22 @@ def test_health_and_admin(server: Server) -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{server.admin}/metrics") as r:
         text = r.read().decode()
     assert 'extauthz_checks_total{decision="deny",deployment="orders",reason="token_missing"} 1.0' in text
+
+
+def test_the_event_loop_is_uvloop_unless_asyncio_is_asked_for(
+    server: Server, config: dict[str, Any], tmp_path: Path, rsa_key: Any
+) -> None:
+    (started,) = [line for line in server.lines() if line["event"] == "server.started"]
+    assert started["eventLoop"] == "uvloop"  # a dependency wherever it builds
+    (tmp_path / "plain").mkdir()
+    plain = start(config, tmp_path / "plain", "--event-loop", "asyncio")
+    try:
+        (started,) = [line for line in plain.lines() if line["event"] == "server.started"]
+        assert started["eventLoop"] == "asyncio"
+        assert plain.check(rsa_key.sign(claims())).status.code == 0
+    finally:
+        plain.proc.terminate()
+        assert plain.proc.wait(timeout=15) == 0
 
 
 def test_sigterm_exits_cleanly(server: Server) -> None:
