@@ -3,8 +3,12 @@
     with ExtauthzProcess(config_dict, tmp_path, env={"SECRET": "..."}) as server:
         checked = server.check(token, path="/orders/1")
         checked.allowed, checked.http_status, checked.headers, checked.body
+        server.send(check_request_message)               # a CheckRequest as given
         server.line(checked.request_id, "access")       # waits for the JSON log line
         server.metric("extauthz_idp_requests_total", endpoint="jwks_uri", outcome="ok")
+
+``separate_stderr=True`` keeps stderr apart from the JSON log lines on stdout (the security suite
+looks for tracebacks there); ``args`` go on the ``serve`` command line.
 
 Free loopback ports, a config written to a file, start-up and log lines waited on with deadlines.
 """
@@ -21,7 +25,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,12 +144,17 @@ class ExtauthzProcess:
         *,
         env: Mapping[str, str] | None = None,
         start_timeout: float = 30.0,
+        separate_stderr: bool = False,
+        grace_seconds: float = 1.0,
+        args: Sequence[str] = (),
     ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "extauthz.yaml"
         self.config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
         self.log_path = workdir / "extauthz.log"
+        self.stderr_path = workdir / "extauthz.stderr.log" if separate_stderr else None
+        self._args = ["--grace-seconds", f"{grace_seconds:g}", *args]
         self.port, self.admin_port = free_port(), free_port()
         self._env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
         self._start_timeout = start_timeout
@@ -156,17 +165,18 @@ class ExtauthzProcess:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> ExtauthzProcess:
-        with self.log_path.open("wb") as out:
+        err_path = self.stderr_path
+        with self.log_path.open("wb") as out, (err_path or Path(os.devnull)).open("wb") as err:
             self.proc = subprocess.Popen(
                 [
                     sys.executable, "-m", "extauthz", "serve",
                     "--config", str(self.config_path),
                     "--listen", f"127.0.0.1:{self.port}",
                     "--admin-listen", f"127.0.0.1:{self.admin_port}",
-                    "--grace-seconds", "1",
+                    *self._args,
                 ],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self._env, cwd=self.workdir,
+                stdout=out, stderr=err if err_path else subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=self._env, cwd=self.workdir,
             )
         proc = self.proc
         wait_for(
@@ -182,11 +192,12 @@ class ExtauthzProcess:
         self.stub = ext_grpc.AuthorizationStub(self.channel)  # type: ignore[no-untyped-call]
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM and the drain; the exit status."""
         if self.channel is not None:
             self.channel.close()
             self.channel = None
-        stop_process(self.proc)
+        return stop_process(self.proc, timeout)
 
     def __enter__(self) -> ExtauthzProcess:
         return self.start()
@@ -214,6 +225,11 @@ class ExtauthzProcess:
         response = self.stub.Check(req, timeout=timeout)
         return Checked(request_id, response, time.perf_counter() - started)
 
+    def send(self, request: ext.CheckRequest, timeout: float = 10.0) -> ext.CheckResponse:
+        """One CheckRequest exactly as given."""
+        response: ext.CheckResponse = self.stub.Check(request, timeout=timeout)
+        return response
+
     def check_many(
         self, requests: Iterable[tuple[str | None, str]], *, timeout: float = 20.0
     ) -> list[tuple[str, Future[Any]]]:
@@ -230,7 +246,15 @@ class ExtauthzProcess:
     # -- logs ------------------------------------------------------------------------------
 
     def text(self) -> str:
+        """Standard output (and standard error, unless kept apart)."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    stdout = text
+
+    def stderr(self) -> str:
+        """Standard error when kept apart (``separate_stderr``), else ""."""
+        path = self.stderr_path
+        return path.read_text(errors="replace") if path is not None and path.exists() else ""
 
     def lines(self) -> list[dict[str, Any]]:
         out = []

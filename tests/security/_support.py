@@ -14,30 +14,24 @@ import hashlib
 import hmac
 import http.server
 import json
-import os
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc
 import httpx
-import yaml
 from jwt.algorithms import get_default_algorithms
 
 from extauthz._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
-from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from extauthz.config import Config
 from extauthz.decision import Decision
 from extauthz.engine import CheckInput, Engine
 from extauthz.idp import Providers
 from tests.conftest import AUDIENCE, ISSUER
-from tests.integration.serverproc import free_port, stop_process, wait_for
+from tests.integration.serverproc import ExtauthzProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 JWKS_URI = "https://idp.example.com/jwks"
@@ -240,88 +234,12 @@ def http_request(
     )
 
 
-@dataclass
-class ServerProcess:
-    """``python -m extauthz serve`` with stdout and stderr captured in separate files."""
-
-    config: Mapping[str, Any]
-    workdir: Path
-    env: Mapping[str, str] = field(default_factory=dict)
-    port: int = field(default_factory=free_port)
-    admin_port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    channel: grpc.Channel | None = None
-
-    @property
-    def stdout_path(self) -> Path:
-        return self.workdir / "stdout.log"
-
-    @property
-    def stderr_path(self) -> Path:
-        return self.workdir / "stderr.log"
-
-    def start(self) -> ServerProcess:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        cfg = self.workdir / "extauthz.yaml"
-        cfg.write_text(yaml.safe_dump(dict(self.config), sort_keys=False))
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **self.env}
-        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable, "-m", "extauthz", "serve", "--config", str(cfg),
-                    "--listen", f"127.0.0.1:{self.port}",
-                    "--admin-listen", f"127.0.0.1:{self.admin_port}",
-                    "--grace-seconds", "2",
-                ],
-                stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=self.workdir,
-            )  # fmt: skip
-        proc = self.proc
-        wait_for(
-            lambda: proc.poll() is not None or "server.started" in self.stdout(),
-            timeout=30,
-            what="server.started",
-        )
-        assert proc.poll() is None, self.stdout() + self.stderr()
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        return self
-
-    def stop(self) -> int | None:
-        if self.channel is not None:
-            self.channel.close()
-            self.channel = None
-        return stop_process(self.proc, timeout=15)
-
-    def __enter__(self) -> ServerProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def stub(self) -> Any:
-        assert self.channel is not None
-        return ext_grpc.AuthorizationStub(self.channel)  # type: ignore[no-untyped-call]
-
-    def check(self, request: ext.CheckRequest, timeout: float = 10.0) -> ext.CheckResponse:
-        response: ext.CheckResponse = self.stub.Check(request, timeout=timeout)
-        return response
-
-    def stdout(self) -> str:
-        return self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
-
-    def lines(self) -> list[dict[str, Any]]:
-        out = []
-        for raw in self.stdout().splitlines():
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                out.append(record)
-        return out
+def server_process(
+    config: Mapping[str, Any], workdir: Path, env: Mapping[str, str] | None = None
+) -> ExtauthzProcess:
+    """``python -m extauthz serve`` as this suite runs it: stderr kept apart from the JSON lines
+    on stdout, so that a traceback is found wherever it went."""
+    return ExtauthzProcess(config, workdir, env=env, separate_stderr=True, grace_seconds=2)
 
 
 @dataclass(frozen=True)

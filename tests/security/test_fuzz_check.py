@@ -39,12 +39,13 @@ from extauthz.logs import JsonLogger
 from extauthz.metrics import Metrics
 from extauthz.server import AuthorizationService
 from tests.conftest import AUDIENCE, ISSUER, SigningKey, claims
+from tests.integration.serverproc import ExtauthzProcess
 from tests.security._support import (
     CONTRACT_GRPC_CODES,
     CONTRACT_HTTP_DENY,
-    ServerProcess,
     b64url,
     jbytes,
+    server_process,
     sign_json,
 )
 
@@ -543,22 +544,22 @@ def test_one_token_alternating_between_two_deployments_retains_nothing(world: Wo
 
 
 @pytest.fixture(scope="module")
-def grpc_server(rsa_key: SigningKey, ec_key: SigningKey, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with ServerProcess(fuzz_config(rsa_key, ec_key, remote=False), tmp_path_factory.mktemp("fuzz")) as proc:
+def grpc_server(rsa_key: SigningKey, ec_key: SigningKey, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExtauthzProcess]:
+    with server_process(fuzz_config(rsa_key, ec_key, remote=False), tmp_path_factory.mktemp("fuzz")) as proc:
         yield proc
 
 
 @settings(FUZZ, max_examples=150)
 @given(data=st.data())
-def test_over_grpc_any_check_request_gets_a_valid_response(world: World, grpc_server: ServerProcess, data: st.DataObject) -> None:
+def test_over_grpc_any_check_request_gets_a_valid_response(world: World, grpc_server: ExtauthzProcess, data: st.DataObject) -> None:
     counted("grpc")
-    resp = grpc_server.check(data.draw(world.strategy(request_strategy)))
+    resp = grpc_server.send(data.draw(world.strategy(request_strategy)))
     assert_valid_response(resp)
 
 
 @settings(FUZZ, max_examples=60)
 @given(garbage=st.binary(max_size=300))
-def test_over_grpc_garbage_bytes_never_bring_the_server_down(grpc_server: ServerProcess, garbage: bytes) -> None:
+def test_over_grpc_garbage_bytes_never_bring_the_server_down(grpc_server: ExtauthzProcess, garbage: bytes) -> None:
     """Bytes that are not a CheckRequest: a valid CheckResponse if they happen to parse, else an RPC
     error from the protobuf layer; the server keeps serving either way."""
     counted("garbage")
@@ -577,8 +578,8 @@ def test_over_grpc_garbage_bytes_never_bring_the_server_down(grpc_server: Server
     assert grpc_server.proc is not None and grpc_server.proc.poll() is None
 
 
-def test_over_grpc_the_server_is_still_healthy_and_logged_no_internal_error(grpc_server: ServerProcess, rsa_key: SigningKey) -> None:
-    ok = grpc_server.check(ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
+def test_over_grpc_the_server_is_still_healthy_and_logged_no_internal_error(grpc_server: ExtauthzProcess, rsa_key: SigningKey) -> None:
+    ok = grpc_server.send(ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
         http=ac.AttributeContext.HttpRequest(method="GET", host="api.example.com", path="/orders/1",
                                              headers={"authorization": f"Bearer {rsa_key.sign(claims())}"})))))
     assert ok.status.code == 0

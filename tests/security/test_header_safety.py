@@ -36,7 +36,7 @@ from extauthz.logs import JsonLogger
 from extauthz.metrics import Metrics
 from extauthz.server import AuthorizationService
 from tests.conftest import ISSUER, SigningKey, claims
-from tests.security._support import ServerProcess, jbytes, sign_raw
+from tests.security._support import jbytes, server_process, sign_raw
 
 IDENTITY = {"x-auth-subject": "sub", "x-auth-email": "email", "x-auth-groups": "groups", "x-auth-tenant": "tenant"}
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -320,12 +320,12 @@ def test_valid_header_names_are_lower_cased(rsa_key: SigningKey) -> None:
 def test_invariants_hold_over_grpc(rsa_key: SigningKey, tmp_path: Any) -> None:
     config = config_dict(rsa_key)
     config["deployments"] = config["deployments"][:2]
-    with ServerProcess(config, tmp_path) as server:
+    with server_process(config, tmp_path) as server:
         def check(path: str, token: str | None) -> ext.CheckResponse:
             headers = dict(FORGED)
             if token:
                 headers["authorization"] = f"Bearer {token}"
-            return server.check(ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
+            return server.send(ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
                 http=ac.AttributeContext.HttpRequest(method="GET", host="h", path=path, headers=headers)))))
 
         set_, removed = upstream(check("/api/x", rsa_key.sign(claims(sub="a\r\nx-admin: 1", groups=["g"]))))

@@ -41,12 +41,12 @@ from extauthz.engine import Engine
 from extauthz.idp import Providers
 from extauthz.response import to_check_response
 from tests.conftest import AUDIENCE, ISSUER, SigningKey, claims
+from tests.integration.serverproc import ExtauthzProcess
 from tests.security._support import (
     JWKS_URI,
     AttackerServer,
     RecordingIdp,
     Sent,
-    ServerProcess,
     b64url,
     b64url_decode,
     bearer,
@@ -54,6 +54,7 @@ from tests.security._support import (
     corpus_config,
     jbytes,
     run_check,
+    server_process,
     sign_json,
     sign_raw,
     split,
@@ -558,9 +559,9 @@ OVER_GRPC = {
 
 
 @pytest.fixture(scope="module")
-def server(kit: Kit, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(kit: Kit, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExtauthzProcess]:
     config = corpus_config({"type": "STATIC_KEYS", "keys": [kit.rsa.public_jwk, kit.ec.public_jwk]})
-    with ServerProcess(config, tmp_path_factory.mktemp("attacks")) as proc:
+    with server_process(config, tmp_path_factory.mktemp("attacks")) as proc:
         yield proc
 
 
@@ -569,9 +570,9 @@ def test_every_grpc_case_names_a_corpus_case() -> None:
 
 
 @pytest.mark.parametrize("attack", params([a for a in ATTACKS if a.id in OVER_GRPC]))
-def test_attack_is_denied_by_the_server_over_grpc(attack: Attack, kit: Kit, server: ServerProcess,
+def test_attack_is_denied_by_the_server_over_grpc(attack: Attack, kit: Kit, server: ExtauthzProcess,
                                                   attacker: AttackerServer) -> None:
-    resp = server.check(attack.make(kit).check_request())
+    resp = server.send(attack.make(kit).check_request())
     assert resp.status.code != 0 and not resp.HasField("ok_response"), f"{attack.id} was ALLOWED"
     assert_denied(resp, attack.reason)
     assert server.proc is not None and server.proc.poll() is None

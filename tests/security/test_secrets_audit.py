@@ -30,14 +30,14 @@ import pytest
 
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
 from tests.conftest import AUDIENCE, ISSUER, SigningKey, claims
+from tests.integration.serverproc import ExtauthzProcess, wait_for
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.security._support import (
-    ServerProcess,
     http_request,
     scan,
     serve_in_thread,
+    server_process,
     split,
-    wait_for,
 )
 
 MARKER = "IDP-BODY-MARKER-7f3a"
@@ -106,7 +106,7 @@ class Idp:
 @dataclass
 class Audit:
     needles: dict[str, str]  # name → secret text that must appear nowhere
-    server: ServerProcess
+    server: ExtauthzProcess
     spans: list[ReceivedSpan]
     responses: list[tuple[str, ext.CheckResponse]]
     admin_text: str
@@ -135,7 +135,6 @@ def audit(rsa_key: SigningKey, rsa_key2: SigningKey, tmp_path_factory: pytest.Te
 
     server_http = ThreadingHTTPServer(("127.0.0.1", 0), idp.handler())
     idp.base = f"http://127.0.0.1:{server_http.server_address[1]}"
-    host_port = idp.base.removeprefix("http://")
     checks_policy = {"issuers": [ISSUER], "audiences": [AUDIENCE]}
 
     def intro(uri: str, **client: Any) -> dict[str, Any]:
@@ -188,14 +187,14 @@ def audit(rsa_key: SigningKey, rsa_key2: SigningKey, tmp_path_factory: pytest.Te
     with serve_in_thread(server_http), OtlpReceiver() as receiver:
         env = {"AUDIT_CLIENT_SECRET": env_secret, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
                "OTEL_BSP_SCHEDULE_DELAY": "50", "OTEL_SERVICE_NAME": "extauthz-audit"}
-        server = ServerProcess(config, workdir, env=env).start()
+        server = server_process(config, workdir, env=env).start()
         responses: list[tuple[str, ext.CheckResponse]] = []
         try:
             for path, token, headers in plan:
                 sent = dict(headers)
                 if token is not None:
                     sent["authorization"] = f"Bearer {token}"
-                responses.append((path, server.check(http_request(headers={"x-request-id": f"audit-{len(responses)}", **sent}, path=path))))
+                responses.append((path, server.send(http_request(headers={"x-request-id": f"audit-{len(responses)}", **sent}, path=path))))
             admin = ""
             for page in ("metrics", "readyz"):
                 with urllib.request.urlopen(f"http://127.0.0.1:{server.admin_port}/{page}", timeout=5) as r:
