@@ -18,6 +18,7 @@ Client secrets are never part of it, and credentials in a URI are masked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import re
@@ -168,6 +169,14 @@ def _describe_cert(der: bytes | None) -> tuple[str, dict[str, Any]]:
     return f"subject {facts['subject']}, expires {when} ({left})", facts
 
 
+async def _close(writer: asyncio.StreamWriter) -> None:
+    """Close a probe connection and wait (briefly) until it is closed: a transport still closing
+    when the probe's event loop ends is never closed at all."""
+    writer.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+
 async def _peer_certificate(ip: str, port: int, host: str, timeout: float) -> bytes | None:
     """The certificate the server presents, fetched without verifying it (to show it)."""
     ctx = _ssl_context(TlsSettings(verify=False))
@@ -181,7 +190,7 @@ async def _peer_certificate(ip: str, port: int, host: str, timeout: float) -> by
         obj = writer.get_extra_info("ssl_object")
         return obj.getpeercert(binary_form=True) if obj else None
     finally:
-        writer.close()
+        await _close(writer)
 
 
 async def _reach(
@@ -235,12 +244,12 @@ async def _reach(
         return steps, False
     steps.append(Step("tcp", True, f"{ip} port {port}", ms=_ms(started)))
     if not https:
-        writer.close()
+        await _close(writer)
         return steps, True
 
     started = time.perf_counter()
     if isinstance(tls_context, Exception):  # caFile unreadable or not PEM
-        writer.close()
+        await _close(writer)
         why = getattr(tls_context, "strerror", None) or str(tls_context)
         message = IdpUnreachable(name, uri, "TLS_ERROR").message
         steps.append(Step("tls", False, f"caFile {target.tls.ca_file}: {why}", message))
@@ -249,7 +258,7 @@ async def _reach(
     try:
         await asyncio.wait_for(writer.start_tls(ctx, server_hostname=host), timeout)
     except (OSError, TimeoutError, ssl.SSLError) as exc:
-        writer.close()
+        await _close(writer)
         if isinstance(exc, ssl.SSLCertVerificationError):
             why = f"certificate verify failed: {exc.verify_message}"
         elif isinstance(exc, TimeoutError):
@@ -264,7 +273,7 @@ async def _reach(
     obj = writer.get_extra_info("ssl_object")
     version = obj.version() if obj else "?"
     shown, facts = _describe_cert(obj.getpeercert(binary_form=True) if obj else None)
-    writer.close()
+    await _close(writer)
     verified = "verified" if target.tls.verify else "NOT verified (isSslVerifyDisabled)"
     days_left = _days_left(facts.get("notAfter"))
     note = ""
