@@ -32,7 +32,6 @@ __all__ = ["ClientSecret", "IntrospectionClient"]
 NEGATIVE_TTL_SECONDS = 10.0
 MAX_ENTRIES = 20_000
 
-_INACTIVE: dict[str, Any] = {}
 _INACTIVE_ENTRY = b""  # cached for an inactive token
 _compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -69,16 +68,19 @@ class IntrospectionClient:
         self._endpoint = endpoint
         self._client = client
         self._secret = secret
-        # RFC 6749 §2.3.1: both parts are form-urlencoded before Basic encoding.
-        pair = f"{quote_plus(client.client_id)}:{quote_plus(secret.reveal())}"
-        self._basic = ClientSecret("Basic " + base64.b64encode(pair.encode()).decode("ascii"))
+        # client_secret_basic: the Authorization header, built once. RFC 6749 §2.3.1: both parts
+        # are form-urlencoded before Basic encoding.
+        self._basic: ClientSecret | None = None
+        if client.auth_method != "client_secret_post":
+            pair = f"{quote_plus(client.client_id)}:{quote_plus(secret.reveal())}"
+            self._basic = ClientSecret("Basic " + base64.b64encode(pair.encode()).decode("ascii"))
         self._max_cache_seconds = max_cache_seconds
         self._observer = observer or NullObserver()
         self._clock = clock
         self._max_entries = max_entries
         # SHA-256 of the token → (expires at, the claims as compact JSON or _INACTIVE_ENTRY)
         self._cache: OrderedDict[bytes, tuple[float, bytes]] = OrderedDict()
-        self._inflight: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
+        self._inflight: dict[bytes, asyncio.Future[dict[str, Any] | None]] = {}
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -103,19 +105,18 @@ class IntrospectionClient:
             future = asyncio.ensure_future(self._fetch(key, token))
             self._inflight[key] = future
             future.add_done_callback(lambda _f: self._inflight.pop(key, None))
-        fetched = await asyncio.shield(future)
-        return None if fetched is _INACTIVE else fetched
+        return await asyncio.shield(future)
 
     def cached_until(self, token: str) -> float:
         """When the cached answer for ``token`` expires (wall clock); 0 when none is cached."""
         hit = self._cache.get(hashlib.sha256(token.encode()).digest())
         return hit[0] if hit is not None else 0.0
 
-    async def _fetch(self, key: bytes, token: str) -> dict[str, Any]:
+    async def _fetch(self, key: bytes, token: str) -> dict[str, Any] | None:
         endpoint = await self._endpoint()
         form = {"token": token, "token_type_hint": "access_token"}
         headers: dict[str, str] | None = None
-        if self._client.auth_method == "client_secret_post":
+        if self._basic is None:  # client_secret_post
             form.update(client_id=self._client.client_id, client_secret=self._secret.reveal())
         else:
             headers = {"authorization": self._basic.reveal()}
@@ -127,7 +128,7 @@ class IntrospectionClient:
         now = self._clock()
         if body["active"] is not True:
             self._store(key, now + NEGATIVE_TTL_SECONDS, _INACTIVE_ENTRY)
-            return _INACTIVE
+            return None
         claims = {k: v for k, v in body.items() if k != "active"}
         expires_at = now + self._max_cache_seconds
         exp = claims.get("exp")
