@@ -33,6 +33,7 @@ from pydantic.alias_generators import to_camel
 
 from .errors import ExtauthzError
 from .keys import keyset_from_static
+from .route_template import RouteTemplate
 
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",
@@ -42,6 +43,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "Deployment",
+    "HostGroup",
+    "HostIndex",
     "KeySource",
     "Route",
     "ServerSettings",
@@ -93,6 +96,8 @@ class _RawServer(_Raw):
     expose_detailed_errors: bool = False
     deny_status_on_idp_failure: Literal[500, 503] = 500
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # REJECT: %2F in a path is request_ambiguous; KEEP: an ordinary character of a segment.
+    encoded_slashes: Literal["REJECT", "KEEP"] = "REJECT"
     circuit_breaker: _RawBreaker = _RawBreaker()
 
 
@@ -314,9 +319,6 @@ class _RawAuthorization(_Raw):
         return self
 
 
-_TEMPLATE_PART = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\*?)\}")
-
-
 class _RawRoute(_Raw):
     name: str | None = None
     path: str = "/"
@@ -326,7 +328,7 @@ class _RawRoute(_Raw):
     @field_validator("path")
     @classmethod
     def _template(cls, v: str) -> str:
-        compile_template(v)  # raises ValueError with the reason
+        RouteTemplate.parse(v)  # raises ValueError with the reason
         return v
 
     @field_validator("methods")
@@ -340,6 +342,9 @@ class _RawRoute(_Raw):
 
 
 _HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+# A configured host: labels of letters, digits, '-' and '_' (as request authorities are read), or
+# a bracketed IPv6 literal. Ports are not part of it: a request's port is ignored.
+_HOST_NAME = re.compile(r"\[[0-9a-f:.]+\]|[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
 # Never let a claim overwrite what routing or the transport depends on.
 _RESERVED_HEADERS = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer",
@@ -362,15 +367,31 @@ class _RawDeployment(_Raw):
     def _prefix(cls, v: str) -> str:
         if not v.startswith("/") or "?" in v or "#" in v:
             raise ValueError("must start with '/' and hold no query or fragment")
-        return v.rstrip("/") or "/"
+        prefix = v.rstrip("/") or "/"
+        # A request path is matched as sent and must be in normal form, so a prefix that is not
+        # could never match anything.
+        if (
+            "\\" in prefix
+            or "%" in prefix
+            or any(seg in ("", ".", "..") for seg in prefix.split("/")[1:] if prefix != "/")
+        ):
+            raise ValueError("must be in normal form: no '//', '.', '..', '%' or backslash")
+        return prefix
 
     @field_validator("hosts")
     @classmethod
     def _hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out: list[str] = []
         for h in v:
             if "*" in h and not (h.startswith("*.") and "*" not in h[2:]):
                 raise ValueError(f"{h!r}: only a leading '*.' wildcard is supported")
-        return tuple(h.lower() for h in v)
+            name = h.lower().removesuffix(".")  # a fully qualified name is the same host
+            if not _HOST_NAME.fullmatch(name.removeprefix("*.")):
+                raise ValueError(f"{h!r} is not a host name (no port, scheme or path)")
+            if name in out:
+                raise ValueError(f"{h!r} is listed twice")
+            out.append(name)
+        return tuple(out)
 
     @field_validator("headers_from_claims")
     @classmethod
@@ -428,6 +449,7 @@ class ServerSettings:
     expose_detailed_errors: bool = False
     deny_status_on_idp_failure: int = 500
     log_level: str = "INFO"
+    keep_encoded_slashes: bool = False  # server.encodedSlashes: KEEP
     breaker_failure_threshold: int = 5
     breaker_cool_down_seconds: float = 30.0
 
@@ -488,15 +510,13 @@ class AuthPolicy:
 class Route:
     name: str
     template: str
-    pattern: re.Pattern[str]
+    path: RouteTemplate
     methods: frozenset[str]  # empty: every method
     authorization: Literal["ANY_OF", "AUTHENTICATION_ONLY", "ANONYMOUS"]
     allowed_scope: tuple[str, ...]
 
     def matches(self, relative_path: str, method: str) -> bool:
-        return (not self.methods or method in self.methods) and bool(
-            self.pattern.fullmatch(relative_path)
-        )
+        return (not self.methods or method in self.methods) and self.path.matches(relative_path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,6 +527,31 @@ class Deployment:
     auth: AuthPolicy
     routes: tuple[Route, ...]
     headers_from_claims: tuple[tuple[str, str], ...]  # (lower-case header, claim)
+    # How many leading path segments the deepest route template looks at one by one.
+    template_depth: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HostGroup:
+    """The deployments that serve one host pattern (an exact host, one ``*.`` wildcard, or no
+    ``hosts`` at all), by ``pathPrefix``, with the prefix lengths present, longest first: route
+    selection tries a path's prefixes of those lengths only."""
+
+    by_prefix: Mapping[str, Deployment]
+    prefix_lengths: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HostIndex:
+    """The deployments grouped for route selection: hosts before paths, most specific first."""
+
+    exact: Mapping[str, HostGroup]
+    # (suffix length, suffix → group), longest first; a suffix keeps its leading dot.
+    wildcards: tuple[tuple[int, Mapping[str, HostGroup]], ...]
+    hostless: HostGroup
+
+
+_NO_HOSTS = HostIndex({}, (), HostGroup({}, ()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -514,9 +559,9 @@ class Config:
     server: ServerSettings
     deployments: tuple[Deployment, ...]
     by_name: Mapping[str, Deployment] = field(repr=False, default_factory=dict)
-    # pathPrefix → the deployments with that prefix, in config order: route selection looks up
-    # each prefix of a path instead of scanning every deployment.
-    by_prefix: Mapping[str, tuple[Deployment, ...]] = field(repr=False, default_factory=dict)
+    host_index: HostIndex = field(repr=False, default=_NO_HOSTS)
+    # What check-config and the server log as warnings: valid, but perhaps not what was meant.
+    warnings: tuple[str, ...] = ()
     source: str = ""
 
     def summary(self) -> str:
@@ -526,35 +571,6 @@ class Config:
             f"{self.source or 'config'}: OK, {len(self.deployments)} deployment(s), "
             f"{routes} route(s), validation: {', '.join(kinds)}"
         )
-
-
-def compile_template(template: str) -> re.Pattern[str]:
-    """Compile a route path such as ``/{id}/items/{rest*}`` into an anchored regex.
-
-    ``{name}`` matches one non-empty path segment; ``{name*}`` matches the rest of the path
-    (possibly empty) and must come last.
-    """
-    if not template.startswith("/"):
-        raise ValueError("must start with '/'")
-    out: list[str] = []
-    pos = 0
-    for m in _TEMPLATE_PART.finditer(template):
-        literal = template[pos : m.start()]
-        if "{" in literal or "}" in literal:
-            raise ValueError(f"bad placeholder in {template!r}")
-        out.append(re.escape(literal))
-        if m.group(2):
-            if m.end() != len(template):
-                raise ValueError("a {name*} placeholder must come last")
-            out.append(".*")
-        else:
-            out.append("[^/]+")
-        pos = m.end()
-    tail = template[pos:]
-    if "{" in tail or "}" in tail:
-        raise ValueError(f"bad placeholder in {template!r}")
-    out.append(re.escape(tail))
-    return re.compile("".join(out))
 
 
 def _json_text(v: Any) -> Any:
@@ -634,7 +650,7 @@ def _resolve_deployment(raw: _RawDeployment) -> Deployment:
         Route(
             name=r.name if r.name is not None else str(i),
             template=r.path,
-            pattern=compile_template(r.path),
+            path=RouteTemplate.parse(r.path),
             methods=frozenset(r.methods),
             authorization=r.authorization.type,
             allowed_scope=r.authorization.allowed_scope,
@@ -648,30 +664,105 @@ def _resolve_deployment(raw: _RawDeployment) -> Deployment:
         auth=auth,
         routes=routes,
         headers_from_claims=tuple(raw.headers_from_claims.items()),
+        template_depth=max((r.path.max_segments for r in routes), default=0),
     )
 
 
-def _group_by_prefix(deployments: tuple[Deployment, ...]) -> dict[str, tuple[Deployment, ...]]:
-    grouped: dict[str, list[Deployment]] = {}
+def _host_group(members: Mapping[str, Deployment]) -> HostGroup:
+    return HostGroup(dict(members), tuple(sorted({len(p) for p in members}, reverse=True)))
+
+
+def _index_hosts(deployments: tuple[Deployment, ...]) -> tuple[HostIndex, list[str]]:
+    """Group the deployments by host pattern and prefix; the errors are two deployments that
+    would compete for the same host and prefix (config order never decides between them)."""
+    groups: dict[str, dict[str, int]] = {}  # host pattern ("" for none) → prefix → index
+    errors: list[str] = []
+    for i, d in enumerate(deployments):
+        for pattern in d.hosts or ("",):
+            members = groups.setdefault(pattern, {})
+            other = members.setdefault(d.path_prefix, i)
+            if other != i:
+                for_host = f"host {pattern!r}" if pattern else "requests of any host"
+                errors.append(
+                    f"deployments[{i}].pathPrefix: {d.path_prefix!r} for {for_host} is also"
+                    f" deployments[{other}] ({deployments[other].name!r})'s; two deployments"
+                    " may not serve the same host and prefix"
+                )
+
+    def group(pattern: str) -> HostGroup:
+        return _host_group({p: deployments[i] for p, i in groups[pattern].items()})
+
+    wildcards: dict[int, dict[str, HostGroup]] = {}
+    for pattern in groups:
+        if pattern.startswith("*."):
+            suffix = pattern[1:]
+            wildcards.setdefault(len(suffix), {})[suffix] = group(pattern)
+    index = HostIndex(
+        exact={p: group(p) for p in groups if p and not p.startswith("*.")},
+        wildcards=tuple(sorted(wildcards.items(), reverse=True)),
+        hostless=group("") if "" in groups else _host_group({}),
+    )
+    return index, errors
+
+
+def _prefix_and_parents(prefix: str) -> list[str]:
+    """``/a/b``, ``/a``, ``/``: every pathPrefix that holds ``prefix``."""
+    out = [prefix]
+    while prefix != "/":
+        prefix = prefix.rsplit("/", 1)[0] or "/"
+        out.append(prefix)
+    return out
+
+
+def _shadowing_warnings(deployments: tuple[Deployment, ...]) -> tuple[str, ...]:
+    """Where a deployment without ``hosts`` and one with ``hosts`` cover the same paths: hosts
+    come first, so for the listed hosts the host-scoped one applies, even to a longer prefix of
+    the host-less one. Valid, and worth saying."""
+    warnings: list[str] = []
+    scoped_by_prefix: dict[str, list[Deployment]] = {}
     for d in deployments:
-        grouped.setdefault(d.path_prefix, []).append(d)
-    return {prefix: tuple(ds) for prefix, ds in grouped.items()}
+        if d.hosts:
+            scoped_by_prefix.setdefault(d.path_prefix, []).append(d)
+    for anywhere in (d for d in deployments if not d.hosts):
+        for prefix in _prefix_and_parents(anywhere.path_prefix):
+            for scoped in scoped_by_prefix.get(prefix, ()):
+                warnings.append(_shadowing_warning(scoped, anywhere))
+    return tuple(warnings)
+
+
+def _shadowing_warning(scoped: Deployment, anywhere: Deployment) -> str:
+    hosts = ", ".join(scoped.hosts)
+    shared = (
+        f"share pathPrefix {scoped.path_prefix!r}"
+        if anywhere.path_prefix == scoped.path_prefix
+        else f"cover {anywhere.path_prefix!r} ({scoped.name!r} through its pathPrefix"
+        f" {scoped.path_prefix!r})"
+    )
+    return (
+        f"deployments {scoped.name!r} (hosts {hosts}) and {anywhere.name!r} (no hosts)"
+        f" {shared}: for {hosts}, {scoped.name!r} applies; for any other host, {anywhere.name!r}"
+    )
 
 
 def resolve(raw: _RawConfig, source: str = "") -> Config:
     deployments = tuple(_resolve_deployment(d) for d in raw.deployments)
+    host_index, errors = _index_hosts(deployments)
+    if errors:
+        raise ConfigError(errors)
     s = raw.server
     return Config(
         server=ServerSettings(
             expose_detailed_errors=s.expose_detailed_errors,
             deny_status_on_idp_failure=s.deny_status_on_idp_failure,
             log_level=s.log_level,
+            keep_encoded_slashes=s.encoded_slashes == "KEEP",
             breaker_failure_threshold=s.circuit_breaker.failure_threshold,
             breaker_cool_down_seconds=s.circuit_breaker.cool_down_seconds,
         ),
         deployments=deployments,
         by_name={d.name: d for d in deployments},
-        by_prefix=_group_by_prefix(deployments),
+        host_index=host_index,
+        warnings=_shadowing_warnings(deployments),
         source=source,
     )
 

@@ -29,6 +29,7 @@ class Reason(StrEnum):
     TOKEN_INACTIVE = "token_inactive"
     INSUFFICIENT_SCOPE = "insufficient_scope"
     NO_MATCHING_POLICY = "no_matching_policy"
+    REQUEST_AMBIGUOUS = "request_ambiguous"
     IDP_CALL_FAILED = "idp_call_failed"
     # Not in the contract's table: a bug or an unexpected input in extauthz itself. Fail closed.
     INTERNAL_ERROR = "internal_error"
@@ -49,7 +50,9 @@ class Outcome:
     challenge: Challenge
 
 
-_OK, _UNAUTHENTICATED, _PERMISSION_DENIED, _UNAVAILABLE, _INTERNAL = 0, 16, 7, 14, 13
+_OK, _INVALID_ARGUMENT, _UNAUTHENTICATED, _PERMISSION_DENIED, _UNAVAILABLE, _INTERNAL = (
+    0, 3, 16, 7, 14, 13
+)  # fmt: skip
 
 _BAD_TOKEN = Outcome(_UNAUTHENTICATED, 401, "invalid_token", Challenge.INVALID_TOKEN)
 
@@ -75,6 +78,9 @@ OUTCOMES: dict[Reason, Outcome] = {
         _PERMISSION_DENIED, 403, "insufficient_scope", Challenge.INSUFFICIENT_SCOPE
     ),
     Reason.NO_MATCHING_POLICY: Outcome(_PERMISSION_DENIED, 403, "access_denied", Challenge.NONE),
+    # A path or authority not in normal form: which policy applies would be a guess (RFC 6749
+    # §5.2's invalid_request: the request is malformed, not the credentials).
+    Reason.REQUEST_AMBIGUOUS: Outcome(_INVALID_ARGUMENT, 400, "invalid_request", Challenge.NONE),
     # The HTTP status is replaced by server.denyStatusOnIdpFailure (500 or 503).
     Reason.IDP_CALL_FAILED: Outcome(_UNAVAILABLE, 500, "server_error", Challenge.NONE),
     Reason.INTERNAL_ERROR: Outcome(_INTERNAL, 500, "server_error", Challenge.NONE),

@@ -16,11 +16,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .bounded import BoundedCache
 from .config import Config, Deployment
 from .decision import Decision, Denial, Reason, allow, deny
 from .errors import IdpError
 from .idp import DeploymentIdp
-from .routing import Selection, normalize_path, select_route
+from .routing import Selection, request_path, select
 from .tokens import extract_token
 from .validation import (
     check_claims,
@@ -34,13 +35,25 @@ from .validation import (
 )
 from .verified import Verified, VerifiedTokens, token_digest
 
-__all__ = ["IDP_FAILED_EVENT", "MAX_ANSWERS", "NO_POLICY_EVENT", "Answer", "CheckInput", "Engine"]
+__all__ = [
+    "AMBIGUOUS_EVENT",
+    "IDP_FAILED_EVENT",
+    "MAX_ANSWERS",
+    "NO_POLICY_EVENT",
+    "Answer",
+    "CheckInput",
+    "Engine",
+]
 
 IDP_FAILED_EVENT = "authentication.idpCallFailed"
 NO_POLICY_EVENT = "routing.noMatchingPolicy"
+AMBIGUOUS_EVENT = "routing.requestAmbiguous"
 _MAX_REUSED_ALLOWS = 8_192
 _MAX_ROUTES = 8_192
-_MAX_ROUTE_KEY_CHARS = 512  # longer host + path: selected every time, never kept
+# A longer request line (authority, path, method and context_extensions together) is selected
+# every time and never kept: the route memo holds at most 8,192 x 512 characters of requests.
+_MAX_ROUTE_KEY_CHARS = 512
+_MAX_MESSAGE_PATH_CHARS = 128  # how much of a path a message quotes
 MAX_ANSWERS = 16_384  # remembered answers (with their serialized responses)
 EXPIRED_TOKEN_MEMORY_SECONDS = 300.0
 _NO_CLAIMS: Mapping[str, Any] = {}  # an anonymous allow
@@ -66,7 +79,8 @@ class CheckInput:
 
     @property
     def path(self) -> str:
-        return normalize_path(self.raw_path)
+        """The path without query string and fragment, as matched and logged."""
+        return request_path(self.raw_path)
 
 
 RouteKey = tuple[str, str, str, frozenset[tuple[str, str]] | None]
@@ -74,9 +88,21 @@ RouteKey = tuple[str, str, str, frozenset[tuple[str, str]] | None]
 
 def _route_key(
     host: str, path: str, method: str, context_extensions: Mapping[str, str]
-) -> RouteKey:
-    extensions = frozenset(context_extensions.items()) if context_extensions else None
-    return (host, path, method, extensions)
+) -> tuple[RouteKey, int]:
+    """The route memo's key for a request line, and its size in characters."""
+    size = len(host) + len(path) + len(method)
+    if not context_extensions:
+        return (host, path, method, None), size
+    for k, v in context_extensions.items():
+        size += len(k) + len(v)
+    return (host, path, method, frozenset(context_extensions.items())), size
+
+
+def _quoted_path(path: str) -> str:
+    """A path for a message, cut short: a message is logged and may be rendered to the client."""
+    if len(path) <= _MAX_MESSAGE_PATH_CHARS:
+        return path
+    return f"{path[:_MAX_MESSAGE_PATH_CHARS]}... ({len(path)} characters)"
 
 
 def _credential_digest(value: str) -> bytes:
@@ -133,32 +159,32 @@ class Engine:
         # The content of an allow decision (headers, headers to remove, metadata: the metadata
         # names the deployment and route) → the one Decision object with that content.
         self._allows: dict[tuple[tuple[Any, ...], ...], Decision] = {}
-        # Route selection is a pure function of the request line and the config: memoized.
-        self._routes: dict[RouteKey, Selection | None] = {}
+        # Route selection is a pure function of the request line and the config: memoized, for
+        # request lines in normal form only.
+        self._routes: BoundedCache[RouteKey, Selection | None] = BoundedCache(
+            _MAX_ROUTES, _MAX_ROUTE_KEY_CHARS
+        )
         # (id(deployment), id(route), SHA-256 of the credential header) → Answer. The ids are of
         # objects of this engine's config, which lives as long as the engine: never reused.
         self._answers: dict[tuple[int, int, bytes], Answer] = {}
         self._last_digest: tuple[str, bytes] = ("", b"")
 
-    def _select(
-        self, host: str, path: str, method: str, context_extensions: Mapping[str, str]
-    ) -> Selection | None:
-        key = _route_key(host, path, method, context_extensions)
-        try:
-            return self._routes[key]
-        except KeyError:
-            pass
-        selection = select_route(
+    def _select(self, req: CheckInput) -> Selection | Denial | None:
+        """The policy for a request: a Selection, None when none matches, or a
+        ``request_ambiguous`` Denial when the path or authority is not in normal form."""
+        key, size = _route_key(req.host, req.path, req.method, req.context_extensions)
+        found = self._routes.get(key)
+        if found is not None or key in self._routes:  # None is kept too: no policy matches
+            return found
+        selection = select(
             self.config,
-            host=host,
-            path=path,
-            method=method,
-            context_extensions=context_extensions,
+            authority=req.host,
+            raw_path=req.raw_path,
+            method=req.method,
+            context_extensions=req.context_extensions,
         )
-        if len(host) + len(path) <= _MAX_ROUTE_KEY_CHARS:
-            if len(self._routes) >= _MAX_ROUTES:
-                self._routes.clear()
-            self._routes[key] = selection
+        if not isinstance(selection, Denial):
+            self._routes.put(key, selection, size)
         return selection
 
     def reuse(
@@ -177,7 +203,7 @@ class Engine:
         """
         if not (host and raw_path and method):
             return None
-        key = _route_key(host, normalize_path(raw_path), method, context_extensions)
+        key, _ = _route_key(host, request_path(raw_path), method, context_extensions)
         selection = self._routes.get(key)
         if selection is None:
             return None
@@ -210,12 +236,14 @@ class Engine:
         self._answers[(id(selection.deployment), id(selection.route), digest)] = answer
 
     async def check(self, req: CheckInput) -> Decision:
-        path = req.path
-        selection = self._select(req.host, path, req.method, req.context_extensions)
+        selection = self._select(req)
+        if isinstance(selection, Denial):
+            return deny(selection.reason, selection.message, event=AMBIGUOUS_EVENT)
         if selection is None:
             return deny(
                 Reason.NO_MATCHING_POLICY,
-                f"No deployment or route policy matches {req.method.upper()} {path}.",
+                "No deployment or route policy matches"
+                f" {req.method.upper()} {_quoted_path(req.path)}.",
                 event=NO_POLICY_EVENT,
             )
         deployment, route = selection.deployment, selection.route_name

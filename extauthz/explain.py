@@ -41,7 +41,7 @@ from .idp.introspection import IntrospectionClient
 from .keys import KeySet
 from .logs import token_hash
 from .response import http_status, www_authenticate
-from .routing import Selection, normalize_path, select_route
+from .routing import Selection, select
 from .tokens import extract_token
 from .validation import (
     JwtHeader,
@@ -184,9 +184,8 @@ def build_input(config: Config, req: ExplainRequest) -> CheckInput:
     if host is None:
         host = next((h for h in default.hosts if not h.startswith("*.")), "") if default else ""
     # Selection never depends on the token, so it tells where the token must go.
-    selection = select_route(
-        config, host=host, path=normalize_path(path), method=method, context_extensions=context
-    )
+    found = select(config, authority=host, raw_path=path, method=method, context_extensions=context)
+    selection = found if isinstance(found, Selection) else None
     headers: dict[str, str] = {}
     raw_path = path
     if selection is not None and selection.deployment.auth.token_query_param is not None:
@@ -331,7 +330,9 @@ def _fail(name: str, detail: str, denial: Denial, **facts: Any) -> CheckLine:
     return CheckLine(name, "FAIL", detail, denial.reason, denial.message, facts)
 
 
-def _policy_line(inp: CheckInput, selection: Selection | None) -> CheckLine:
+def _policy_line(inp: CheckInput, selection: Selection | Denial | None) -> CheckLine:
+    if isinstance(selection, Denial):
+        return _fail("policy", f"{inp.method} {inp.host} {inp.path}: ambiguous", selection)
     if selection is None:
         named = inp.context_extensions.get("deployment")
         why = f"deployment {_j(named)}" if named else f"host {_j(inp.host)}"
@@ -734,10 +735,10 @@ async def explain(
     """Every check of ``req.token`` against the policy the server would select, and the
     server's decision. Raises :class:`UsageError` or :class:`ConfigError`."""
     inp = build_input(config, req)
-    selection = select_route(
+    selection = select(
         config,
-        host=inp.host,
-        path=inp.path,
+        authority=inp.host,
+        raw_path=inp.raw_path,
         method=inp.method,
         context_extensions=inp.context_extensions,
     )
@@ -745,7 +746,7 @@ async def explain(
     token_id = token_hash(req.token)
     kind: Literal["jwt", "opaque"] = "jwt" if looks_like_jwt(req.token) else "opaque"
     checks = [_policy_line(inp, selection)]
-    if selection is None:
+    if not isinstance(selection, Selection):
         unmatched = await Engine(config, {}, clock=lambda: now).check(inp)
         verdict = _verdict(unmatched, config, exact=True, note="computed by the server's engine")
         return Explanation(token_id, kind, inp, req.offline, None, tuple(checks), False, verdict)

@@ -11,6 +11,7 @@ from google.rpc import status_pb2
 from ._pb.envoy.config.core.v3 import base_pb2
 from ._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
 from ._pb.envoy.type.v3 import http_status_pb2
+from .bounded import BoundedCache
 from .config import ServerSettings
 from .decision import OUTCOMES, Challenge, Decision, Reason
 
@@ -104,6 +105,8 @@ def to_check_response(
 
 
 _MAX_TEMPLATES = 4_096
+# A template keyed on a longer message (exposeDetailedErrors) is built every time, never kept.
+_MAX_TEMPLATE_MESSAGE_CHARS = 512
 
 
 class Renderer:
@@ -116,24 +119,25 @@ class Renderer:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self._templates: dict[tuple[object, ...], tuple[ext.CheckResponse, str, str]] = {}
+        self._templates: BoundedCache[tuple[object, ...], tuple[ext.CheckResponse, str, str]] = (
+            BoundedCache(_MAX_TEMPLATES, _MAX_TEMPLATE_MESSAGE_CHARS)
+        )
 
     def render(self, decision: Decision, request_id: str) -> ext.CheckResponse:
         if decision.allowed:
             return to_check_response(decision, request_id, self.settings)
+        message = decision.message if self.settings.expose_detailed_errors else ""
         key = (
             decision.reason,
             decision.deployment,
             decision.route,
             decision.required_scope,
-            decision.message if self.settings.expose_detailed_errors else "",
+            message,
         )
         template = self._templates.get(key)
         if template is None:
             template = self._template(decision)
-            if len(self._templates) >= _MAX_TEMPLATES:
-                self._templates.clear()
-            self._templates[key] = template
+            self._templates.put(key, template, len(message))
         fixed, body_head, body_tail = template
         response = ext.CheckResponse()
         response.CopyFrom(fixed)

@@ -1,13 +1,38 @@
-"""Route selection (CONTRACT.md §2, "Route selection"): a pure function of request and config."""
+"""Route selection: a pure function of the request's authority, path, method and the config.
+
+The client controls the host and the path, and those choose the policy, so selection is defined
+so that no spelling of either reaches a weaker policy than the one the operator wrote for it
+(docs/configuration.md, "Route selection"):
+
+1. :func:`read_request_target` refuses what is not in normal form (``request_ambiguous``): a
+   path is matched exactly as Envoy sent it, never rewritten, because extauthz and the upstream
+   must agree on which resource was authorized.
+2. :func:`select_route` looks at hosts before paths, most specific host first (Envoy's
+   virtual-host order), then the longest ``pathPrefix`` within the first host group that has one,
+   then the first route whose template and methods match.
+
+Every step is linear in the length of the request: prefixes and wildcard suffixes are looked up
+by the lengths the config actually has, never by rebuilding a string per path segment, and
+route templates are matched without regular expressions (:mod:`extauthz.route_template`).
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .config import Config, Deployment, Route
+from .config import Config, Deployment, HostGroup, Route
+from .decision import Denial, Reason
 
-__all__ = ["Selection", "normalize_path", "select_route"]
+__all__ = [
+    "RequestTarget",
+    "Selection",
+    "read_request_target",
+    "request_path",
+    "select",
+    "select_route",
+]
 
 # A deployment without routes has one implicit route covering every path under pathPrefix.
 _IMPLICIT_ROUTE_NAME = "default"
@@ -26,46 +51,118 @@ class Selection:
     def authorization(self) -> str:
         if self.route is not None:
             return self.route.authorization
-        # No routes: AUTHENTICATION_ONLY (CONTRACT.md §2), except that a deployment that allows
-        # anonymous access lets requests without a token through; a token sent is still checked.
+        # No routes: AUTHENTICATION_ONLY, except that a deployment that allows anonymous access
+        # lets requests without a token through; a token sent is still checked.
         return "ANONYMOUS" if self.deployment.auth.anonymous_allowed else "AUTHENTICATION_ONLY"
 
 
-def normalize_path(raw: str) -> str:
-    """Drop query and fragment, merge slashes and resolve dot segments (RFC 3986 §5.2.4).
+@dataclass(frozen=True, slots=True)
+class RequestTarget:
+    """The host (lower-case, no port, no trailing dot) and the path (no query or fragment) of a
+    request whose authority and path are in normal form."""
 
-    Envoy normally normalizes paths itself (``normalize_path``, ``merge_slashes``); doing it again
-    here means a policy never matches a different path than the upstream will serve.
+    host: str
+    path: str
+
+
+def request_path(raw_path: str) -> str:
+    """The path without its query string and fragment (RFC 3986 §3.3: the path ends there)."""
+    end = len(raw_path)
+    for mark in ("?", "#"):
+        at = raw_path.find(mark, 0, end)
+        if at != -1:
+            end = at
+    return raw_path[:end] if end != len(raw_path) else raw_path
+
+
+_ENVOY_PATH_OPTIONS = (
+    "Envoy's normalize_path: true, merge_slashes: true and path_with_escaped_slashes_action: "
+    "UNESCAPE_AND_REDIRECT on the HTTP connection manager keep clients from sending it."
+)
+
+# What makes a path ambiguous, one named group per kind (RFC 3986 §6.2.2: the forms a client can
+# use to spell one path several ways). Each alternative is bounded, so the search is linear.
+_NOT_NORMAL = re.compile(
+    r"(?P<empty>//)"
+    # A dot segment between encoded slashes too: with encodedSlashes KEEP, an upstream that does
+    # decode them would still see it.
+    r"|(?P<dot>(?:/|%2f)(?:\.|%2e){1,2}(?=/|%2f|\Z))"
+    r"|(?P<backslash>\\|%5c)"
+    r"|(?P<control>[\x00-\x1f\x7f])"
+    r"|(?P<percent>%(?![0-9a-f]{2}))",
+    re.IGNORECASE,
+)
+_ENCODED_SLASH = re.compile("%2f", re.IGNORECASE)
+_WHY_NOT_NORMAL = {
+    "empty": "an empty segment ('//')",
+    "dot": "a '.' or '..' segment (in some spelling)",
+    "backslash": "a backslash ('\\' or '%5C')",
+    "control": "a control character",
+    "percent": "a '%' not followed by two hex digits",
+}
+# RFC 3986 §3.2.2-3: a registered name (letters, digits, '-', '.'; '_' as many internal names
+# have) or a bracketed IPv6 literal, then an optional port. Nothing else: no userinfo, no second
+# port, no spaces, no percent-encoding, nothing that lower-cases into something else.
+_AUTHORITY = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]*)(?::[0-9]{0,5})?")
+
+
+def _ambiguous(what: str, advice: str) -> Denial:
+    return Denial(Reason.REQUEST_AMBIGUOUS, f"The request {what}; {advice}")
+
+
+def read_request_target(
+    authority: str, raw_path: str, *, keep_encoded_slashes: bool = False
+) -> RequestTarget | Denial:
+    """The request's host and path when both are in normal form, else a ``request_ambiguous``
+    denial that says what was found (never the path itself) and the Envoy option that prevents it.
     """
-    if raw[:1] == "/" and "//" not in raw and "/." not in raw and "?" not in raw and "#" not in raw:
-        return raw  # already normal: the common case costs four substring scans
-    path = raw.split("?", 1)[0].split("#", 1)[0]
+    path = request_path(raw_path)
     if not path.startswith("/"):
-        path = "/" + path
-    out: list[str] = []
-    segments = path.split("/")[1:]
-    for seg in segments:
-        if seg in ("", "."):
-            continue
-        if seg == "..":
-            if out:
-                out.pop()
-            continue
-        out.append(seg)
-    trailing = path.endswith("/") and bool(out) and segments[-1] not in (".", "..")
-    return "/" + "/".join(out) + ("/" if trailing else "")
+        return _ambiguous("path does not start with '/'", _ENVOY_PATH_OPTIONS)
+    # The common case, a plain path, is decided by a few substring scans.
+    if not (
+        path.isascii()
+        and path.isprintable()
+        and "%" not in path
+        and "\\" not in path
+        and "//" not in path
+        and "/." not in path
+    ):
+        bad = _NOT_NORMAL.search(path)
+        if bad is not None:
+            what = _WHY_NOT_NORMAL[bad.lastgroup or "control"]
+            return _ambiguous(f"path has {what}", _ENVOY_PATH_OPTIONS)
+        if not keep_encoded_slashes and _ENCODED_SLASH.search(path):
+            return _ambiguous(
+                "path has an encoded slash ('%2F')",
+                _ENVOY_PATH_OPTIONS + " Or set server.encodedSlashes: KEEP.",
+            )
+    m = _AUTHORITY.fullmatch(authority)
+    host = m.group(1).lower() if m is not None else ""
+    if host.endswith("."):
+        host = host[:-1]  # one trailing dot: the same (fully qualified) name
+    if m is None or host.startswith(".") or host.endswith(".") or ".." in host:
+        return _ambiguous(
+            "authority is not a host with an optional port",
+            "Envoy's HTTP codec rejects most such authorities; check what forwards them.",
+        )
+    return RequestTarget(host, path)
 
 
-def _host_matches(patterns: tuple[str, ...], host: str) -> bool:
-    if not patterns:
-        return True
-    for p in patterns:
-        if p.startswith("*."):
-            if host.endswith(p[1:]) and len(host) > len(p) - 1:
-                return True
-        elif p == host:
-            return True
-    return False
+def _prefix_match(group: HostGroup, path: str) -> Deployment | None:
+    """The deployment of ``group`` with the longest ``pathPrefix`` that holds ``path`` on whole
+    segments (``/orders`` holds ``/orders`` and ``/orders/7``, not ``/ordersX``)."""
+    size = len(path)
+    by_prefix = group.by_prefix
+    for length in group.prefix_lengths:  # longest first
+        if length > size:
+            continue
+        if length > 1 and length < size and path[length] != "/":
+            continue
+        deployment = by_prefix.get(path[:length])
+        if deployment is not None:
+            return deployment
+    return None
 
 
 def _under_prefix(prefix: str, path: str) -> str | None:
@@ -79,62 +176,88 @@ def _under_prefix(prefix: str, path: str) -> str | None:
     return None
 
 
-def _strip_port(authority: str) -> str:
-    host = authority.strip().lower()
-    if host.startswith("["):  # IPv6 literal
-        end = host.find("]")
-        return host[: end + 1] if end != -1 else host
-    return host.rsplit(":", 1)[0] if ":" in host else host
-
-
 def _pick_route(deployment: Deployment, relative: str, method: str) -> Selection | None:
     if not deployment.routes:
         return Selection(deployment, None)
+    # Split once, only as deep as the deepest template looks: the rest stays one string.
+    parts = relative[1:].split("/", deployment.template_depth)
     for route in deployment.routes:
-        if route.matches(relative, method):
+        if (not route.methods or method in route.methods) and route.path.matches_segments(parts):
             return Selection(deployment, route)
     return None
+
+
+def _by_host(config: Config, host: str, path: str) -> Deployment | None:
+    """Hosts before paths: the exact host's group, then wildcard groups by longest suffix (a
+    ``*.example.com`` needs at least one more label), then the deployments without ``hosts``;
+    the first group that holds a matching ``pathPrefix`` decides."""
+    index = config.host_index
+    exact = index.exact.get(host)
+    if exact is not None:
+        found = _prefix_match(exact, path)
+        if found is not None:
+            return found
+    size = len(host)
+    for length, groups in index.wildcards:  # longest suffix first
+        if size > length:
+            group = groups.get(host[size - length :])
+            if group is not None:
+                found = _prefix_match(group, path)
+                if found is not None:
+                    return found
+    return _prefix_match(index.hostless, path)
 
 
 def select_route(
     config: Config,
     *,
-    host: str,
-    path: str,
+    target: RequestTarget,
     method: str,
     context_extensions: Mapping[str, str],
 ) -> Selection | None:
-    """Find the deployment and route that govern a request, or None (→ ``no_matching_policy``).
+    """The deployment and route that govern a request, or None (→ ``no_matching_policy``).
 
-    ``path`` must already be normalized. Envoy's per-route ``context_extensions`` win: a
-    ``deployment`` entry names the deployment (and an optional ``route`` names a route by index or
-    name). A name that does not exist selects nothing: fail closed, never fall back.
+    Envoy's per-route ``context_extensions`` win: ``deployment`` names the deployment and an
+    optional ``route`` names a route by index or name. A name that does not exist selects
+    nothing: fail closed, never fall back to matching.
     """
     method = method.upper()
+    path = target.path
     named = context_extensions.get("deployment")
     if named is not None:
         deployment = config.by_name.get(named)
         if deployment is None:
             return None
-        relative = _under_prefix(deployment.path_prefix, path) or path
         route_ref = context_extensions.get("route")
         if route_ref is None:
-            return _pick_route(deployment, relative, method)
+            # Below pathPrefix when the path is under it, else the whole path (a sidecar's Envoy
+            # may route by host alone).
+            below = _under_prefix(deployment.path_prefix, path) or path
+            return _pick_route(deployment, below, method)
         for i, route in enumerate(deployment.routes):
             if route_ref in (route.name, str(i)):
                 return Selection(deployment, route)
         return None
+    deployment = _by_host(config, target.host, path)
+    if deployment is None:
+        return None
+    relative = _under_prefix(deployment.path_prefix, path)
+    assert relative is not None
+    return _pick_route(deployment, relative, method)
 
-    hostname = _strip_port(host)
-    # The longest prefix first: the path itself, then without its last segment, ..., then "/".
-    # A trailing slash is not part of a prefix ("/orders/" is under "/orders").
-    candidate = path.rstrip("/") or "/"
-    while True:
-        for deployment in config.by_prefix.get(candidate, ()):
-            if _host_matches(deployment.hosts, hostname):
-                under = _under_prefix(deployment.path_prefix, path)
-                assert under is not None
-                return _pick_route(deployment, under, method)
-        if candidate == "/":
-            return None
-        candidate = candidate.rsplit("/", 1)[0] or "/"
+
+def select(
+    config: Config,
+    *,
+    authority: str,
+    raw_path: str,
+    method: str,
+    context_extensions: Mapping[str, str],
+) -> Selection | Denial | None:
+    """Both steps: a ``request_ambiguous`` Denial, else :func:`select_route`'s answer."""
+    target = read_request_target(
+        authority, raw_path, keep_encoded_slashes=config.server.keep_encoded_slashes
+    )
+    if isinstance(target, Denial):
+        return target
+    return select_route(config, target=target, method=method, context_extensions=context_extensions)

@@ -39,8 +39,8 @@ T = TypeVar("T")
 
 # Every status a CheckResponse may carry (CONTRACT.md §3): OK, UNAUTHENTICATED, PERMISSION_DENIED,
 # UNAVAILABLE. INTERNAL (13) is extauthz's own fail-closed bug path and must never show up here.
-CONTRACT_GRPC_CODES = frozenset({0, 16, 7, 14})
-CONTRACT_HTTP_DENY = frozenset({401, 403, 500, 503})
+CONTRACT_GRPC_CODES = frozenset({0, 3, 16, 7, 14})
+CONTRACT_HTTP_DENY = frozenset({400, 401, 403, 500, 503})
 
 
 # -- JWS bytes ------------------------------------------------------------------------------------

@@ -193,7 +193,7 @@ def world(rsa_key: SigningKey, rsa_key2: SigningKey, ec_key: SigningKey) -> Iter
 
 # -- what every answer must look like ----------------------------------------------------------------
 
-_DENY_STATUS = {16: {401}, 7: {403}, 14: {500, 503}}
+_DENY_STATUS = {3: {400}, 16: {401}, 7: {403}, 14: {500, 503}}
 _REASONS = {r.value for r in Reason} - {Reason.INTERNAL_ERROR.value}
 _UNSAFE = {chr(c) for c in range(0x20) if c != 0x09} | {"\x7f"}
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from extauthz.config import ConfigError, compile_template, load_config, parse_config
+from extauthz.config import ConfigError, load_config, parse_config
+from extauthz.route_template import RouteTemplate
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -179,10 +180,32 @@ def test_verify_claims_values_become_json_text() -> None:
         ("/files/{path*}", "/files/", True),
         ("/", "/", True),
         ("/a.b", "/aXb", False),
+        # {name*} is zero or more segments: the template's own prefix is covered too.
+        ("/admin/{rest*}", "/admin", True),
+        ("/admin/{rest*}", "/admin/", True),
+        ("/admin/{rest*}", "/adminx", False),
+        ("/{id}/items/{rest*}", "/42/items", True),
+        ("/{rest*}", "/", True),
+        # Placeholders inside a segment: each takes at least one character.
+        ("/{name}.{ext}", "/a.b", True),
+        ("/{name}.{ext}", "/a.b.c", True),
+        ("/{name}.{ext}", "/.b", False),
+        ("/{name}.{ext}", "/a.", False),
+        ("/{name}.{ext}", "/ab", False),
+        ("/{a}{b}", "/x", False),
+        ("/{a}{b}", "/xy", True),
+        ("/v{n}/x", "/v2/x", True),
+        ("/v{n}/x", "/v/x", False),
     ],
 )
 def test_route_templates(template: str, path: str, matches: bool) -> None:
-    assert bool(compile_template(template).fullmatch(path)) is matches
+    assert RouteTemplate.parse(template).matches(path) is matches
+
+
+@pytest.mark.parametrize("template", ["/files{rest*}", "/{rest*}/x", "/a/{x*}.txt", "x", "/{a"])
+def test_bad_route_templates(template: str) -> None:
+    with pytest.raises(ValueError):
+        RouteTemplate.parse(template)
 
 
 def test_examples_pass_check_config() -> None:
