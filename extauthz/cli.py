@@ -85,6 +85,8 @@ def _check_config(path: str) -> int:
         print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
         return EXIT_USAGE
     print(config.summary())
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -2,7 +2,7 @@
 
 The client controls the host and the path, and those choose the policy, so selection is defined
 so that no spelling of either reaches a weaker policy than the one the operator wrote for it
-(docs/configuration.md, "Route selection"):
+(README, "Route selection"):
 
 1. :func:`read_request_target` refuses what is not in normal form (``request_ambiguous``): a
    path is matched exactly as Envoy sent it, never rewritten, because extauthz and the upstream

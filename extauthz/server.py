@@ -322,6 +322,12 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
         )
 
 
+def log_config_warnings(logger: JsonLogger, config: Config) -> None:
+    """What ``check-config`` prints as warnings, one ``config.warning`` line each."""
+    for warning in config.warnings:
+        logger.warning("config.warning", message=warning, config=config.source)
+
+
 def _split_hostport(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     return host.strip("[]") or "0.0.0.0", int(port)
@@ -400,6 +406,7 @@ async def run_server(
         old, runtime = runtime, new_runtime
         service.engine = new_runtime.engine  # one assignment: a check sees old or new, never both
         logger.set_level(new_config.server.log_level)
+        log_config_warnings(logger, new_config)
 
         async def retire() -> None:
             await asyncio.sleep(_RETIRE_AFTER_SECONDS)
@@ -456,6 +463,7 @@ async def run_server(
         config=config.source,
         eventLoop=type(loop).__module__.split(".")[0],  # "uvloop" or "asyncio"
     )
+    log_config_warnings(logger, config)
     await stop.wait()
     logger.autoflush = True
     flusher.cancel()

@@ -3,11 +3,16 @@ than the one written for it, and no request line costs more than its length."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 import tracemalloc
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from extauthz.config import Config, ConfigError, parse_config
 from extauthz.decision import Decision, Reason
@@ -16,6 +21,8 @@ from extauthz.response import Renderer
 from extauthz.routing import read_request_target, request_path
 from tests.conftest import SigningKey
 from tests.unit.test_engine import FakeIdp, build, check
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def deployment(name: str, prefix: str, *, anonymous: bool, key: SigningKey, **extra: Any) -> dict[str, Any]:
@@ -300,3 +307,21 @@ def test_prefixes_and_hosts_are_checked(rsa_key: SigningKey, field: str, value: 
     d[field] = value
     with pytest.raises(ConfigError, match=message):
         config_of(d)
+
+
+def test_check_config_prints_the_warnings_and_passes(rsa_key: SigningKey, tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"deployments": [
+        deployment("wild", "/api", anonymous=True, key=rsa_key),
+        deployment("secure", "/api", anonymous=False, key=rsa_key, hosts=["secure.example.com"]),
+    ]}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(
+        [sys.executable, "-m", "extauthz", "check-config", str(path)], capture_output=True, text=True, env=env
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("\n") == 1 and "OK" in res.stdout
+    assert res.stderr == (
+        "warning: deployments 'secure' (hosts secure.example.com) and 'wild' (no hosts) share pathPrefix"
+        " '/api': for secure.example.com, 'secure' applies; for any other host, 'wild'\n"
+    )
