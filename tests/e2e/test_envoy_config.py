@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,9 @@ from typing import Any
 
 import pytest
 import yaml
+
+from bench import configs
+from bench.keys import BenchKeys
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "examples"))
@@ -72,5 +76,19 @@ def test_envoy_accepts_config_rendered_for_tests(tmp_path: Path) -> None:
         assert f"port_value: {port}" in rendered
     config = tmp_path / "envoy.yaml"
     config.write_text(rendered)
+    result = envoy_validate(config)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_envoy_accepts_the_bench_bootstrap(tmp_path: Path) -> None:
+    """The bench's Envoy config, rendered from bench/envoy_templates with every listener kind, is
+    valid too (its templates are never run through envoy otherwise, outside a bench run)."""
+    bootstrap = configs.envoy_bootstrap(
+        9901,
+        ext_authz={"floor": (8001, [9001]), "extauthz": (8002, [9002, 9003])},
+        jwt_authn=(8003, BenchKeys.generate().jwks),
+    )
+    config = tmp_path / "bench-envoy.json"
+    config.write_text(json.dumps(bootstrap))
     result = envoy_validate(config)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
+from bench import configs
+
 REPO = Path(__file__).resolve().parents[2]
 ENVOY_DIR = REPO / "envoy"
 # Envoy bootstrap files only: envoy/istio/ holds Istio resources, not Envoy configs.
@@ -106,3 +108,98 @@ def test_sidecar_stays_on_loopback() -> None:
     assert addresses["extauthz"] == {"address": "127.0.0.1", "port_value": 9001}
     assert addresses["app"]["address"] == "127.0.0.1"
     assert document["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+
+
+# -- the HTTP connection manager hardening ---------------------------------------------------------
+# extauthz denies a path that is not in normal form (400 request_ambiguous): every shipped Envoy
+# config normalizes first, so that a well-behaved client never sees that and Envoy, extauthz and
+# the upstream agree on the path. Header names with "_" are refused: CGI/WSGI servers read
+# x_auth_subject as X-Auth-Subject, past extauthz's removal of the dashed name.
+
+HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+HARDENING = {
+    "normalize_path": True,
+    "merge_slashes": True,
+    "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT",
+    "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
+}
+
+
+def hardening_of(connection_manager: dict[str, Any]) -> dict[str, Any]:
+    """The hardening keys as this HTTP connection manager sets them (protocol options: only the
+    underscores action, whatever else they hold)."""
+    found = {key: connection_manager.get(key) for key in HARDENING}
+    options = connection_manager.get("common_http_protocol_options") or {}
+    found["common_http_protocol_options"] = {
+        "headers_with_underscores_action": options.get("headers_with_underscores_action")
+    }
+    return found
+
+
+def assert_hardened(document: Any) -> None:
+    managers = [n for n in walk(document) if n.get("@type") == HCM]
+    assert managers, "no HTTP connection manager found"
+    for manager in managers:
+        assert hardening_of(manager) == HARDENING
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=relative)
+def test_every_http_connection_manager_is_hardened(config: Path) -> None:
+    """Every HTTP connection manager of the shipped Envoy configs normalizes paths and refuses
+    header names with underscores."""
+    assert_hardened(yaml.safe_load(config.read_text()))
+
+
+def test_bench_envoy_is_hardened_like_the_shipped_configs() -> None:
+    """The bench's Envoy (every listener template, rendered) runs with the same settings, so that
+    it measures what a deployment runs."""
+    bootstrap = configs.envoy_bootstrap(
+        9901,
+        ext_authz={"floor": (8001, [9001]), "extauthz": (8002, [9002])},
+        jwt_authn=(8003, {"keys": []}),
+    )
+    assert len(bootstrap["static_resources"]["listeners"]) == 3
+    assert_hardened(bootstrap)
+
+
+def yaml_blocks(markdown: str, after: str, before: str) -> list[list[Any]]:
+    """The documents of each ```yaml block of ``markdown`` between two headings."""
+    section = markdown.split(after, 1)[1].split(before, 1)[0]
+    blocks = [block.split("```", 1)[0] for block in section.split("```yaml\n")[1:]]
+    return [list(yaml.safe_load_all(block)) for block in blocks]
+
+
+def test_readme_snippet_carries_the_hardening() -> None:
+    """README's "Use with Envoy" snippet shows the four connection-manager settings."""
+    readme = (REPO / "README.md").read_text()
+    [[essentials], _routes] = yaml_blocks(readme, "## Use with Envoy", "## Use with Istio")
+    assert hardening_of(essentials) == HARDENING
+
+
+def test_istio_normalizes_paths_and_refuses_underscores() -> None:
+    """mesh-config.yaml merges slashes and decodes %2F before the check (Istio's default, BASE,
+    does neither), and the EnvoyFilter sets the underscores action on the gateways' and the
+    sidecars' inbound HTTP connection managers."""
+    istio = ENVOY_DIR / "istio"
+    [mesh] = yaml.safe_load_all((istio / "mesh-config.yaml").read_text())
+    assert mesh["meshConfig"]["pathNormalization"] == {"normalization": "DECODE_AND_MERGE_SLASHES"}
+    readme = (REPO / "README.md").read_text()
+    [[excerpt, _policy], *_] = yaml_blocks(readme, "## Use with Istio", "## Deploy on Kubernetes")
+    assert excerpt["meshConfig"]["pathNormalization"] == mesh["meshConfig"]["pathNormalization"]
+
+    [envoy_filter] = yaml.safe_load_all((istio / "reject-underscore-headers.yaml").read_text())
+    assert (envoy_filter["apiVersion"], envoy_filter["kind"]) == (
+        "networking.istio.io/v1alpha3",
+        "EnvoyFilter",
+    )
+    patches = envoy_filter["spec"]["configPatches"]
+    assert {p["match"]["context"] for p in patches} == {"GATEWAY", "SIDECAR_INBOUND"}
+    for patch in patches:
+        assert patch["applyTo"] == "NETWORK_FILTER" and patch["patch"]["operation"] == "MERGE"
+        matched = patch["match"]["listener"]["filterChain"]["filter"]["name"]
+        assert matched == "envoy.filters.network.http_connection_manager"
+        value = patch["patch"]["value"]["typed_config"]
+        assert value["@type"] == HCM
+        assert value["common_http_protocol_options"] == {
+            "headers_with_underscores_action": "REJECT_REQUEST"
+        }

@@ -792,6 +792,14 @@ def test_notes_print_the_envoy_and_istio_snippets(default: Rendered) -> None:
         'statusOnError: "503"' in notes and "status_on_error: { code: ServiceUnavailable }" in notes
     )
     assert "action: CUSTOM" in notes
+    # The connection-manager hardening of every shipped Envoy config (envoy/envoy.yaml says why).
+    for setting in (
+        "normalize_path: true",
+        "merge_slashes: true",
+        "path_with_escaped_slashes_action: UNESCAPE_AND_REDIRECT",
+        "headers_with_underscores_action: REJECT_REQUEST",
+    ):
+        assert setting in notes
 
 
 def load_all(path: Path) -> list[dict[str, Any]]:
