@@ -2,18 +2,116 @@
 
 A few fixed GET endpoints do not justify a web framework; this is a minimal HTTP/1.1 responder
 on asyncio streams that closes each connection after one answer.
+
+Anything can connect to this port, so reading a request is bounded in size and in time: a request
+line or a header line longer than ``MAX_LINE_BYTES`` (the stream never buffers more than that),
+more than ``MAX_HEADER_LINES`` header lines, or a request line that is not ``METHOD TARGET
+HTTP/x.y`` gets a short JSON 400 or 431 and the connection is closed (after dropping what the
+client still sends, within ``LINGER_BYTES`` and ``LINGER_SECONDS``, so that it can read that
+answer); a request whose head has not arrived within ``REQUEST_SECONDS`` is cut off without an
+answer. None of these is an error of the server, so none is logged (an escaping exception would
+have asyncio print a traceback, which is not a JSON log line).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 __all__ = ["AdminServer"]
+
+MAX_LINE_BYTES = 8 * 1024  # a request line or one header line; probes and scrapers send ~100 B
+MAX_HEADER_LINES = 100  # a Prometheus scrape sends about ten
+REQUEST_SECONDS = 5.0  # the whole request head, however slowly it trickles in
+LINGER_BYTES = 1024 * 1024  # after a refusal, what is still read and dropped before closing...
+LINGER_SECONDS = 1.0  # ...and for how long at most
+
+JSON = "application/json"
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    content_type: str
+    body: bytes
+
+
+class RefusedRequest(Exception):
+    """A request this listener does not read to the end: answered with ``answer``, then closed."""
+
+    def __init__(self, status: HTTPStatus, error: str) -> None:
+        super().__init__(error)
+        self.answer = Answer(status, JSON, json.dumps({"error": error}).encode())
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str  # without the query string
+
+
+def parse_request_line(line: bytes) -> Request:
+    """``GET /readyz?x HTTP/1.1`` → GET, /readyz; anything else is a 400."""
+    parts = line.decode("latin-1").split()
+    if len(parts) != 3 or not parts[2].startswith("HTTP/") or not parts[1].startswith("/"):
+        raise RefusedRequest(HTTPStatus.BAD_REQUEST, "bad_request")
+    return Request(parts[0], parts[1].split("?", 1)[0])
+
+
+async def read_line(reader: asyncio.StreamReader, too_long: RefusedRequest) -> bytes:
+    """One CRLF- or LF-terminated line, what came before the end of the stream, or ``too_long``
+    raised once the line exceeds the stream's limit (``MAX_LINE_BYTES``)."""
+    try:
+        return await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError as exc:
+        return exc.partial  # the client closed (or half-closed) its side
+    except asyncio.LimitOverrunError:
+        raise too_long from None
+
+
+async def read_request(reader: asyncio.StreamReader) -> Request | None:
+    """The request line, parsed, after reading (and ignoring) the header lines; None when the
+    client connected and sent nothing."""
+    request_line = await read_line(
+        reader, RefusedRequest(HTTPStatus.BAD_REQUEST, "request_line_too_long")
+    )
+    if not request_line:
+        return None
+    request = parse_request_line(request_line)
+    header_too_large = RefusedRequest(
+        HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "header_fields_too_large"
+    )
+    for _ in range(MAX_HEADER_LINES + 1):  # the header lines, then the empty line that ends them
+        line = await read_line(reader, header_too_large)
+        if line in (b"\r\n", b"\n", b""):
+            return request
+    raise header_too_large  # too many header lines
+
+
+async def drop_the_rest(reader: asyncio.StreamReader) -> None:
+    """Read and drop what the client is still sending, up to the linger bounds. Closing a socket
+    with unread data resets the connection, and the client may then never read the refusal."""
+    remaining = LINGER_BYTES
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        async with asyncio.timeout(LINGER_SECONDS):
+            while remaining > 0 and (chunk := await reader.read(min(remaining, 64 * 1024))):
+                remaining -= len(chunk)
+
+
+def response_bytes(answer: Answer, *, head_only: bool) -> bytes:
+    head = (
+        f"HTTP/1.1 {answer.status} {HTTPStatus(answer.status).phrase}\r\n"
+        f"content-type: {answer.content_type}\r\ncontent-length: {len(answer.body)}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    return head.encode() + (b"" if head_only else answer.body)
 
 
 class AdminServer:
@@ -23,49 +121,56 @@ class AdminServer:
         readiness: Callable[[], tuple[bool, dict[str, Any]]],
         *,
         before_scrape: Callable[[], None] = lambda: None,
+        request_seconds: float = REQUEST_SECONDS,
     ) -> None:
         self._registry = registry
         self._readiness = readiness
         self._before_scrape = before_scrape
+        self._request_seconds = request_seconds
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._handle, host, port)
+        # `limit` bounds what the stream buffers while it looks for the end of a line.
+        self._server = await asyncio.start_server(self._handle, host, port, limit=MAX_LINE_BYTES)
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
 
-    def _route(self, path: str) -> tuple[int, str, bytes]:
-        if path == "/healthz":
-            return 200, "application/json", b'{"status":"ok"}'
-        if path == "/readyz":
+    def _route(self, request: Request) -> Answer:
+        if request.method not in ("GET", "HEAD"):
+            return Answer(405, JSON, b'{"error":"method_not_allowed"}')
+        if request.path == "/healthz":
+            return Answer(200, JSON, b'{"status":"ok"}')
+        if request.path == "/readyz":
             ready, detail = self._readiness()
             body = json.dumps({"ready": ready, **detail}, default=str).encode()
-            return (200 if ready else 503), "application/json", body
-        if path == "/metrics":
+            return Answer(200 if ready else 503, JSON, body)
+        if request.path == "/metrics":
             self._before_scrape()
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
-        return 404, "application/json", b'{"error":"not_found"}'
+            return Answer(200, CONTENT_TYPE_LATEST, generate_latest(self._registry))
+        return Answer(404, JSON, b'{"error":"not_found"}')
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request_line = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = request_line.decode("latin-1").split()
-            if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
-                status, ctype, body = 405, "application/json", b'{"error":"method_not_allowed"}'
-            else:
-                status, ctype, body = self._route(parts[1].split("?", 1)[0])
-            head = (
-                f"HTTP/1.1 {status} {'OK' if status == 200 else 'Error'}\r\n"
-                f"content-type: {ctype}\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
-            )
-            writer.write(head.encode() + (body if parts and parts[0] != "HEAD" else b""))
+            try:
+                async with asyncio.timeout(self._request_seconds):
+                    request = await read_request(reader)
+            except RefusedRequest as refused:
+                writer.write(response_bytes(refused.answer, head_only=False))
+                await writer.drain()
+                writer.write_eof()
+                await drop_the_rest(reader)
+                return
+            if request is None:
+                return  # connected and closed without a word
+            answer = self._route(request)
+            writer.write(response_bytes(answer, head_only=request.method == "HEAD"))
             await writer.drain()
-        except (TimeoutError, ConnectionError, UnicodeDecodeError):
-            pass
+        except (TimeoutError, ConnectionError):
+            pass  # too slow: cut off; or the client went away first
         finally:
             writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
