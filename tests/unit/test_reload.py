@@ -77,7 +77,7 @@ def test_a_half_written_config_that_validates_is_never_applied(tmp_path: Path) -
     half = new[: new.index("- name: catalog")]
     assert _prefixes(load_config_text(tmp_path, half)) == ["/orders"]  # a valid config by itself
 
-    clock, applied = FakeClock(), []
+    clock, applied = FakeClock(), list[Config]()
 
     async def polls() -> list[bool]:
         watcher = _watcher(path, applied, clock)
@@ -97,7 +97,7 @@ def test_a_half_written_config_that_validates_is_never_applied(tmp_path: Path) -
 def test_a_stable_new_config_is_applied_by_the_second_poll(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     _write(path, "/old")
-    clock, applied = FakeClock(), []
+    clock, applied = FakeClock(), list[Config]()
 
     async def polls() -> list[bool]:
         watcher = _watcher(path, applied, clock)
@@ -117,7 +117,7 @@ def test_a_second_read_sooner_than_a_poll_interval_does_not_apply(tmp_path: Path
     content must still wait out a whole interval from its first read."""
     path = tmp_path / "config.yaml"
     _write(path, "/old")
-    clock, applied = FakeClock(), []
+    clock, applied = FakeClock(), list[Config]()
 
     async def polls() -> list[bool]:
         watcher = _watcher(path, applied, clock)
@@ -139,7 +139,7 @@ def test_poke_checks_at_once_and_the_change_waits_for_the_next_check(tmp_path: P
     next poke applies it."""
     path = tmp_path / "config.yaml"
     _write(path, "/old")
-    clock, applied = FakeClock(), []
+    clock, applied = FakeClock(), list[Config]()
     checks: list[bool] = []
 
     class Counting(reload.ConfigWatcher):
@@ -176,7 +176,7 @@ def test_poke_checks_at_once_and_the_change_waits_for_the_next_check(tmp_path: P
 def test_a_change_reverted_before_it_settled_applies_nothing(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     _write(path, "/old")
-    clock, applied = FakeClock(), []
+    clock, applied = FakeClock(), list[Config]()
 
     async def polls() -> list[bool]:
         watcher = _watcher(path, applied, clock)
@@ -209,7 +209,7 @@ def test_a_file_rewritten_while_it_is_read_is_not_applied(
         return config
 
     monkeypatch.setattr(reload, "load_config", load_then_overwritten)
-    clock, applied = FakeClock(), []
+    clock, applied = FakeClock(), list[Config]()
 
     async def polls() -> list[bool]:
         watcher = _watcher(path, applied, clock)
@@ -228,7 +228,7 @@ def test_a_file_rewritten_while_it_is_read_is_not_applied(
 def test_an_invalid_settled_config_is_reported_once_and_the_old_one_stays(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     _write(path, "/old")
-    clock, applied, log = FakeClock(), [], io.StringIO()
+    clock, applied, log = FakeClock(), list[Config](), io.StringIO()
 
     async def polls() -> list[bool]:
         watcher = _watcher(path, applied, clock, log)
