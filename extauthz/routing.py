@@ -88,7 +88,7 @@ _NOT_NORMAL = re.compile(
     # decode them would still see it.
     r"|(?P<dot>(?:/|%2f)(?:\.|%2e){1,2}(?=/|%2f|\Z))"
     r"|(?P<backslash>\\|%5c)"
-    r"|(?P<control>[\x00-\x1f\x7f])"
+    r"|(?P<control>[\x00-\x1f\x7f-\x9f])"  # C0, DEL and C1 (Unicode Cc)
     r"|(?P<percent>%(?![0-9a-f]{2}))",
     re.IGNORECASE,
 )

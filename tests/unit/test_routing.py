@@ -132,6 +132,7 @@ def paths_engine(rsa_key: SigningKey) -> Engine:
         ("/public/%5C../admin", "backslash"),
         ("/public/\x00", "control character"),
         ("/public/\t", "control character"),
+        ("/public/a\x85b", "control character"),
         ("/public/%zz", "not followed by two hex digits"),
         ("/public/%", "not followed by two hex digits"),
         ("/public/%4", "not followed by two hex digits"),
