@@ -7,11 +7,26 @@ those.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import Enum, StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["OUTCOMES", "Challenge", "Decision", "Denial", "Outcome", "Reason", "allow", "deny"]
+if TYPE_CHECKING:
+    from .config import ServerSettings
+
+__all__ = [
+    "OUTCOMES",
+    "Challenge",
+    "Decision",
+    "Denial",
+    "Outcome",
+    "Reason",
+    "allow",
+    "deny",
+    "http_status",
+    "www_authenticate",
+]
 
 
 class Reason(StrEnum):
@@ -112,7 +127,7 @@ class Decision:
     log_fields: tuple[tuple[str, str], ...] = ()
     upstream_headers: tuple[tuple[str, str], ...] = ()
     remove_headers: tuple[str, ...] = ()
-    metadata: dict[str, Any] = field(default_factory=dict)
+    metadata: tuple[tuple[str, Any], ...] = ()  # Envoy dynamic metadata on allow, as pairs
     required_scope: tuple[str, ...] = ()
     # The same object is returned for repeated checks, so its rendering may be reused too.
     reusable: bool = False
@@ -124,7 +139,7 @@ def allow(
     *,
     upstream_headers: tuple[tuple[str, str], ...] = (),
     remove_headers: tuple[str, ...] = (),
-    metadata: dict[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
     reusable: bool = False,
 ) -> Decision:
     return Decision(
@@ -133,7 +148,7 @@ def allow(
         route=route,
         upstream_headers=upstream_headers,
         remove_headers=remove_headers,
-        metadata=metadata or {},
+        metadata=tuple(metadata.items()) if metadata else (),
         reusable=reusable,
     )
 
@@ -158,3 +173,27 @@ def deny(
         required_scope=required_scope,
         log_fields=log_fields,
     )
+
+
+def www_authenticate(decision: Decision) -> str | None:
+    """RFC 6750 §3 challenge for a denial, or None when the outcome has none."""
+    assert decision.reason is not None
+    challenge = OUTCOMES[decision.reason].challenge
+    if challenge is Challenge.NONE:
+        return None
+    realm = f'Bearer realm="{decision.deployment}"'
+    if challenge is Challenge.REALM_ONLY:
+        # RFC 6750 §3.1: no error code when the request carried no credentials.
+        return realm
+    if challenge is Challenge.INSUFFICIENT_SCOPE:
+        scope = " ".join(decision.required_scope)
+        return f'{realm}, error="insufficient_scope", scope="{scope}"'
+    return f'{realm}, error="invalid_token"'
+
+
+def http_status(decision: Decision, settings: ServerSettings) -> int:
+    """The HTTP status of a denial; an IdP failure's is the operator's choice (500 or 503)."""
+    assert decision.reason is not None
+    if decision.reason is Reason.IDP_CALL_FAILED:
+        return settings.deny_status_on_idp_failure
+    return OUTCOMES[decision.reason].http_status

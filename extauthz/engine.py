@@ -17,21 +17,24 @@ from dataclasses import dataclass
 from typing import Any
 
 from .bounded import BoundedCache
-from .config import Config, Deployment
+from .config import AuthPolicy, Config, Deployment
 from .decision import Decision, Denial, Reason, allow, deny
 from .errors import IdpError
 from .idp import DeploymentIdp
 from .routing import Selection, request_path, select
+from .steps import Step, Trace, Unverifiable, failed, first_denial, passed, skipped
 from .tokens import extract_token
 from .validation import (
-    check_claims,
-    check_scope,
+    algorithm_step,
+    claim_steps,
     claim_text,
+    format_step,
+    key_steps,
     looks_like_jwt,
     numeric_date,
-    read_header,
+    parse_jws,
+    scope_step,
     scopes_of,
-    verifying_key,
 )
 from .verified import Verified, VerifiedTokens, token_digest
 
@@ -65,6 +68,59 @@ def idp_log_fields(exc: IdpError) -> tuple[tuple[str, str], ...]:
     fields: tuple[tuple[str, str], ...] = (("endpoint", exc.endpoint),)
     detail = getattr(exc, "detail", "")
     return (*fields, ("detail", detail)) if detail else fields
+
+
+def _denied(selection: Selection, denial: Denial, **fields: Any) -> Decision:
+    """A denial on the selected deployment and route, logged under the policy's event."""
+    policy = selection.deployment.auth
+    return deny(
+        denial.reason,
+        denial.message,
+        deployment=selection.deployment.name,
+        route=selection.route_name,
+        event=fields.pop("event", None) or policy.log_event,
+        **fields,
+    )
+
+
+def _must(denial: Denial | None) -> Denial:
+    assert denial is not None
+    return denial
+
+
+@dataclass(slots=True)
+class _FirstFailure:
+    """The failure one check answers with (the first), and whether to go on after one."""
+
+    keep_going: bool
+    denial: Denial | None = None
+    event: str | None = None
+    log_fields: tuple[tuple[str, str], ...] = ()
+    required_scope: tuple[str, ...] = ()
+
+    def fail(
+        self,
+        denial: Denial,
+        *,
+        event: str | None = None,
+        log_fields: tuple[tuple[str, str], ...] = (),
+        required_scope: tuple[str, ...] = (),
+    ) -> bool:
+        """Note a failure; True when the check stops here."""
+        if self.denial is None:
+            self.denial, self.event = denial, event
+            self.log_fields, self.required_scope = log_fields, required_scope
+        return not self.keep_going
+
+    def decision(self, selection: Selection) -> Decision:
+        assert self.denial is not None
+        return _denied(
+            selection,
+            self.denial,
+            event=self.event,
+            log_fields=self.log_fields,
+            required_scope=self.required_scope,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,33 +291,33 @@ class Engine:
             digest = _credential_digest(value)
         self._answers[(id(selection.deployment), id(selection.route), digest)] = answer
 
-    async def check(self, req: CheckInput) -> Decision:
+    async def check(self, req: CheckInput, trace: Trace | None = None) -> Decision:
+        """The decision for one request. With a ``trace``, every step is recorded there (and,
+        with ``trace.keep_going``, every check runs even after the first failure); the decision
+        is the same either way. Tracing never remembers anything: each traced check runs whole."""
         selection = self._select(req)
         if isinstance(selection, Denial):
+            if trace is not None:
+                trace.add(failed("policy", selection))
             return deny(selection.reason, selection.message, event=AMBIGUOUS_EVENT)
         if selection is None:
-            return deny(
+            unmatched = Denial(
                 Reason.NO_MATCHING_POLICY,
                 "No deployment or route policy matches"
                 f" {req.method.upper()} {_quoted_path(req.path)}.",
-                event=NO_POLICY_EVENT,
             )
-        deployment, route = selection.deployment, selection.route_name
-        policy = deployment.auth
-
-        def denied(d: Denial, **kw: Any) -> Decision:
-            return deny(
-                d.reason,
-                d.message,
-                deployment=deployment.name,
-                route=route,
-                event=kw.pop("event", policy.log_event),
-                **kw,
-            )
+            if trace is not None:
+                trace.add(failed("policy", unmatched))
+            return deny(unmatched.reason, unmatched.message, event=NO_POLICY_EVENT)
+        if trace is not None:
+            trace.add(passed("policy", actual=selection))
+        policy = selection.deployment.auth
 
         token = extract_token(policy, req.headers, req.raw_path)
         if isinstance(token, Denial):
-            return denied(token)
+            if trace is not None:
+                trace.add(failed("format", token))
+            return _denied(selection, token)
         if token is None:
             if selection.authorization == "ANONYMOUS":
                 return self._allow(selection, _NO_CLAIMS)
@@ -270,42 +326,62 @@ class Engine:
                 if policy.token_query_param
                 else f"'{policy.token_header}' header"
             )
-            return denied(Denial(Reason.TOKEN_MISSING, f"No token was found in the {where}."))
+            missing = Denial(Reason.TOKEN_MISSING, f"No token was found in the {where}.")
+            if trace is not None:
+                trace.add(failed("token", missing))
+            return _denied(selection, missing)
 
-        idp = self._providers[deployment.name]
+        idp = self._providers[selection.deployment.name]
         # Taken before any await: a document fetched meanwhile makes the answer unusable.
         documents_version = idp.documents_version()
+        failure = _FirstFailure(trace is not None and trace.keep_going)
+        claims, cached_until = await self._authenticate(token, policy, idp, failure, trace)
+        if claims is None:
+            if trace is not None:
+                names = ["exp", "nbf", "iss", "aud", *(f"claim {r.key}" for r in policy.claims)]
+                trace.add(*(skipped(n, "no claims to check") for n in [*names, "scope"]))
+            if failure.denial is None and trace is not None and trace.undecided:
+                raise Unverifiable("the identity provider must be asked")
+            assert failure.denial is not None
+            return failure.decision(selection)
+        if trace is not None:
+            trace.claims_read = True
+
+        issuers: tuple[str, ...] | Step
         try:
-            authenticated = await self._authenticate(token, policy.algorithms, idp)
             issuers = await idp.issuers()
         except IdpError as exc:
-            return denied(
-                Denial(Reason.IDP_CALL_FAILED, exc.message),
-                event=IDP_FAILED_EVENT,
-                log_fields=idp_log_fields(exc),
-            )
-        if isinstance(authenticated, Denial):
-            return denied(authenticated)
-        claims, cached_until = authenticated
+            unavailable = Denial(Reason.IDP_CALL_FAILED, exc.message)
+            endpoint = (("endpoint", exc.endpoint),)
+            issuers = failed("iss", unavailable, note="issuer unavailable", facts=endpoint)
+            if failure.fail(unavailable, event=IDP_FAILED_EVENT, log_fields=idp_log_fields(exc)):
+                return failure.decision(selection)
+        except Unverifiable:
+            if trace is None:
+                raise
+            issuers = skipped("iss", "the issuer comes from the discovery document")
         # RFC 7662 makes `exp` optional in an introspection answer; a JWT must carry it.
-        failure = check_claims(
-            claims,
-            policy,
-            self._clock(),
-            issuers,
-            require_exp=idp.keys is not None and looks_like_jwt(token),
-        )
-        if failure is None and selection.authorization == "ANY_OF":
-            assert selection.route is not None
-            failure = check_scope(claims, selection.route.allowed_scope)
-            if failure:
-                return denied(failure, required_scope=selection.route.allowed_scope)
+        require_exp = idp.keys is not None and looks_like_jwt(token)
+        for step in claim_steps(claims, policy, self._clock(), issuers, require_exp=require_exp):
+            if trace is not None:
+                trace.add(step)
+            if step.denial is not None and failure.fail(step.denial):
+                break
+        route = selection.route
+        allowed_scope = route.allowed_scope if route is not None else ()
+        if failure.denial is None or failure.keep_going:
+            scope = scope_step(claims, selection.authorization, allowed_scope)
+            if trace is not None:
+                trace.add(scope)
+            if scope.denial is not None:
+                failure.fail(scope.denial, required_scope=allowed_scope)
+
         skew = policy.clock_skew
         exp = numeric_date(claims.get("exp"))
-        if failure:
-            decision = denied(failure)
-            expired = failure.reason is Reason.TOKEN_EXPIRED
-            if expired and exp is not None and documents_version is not None:
+        if failure.denial is not None:
+            decision = failure.decision(selection)
+            expired = failure.denial.reason is Reason.TOKEN_EXPIRED
+            if expired and exp is not None and documents_version is not None and trace is None:
                 # A client retrying an expired token gets the same denial without a parse or a
                 # key lookup: an expired token stays expired (until the keys change).
                 after = math.nextafter(exp + skew, math.inf)
@@ -313,7 +389,7 @@ class Engine:
                 self._remember(selection, req.headers, answer)
             return decision
         decision = self._allow(selection, claims)
-        if documents_version is not None:
+        if documents_version is not None and trace is None:
             nbf = numeric_date(claims.get("nbf"))
             answer = Answer(
                 decision,
@@ -326,38 +402,135 @@ class Engine:
         return decision
 
     async def _authenticate(
-        self, token: str, algorithms: frozenset[str], idp: DeploymentIdp
-    ) -> tuple[Mapping[str, Any], float] | Denial:
+        self,
+        token: str,
+        policy: AuthPolicy,
+        idp: DeploymentIdp,
+        failure: _FirstFailure,
+        trace: Trace | None,
+    ) -> tuple[Mapping[str, Any] | None, float]:
         """The token's claims once its signature (or the IdP's introspection) vouches for them,
-        with how long that vouching may be remembered (wall clock)."""
+        with how long that vouching may be remembered (wall clock). None: no claims to check
+        (the failure is recorded). Tracing with ``keep_going``, the claims of a token whose
+        signature failed are returned too, unverified, so that their checks can be shown."""
         if idp.keys is None or (not looks_like_jwt(token) and idp.introspection is not None):
-            assert idp.introspection is not None
-            claims = await idp.introspection.introspect(token)
-            if claims is None:
-                inactive = "The identity provider reports the token as not active."
-                return Denial(Reason.TOKEN_INACTIVE, inactive)
-            return claims, idp.introspection.cached_until(token)
-        digest = token_digest(token)
-        hit = self._verified.get(digest, self._clock())
-        if hit is not None and hit.alg in algorithms:
-            keys = await idp.keys.keyset(hit.kid)
-            # Equal keys count too: two deployments with the same static key hold two copies.
-            if any(k is hit.key or k == hit.key for k in keys.keys):
-                return hit.claims, math.inf
-        header = read_header(token, algorithms)
-        if isinstance(header, Denial):
-            return header
-        keys = await idp.keys.keyset(header.kid)
-        key = verifying_key(header, keys)
-        if isinstance(key, Denial):
-            return key
-        payload: dict[str, Any] = header.payload
+            return await self._introspect(token, idp, failure, trace)
+        if trace is None:
+            digest = token_digest(token)
+            hit = self._verified.get(digest, self._clock())
+            if hit is not None and hit.alg in policy.algorithms:
+                try:
+                    keys = await idp.keys.keyset(hit.kid)
+                except IdpError as exc:
+                    unavailable = Denial(Reason.IDP_CALL_FAILED, exc.message)
+                    failure.fail(
+                        unavailable, event=IDP_FAILED_EVENT, log_fields=idp_log_fields(exc)
+                    )
+                    return None, math.inf
+                # Equal keys count too: two deployments with the same static key hold two copies.
+                if any(k is hit.key or k == hit.key for k in keys.keys):
+                    return hit.claims, math.inf
+
+        def record(*steps: Step) -> None:
+            if trace is not None:
+                trace.add(*steps)
+
+        parsed = parse_jws(token)
+        shape = format_step(parsed)
+        if not looks_like_jwt(token):
+            record(shape)  # not a JWS at all: nothing else to look at
+            failure.fail(_must(shape.denial))
+            return None, math.inf
+        record(shape)
+        if shape.denial is not None:
+            failure.fail(shape.denial)
+            unreadable = "the token cannot be read"
+            record(*(skipped(n, unreadable) for n in ("alg", "kid", "signature")))
+            return None, math.inf
+        record(algorithm_step(parsed, policy.algorithms))
+        blocked = parsed.denial(policy.algorithms)  # the algorithm, or an empty signature
+        if blocked is not None and failure.fail(blocked):
+            return None, math.inf
+        try:
+            keys = await idp.keys.keyset(parsed.kid)
+        except IdpError as exc:
+            unavailable = Denial(Reason.IDP_CALL_FAILED, exc.message)
+            endpoint = (("endpoint", exc.endpoint),)
+            record(
+                failed("kid", unavailable, note="keys unavailable", facts=endpoint),
+                skipped("signature", "no keys to verify with"),
+            )
+            if failure.fail(unavailable, event=IDP_FAILED_EVENT, log_fields=idp_log_fields(exc)):
+                return None, math.inf
+            return parsed.payload, math.inf
+        except Unverifiable:
+            if trace is None:
+                raise
+            record(
+                skipped("kid", "keys are not fetched offline", actual=parsed.kid),
+                skipped("signature", "not checked offline (--offline)"),
+            )
+            # The decision holds only if the signature does, unless something failed first.
+            trace.unverified_signature = failure.denial is None
+            return parsed.payload, math.inf
+        kid_step, signature_step, key = key_steps(parsed, keys, blocked=blocked)
+        record(kid_step, signature_step)
+        if key is None:
+            denial = first_denial((kid_step, signature_step))
+            if blocked is None and denial is not None and failure.fail(denial):
+                return None, math.inf
+            return parsed.payload, math.inf
+        assert parsed.payload is not None and parsed.alg is not None
+        payload: dict[str, Any] = parsed.payload
+        if trace is not None:
+            trace.claims_verified = True
+            return payload, math.inf
         exp = numeric_date(payload.get("exp"))
         if exp is not None:
             # Kept a while past exp too: a client retrying an expired token is denied cheaply.
             until = max(exp, self._clock()) + EXPIRED_TOKEN_MEMORY_SECONDS
-            self._verified.put(digest, Verified(payload, header.alg, header.kid, key, until))
+            verified = Verified(payload, parsed.alg, parsed.kid, key, until)
+            self._verified.put(token_digest(token), verified)
         return payload, math.inf
+
+    @staticmethod
+    async def _introspect(
+        token: str, idp: DeploymentIdp, failure: _FirstFailure, trace: Trace | None
+    ) -> tuple[Mapping[str, Any] | None, float]:
+        """RFC 7662: the IdP's answer vouches for the claims; no signature is checked here."""
+        assert idp.introspection is not None
+        if trace is not None:
+            kind = "jwt" if looks_like_jwt(token) else "opaque"
+            trace.add(
+                passed("format", actual=kind, note="introspected"),
+                skipped("signature", "not checked locally: the IdP's answer vouches"),
+            )
+        try:
+            claims = await idp.introspection.introspect(token)
+        except IdpError as exc:
+            unavailable = Denial(Reason.IDP_CALL_FAILED, exc.message)
+            if trace is not None:
+                trace.add(failed("introspection", unavailable, facts=(("endpoint", exc.endpoint),)))
+            failure.fail(unavailable, event=IDP_FAILED_EVENT, log_fields=idp_log_fields(exc))
+            return None, math.inf
+        except Unverifiable:
+            if trace is None:
+                raise
+            trace.add(skipped("introspection", "the IdP is not asked offline"))
+            trace.undecided = True
+            return None, math.inf
+        if claims is None:
+            inactive = Denial(
+                Reason.TOKEN_INACTIVE, "The identity provider reports the token as not active."
+            )
+            if trace is not None:
+                trace.add(failed("introspection", inactive, actual=False, expected=True))
+            failure.fail(inactive)
+            return None, math.inf
+        if trace is not None:
+            trace.add(passed("introspection", actual=claims, expected=True))
+            trace.claims_verified = True
+        return claims, idp.introspection.cached_until(token)
 
     def _allow(self, selection: Selection, claims: Mapping[str, Any]) -> Decision:
         """The allow decision for these claims on this route. Decisions with the same content

@@ -1,15 +1,12 @@
 """``extauthz explain``: one token against the exact policy the server applies, every check shown.
 
-Two things are computed, and kept apart:
-
-* the **checks**: the pure functions of :mod:`extauthz.validation`, run one at a time on the
-  policy that :func:`~extauthz.routing.select_route` picks, so that every result is shown (the
-  server stops at the first failure);
-* the **decision**: not re-derived, but what :meth:`Engine.check <extauthz.engine.Engine.check>`
-  returns for a :class:`~extauthz.engine.CheckInput` built from the command line, with the same
-  providers the server builds. Only with ``--offline`` and remote keys, where the engine cannot
-  run without the network, is it composed from the same pure functions minus the signature, and
-  it says so.
+The report is the server's own run, traced: :meth:`Engine.check <extauthz.engine.Engine.check>`
+runs on a :class:`~extauthz.engine.CheckInput` built from the command line, with the providers the
+server builds, and records every step in a :class:`~extauthz.steps.Trace` that goes on past the
+first failure. This module only builds that input and renders the steps, so the decision it
+prints is the server's by construction. With ``--offline`` the key and introspection sources
+raise :class:`~extauthz.steps.Unverifiable`: the engine records what it could not check and,
+when nothing failed before, the decision is marked as holding only if the signature does.
 
 :func:`explain` computes an :class:`Explanation`; :func:`render_text` and :func:`to_json` format
 it; the CLI prints. The token is never part of the output: it is named by the first 8 hex
@@ -18,7 +15,6 @@ characters of its SHA-256, and every value read from it is shown JSON-escaped.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import re
@@ -31,32 +27,18 @@ from urllib.parse import quote
 
 import httpx
 
-from .config import AuthPolicy, ClaimRule, Config, ConfigError, Deployment, KeySource
-from .decision import OUTCOMES, Decision, Denial, Reason, allow, deny
+from .config import Config, ConfigError, Deployment, KeySource
+from .decision import OUTCOMES, Decision, Reason, allow, http_status, www_authenticate
 from .engine import CheckInput, Engine
-from .errors import ExtauthzError, IdpError
+from .errors import ExtauthzError
 from .idp import DeploymentIdp, Providers, StaticKeysProvider
 from .idp.http import TlsSettings, make_client
 from .idp.introspection import IntrospectionClient
 from .keys import KeySet
 from .logs import token_hash
-from .response import http_status, www_authenticate
 from .routing import Selection, select
-from .tokens import extract_token
-from .validation import (
-    JwtHeader,
-    check_audience,
-    check_claims,
-    check_issuer,
-    check_rule,
-    check_scope,
-    check_time,
-    claim_text,
-    looks_like_jwt,
-    read_header,
-    scopes_of,
-    verify_signature,
-)
+from .steps import Step, Trace, Unverifiable
+from .validation import NOT_COMPACT, looks_like_jwt
 
 __all__ = [
     "CheckLine",
@@ -101,7 +83,7 @@ class CheckLine:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """The answer the server gives, rendered through the contract's table (CONTRACT.md §3)."""
+    """The answer the server gives, rendered through the decision table (docs/decisions.md)."""
 
     allowed: bool | None  # None: cannot be decided offline (the IdP must introspect the token)
     exact: bool  # True: computed by Engine.check itself
@@ -138,10 +120,6 @@ class Explanation:
 
 class UsageError(ExtauthzError):
     """The command line names something the config does not have."""
-
-
-class _NeedsNetwork(Exception):
-    """Raised by the offline stand-ins when the engine reaches for keys or introspection."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,15 +189,15 @@ def build_input(config: Config, req: ExplainRequest) -> CheckInput:
 
 class _OfflineKeys:
     async def keyset(self, kid: str | None) -> KeySet:
-        raise _NeedsNetwork
+        raise Unverifiable("not fetched offline")
 
     async def issuers(self) -> tuple[str, ...]:
-        raise _NeedsNetwork
+        raise Unverifiable("not fetched offline")
 
 
 class _OfflineIntrospection:
     async def introspect(self, token: str) -> dict[str, Any] | None:
-        raise _NeedsNetwork
+        raise Unverifiable("not fetched offline")
 
 
 def _introspects(source: KeySource) -> bool:
@@ -238,7 +216,7 @@ def _offline_idp(deployment: Deployment) -> DeploymentIdp:
     async def issuers() -> tuple[str, ...]:
         if auth.issuers or auth.keys.type != "REMOTE_DISCOVERY":
             return auth.issuers
-        raise _NeedsNetwork  # the discovery document names the issuer
+        raise Unverifiable("not fetched offline")  # the discovery document names the issuer
 
     keys = None if auth.keys.type == "REMOTE_INTROSPECTION" else _OfflineKeys()
     introspection = (
@@ -311,63 +289,21 @@ def _seconds(skew: float) -> str:
     return f"{skew:g}s"
 
 
-def _unverified_part(token: str, index: int) -> dict[str, Any] | None:
-    """Header (0) or payload (1) of a compact JWS, read without any check, or None."""
-    try:
-        part = token.split(".")[index]
-        data = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
-    except (IndexError, ValueError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 # --------------------------------------------------------------------------------------------
-# The checks, one by one
+# The steps, rendered
 # --------------------------------------------------------------------------------------------
 
 
-def _fail(name: str, detail: str, denial: Denial, **facts: Any) -> CheckLine:
-    return CheckLine(name, "FAIL", detail, denial.reason, denial.message, facts)
-
-
-def _policy_line(inp: CheckInput, selection: Selection | Denial | None) -> CheckLine:
-    if isinstance(selection, Denial):
-        return _fail("policy", f"{inp.method} {inp.host} {inp.path}: ambiguous", selection)
-    if selection is None:
-        named = inp.context_extensions.get("deployment")
-        why = f"deployment {_j(named)}" if named else f"host {_j(inp.host)}"
-        detail = f"no deployment or route matches {inp.method} {inp.path} ({why})"
-        return CheckLine(
-            "policy",
-            "FAIL",
-            detail,
-            Reason.NO_MATCHING_POLICY,
-            f"No deployment or route policy matches {inp.method} {inp.path}.",
-            {"method": inp.method, "host": inp.host, "path": inp.path},
-        )
-    d, r = selection.deployment, selection.route
-    where = f"{d.path_prefix}{r.template if r else ''}".replace("//", "/")
-    methods = ",".join(sorted(r.methods)) if r and r.methods else "any method"
-    authz = selection.authorization
-    scope = f" {_jl(r.allowed_scope)}" if r and r.allowed_scope else ""
-    keys = d.auth.keys
-    source = keys.type + (f" {keys.uri}" if keys.uri else "")
-    detail = (
-        f"deployment {_j(d.name)}, route {_j(selection.route_name)} ({methods} {where}), "
-        f"{authz}{scope}; {source}"
-    )
+def _line(step: Step, detail: str, **facts: Any) -> CheckLine:
+    """A check line: the step's result, the detail written for a person, the step's denial."""
+    denial = step.denial
     return CheckLine(
-        "policy",
-        "PASS",
+        step.name,
+        step.result,
         detail,
-        facts={
-            "deployment": d.name,
-            "route": selection.route_name,
-            "authorization": authz,
-            "allowedScope": list(r.allowed_scope) if r else [],
-            "validation": keys.type,
-            "uri": keys.uri,
-        },
+        denial.reason if denial else None,
+        denial.message if denial else None,
+        facts,
     )
 
 
@@ -379,269 +315,213 @@ def _key_source(keys: KeySource) -> str:
     return f"the JWKS at {keys.uri}"
 
 
-@dataclass
-class _Claims:
-    values: Mapping[str, Any] | None = None
-    verified: bool = False
-    introspected: bool = False
+def _policy_line(step: Step, inp: CheckInput) -> CheckLine:
+    denial = step.denial
+    if denial is not None and denial.reason is Reason.NO_MATCHING_POLICY:
+        named = inp.context_extensions.get("deployment")
+        why = f"deployment {_j(named)}" if named else f"host {_j(inp.host)}"
+        detail = f"no deployment or route matches {inp.method} {inp.path} ({why})"
+        return _line(step, detail, method=inp.method, host=inp.host, path=inp.path)
+    if denial is not None:  # request_ambiguous
+        return _line(step, denial.message, method=inp.method, host=inp.host, path=inp.path)
+    selection: Selection = step.actual
+    d, r = selection.deployment, selection.route
+    where = f"{d.path_prefix}{r.template if r else ''}".replace("//", "/")
+    methods = ",".join(sorted(r.methods)) if r and r.methods else "any method"
+    authz = selection.authorization
+    scope = f" {_jl(r.allowed_scope)}" if r and r.allowed_scope else ""
+    keys = d.auth.keys
+    source = keys.type + (f" {keys.uri}" if keys.uri else "")
+    detail = (
+        f"deployment {_j(d.name)}, route {_j(selection.route_name)} ({methods} {where}), "
+        f"{authz}{scope}; {source}"
+    )
+    return _line(
+        step,
+        detail,
+        deployment=d.name,
+        route=selection.route_name,
+        authorization=authz,
+        allowedScope=list(r.allowed_scope) if r else [],
+        validation=keys.type,
+        uri=keys.uri,
+    )
 
 
-async def _jwt_checks(
-    token: str, policy: AuthPolicy, idp: DeploymentIdp | None, out: list[CheckLine]
-) -> _Claims:
-    """format, alg, kid, signature. ``idp`` None: offline with remote keys."""
-    raw_header = _unverified_part(token, 0)
-    payload = _unverified_part(token, 1)
-    alg = raw_header.get("alg") if raw_header else None
-    # With the header's own algorithm "allowed", a Denial left is about the token's shape.
-    shape = read_header(token, frozenset({alg}) if isinstance(alg, str) else policy.algorithms)
-    signature_denial: Denial | None = None
-    if isinstance(shape, Denial):
-        if shape.reason is not Reason.SIGNATURE_INVALID or not isinstance(alg, str):
-            out.append(_fail("format", shape.message, shape))
-            for name in ("alg", "kid", "signature"):
-                out.append(CheckLine(name, "SKIP", "the token cannot be read"))
-            return _Claims()
-        signature_denial = shape  # e.g. an empty signature: found while parsing
-    assert raw_header is not None and isinstance(alg, str)
-    shown = ", ".join(f"{k} {_j(raw_header[k])}" for k in ("alg", "kid", "typ") if k in raw_header)
-    out.append(CheckLine("format", "PASS", f"JWT (compact JWS), header {shown}"))
-
-    allowed = sorted(policy.algorithms)
-    checked = read_header(token, policy.algorithms)
-    alg_ok = not (isinstance(checked, Denial) and checked.reason is Reason.ALGORITHM_NOT_ALLOWED)
-    if not alg_ok:
-        assert isinstance(checked, Denial)
-        detail = f"token: {_j(alg)}  allowed algorithms: {_jl(allowed)}"
-        out.append(_fail("alg", detail, checked, actual=alg, expected=allowed))
-    else:
-        detail = f"{_j(alg)}  allowed: {_jl(allowed)}"
-        out.append(CheckLine("alg", "PASS", detail, facts={"actual": alg}))
-
-    kid = raw_header.get("kid") if isinstance(raw_header.get("kid"), str) else None
-    header = shape if isinstance(shape, JwtHeader) else JwtHeader(alg=alg, kid=kid)
-    kid_text = _j(header.kid) if header.kid is not None else "(none)"
-    if idp is None or idp.keys is None:
-        out.append(CheckLine("kid", "SKIP", f"token kid: {kid_text}; keys are not fetched offline"))
-        out.append(CheckLine("signature", "SKIP", "not checked offline (--offline)"))
-        return _Claims(payload)
-    try:
-        keys = await idp.keys.keyset(header.kid)
-    except IdpError as exc:
-        denial = Denial(Reason.IDP_CALL_FAILED, exc.message)
-        out.append(_fail("kid", f"keys unavailable: {exc.message}", denial, endpoint=exc.endpoint))
-        out.append(CheckLine("signature", "SKIP", "no keys to verify with"))
-        return _Claims(payload)
-    known = [k.kid for k in keys.keys]
-    source = _key_source(policy.keys)
-    facts = {"actual": header.kid, "knownKids": known, "source": policy.keys.uri}
-    if header.kid is None:
-        found_detail = f"no kid in the token; {source} has {len(known)} key(s)"
-    else:
-        found_detail = f"token kid: {kid_text} found in {source}"
-    missing_detail = f"token kid: {kid_text}  known kids: {_j(known)} ({source})"
-
-    if not alg_ok or signature_denial is not None:
-        # The engine stops before the key; it is still looked up, for the report.
-        if header.kid is not None and not keys.has_kid(header.kid):
-            unknown = Denial(Reason.KEY_NOT_FOUND, f"No key matches the token's kid {kid_text}.")
-            out.append(_fail("kid", missing_detail, unknown, **facts))
-        else:
-            out.append(CheckLine("kid", "PASS", found_detail, facts=facts))
-        if signature_denial is not None:
-            out.append(_fail("signature", signature_denial.message, signature_denial))
-        else:
-            out.append(CheckLine("signature", "SKIP", "the algorithm is not allowed"))
-        return _Claims(payload)
-
-    if not keys.candidates(header.kid, header.alg):
-        none = verify_signature(token, header, keys)  # no candidate: only the reason
-        assert isinstance(none, Denial)
-        if none.reason is Reason.ALGORITHM_NOT_ALLOWED:
-            detail = f"token kid: {kid_text} names a key that cannot verify {_j(header.alg)}"
-        else:
-            detail = missing_detail
-        out.append(_fail("kid", detail, none, **facts))
-        out.append(CheckLine("signature", "SKIP", "no key to verify with"))
-        return _Claims(payload)
-    out.append(CheckLine("kid", "PASS", found_detail, facts=facts))
-    verified = verify_signature(token, header, keys)
-    if isinstance(verified, Denial):
-        out.append(_fail("signature", f"{verified.message} (key {kid_text}, {alg})", verified))
-        return _Claims(payload)
-    out.append(CheckLine("signature", "PASS", f"verified with key {kid_text} ({alg})"))
-    return _Claims(verified, verified=True)
+def _format_line(step: Step) -> CheckLine:
+    if step.denial is not None:
+        if step.denial == NOT_COMPACT:
+            return _line(step, "not a JWT (three dot-separated parts)")
+        return _line(step, step.denial.message)
+    if step.note == "introspected":
+        if step.actual == "jwt":
+            return _line(step, "JWT; REMOTE_INTROSPECTION checks every token")
+        return _line(step, "opaque token (not a JWT): it is introspected")
+    shown = ", ".join(f"{k} {_j(v)}" for k, v in step.actual)
+    return _line(step, f"JWT (compact JWS), header {shown}")
 
 
-async def _introspection_checks(
-    token: str, policy: AuthPolicy, idp: DeploymentIdp | None, out: list[CheckLine]
-) -> _Claims:
-    if looks_like_jwt(token):
-        out.append(CheckLine("format", "PASS", "JWT; REMOTE_INTROSPECTION checks every token"))
-    else:
-        out.append(CheckLine("format", "PASS", "opaque token (not a JWT): it is introspected"))
-    out.append(CheckLine("signature", "SKIP", "not checked locally: the IdP's answer vouches"))
-    if idp is None or idp.introspection is None:
-        out.append(CheckLine("introspection", "SKIP", "the IdP is not asked offline"))
-        return _Claims(introspected=True)
-    try:
-        answer = await idp.introspection.introspect(token)
-    except IdpError as exc:
-        denial = Denial(Reason.IDP_CALL_FAILED, exc.message)
-        out.append(_fail("introspection", exc.message, denial, endpoint=exc.endpoint))
-        return _Claims(introspected=True)
-    if answer is None:
-        denial = Denial(
-            Reason.TOKEN_INACTIVE, "The identity provider reports the token as not active."
-        )
+def _kid_text(kid: str | None) -> str:
+    return _j(kid) if kid is not None else "(none)"
+
+
+def _alg_line(step: Step) -> CheckLine:
+    if step.result == "FAIL":
+        detail = f"token: {_j(step.actual)}  allowed algorithms: {_jl(step.expected)}"
+        return _line(step, detail, actual=step.actual, expected=step.expected)
+    return _line(step, f"{_j(step.actual)}  allowed: {_jl(step.expected)}", actual=step.actual)
+
+
+def _kid_line(step: Step, keys: KeySource, alg: str | None) -> CheckLine:
+    kid_text = _kid_text(step.actual)
+    if step.result == "SKIP":
+        if step.note == "keys are not fetched offline":
+            return _line(step, f"token kid: {kid_text}; keys are not fetched offline")
+        return _line(step, step.note)
+    denial = step.denial
+    if denial is not None and denial.reason is Reason.IDP_CALL_FAILED:
+        return _line(step, f"keys unavailable: {denial.message}", endpoint=step.fact("endpoint"))
+    known = list(step.fact("knownKids", ()))
+    source = _key_source(keys)
+    facts = {"actual": step.actual, "knownKids": known, "source": keys.uri}
+    if denial is None:
+        if step.actual is None:
+            return _line(step, f"no kid in the token; {source} has {len(known)} key(s)", **facts)
+        return _line(step, f"token kid: {kid_text} found in {source}", **facts)
+    if denial.reason is Reason.ALGORITHM_NOT_ALLOWED:
+        detail = f"token kid: {kid_text} names a key that cannot verify {_j(alg)}"
+        return _line(step, detail, **facts)
+    return _line(step, f"token kid: {kid_text}  known kids: {_j(known)} ({source})", **facts)
+
+
+def _signature_line(step: Step) -> CheckLine:
+    if step.result == "SKIP":
+        return _line(step, step.note)
+    kid_text = _kid_text(step.actual)
+    if step.denial is not None:
+        if step.expected is None:  # found while reading the token (an empty signature)
+            return _line(step, step.denial.message)
+        return _line(step, f"{step.denial.message} (key {kid_text}, {step.expected})")
+    return _line(step, f"verified with key {kid_text} ({step.expected})")
+
+
+def _introspection_line(step: Step) -> CheckLine:
+    if step.result == "SKIP":
+        return _line(step, step.note)
+    denial = step.denial
+    if denial is not None and denial.reason is Reason.IDP_CALL_FAILED:
+        return _line(step, denial.message, endpoint=step.fact("endpoint"))
+    if denial is not None:
         detail = 'IdP answer: {"active": false}  expected: {"active": true}'
-        out.append(_fail("introspection", detail, denial, actual=False, expected=True))
-        return _Claims(introspected=True)
+        return _line(step, detail, actual=False, expected=True)
+    answer: Mapping[str, Any] = step.actual
     who = ", ".join(f"{k} {_j(answer[k])}" for k in ("client_id", "sub") if k in answer)
-    out.append(CheckLine("introspection", "PASS", '{"active": true}' + (f", {who}" if who else "")))
-    return _Claims(answer, verified=True, introspected=True)
+    return _line(step, '{"active": true}' + (f", {who}" if who else ""))
 
 
-def _date_line(name: str, value: Any, skew: float, now: float, require_exp: bool) -> CheckLine:
-    """``exp`` or ``nbf``: its date, how far from now, and the skew that applies."""
-    d = check_time({name: value}, skew, now, require_exp=require_exp)
+def _date_line(step: Step) -> CheckLine:
+    """``exp``, ``nbf`` or ``iat``: its date, how far from now, and the skew that applies."""
+    name, value, denial = step.name, step.actual, step.denial
+    if step.result == "SKIP":
+        return _line(step, step.note)
+    if denial is not None and denial.reason is Reason.CLAIM_MISSING:
+        return _line(step, "token: (absent)  a JWT access token must carry exp")
+    if name == "iat":
+        return _line(step, f"token: {_j(value)} is not a NumericDate")
+    now, skew = step.fact("now"), step.fact("skewSeconds")
     facts = {"actual": value, "now": now, "skewSeconds": skew}
-    if d and d.reason is Reason.TOKEN_MALFORMED:
-        return _fail(name, f"token: {_j(value)} is not a NumericDate", d, **facts)
+    if denial is not None and denial.reason is Reason.TOKEN_MALFORMED:
+        return _line(step, f"token: {_j(value)} is not a NumericDate", **facts)
     sk = _seconds(skew)
     # exp is in the past once expired; nbf is in the future while not yet valid.
     late = now - value if name == "exp" else value - now
-    if d:
+    if denial is not None:
         what = f"expired {_span(late)} ago" if name == "exp" else f"valid in {_span(late)}"
-        return _fail(name, f"{_time(value)}, {what} (skew {sk}, now {_time(now)})", d, **facts)
+        return _line(step, f"{_time(value)}, {what} (skew {sk}, now {_time(now)})", **facts)
     if late > 0:
         what = f"expired {_span(late)} ago" if name == "exp" else f"in {_span(late)}"
-        return CheckLine(
-            name, "PASS", f"{_time(value)}, {what}, within the skew of {sk}", facts=facts
-        )
+        return _line(step, f"{_time(value)}, {what}, within the skew of {sk}", **facts)
     what = f"{_span(-late)} left" if name == "exp" else f"{_span(-late)} ago"
-    return CheckLine(name, "PASS", f"{_time(value)}, {what} (skew {sk})", facts=facts)
+    return _line(step, f"{_time(value)}, {what} (skew {sk})", **facts)
 
 
-def _time_lines(
-    claims: Mapping[str, Any], skew: float, now: float, require_exp: bool
-) -> list[CheckLine]:
-    out: list[CheckLine] = []
-    if "exp" not in claims:
-        d = check_time({}, skew, now, require_exp=require_exp)
-        if d:
-            out.append(_fail("exp", "token: (absent)  a JWT access token must carry exp", d))
-        else:
-            out.append(CheckLine("exp", "SKIP", "no exp in the introspection answer (optional)"))
-    else:
-        out.append(_date_line("exp", claims["exp"], skew, now, require_exp))
-    if "nbf" not in claims:
-        out.append(CheckLine("nbf", "SKIP", "no nbf claim"))
-    else:
-        out.append(_date_line("nbf", claims["nbf"], skew, now, False))
-    if "iat" in claims:
-        d = check_time({"iat": claims["iat"]}, skew, now, require_exp=False)
-        if d:  # only a malformed iat fails; its value is not checked
-            out.append(_fail("iat", f"token: {_j(claims['iat'])} is not a NumericDate", d))
-    # check_time refuses a date that is not a NumericDate before it compares any: so do the lines.
-    return sorted(out, key=lambda c: c.reason is not Reason.TOKEN_MALFORMED)
+def _iss_line(step: Step, policy_issuers: tuple[str, ...]) -> CheckLine:
+    if step.result == "SKIP":
+        return _line(step, step.note)
+    denial = step.denial
+    if denial is not None and denial.reason is Reason.IDP_CALL_FAILED:
+        return _line(step, f"issuer unavailable: {denial.message}")
+    iss = step.actual
+    label = "policy issuers" if policy_issuers else "discovery issuer"
+    detail = f"token: {'(absent)' if iss is None else _j(iss)}  {label}: {_jl(step.expected)}"
+    return _line(step, detail, actual=iss, expected=step.expected)
 
 
-def _claim_line(claims: Mapping[str, Any], rule: ClaimRule) -> CheckLine:
-    name = f"claim {rule.key}"
-    value = claims.get(rule.key)
+def _aud_line(step: Step) -> CheckLine:
+    if step.result == "SKIP":
+        return _line(step, step.note)
+    detail = f"token: {_j(step.actual)}  policy audiences: {_j(step.expected)}"
+    return _line(step, detail, actual=step.actual, expected=step.expected)
+
+
+def _claim_line(step: Step) -> CheckLine:
+    if step.result == "SKIP":
+        return _line(step, step.note)
+    value, values = step.actual, step.expected
+    required = step.fact("isRequired")
     actual = "(absent)" if value is None else _j(value)
-    if not rule.values:
-        expected = "required (presence only)" if rule.is_required else "not required"
+    if not values:
+        expected = "required (presence only)" if required else "not required"
     else:
-        mode = "required" if rule.is_required else "optional: checked only when present"
-        expected = f"expected one of: {_jl(rule.values)} ({mode})"
-    detail = f"token: {actual}  {expected}"
+        mode = "required" if required else "optional: checked only when present"
+        expected = f"expected one of: {_jl(values)} ({mode})"
     facts = {
         "actual": value,
-        "expected": list(rule.values),
-        "isRequired": rule.is_required,
-        "compared": [claim_text(v) for v in value]
-        if isinstance(value, list)
-        else (None if value is None else claim_text(value)),
+        "expected": values,
+        "isRequired": required,
+        "compared": step.fact("compared"),
     }
-    denial = check_rule(claims, rule)
-    if denial:
-        return _fail(name, detail, denial, **facts)
-    return CheckLine(name, "PASS", detail, facts=facts)
+    return _line(step, f"token: {actual}  {expected}", **facts)
 
 
-async def _claim_checks(
-    claims: _Claims,
-    policy: AuthPolicy,
-    selection: Selection,
-    idp: DeploymentIdp | None,
-    now: float,
-    out: list[CheckLine],
-) -> None:
-    values = claims.values
-    names = ["exp", "nbf", "iss", "aud", *(f"claim {r.key}" for r in policy.claims), "scope"]
-    if values is None:
-        for name in names:
-            out.append(CheckLine(name, "SKIP", "no claims to check"))
-        return
-    out.extend(_time_lines(values, policy.clock_skew, now, require_exp=not claims.introspected))
+def _scope_line(step: Step) -> CheckLine:
+    if step.result == "SKIP":
+        return _line(step, step.note)
+    detail = f"token: {_j(step.actual)}  route requires any of: {_jl(step.expected)}"
+    return _line(step, detail, actual=step.actual, expected=step.expected)
 
-    # iss: the configured issuers, or (discovery) the one the IdP names for itself.
-    issuers: tuple[str, ...] | None
-    try:
-        issuers = await idp.issuers() if idp is not None else policy.issuers
-    except IdpError as exc:
-        denial = Denial(Reason.IDP_CALL_FAILED, exc.message)
-        out.append(_fail("iss", f"issuer unavailable: {exc.message}", denial))
-        issuers = None
-    except _NeedsNetwork:
-        out.append(CheckLine("iss", "SKIP", "the issuer comes from the discovery document"))
-        issuers = None
-    if issuers is not None:
-        iss = values.get("iss")
-        label = "policy issuers" if policy.issuers else "discovery issuer"
-        detail = f"token: {'(absent)' if iss is None else _j(iss)}  {label}: {_jl(issuers)}"
-        facts = {"actual": iss, "expected": list(issuers)}
-        if not issuers:
-            out.append(CheckLine("iss", "SKIP", "no issuers configured: any issuer is accepted"))
-        elif wrong_iss := check_issuer(values, issuers):
-            out.append(_fail("iss", detail, wrong_iss, **facts))
-        else:
-            out.append(CheckLine("iss", "PASS", detail, facts=facts))
 
-    aud = values.get("aud")
-    auds = aud if isinstance(aud, list) else ([] if aud is None else [aud])
-    audiences = sorted(policy.audiences)
-    detail = f"token: {_j(auds)}  policy audiences: {_j(audiences)}"
-    facts = {"actual": auds, "expected": audiences}
-    if not policy.audiences:
-        out.append(CheckLine("aud", "SKIP", "no audiences configured: any audience is accepted"))
-    elif wrong_aud := check_audience(values, policy.audiences):
-        out.append(_fail("aud", detail, wrong_aud, **facts))
-    else:
-        out.append(CheckLine("aud", "PASS", detail, facts=facts))
-
-    for rule in policy.claims:
-        out.append(_claim_line(values, rule))
-
-    if selection.authorization == "ANY_OF":
-        assert selection.route is not None
-        required = selection.route.allowed_scope
-        granted = sorted(scopes_of(values))
-        detail = f"token: {_j(granted)}  route requires any of: {_jl(required)}"
-        facts = {"actual": granted, "expected": list(required)}
-        if no_scope := check_scope(values, required):
-            out.append(_fail("scope", detail, no_scope, **facts))
-        else:
-            out.append(CheckLine("scope", "PASS", detail, facts=facts))
-    else:
-        why = (
-            "the route is ANONYMOUS: a token that is sent is still validated"
-            if selection.authorization == "ANONYMOUS"
-            else "the route is AUTHENTICATION_ONLY: no scope required"
-        )
-        out.append(CheckLine("scope", "SKIP", why))
+def _render_step(step: Step, inp: CheckInput, trace: Trace) -> CheckLine:
+    policy_step = trace.step("policy")
+    selection = policy_step.actual if policy_step is not None else None
+    policy = selection.deployment.auth if isinstance(selection, Selection) else None
+    name = step.name
+    if name == "policy":
+        return _policy_line(step, inp)
+    if name == "format":
+        return _format_line(step)
+    if name == "alg":
+        return _alg_line(step) if step.result != "SKIP" else _line(step, step.note)
+    if name == "kid":
+        assert policy is not None
+        alg = trace.step("alg")
+        return _kid_line(step, policy.keys, alg.actual if alg is not None else None)
+    if name == "signature":
+        return _signature_line(step)
+    if name == "introspection":
+        return _introspection_line(step)
+    if name in ("exp", "nbf", "iat"):
+        return _date_line(step)
+    if name == "iss":
+        assert policy is not None
+        return _iss_line(step, policy.issuers)
+    if name == "aud":
+        return _aud_line(step)
+    if name == "scope":
+        return _scope_line(step)
+    if name.startswith("claim "):
+        return _claim_line(step)
+    return _line(step, step.denial.message if step.denial else step.note)
 
 
 # --------------------------------------------------------------------------------------------
@@ -672,52 +552,19 @@ def _verdict(decision: Decision, config: Config, *, exact: bool, note: str) -> V
     )
 
 
-def _offline_decision(
-    selection: Selection, checks: list[CheckLine], claims: _Claims, now: float
-) -> tuple[Decision | None, str]:
-    """Offline with remote keys: the engine's steps on the unverified claims, minus the signature.
+_UNVERIFIED_NOTE = (
+    "computed offline WITHOUT the signature check: it holds only if the signature is valid"
+)
 
-    Before the claims, the first failing line (the token's shape or algorithm); then the engine's
-    own ``check_claims`` and ``check_scope``, so the order of the contract holds exactly.
-    """
-    deployment, policy = selection.deployment, selection.deployment.auth
-    early = next(
-        (c for c in checks if c.result == "FAIL" and c.name in ("policy", "format", "alg")), None
-    )
-    denial: Denial | None = None
-    if early is not None:
-        assert early.reason is not None and early.message is not None
-        denial = Denial(early.reason, early.message)
-    elif claims.values is None:
-        return None, "undecided offline: only the identity provider can tell if the token is active"
-    else:
-        # A discovery document that is not fetched names no issuer: iss is left unchecked.
-        denial = check_claims(
-            claims.values, policy, now, policy.issuers, require_exp=not claims.introspected
-        )
-        if denial is None and selection.authorization == "ANY_OF":
-            assert selection.route is not None
-            denial = check_scope(claims.values, selection.route.allowed_scope)
-    note = "computed offline WITHOUT the signature check: it holds only if the signature is valid"
-    if denial is None:
-        # Upstream headers are left out: they come from claims whose signature is unchecked.
-        return allow(deployment.name, selection.route_name), note
-    required = (
-        selection.route.allowed_scope
-        if denial.reason is Reason.INSUFFICIENT_SCOPE and selection.route
-        else ()
-    )
-    return (
-        deny(
-            denial.reason,
-            denial.message,
-            deployment=deployment.name,
-            route=selection.route_name,
-            event=policy.log_event,
-            required_scope=required,
-        ),
-        note,
-    )
+
+def _engine_note(selection: Selection | None, offline: bool) -> str:
+    if selection is None:
+        return "computed by the server's engine"
+    if selection.deployment.auth.keys.type == "STATIC_KEYS":
+        return "computed by the server's engine; static keys need no network"
+    if offline:
+        return "computed by the server's engine; it needed no key or IdP call"
+    return "computed by the server's engine, with keys / introspection from the IdP"
 
 
 # --------------------------------------------------------------------------------------------
@@ -735,92 +582,64 @@ async def explain(
     """Every check of ``req.token`` against the policy the server would select, and the
     server's decision. Raises :class:`UsageError` or :class:`ConfigError`."""
     inp = build_input(config, req)
-    selection = select(
+    now = clock()  # one instant for every step
+    token_id = token_hash(req.token)
+    kind: Literal["jwt", "opaque"] = "jwt" if looks_like_jwt(req.token) else "opaque"
+    found = select(
         config,
         authority=inp.host,
         raw_path=inp.raw_path,
         method=inp.method,
         context_extensions=inp.context_extensions,
     )
-    now = clock()  # one instant for the lines and the engine, so they cannot disagree
-    token_id = token_hash(req.token)
-    kind: Literal["jwt", "opaque"] = "jwt" if looks_like_jwt(req.token) else "opaque"
-    checks = [_policy_line(inp, selection)]
-    if not isinstance(selection, Selection):
-        unmatched = await Engine(config, {}, clock=lambda: now).check(inp)
-        verdict = _verdict(unmatched, config, exact=True, note="computed by the server's engine")
-        return Explanation(token_id, kind, inp, req.offline, None, tuple(checks), False, verdict)
-
-    deployment = selection.deployment
-    policy = deployment.auth
-    static = policy.keys.type == "STATIC_KEYS"
+    selection = found if isinstance(found, Selection) else None
     providers: Providers | None = None
-    if req.offline:
-        idp = _offline_idp(deployment)
-    else:
-        providers = _online_providers(config, deployment, client_factory)
-        idp = providers.by_deployment[deployment.name]
+    idps: dict[str, DeploymentIdp] = {}
+    if selection is not None:
+        deployment = selection.deployment
+        if req.offline:
+            idps[deployment.name] = _offline_idp(deployment)
+        else:
+            providers = _online_providers(config, deployment, client_factory)
+            idps[deployment.name] = providers.by_deployment[deployment.name]
+    trace = Trace(keep_going=True)
+    decision: Decision | None
     try:
-        engine = Engine(config, {deployment.name: idp}, clock=lambda: now)
-        decision: Decision | None
-        try:
-            decision = await engine.check(inp)
-        except _NeedsNetwork:
-            decision = None
-
-        line_idp = idp if (not req.offline or static) else None
-        claims = _Claims()
-        token = extract_token(policy, inp.headers, inp.raw_path)
-        if isinstance(token, Denial):
-            checks.append(_fail("format", token.message, token))
-        elif token is not None:
-            if policy.keys.type == "REMOTE_INTROSPECTION" or (
-                not looks_like_jwt(token) and _introspects(policy.keys)
-            ):
-                claims = await _introspection_checks(token, policy, line_idp, checks)
-            elif not looks_like_jwt(token):
-                denial = Denial(
-                    Reason.TOKEN_MALFORMED, "The token is not a JWT in compact serialization."
-                )
-                checks.append(_fail("format", "not a JWT (three dot-separated parts)", denial))
-            else:
-                claims = await _jwt_checks(token, policy, line_idp, checks)
-            await _claim_checks(claims, policy, selection, line_idp, now, checks)
+        decision = await Engine(config, idps, clock=lambda: now).check(inp, trace)
+    except Unverifiable:
+        decision = None
     finally:
         if providers is not None:
             await providers.aclose()
 
+    checks = tuple(_render_step(step, inp, trace) for step in trace.steps)
     notes: list[str] = []
-    if claims.values is not None and not claims.verified:
+    if trace.claims_read and not trace.claims_verified:
         notes.append("Claims were read from the token WITHOUT a verified signature.")
-    if decision is not None:
-        if static:
-            note = "computed by the server's engine; static keys need no network"
-        elif req.offline:
-            note = "computed by the server's engine; it needed no key or IdP call"
-        else:
-            note = "computed by the server's engine, with keys / introspection from the IdP"
-        verdict = _verdict(decision, config, exact=True, note=note)
+    if decision is None:
+        assert selection is not None
+        verdict = Verdict(
+            allowed=None,
+            exact=False,
+            note="undecided offline: only the identity provider can tell if the token is active",
+            deployment=selection.deployment.name,
+            route=selection.route_name,
+        )
+    elif trace.unverified_signature:
+        if decision.allowed:
+            # Upstream headers are left out: they come from claims whose signature is unchecked.
+            decision = allow(decision.deployment, decision.route)
+        verdict = _verdict(decision, config, exact=False, note=_UNVERIFIED_NOTE)
     else:
-        composed, note = _offline_decision(selection, checks, claims, now)
-        if composed is None:
-            verdict = Verdict(
-                allowed=None,
-                exact=False,
-                note=note,
-                deployment=deployment.name,
-                route=selection.route_name,
-            )
-        else:
-            verdict = _verdict(composed, config, exact=False, note=note)
+        verdict = _verdict(decision, config, exact=True, note=_engine_note(selection, req.offline))
     return Explanation(
         token_id,
         kind,
         inp,
         req.offline,
         selection,
-        tuple(checks),
-        claims.verified,
+        checks,
+        trace.claims_verified,
         verdict,
         tuple(notes),
     )

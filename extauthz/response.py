@@ -13,7 +13,7 @@ from ._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
 from ._pb.envoy.type.v3 import http_status_pb2
 from .bounded import BoundedCache
 from .config import ServerSettings
-from .decision import OUTCOMES, Challenge, Decision, Reason
+from .decision import OUTCOMES, Decision, http_status, www_authenticate
 
 __all__ = ["Renderer", "http_status", "to_check_response", "www_authenticate"]
 
@@ -35,29 +35,6 @@ def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
     return s
 
 
-def www_authenticate(decision: Decision) -> str | None:
-    """RFC 6750 §3 challenge for a denial, or None when the outcome has none."""
-    assert decision.reason is not None
-    challenge = OUTCOMES[decision.reason].challenge
-    if challenge is Challenge.NONE:
-        return None
-    realm = f'Bearer realm="{decision.deployment}"'
-    if challenge is Challenge.REALM_ONLY:
-        # RFC 6750 §3.1: no error code when the request carried no credentials.
-        return realm
-    if challenge is Challenge.INSUFFICIENT_SCOPE:
-        scope = " ".join(decision.required_scope)
-        return f'{realm}, error="insufficient_scope", scope="{scope}"'
-    return f'{realm}, error="invalid_token"'
-
-
-def http_status(decision: Decision, settings: ServerSettings) -> int:
-    assert decision.reason is not None
-    if decision.reason is Reason.IDP_CALL_FAILED:
-        return settings.deny_status_on_idp_failure
-    return OUTCOMES[decision.reason].http_status
-
-
 def to_check_response(
     decision: Decision, request_id: str, settings: ServerSettings
 ) -> ext.CheckResponse:
@@ -68,7 +45,7 @@ def to_check_response(
                 headers=[_header(k, v) for k, v in decision.upstream_headers],
                 headers_to_remove=list(decision.remove_headers),
             ),
-            dynamic_metadata=_struct(decision.metadata),
+            dynamic_metadata=_struct(dict(decision.metadata)),
         )
     assert decision.reason is not None
     outcome = OUTCOMES[decision.reason]

@@ -1,9 +1,10 @@
-"""The token checks of CONTRACT.md §2, as pure functions.
+"""The token checks, as pure functions that return step values.
 
 Order: well formed → signature with an allowed algorithm and a known key → exp/nbf with skew →
-iss → aud → each verifyClaims entry → route authorization. Every function takes what it needs
-(token, policy, keys, ``now``) and returns a value or a :class:`Denial`; none awaits or raises for
-a bad token.
+iss → aud → each verifyClaims entry → route authorization. Every check takes what it needs
+(token, policy, keys, ``now``) and returns a :class:`~extauthz.steps.Step`: what it compared and
+the denial it causes; none awaits or raises for a bad token. The engine runs them in order and
+``extauthz explain`` prints the same steps, so the two cannot disagree.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import binascii
 import functools
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,35 +23,67 @@ import jwt.algorithms
 from .config import AuthPolicy, ClaimRule
 from .decision import Denial, Reason
 from .keys import KeySet, VerificationKey
+from .steps import Step, failed, first_denial, passed, skipped
 
 __all__ = [
-    "JwtHeader",
+    "NOT_COMPACT",
+    "ParsedJws",
+    "algorithm_step",
+    "audience_step",
     "check_audience",
     "check_claims",
     "check_issuer",
     "check_rule",
     "check_scope",
     "check_time",
+    "claim_steps",
     "claim_text",
+    "format_step",
+    "issuer_step",
+    "key_steps",
     "looks_like_jwt",
     "numeric_date",
+    "parse_jws",
     "read_header",
+    "rule_step",
+    "scope_step",
     "scopes_of",
+    "time_steps",
     "verify_signature",
     "verifying_key",
 ]
 
 
 @dataclass(frozen=True, slots=True)
-class JwtHeader:
-    """A JWS parsed once: its header fields, its payload and the bytes the signature covers."""
+class ParsedJws:
+    """A compact JWS read once, strictly, with what is wrong with it in the checks' order.
 
-    alg: str
+    ``before_alg`` is a problem found before the algorithm can be read (the header is not JSON,
+    has no ``alg``); ``after_alg`` the first problem after it (``kid`` not a string, ``crit``,
+    the payload, an empty signature). The algorithm itself is checked against each policy's
+    allow-list by :meth:`denial`, so one parse serves every policy.
+    """
+
+    alg: str | None
     kid: str | None
-    fields: dict[str, Any] = field(default_factory=dict, repr=False)
-    payload: Any = field(default=None, repr=False)
+    fields: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    payload: dict[str, Any] | None = field(default=None, repr=False)
     signing_input: bytes = field(default=b"", repr=False)
     signature: bytes = field(default=b"", repr=False)
+    before_alg: Denial | None = None
+    after_alg: Denial | None = None
+
+    def denial(self, allowed: frozenset[str]) -> Denial | None:
+        """Why a policy allowing ``allowed`` refuses the token before any key is looked at."""
+        return self.before_alg or _algorithm_denial(self.alg, allowed) or self.after_alg
+
+    @property
+    def shape(self) -> Denial | None:
+        """What is wrong with the token's form, apart from its algorithm and its signature."""
+        if self.before_alg is not None:
+            return self.before_alg
+        after = self.after_alg
+        return after if after is not None and after.reason is not Reason.SIGNATURE_INVALID else None
 
 
 _ALGORITHMS = jwt.algorithms.get_default_algorithms()
@@ -111,117 +144,175 @@ def looks_like_jwt(token: str) -> bool:
     return token.count(".") == 2
 
 
+def _algorithm_denial(alg: str | None, allowed: frozenset[str]) -> Denial | None:
+    if alg is None or alg in allowed:
+        return None
+    return Denial(
+        Reason.ALGORITHM_NOT_ALLOWED,
+        f"JWT token algorithm '{_printable(alg)}' is not among the allowed algorithms.",
+    )
+
+
 _MAX_CACHED_HEAD = 512
+_Head = tuple[str | None, str | None, dict[str, Any], Denial | None, Denial | None]
 
 
-def _parse_head(
-    head_b64: str, allowed: frozenset[str]
-) -> tuple[str, str | None, dict[str, Any]] | Denial:
-    """The JOSE header segment: ``(alg, kid, fields)``, or why the token is refused."""
+def _parse_head(head_b64: str) -> _Head:
+    """The JOSE header segment: ``(alg, kid, fields, before_alg, after_alg)``."""
     head_raw = _b64url(head_b64)
     header = _json_object(head_raw) if head_raw is not None else None
     if header is None:
-        return Denial(Reason.TOKEN_MALFORMED, "The JWT header is not valid base64url JSON.")
+        return None, None, {}, _malformed("The JWT header is not valid base64url JSON."), None
     alg = header.get("alg")
     if not isinstance(alg, str):
-        return Denial(Reason.TOKEN_MALFORMED, "The JWT header has no 'alg'.")
-    if alg not in allowed:
-        return Denial(
-            Reason.ALGORITHM_NOT_ALLOWED,
-            f"JWT token algorithm '{_printable(alg)}' is not among the allowed algorithms.",
-        )
+        return None, None, header, _malformed("The JWT header has no 'alg'."), None
     kid = header.get("kid")
     if kid is not None and not isinstance(kid, str):
-        return Denial(Reason.TOKEN_MALFORMED, "The JWT header 'kid' is not a string.")
+        return alg, None, header, None, _malformed("The JWT header 'kid' is not a string.")
     for name in ("typ", "cty"):
         if name in header and not isinstance(header[name], str):
-            return Denial(Reason.TOKEN_MALFORMED, f"The JWT header '{name}' is not a string.")
+            return alg, kid, header, None, _malformed(f"The JWT header '{name}' is not a string.")
     if "crit" in header:
         # RFC 7515 §4.1.11: we understand no extension, so any critical one makes it invalid.
-        return Denial(
-            Reason.TOKEN_MALFORMED, "The JWT header lists critical extensions we do not support."
-        )
+        problem = _malformed("The JWT header lists critical extensions we do not support.")
+        return alg, kid, header, None, problem
     if header.get("b64") is False:
-        return Denial(Reason.TOKEN_MALFORMED, "Unencoded JWS payloads (b64: false) are refused.")
-    return alg, kid, header
+        problem = _malformed("Unencoded JWS payloads (b64: false) are refused.")
+        return alg, kid, header, None, problem
+    return alg, kid, header, None, None
 
 
+# An IdP signs every token with one of a few headers: each is parsed once.
 _cached_head = functools.lru_cache(maxsize=1024)(_parse_head)
 
 
-def read_header(token: str, allowed: frozenset[str]) -> JwtHeader | Denial:
-    """Parse the whole JWS (strictly) and check its algorithm against the allow-list.
+def _malformed(message: str) -> Denial:
+    return Denial(Reason.TOKEN_MALFORMED, message)
+
+
+NOT_COMPACT = _malformed("The token is not a JWT in compact serialization.")
+
+
+def parse_jws(token: str) -> ParsedJws:
+    """Parse a compact JWS strictly; what is wrong with it is kept on the result, in order.
 
     Keys named by the header itself (``jku``, ``x5u``, ``jwk``, ``x5c``) are ignored: only keys
     from the policy can verify a token.
     """
     if not looks_like_jwt(token):
-        return Denial(Reason.TOKEN_MALFORMED, "The token is not a JWT in compact serialization.")
+        return ParsedJws(None, None, before_alg=NOT_COMPACT)
     head_b64, payload_b64, signature_b64 = token.split(".")
-    # An IdP signs every token with one of a few headers: each is parsed once.
-    head = (
-        _cached_head(head_b64, allowed)
-        if len(head_b64) <= _MAX_CACHED_HEAD
-        else _parse_head(head_b64, allowed)
-    )
-    if isinstance(head, Denial):
-        return head
-    alg, kid, header = head
+    head = _cached_head(head_b64) if len(head_b64) <= _MAX_CACHED_HEAD else _parse_head(head_b64)
+    alg, kid, header, before, after = head
+    if before is not None or after is not None:
+        return ParsedJws(alg, kid, header, before_alg=before, after_alg=after)
     payload_raw = _b64url(payload_b64)
     signature = _b64url(signature_b64)
     if payload_raw is None or signature is None:
-        return Denial(Reason.TOKEN_MALFORMED, "The JWT payload or signature is not base64url.")
+        problem = _malformed("The JWT payload or signature is not base64url.")
+        return ParsedJws(alg, kid, header, after_alg=problem)
     if not signature:
-        return Denial(Reason.SIGNATURE_INVALID, "The JWT has an empty signature.")
+        problem = Denial(Reason.SIGNATURE_INVALID, "The JWT has an empty signature.")
+        return ParsedJws(alg, kid, header, _json_object(payload_raw), after_alg=problem)
     payload = _json_object(payload_raw)
     if payload is None:
-        return Denial(Reason.TOKEN_MALFORMED, "The JWT payload is not a JSON object.")
-    return JwtHeader(
-        alg=alg,
-        kid=kid,
-        fields=header,
-        payload=payload,
-        signing_input=f"{head_b64}.{payload_b64}".encode(),
-        signature=signature,
-    )
+        problem = _malformed("The JWT payload is not a JSON object.")
+        return ParsedJws(alg, kid, header, after_alg=problem)
+    return ParsedJws(alg, kid, header, payload, f"{head_b64}.{payload_b64}".encode(), signature)
 
 
-def verify_signature(token: str, header: JwtHeader, keys: KeySet) -> dict[str, Any] | Denial:
-    """Verify with the key named by ``kid`` (or each key for the algorithm when there is no kid).
+def read_header(token: str, allowed: frozenset[str]) -> ParsedJws | Denial:
+    """The parsed JWS when a policy allowing ``allowed`` can go on to its key, else why not."""
+    parsed = parse_jws(token)
+    denial = parsed.denial(allowed)
+    return parsed if denial is None else denial
 
-    The cryptography is pyjwt's (its algorithm objects over ``cryptography``); only the parsing is
-    ours, done once in :func:`read_header`.
+
+# -- the JWT's own steps: format, alg, kid, signature -------------------------------------------
+
+
+def format_step(parsed: ParsedJws) -> Step:
+    """The token is a compact JWS whose parts read strictly (the algorithm aside)."""
+    problem = parsed.shape
+    if problem is not None:
+        return failed("format", problem)
+    shown = tuple((k, parsed.fields[k]) for k in ("alg", "kid", "typ") if k in parsed.fields)
+    return passed("format", actual=shown)
+
+
+def algorithm_step(parsed: ParsedJws, allowed: frozenset[str]) -> Step:
+    expected = sorted(allowed)
+    denial = _algorithm_denial(parsed.alg, allowed)
+    if denial is not None:
+        return failed("alg", denial, actual=parsed.alg, expected=expected)
+    return passed("alg", actual=parsed.alg, expected=expected)
+
+
+def _no_key(kid: str | None) -> Denial:
+    named = f"'{_printable(kid)}'" if kid is not None else "(no kid)"
+    return Denial(Reason.KEY_NOT_FOUND, f"No key matches the token's kid {named}.")
+
+
+def key_steps(
+    parsed: ParsedJws, keys: KeySet, *, blocked: Denial | None = None
+) -> tuple[Step, Step, VerificationKey | None]:
+    """The ``kid`` and ``signature`` steps, and the key that verified the token (or None).
+
+    ``blocked``: the token is already refused (an algorithm not allowed, an empty signature);
+    its kid is still looked up, for the record, but nothing is verified.
     """
-    if header.payload is None:  # a JwtHeader built by hand, not by read_header
-        parsed = read_header(token, frozenset({header.alg}))
-        if isinstance(parsed, Denial):
-            return parsed
-        header = parsed
-    key = verifying_key(header, keys)
-    if isinstance(key, Denial):
-        return key
-    return dict(header.payload)
-
-
-def verifying_key(header: JwtHeader, keys: KeySet) -> VerificationKey | Denial:
-    """The key whose signature the token carries, or why there is none."""
-    candidates = keys.candidates(header.kid, header.alg)
+    kid, alg = parsed.kid, parsed.alg
+    facts = (("knownKids", tuple(k.kid for k in keys.keys)),)
+    if blocked is not None:
+        if kid is not None and not keys.has_kid(kid):
+            kid_step = failed("kid", _no_key(kid), actual=kid, facts=facts)
+        else:
+            kid_step = passed("kid", actual=kid, facts=facts)
+        if blocked.reason is Reason.SIGNATURE_INVALID:
+            return kid_step, failed("signature", blocked, actual=kid), None
+        return kid_step, skipped("signature", "the algorithm is not allowed"), None
+    assert alg is not None
+    candidates = keys.candidates(kid, alg)
     if not candidates:
-        if header.kid is not None and keys.has_kid(header.kid):
-            return Denial(
+        if kid is not None and keys.has_kid(kid):
+            denial = Denial(
                 Reason.ALGORITHM_NOT_ALLOWED,
-                f"The key '{_printable(header.kid)}' cannot verify algorithm '{header.alg}'.",
+                f"The key '{_printable(kid)}' cannot verify algorithm '{alg}'.",
             )
-        named = f"'{_printable(header.kid)}'" if header.kid is not None else "(no kid)"
-        return Denial(Reason.KEY_NOT_FOUND, f"No key matches the token's kid {named}.")
-    algorithm = _ALGORITHMS[header.alg]
+        else:
+            denial = _no_key(kid)
+        kid_step = failed("kid", denial, actual=kid, facts=facts)
+        return kid_step, skipped("signature", "no key to verify with"), None
+    kid_step = passed("kid", actual=kid, facts=facts)
+    algorithm = _ALGORITHMS[alg]
     for candidate in candidates:
         try:
-            if algorithm.verify(header.signing_input, candidate.key, header.signature):
-                return candidate
+            if algorithm.verify(parsed.signing_input, candidate.key, parsed.signature):
+                return kid_step, passed("signature", actual=kid, expected=alg), candidate
         except (ValueError, TypeError, jwt.InvalidKeyError):
             continue
-    return Denial(Reason.SIGNATURE_INVALID, "JWT signature verification failed.")
+    denial = Denial(Reason.SIGNATURE_INVALID, "JWT signature verification failed.")
+    return kid_step, failed("signature", denial, actual=kid, expected=alg), None
+
+
+def verifying_key(parsed: ParsedJws, keys: KeySet) -> VerificationKey | Denial:
+    """The key whose signature the token carries, or why there is none."""
+    kid_step, signature_step, key = key_steps(parsed, keys)
+    if key is not None:
+        return key
+    denial = first_denial((kid_step, signature_step))
+    assert denial is not None
+    return denial
+
+
+def verify_signature(token: str, parsed: ParsedJws, keys: KeySet) -> dict[str, Any] | Denial:
+    """The verified claims, or why the signature does not hold. The cryptography is pyjwt's
+    (its algorithm objects over ``cryptography``); only the parsing is ours."""
+    key = verifying_key(parsed, keys)
+    if isinstance(key, Denial):
+        return key
+    assert parsed.payload is not None
+    return dict(parsed.payload)
 
 
 def numeric_date(value: Any) -> float | None:
@@ -238,61 +329,80 @@ def numeric_date(value: Any) -> float | None:
     return None
 
 
-def check_claims(
-    claims: Mapping[str, Any],
-    policy: AuthPolicy,
-    now: float,
-    issuers: tuple[str, ...],
-    *,
-    require_exp: bool = True,
-) -> Denial | None:
-    """exp/nbf with skew, then iss ∈ ``issuers`` (empty: any), aud and each verifyClaims rule.
-
-    The first failure wins, in the contract's order; ``extauthz explain`` runs the same steps one
-    by one to show every result.
-    """
-    return (
-        check_time(claims, policy.clock_skew, now, require_exp=require_exp)
-        or check_issuer(claims, issuers)
-        or check_audience(claims, policy.audiences)
-        or next((d for rule in policy.claims if (d := check_rule(claims, rule))), None)
-    )
+# -- the claims' steps: exp, nbf, iat, iss, aud, each verifyClaims entry, scope ----------------
 
 
-def check_time(
+def time_steps(
     claims: Mapping[str, Any], skew: float, now: float, *, require_exp: bool = True
-) -> Denial | None:
-    """``exp`` and ``nbf`` against ``now`` with ``skew`` seconds of tolerance either way."""
-    for name in ("exp", "nbf", "iat"):
-        if name in claims and numeric_date(claims[name]) is None:
-            return Denial(Reason.TOKEN_MALFORMED, f"The '{name}' claim is not a NumericDate.")
+) -> list[Step]:
+    """``exp`` and ``nbf`` against ``now`` with ``skew`` seconds of tolerance either way, and
+    ``iat`` when it is not a date. A date that is not a NumericDate fails before any date is
+    compared, so those steps come first."""
+    facts = (("now", now), ("skewSeconds", skew))
+    steps: list[Step] = []
     if "exp" not in claims:
         if require_exp:
             # A JWT access token that never expires is not accepted (RFC 9068 §2.2 requires exp).
-            return Denial(Reason.CLAIM_MISSING, "JWT token missing required claim 'exp'.")
-    elif now > float(claims["exp"]) + skew:
-        return Denial(Reason.TOKEN_EXPIRED, "Validation failed for 'exp' claim.")
-    if "nbf" in claims and now + skew < float(claims["nbf"]):
-        return Denial(Reason.TOKEN_NOT_YET_VALID, "Validation failed for 'nbf' claim.")
-    return None
+            missing = Denial(Reason.CLAIM_MISSING, "JWT token missing required claim 'exp'.")
+            steps.append(failed("exp", missing, note="absent"))
+        else:
+            steps.append(skipped("exp", "no exp in the introspection answer (optional)"))
+    else:
+        steps.append(_date_step("exp", claims["exp"], skew, now, facts))
+    if "nbf" not in claims:
+        steps.append(skipped("nbf", "no nbf claim"))
+    else:
+        steps.append(_date_step("nbf", claims["nbf"], skew, now, facts))
+    if "iat" in claims and numeric_date(claims["iat"]) is None:  # its value is not checked
+        steps.append(failed("iat", _not_a_date("iat"), actual=claims["iat"]))
+    return sorted(steps, key=lambda s: s.denial is None or s.denial.reason is not _MALFORMED)
 
 
-def check_issuer(claims: Mapping[str, Any], issuers: tuple[str, ...]) -> Denial | None:
-    """``iss`` is exactly one of ``issuers``; no issuers configured: not checked."""
-    if issuers and claims.get("iss") not in issuers:
-        return Denial(Reason.ISSUER_MISMATCH, "JWT token not issued by the configured issuers.")
-    return None
+_MALFORMED = Reason.TOKEN_MALFORMED
 
 
-def check_audience(claims: Mapping[str, Any], audiences: frozenset[str]) -> Denial | None:
+def _not_a_date(name: str) -> Denial:
+    return Denial(Reason.TOKEN_MALFORMED, f"The '{name}' claim is not a NumericDate.")
+
+
+def _date_step(
+    name: str, value: Any, skew: float, now: float, facts: tuple[tuple[str, Any], ...]
+) -> Step:
+    date = numeric_date(value)
+    if date is None:
+        return failed(name, _not_a_date(name), actual=value, facts=facts)
+    if name == "exp" and now > date + skew:
+        expired = Denial(Reason.TOKEN_EXPIRED, "Validation failed for 'exp' claim.")
+        return failed(name, expired, actual=value, facts=facts)
+    if name == "nbf" and now + skew < date:
+        early = Denial(Reason.TOKEN_NOT_YET_VALID, "Validation failed for 'nbf' claim.")
+        return failed(name, early, actual=value, facts=facts)
+    return passed(name, actual=value, facts=facts)
+
+
+def issuer_step(claims: Mapping[str, Any], issuers: tuple[str, ...]) -> Step:
+    """``iss`` is exactly one of ``issuers`` (no trailing-slash or case folding); none
+    configured: not checked."""
+    if not issuers:
+        return skipped("iss", "no issuers configured: any issuer is accepted")
+    iss = claims.get("iss")
+    if iss not in issuers:
+        wrong = Denial(Reason.ISSUER_MISMATCH, "JWT token not issued by the configured issuers.")
+        return failed("iss", wrong, actual=iss, expected=list(issuers))
+    return passed("iss", actual=iss, expected=list(issuers))
+
+
+def audience_step(claims: Mapping[str, Any], audiences: frozenset[str]) -> Step:
     """``aud`` (a string or an array) shares at least one value with ``audiences``."""
     if not audiences:
-        return None
+        return skipped("aud", "no audiences configured: any audience is accepted")
     aud = claims.get("aud")
-    auds = aud if isinstance(aud, list) else [aud]
+    auds = aud if isinstance(aud, list) else ([] if aud is None else [aud])
+    expected = sorted(audiences)
     if any(isinstance(a, str) and a in audiences for a in auds):
-        return None
-    return Denial(Reason.AUDIENCE_MISMATCH, "JWT token not issued for the configured audience.")
+        return passed("aud", actual=auds, expected=expected)
+    wrong = Denial(Reason.AUDIENCE_MISMATCH, "JWT token not issued for the configured audience.")
+    return failed("aud", wrong, actual=auds, expected=expected)
 
 
 def claim_text(value: Any) -> str:
@@ -302,22 +412,82 @@ def claim_text(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def check_rule(claims: Mapping[str, Any], rule: ClaimRule) -> Denial | None:
+def rule_step(claims: Mapping[str, Any], rule: ClaimRule) -> Step:
     """One verifyClaims entry: presence when required, then the values when there are any."""
+    name = f"claim {rule.key}"
     value = claims.get(rule.key)
+    compared = (
+        None
+        if value is None
+        else [claim_text(v) for v in value]
+        if isinstance(value, list)
+        else claim_text(value)
+    )
+    values = {
+        "actual": value,
+        "expected": list(rule.values),
+        "facts": (("isRequired", rule.is_required), ("compared", compared)),
+    }
     if value is None:
         if rule.is_required:
-            return Denial(Reason.CLAIM_MISSING, f"JWT token missing required claim '{rule.key}'.")
-        return None
+            missing = f"JWT token missing required claim '{rule.key}'."
+            return failed(name, Denial(Reason.CLAIM_MISSING, missing), **values)
+        return passed(name, **values)
     if not rule.values:
-        return None
-    candidates = value if isinstance(value, list) else [value]
-    if any(claim_text(c) in rule.values for c in candidates):
-        return None
-    return Denial(
-        Reason.CLAIM_VALUE_MISMATCH,
-        f"JWT token does not have the expected claim value for '{rule.key}'.",
-    )
+        return passed(name, **values)
+    candidates = compared if isinstance(compared, list) else [compared]
+    if any(c in rule.values for c in candidates):
+        return passed(name, **values)
+    mismatch = f"JWT token does not have the expected claim value for '{rule.key}'."
+    return failed(name, Denial(Reason.CLAIM_VALUE_MISMATCH, mismatch), **values)
+
+
+def claim_steps(
+    claims: Mapping[str, Any],
+    policy: AuthPolicy,
+    now: float,
+    issuers: tuple[str, ...] | Step,
+    *,
+    require_exp: bool = True,
+) -> Iterator[Step]:
+    """exp/nbf with skew, then iss ∈ ``issuers`` (empty: any), aud and each verifyClaims rule,
+    in the documented order, lazily: the server stops at the first failure. ``issuers`` may be
+    the ``iss`` step itself, when the issuers could not be had."""
+    yield from time_steps(claims, policy.clock_skew, now, require_exp=require_exp)
+    yield issuers if isinstance(issuers, Step) else issuer_step(claims, issuers)
+    yield audience_step(claims, policy.audiences)
+    for rule in policy.claims:
+        yield rule_step(claims, rule)
+
+
+def check_claims(
+    claims: Mapping[str, Any],
+    policy: AuthPolicy,
+    now: float,
+    issuers: tuple[str, ...],
+    *,
+    require_exp: bool = True,
+) -> Denial | None:
+    """The first failure of :func:`claim_steps`."""
+    return first_denial(claim_steps(claims, policy, now, issuers, require_exp=require_exp))
+
+
+def check_time(
+    claims: Mapping[str, Any], skew: float, now: float, *, require_exp: bool = True
+) -> Denial | None:
+    return first_denial(time_steps(claims, skew, now, require_exp=require_exp))
+
+
+def check_issuer(claims: Mapping[str, Any], issuers: tuple[str, ...]) -> Denial | None:
+    return issuer_step(claims, issuers).denial
+
+
+def check_audience(claims: Mapping[str, Any], audiences: frozenset[str]) -> Denial | None:
+    return audience_step(claims, audiences).denial
+
+
+def check_rule(claims: Mapping[str, Any], rule: ClaimRule) -> Denial | None:
+    return rule_step(claims, rule).denial
 
 
 def scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:
@@ -333,14 +503,30 @@ def scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:
     return frozenset()
 
 
+_NOT_REQUIRED = {
+    "ANONYMOUS": "the route is ANONYMOUS: a token that is sent is still validated",
+    "AUTHENTICATION_ONLY": "the route is AUTHENTICATION_ONLY: no scope required",
+}
+
+
+def scope_step(
+    claims: Mapping[str, Any], authorization: str, allowed_scope: tuple[str, ...]
+) -> Step:
+    """ANY_OF: at least one of ``allowed_scope`` is granted; other authorizations need none."""
+    if authorization != "ANY_OF":
+        return skipped("scope", _NOT_REQUIRED[authorization])
+    granted = sorted(scopes_of(claims))
+    if scopes_of(claims).intersection(allowed_scope):
+        return passed("scope", actual=granted, expected=list(allowed_scope))
+    denial = Denial(
+        Reason.INSUFFICIENT_SCOPE, "The token does not grant any of the scopes the route requires."
+    )
+    return failed("scope", denial, actual=granted, expected=list(allowed_scope))
+
+
 def check_scope(claims: Mapping[str, Any], allowed_scope: tuple[str, ...]) -> Denial | None:
     """ANY_OF: at least one of ``allowed_scope`` is granted."""
-    if scopes_of(claims).intersection(allowed_scope):
-        return None
-    return Denial(
-        Reason.INSUFFICIENT_SCOPE,
-        "The token does not grant any of the scopes the route requires.",
-    )
+    return scope_step(claims, "ANY_OF", allowed_scope).denial
 
 
 def _printable(text: str, limit: int = 64) -> str:
