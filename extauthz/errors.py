@@ -4,6 +4,7 @@
      ├── ConfigError            the config file cannot be used (every error with its YAML path)
      └── IdpError               an identity-provider call failed → 500 idp_call_failed
           ├── IdpUnreachable    DNS, connect, TLS or timeout
+          │    └── QueueTimeout the time ran out queued for a slot: ours, not the IdP's
           ├── IdpBadStatus      a non-2xx answer
           ├── IdpBadResponse    not JSON, or not the JSON shape the endpoint must answer
           └── CircuitOpen       too many recent failures: failing fast (issue: resilience)
@@ -22,6 +23,7 @@ __all__ = [
     "IdpBadStatus",
     "IdpError",
     "IdpUnreachable",
+    "QueueTimeout",
 ]
 
 
@@ -61,6 +63,20 @@ class IdpUnreachable(IdpError):
     @property
     def error_type(self) -> str:
         return self.kind
+
+
+class QueueTimeout(IdpUnreachable):
+    """The timeout ran out while the call waited for one of the endpoint's outstanding-call
+    slots, or after so long a wait that the IdP had less than its timeout to answer. The check
+    fails closed with the same TIMEOUT message, but the breaker does not count it: the queue is
+    ours, and a flood of junk tokens must not open the circuit for every other check."""
+
+    def __init__(self, endpoint: str, uri: str) -> None:
+        super().__init__(endpoint, uri, "TIMEOUT")
+
+    @property
+    def error_type(self) -> str:
+        return "queue_timeout"
 
 
 class IdpBadStatus(IdpError):

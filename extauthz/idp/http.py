@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import socket
 import ssl
 import time
@@ -26,7 +27,14 @@ import certifi
 import httpx
 
 from .. import tracing
-from ..errors import CircuitOpen, IdpBadResponse, IdpBadStatus, IdpError, IdpUnreachable
+from ..errors import (
+    CircuitOpen,
+    IdpBadResponse,
+    IdpBadStatus,
+    IdpError,
+    IdpUnreachable,
+    QueueTimeout,
+)
 from ..logs import rfc3339
 from .resilience import CircuitBreaker
 
@@ -37,10 +45,16 @@ __all__ = [
     "TlsSettings",
     "fetch_json",
     "idp_call_counter",
+    "json_nesting_exceeds",
     "make_client",
+    "parse_idp_json",
+    "standard_reason_phrase",
 ]
 
 MAX_BODY_BYTES = 1024 * 1024  # a JWKS, discovery document or introspection answer is small
+# A JWKS, a discovery document or an introspection answer nests a few levels; json.loads recurses
+# once per level, and a 1 MiB body can nest half a million deep.
+MAX_JSON_DEPTH = 64
 MAX_OUTSTANDING_CALLS = 64  # per endpoint; the pooled client holds as many connections
 # Every IdP request's own headers (requests are sent whole, so the client's defaults do not apply).
 BASE_HEADERS = (("accept", "application/json"), ("user-agent", "extauthz"))
@@ -126,6 +140,61 @@ def _max_age(headers: httpx.Headers) -> float | None:
     return None
 
 
+def standard_reason_phrase(status: int) -> str:
+    """The phrase to print for an IdP's status code: RFC 9110 §15's, or ``Unknown``."""
+    # RFC 9112 §4: the reason phrase is advisory and a client SHOULD ignore it. The IdP's own
+    # text is never printed: it could carry anything (a token, a secret, a log-injection line).
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+# The bytes that make up JSON's structure; every other byte is deleted, and `{}` count as `[]`.
+_OPEN_CLOSE_AS_BRACKETS = bytes.maketrans(b"{}", b"[]")
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
+_STRING = re.compile(rb'"[^"]*"')  # a string, once its escapes are gone: linear, no backtracking
+
+
+def json_nesting_exceeds(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether JSON text nests arrays and objects deeper than ``limit``: found with a bounded
+    number of passes over the bytes (each linear, in C), before json.loads recurses into it.
+
+    Exact for valid JSON; for invalid JSON any answer will do, as json.loads rejects it anyway.
+    """
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False  # too few brackets to nest that deep: every usual answer stops here
+    # RFC 8259 §7: in a string, a backslash escapes the next character. Dropping escaped
+    # backslashes and then escaped quotes leaves only the quotes that open and close strings.
+    unescaped = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    skeleton = unescaped.translate(_OPEN_CLOSE_AS_BRACKETS, _NOT_STRUCTURE)
+    brackets = _STRING.sub(b"", skeleton)  # brackets inside strings are not structure
+    # Each pass takes the innermost level off every nest, so what is left after `limit` passes
+    # nests deeper than `limit`. A run of opening brackets as long as the depth still to find
+    # ends it early: the usual attack, [[[[...]]]], in the first pass.
+    for peeled in range(limit):
+        if b"[" * (limit + 1 - peeled) in brackets:
+            return True
+        if b"[]" not in brackets:
+            return False
+        brackets = brackets.replace(b"[]", b"")
+    return b"[]" in brackets
+
+
+def parse_idp_json(endpoint: str, uri: str, body: bytes) -> Any:
+    """The JSON an IdP answered, or IdpBadResponse: not JSON, nested too deep, too big to hold."""
+    if json_nesting_exceeds(body):
+        raise IdpBadResponse(endpoint, uri, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(body)
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise IdpBadResponse(endpoint, uri, "not JSON") from exc
+    except RecursionError as exc:  # the depth check above should make this unreachable
+        raise IdpBadResponse(endpoint, uri, "JSON nested too deep") from exc
+    except MemoryError:
+        raise IdpBadResponse(endpoint, uri, "JSON too large to hold") from None
+
+
 def _count_call() -> None:
     counter = idp_call_counter.get()
     if counter is not None:
@@ -185,11 +254,8 @@ async def fetch_json(
         resp = await client.send(request, stream=True)
         try:
             if not 200 <= resp.status_code < 300:
-                try:
-                    phrase = HTTPStatus(resp.status_code).phrase
-                except ValueError:
-                    phrase = resp.reason_phrase or "Unknown"
-                raise IdpBadStatus(endpoint, uri, resp.status_code, phrase)
+                status = resp.status_code
+                raise IdpBadStatus(endpoint, uri, status, standard_reason_phrase(status))
             body = bytearray()
             async for chunk in resp.aiter_bytes():
                 body += chunk
@@ -205,11 +271,7 @@ async def fetch_json(
     except httpx.TransportError as exc:
         # Connected, then the peer closed or spoke something that is not HTTP.
         raise IdpBadResponse(endpoint, uri, type(exc).__name__) from exc
-    try:
-        parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise IdpBadResponse(endpoint, uri, "not JSON") from exc
-    return IdpResponse(parsed, max_age)
+    return IdpResponse(parse_idp_json(endpoint, uri, bytes(body)), max_age)
 
 
 class IdpObserver(Protocol):
@@ -272,6 +334,12 @@ class IdpEndpoint:
         started = time.perf_counter()
         try:
             resp = await self._limited(method, data, headers)
+        except QueueTimeout as exc:
+            # Our own queue, not the IdP: no verdict on it (a flood of junk tokens waiting for a
+            # slot must not open the circuit for every other check).
+            self.breaker.abandon()
+            self._observer.idp_call(self.name, exc.error_type, time.perf_counter() - started)
+            raise
         except IdpError as exc:
             self.breaker.failure()
             self.last_error = exc
@@ -291,17 +359,16 @@ class IdpEndpoint:
     ) -> IdpResponse:
         # One deadline for the whole call: waiting for a slot, connecting, a retry and reading
         # together take at most timeoutSeconds, so a check never waits twice the timeout.
-        acquired = False
+        # A call that had to queue gave the IdP less than its timeout: when the deadline passes,
+        # that is our queue's doing, not the IdP's (QueueTimeout, not counted by the breaker).
+        queued = self._slots.locked()
         try:
-            async with asyncio.timeout(self._timeout):
-                await self._slots.acquire()
-                acquired = True
+            async with asyncio.timeout(self._timeout), self._slots:
                 return await self._call_once_or_twice(method, data, headers)
         except TimeoutError:
+            if queued:
+                raise QueueTimeout(self.name, self.uri) from None
             raise IdpUnreachable(self.name, self.uri, "TIMEOUT") from None
-        finally:
-            if acquired:
-                self._slots.release()
 
     async def _call_once_or_twice(
         self, method: str, data: Mapping[str, str] | None, headers: Mapping[str, str] | None

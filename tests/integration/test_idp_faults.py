@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import re
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +54,10 @@ def assert_idp_denial(
     endpoint: str,
     message: str | re.Pattern[str],
     status: int = 500,
+    detailed: bool = False,
 ) -> dict[str, Any]:
-    """An idp_call_failed denial on every surface; returns its idpCallFailed log line."""
+    """An idp_call_failed denial on every surface; returns its idpCallFailed log line.
+    ``detailed``: the server runs with exposeDetailedErrors, so the body carries the message."""
     resp = checked.response
     assert not checked.allowed and not resp.HasField("ok_response"), resp
     assert checked.grpc_code == 14, resp  # UNAVAILABLE
@@ -63,11 +67,14 @@ def assert_idp_denial(
     assert headers.get("x-request-id") == checked.request_id
     assert headers.get("content-type") == "application/json"
     assert "www-authenticate" not in headers  # an IdP failure is not the client's fault
-    assert checked.body == {
+    body = dict(checked.body)
+    description = body.pop("error_description", None)
+    assert body == {
         "error": "server_error",
         "reason": "idp_call_failed",
         "request_id": checked.request_id,
     }
+    assert (description is not None) == detailed, checked.body
     access = server.line(checked.request_id, "access")
     assert (access["decision"], access["status"], access["reason"], access["deployment"]) == (
         "deny", status, "idp_call_failed", deployment,
@@ -82,6 +89,8 @@ def assert_idp_denial(
         assert line["message"] == message, line
     assert line["reason"] == "idp_call_failed" and line["deployment"] == deployment, line
     assert {"ts", "level", "requestId"} <= line.keys()
+    if detailed:
+        assert description == line["message"], (description, line)
     return line
 
 
@@ -629,3 +638,166 @@ def test_breaker_fails_fast_while_open_and_recovers_after_the_cool_down(
         assert idp.count(path) == calls + 1  # the half-open probe, and nothing else
         for checked in batch(server, 3):  # closed: concurrent checks all go through
             assert_allowed(checked)
+
+
+# -- hostile answers: what the IdP sends is never echoed, and never escapes the breaker --------------
+
+DEEP = b"[" * 200_000 + b"]" * 200_000  # 400 KB, well under the 1 MiB cap
+HOSTILE_ANSWERS: dict[str, tuple[int, str, bytes]] = {
+    # path: (status, the reason phrase the IdP sends, body)
+    "/h-599/introspect": (599, "IDP-REASON-MARKER client_secret=leaked", b'{"error": "IDP-BODY-MARKER"}'),
+    "/h-502/introspect": (502, "IDP-REASON-MARKER", b'{"error": "IDP-BODY-MARKER"}'),
+    "/h-deep-i/introspect": (200, "OK", DEEP),
+    "/h-deep-j/jwks": (200, "OK", DEEP),
+    "/h-deep-object-j/jwks": (200, "OK", b'{"keys":' * 100_000 + b"[]" + b"}" * 100_000),
+    "/h-huge-j/jwks": (200, "OK", b'{"keys": [' + b" " * (2 * 1024 * 1024) + b"]}"),
+}
+
+
+class _Hostile(BaseHTTPRequestHandler):
+    """Answers each path with its HOSTILE_ANSWERS entry, reason phrase as given."""
+
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self) -> None:
+        self._answer()
+
+    def do_POST(self) -> None:
+        self._answer()
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        if length:
+            self.rfile.read(length)
+        status, reason, body = HOSTILE_ANSWERS[self.path]
+        self.send_response(status, reason)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@dataclass
+class Hostile:
+    url: str
+    server: ExtauthzProcess
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
+    """An IdP whose answers are hostile, and an extauthz that shows its messages in the body
+    (exposeDetailedErrors) and opens a circuit after two failures."""
+    idp = ThreadingHTTPServer(("127.0.0.1", 0), _Hostile)
+    idp.daemon_threads = True
+    threading.Thread(target=idp.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = f"http://127.0.0.1:{idp.server_address[1]}"
+    workdir = tmp_path_factory.mktemp("hostile")
+    (workdir / "secret").write_text("hostile-secret\n")
+    deployments = []
+    for path in HOSTILE_ANSWERS:
+        name = path.split("/")[1]
+        policy: dict[str, Any] = {"type": JWKS, "uri": url + path}
+        if path.endswith("/introspect"):
+            policy = {"type": INTROSPECTION, "uri": url + path, "clientDetails": client_details(workdir / "secret")}
+        deployments.append(deployment(name, policy))
+    config = {
+        "server": {"exposeDetailedErrors": True, "circuitBreaker": {"failureThreshold": 2, "coolDownSeconds": 60}},
+        "deployments": deployments,
+    }
+    try:
+        with ExtauthzProcess(config, workdir / "server") as server:
+            yield Hostile(url, server)
+    finally:
+        idp.shutdown()
+        idp.server_close()
+
+
+@pytest.mark.parametrize(("name", "shown"), [("h-599", "599, Unknown"), ("h-502", "502, Bad Gateway")])
+def test_the_idps_reason_phrase_is_never_echoed(hostile: Hostile, name: str, shown: str) -> None:
+    """RFC 9110 §15: the message names the standard phrase of the status, or Unknown."""
+    uri = f"{hostile.url}/{name}/introspect"
+    message = UNEXPECTED.format(endpoint="introspection_endpoint", uri=uri, status=shown)
+    checked = hostile.server.check(secrets.token_urlsafe(24), path=f"/{name}/x")
+    assert_idp_denial(hostile.server, checked, deployment=name, endpoint="introspection_endpoint",
+                      message=message, detailed=True)
+    assert "IDP-REASON-MARKER" not in hostile.server.text() and "leaked" not in hostile.server.text()
+    assert "IDP-REASON-MARKER" not in checked.response.denied_response.body
+
+
+@pytest.mark.parametrize(
+    ("name", "endpoint"),
+    [
+        ("h-deep-i", "introspection_endpoint"),
+        ("h-deep-j", "jwks_uri"),
+        ("h-deep-object-j", "jwks_uri"),
+        ("h-huge-j", "jwks_uri"),
+    ],
+)
+def test_deeply_nested_or_oversized_json_is_unparseable_and_opens_the_circuit(
+    hostile: Hostile, env: Env, name: str, endpoint: str
+) -> None:
+    """A 200,000-level nested answer (or one past 1 MiB) is the parse failure, never an internal
+    error; the breaker counts it, so after two the circuit opens and checks fail fast."""
+    server = hostile.server
+    token = (lambda: secrets.token_urlsafe(24)) if endpoint == "introspection_endpoint" else env.jwt
+    for _ in range(2):
+        checked = server.check(token(), path=f"/{name}/x")
+        line = assert_idp_denial(server, checked, deployment=name, endpoint=endpoint, message=PARSE, detailed=True)
+        assert len(line.get("detail", "")) < 100, line  # what was wrong, not the body
+    checked = server.check(token(), path=f"/{name}/x")
+    uri = f"{hostile.url}/{name}/{PATHS[endpoint]}"
+    assert_idp_denial(server, checked, deployment=name, endpoint=endpoint, detailed=True, message=re.compile(
+        rf"Circuit open for the {endpoint} uri: {re.escape(uri)}; failing fast until {RFC3339}\."))
+    assert "RecursionError" not in server.text() and "Traceback" not in server.text()
+
+
+# -- queueing for a slot is not the IdP's failure -------------------------------------------------
+
+FLOOD_TIMEOUT = 1.0
+MAX_OUTSTANDING = 64  # extauthz.idp.http.MAX_OUTSTANDING_CALLS: calls in flight per endpoint
+QUEUED = 40
+
+
+def test_a_flood_of_junk_tokens_queued_for_a_slot_does_not_open_the_circuit(
+    tmp_path: Path, rsa_key: SigningKey
+) -> None:
+    """64 junk tokens hold every slot at a hanging IdP, 40 more wait behind them. All 104 checks
+    fail closed within the timeout with the TIMEOUT message, but only the 64 the IdP held count
+    for the breaker (failureThreshold 100): the queued ones are outcome queue_timeout, and once
+    the IdP answers again the next check is allowed, not failed fast on an open circuit."""
+    idp = FaultyIdp(clients={CLIENT_ID: "s"}, tls=False).start()
+    try:
+        (tmp_path / "secret").write_text("s")
+        path = "/flood/introspect"
+        uri = idp.introspection(path, fault=Fault.hold())
+        config = {
+            "server": {"circuitBreaker": {"failureThreshold": 100, "coolDownSeconds": 60}},
+            "deployments": [deployment("flood", {
+                "type": INTROSPECTION, "uri": uri, "timeoutSeconds": FLOOD_TIMEOUT,
+                "clientDetails": client_details(tmp_path / "secret"),
+            })],
+        }
+        timeout_message = UNREACHABLE.format(endpoint="introspection_endpoint", uri=uri, kind="TIMEOUT")
+        with ExtauthzProcess(config, tmp_path / "server") as server:
+            junk = [(secrets.token_urlsafe(24), "/flood/x") for _ in range(MAX_OUTSTANDING + QUEUED)]
+            sent = server.check_many(junk)
+            flood = [Checked(rid, future.result(), 0.0) for rid, future in sent]
+            for checked in flood:
+                assert_idp_denial(server, checked, deployment="flood", endpoint="introspection_endpoint",
+                                  message=timeout_message)
+                assert server.line(checked.request_id, "access")["latencyMs"] < FLOOD_TIMEOUT * 1000 + 500
+
+            def outcome(name: str) -> float:
+                return server.metric("extauthz_idp_requests_total", endpoint="introspection_endpoint", outcome=name)
+
+            assert outcome("TIMEOUT") + outcome("queue_timeout") == MAX_OUTSTANDING + QUEUED
+            assert outcome("TIMEOUT") <= MAX_OUTSTANDING and outcome("queue_timeout") >= QUEUED
+
+            idp.release()
+            idp.set_fault(path, None)
+            assert_allowed(server.check(idp.issue(claims()), path="/flood/x"))
+    finally:
+        idp.stop()

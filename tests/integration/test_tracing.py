@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import http.server
+import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ import yaml
 from extauthz._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
 from tests.conftest import claims
+from tests.integration.serverproc import ExtauthzProcess
 from tests.integration.test_server import ROOT, Server, free_port, wait_for
 from tests.otlp_receiver import OtlpReceiver
 
@@ -148,3 +153,87 @@ def test_cache_results_are_span_events_not_spans(traced: Any) -> None:
     assert ("cache", {"extauthz.cache": "miss", "extauthz.cache.name": "introspection"}) in span.events
     assert span.attributes["extauthz.cache"] == "miss"
     assert not [s for s in receiver.snapshot() if "cache" in s.name]
+
+
+# -- credentials never reach a span, even with every header captured ----------------------------
+
+CAPTURE_EVERY_HEADER = {
+    "OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_CLIENT_REQUEST": ".*",
+    "OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_CLIENT_RESPONSE": ".*",
+}
+SET_COOKIE = "idp_session=IDP-COOKIE-MARKER; HttpOnly"
+
+
+class Introspecting(http.server.BaseHTTPRequestHandler):
+    """An introspection endpoint that finds every token active and sets a session cookie."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        body = json.dumps({"active": True, **claims()}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("set-cookie", SET_COOKIE)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@dataclass
+class Capturing:
+    server: ExtauthzProcess
+    receiver: OtlpReceiver
+    secret: str
+
+
+@pytest.fixture
+def capturing(tmp_path: Path) -> Iterator[Capturing]:
+    idp = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Introspecting)
+    threading.Thread(target=idp.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{idp.server_address[1]}/introspect"
+    secret = secrets.token_urlsafe(24)
+
+    def deployment(name: str, auth_method: str) -> dict[str, Any]:
+        return {"name": name, "pathPrefix": f"/{name}", "authentication": {
+            "type": "TOKEN_AUTHENTICATION", "validationPolicy": {
+                "type": "REMOTE_INTROSPECTION", "uri": uri, "clientDetails": {
+                    "clientId": "rs", "clientSecretEnv": "TRACING_TEST_SECRET", "authMethod": auth_method}}}}
+
+    config = {"deployments": [deployment("basic", "client_secret_basic"), deployment("post", "client_secret_post")]}
+    try:
+        with OtlpReceiver() as receiver:
+            env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100",
+                   "TRACING_TEST_SECRET": secret, **CAPTURE_EVERY_HEADER}
+            with ExtauthzProcess(config, tmp_path / "server", env=env) as server:
+                yield Capturing(server, receiver, secret)
+    finally:
+        idp.shutdown()
+        idp.server_close()
+
+
+def test_credentials_never_reach_a_span_even_when_every_header_is_captured(capturing: Capturing) -> None:
+    """With OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_CLIENT_*=".*", the idp.introspection span
+    keeps the headers that are not credentials, but the Basic client credentials and the IdP's
+    Set-Cookie are redacted, and the client_secret_post form body is recorded nowhere."""
+    server, receiver, secret = capturing.server, capturing.receiver, capturing.secret
+    tokens = {"basic": secrets.token_urlsafe(24), "post": secrets.token_urlsafe(24)}
+    for name, token in tokens.items():
+        assert server.check(token, path=f"/{name}/x").allowed
+    spans = wait_for(lambda: (lambda ss: ss if len(ss) == 2 else None)(
+        [s for s in receiver.snapshot() if s.name == "idp.introspection"]), what="two idp.introspection spans")
+    # client_secret_basic: the Authorization header was captured, and its value redacted
+    (basic,) = [s for s in spans if "http.request.header.authorization" in s.attributes]
+    assert basic.attributes["http.request.header.authorization"] == ["[REDACTED]"]
+    for span in spans:
+        attributes = span.attributes
+        # the capture variables are in force for the headers that are not credentials...
+        assert attributes["http.request.header.content_type"] == ["application/x-www-form-urlencoded"]
+        assert attributes["http.response.header.content_type"] == ["application/json"]
+        # ...and the IdP's cookie is not exported
+        assert attributes["http.response.header.set_cookie"] == ["[REDACTED]"], attributes
+    credentials = base64.b64encode(f"rs:{secret}".encode()).decode()
+    text = repr(receiver.snapshot())
+    for needle in (secret, credentials, "IDP-COOKIE-MARKER", *tokens.values()):
+        assert needle not in text, needle

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -349,3 +350,196 @@ def test_waiting_for_a_slot_counts_against_the_same_timeout() -> None:
     assert [o for _, o in results].count("ok") == 1
     assert all(o in ("ok", "TIMEOUT") for _, o in results)
     assert max(t for t, _ in results) < 0.5 + 0.25  # the deadline, with room for a busy machine
+
+
+# -- hardening: what the IdP sends is not trusted, and only its own failures count -------------
+
+PARSE = "Unable to parse response from Identity Provider"
+TIMEOUT_MESSAGE = (
+    "Unable to connect to the jwks_uri uri: https://idp/jwks, TIMEOUT. "
+    "Make sure that the URI is accessible from the network of the authorization service."
+)
+
+
+class Outcomes:
+    """An IdpObserver that keeps the outcome of every call."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[str] = []
+
+    def idp_call(self, endpoint: str, outcome: str, seconds: float) -> None:
+        self.outcomes.append(outcome)
+
+    def cache(self, cache: str, result: str) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("status", "sent", "shown"),
+    [
+        (599, b"IDP-REASON-MARKER token=abc", "Unknown"),  # no standard phrase: Unknown
+        (503, b"IDP-REASON-MARKER", "Service Unavailable"),  # the standard phrase, not theirs
+    ],
+)
+def test_the_log_message_names_the_standard_reason_phrase_never_the_idps(
+    status: int, sent: bytes, shown: str
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, content=b"{}", extensions={"reason_phrase": sent})
+
+    d = asyncio.run(engine_for(config(), handler).check(req("good")))
+    assert d.reason is Reason.IDP_CALL_FAILED
+    assert d.message == (
+        f"Unexpected response from the introspection_endpoint uri: {INTROSPECT}, received ({status}, {shown})."
+    )
+    assert "MARKER" not in repr(d)
+
+
+def test_waiting_for_a_slot_is_not_an_idp_failure() -> None:
+    """Checks queued behind the outstanding-call cap time out locally: they fail closed with the
+    TIMEOUT message, but the breaker does not count them and the metric calls them queue_timeout.
+    The one call that reached the IdP and was answered in time leaves the circuit closed."""
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.3)
+        return httpx.Response(200, json={"keys": []})
+
+    observer = Outcomes()
+    breaker = CircuitBreaker(failure_threshold=1)
+    ep = IdpEndpoint("jwks_uri", "https://idp/jwks", httpx.AsyncClient(transport=httpx.MockTransport(slow)),
+                     timeout=0.5, max_outstanding=1, breaker=breaker, observer=observer)
+
+    async def timed() -> tuple[float, BaseException | None]:
+        started = asyncio.get_running_loop().time()
+        try:
+            await ep.call()
+            error = None
+        except IdpUnreachable as exc:
+            error = exc
+        return asyncio.get_running_loop().time() - started, error
+
+    async def run() -> list[tuple[float, BaseException | None]]:
+        return await asyncio.gather(*(timed() for _ in range(4)))
+
+    results = asyncio.run(run())
+    errors = [e for _, e in results if e is not None]
+    assert len(errors) == 3
+    for error in errors:
+        assert isinstance(error, IdpUnreachable) and error.kind == "TIMEOUT"
+        assert error.message == TIMEOUT_MESSAGE
+    assert sorted(observer.outcomes) == ["ok", "queue_timeout", "queue_timeout", "queue_timeout"]
+    assert breaker.state == "closed" and breaker.allow()
+    assert ep.last_error is None  # the IdP did nothing wrong
+    assert max(t for t, _ in results) < 0.5 + 0.25  # still bounded by the one deadline
+
+
+def test_an_idp_that_times_out_with_a_free_slot_is_counted() -> None:
+    """The IdP had the whole timeoutSeconds: that timeout is its own failure, as before."""
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(5)
+        raise AssertionError("not reached")
+
+    observer = Outcomes()
+    breaker = CircuitBreaker(failure_threshold=1)
+    ep = IdpEndpoint("jwks_uri", "https://idp/jwks", httpx.AsyncClient(transport=httpx.MockTransport(hang)),
+                     timeout=0.2, breaker=breaker, observer=observer)
+    with pytest.raises(IdpUnreachable) as info:
+        asyncio.run(ep.call())
+    assert info.value.message == TIMEOUT_MESSAGE
+    assert observer.outcomes == ["TIMEOUT"] and breaker.state == "open"
+
+
+def test_a_cancelled_wait_for_a_slot_frees_the_half_open_probe() -> None:
+    """The half-open probe that is still queued when its check is cancelled leaves no verdict."""
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.2)
+        return httpx.Response(200, json={"keys": []})
+
+    now = [0.0]
+    breaker = CircuitBreaker(failure_threshold=1, cool_down_seconds=1, clock=lambda: now[0])
+    ep = IdpEndpoint("jwks_uri", "https://idp/jwks", httpx.AsyncClient(transport=httpx.MockTransport(slow)),
+                     timeout=1, max_outstanding=1, breaker=breaker)
+
+    async def run() -> None:
+        busy = asyncio.ensure_future(ep.call())  # holds the one slot
+        await asyncio.sleep(0.01)
+        breaker.failure()
+        now[0] = 1.0  # half-open
+        probe = asyncio.ensure_future(ep.call())
+        await asyncio.sleep(0.01)
+        probe.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probe
+        assert breaker.allow()  # the probe slot is free again
+        await busy
+
+    asyncio.run(run())
+
+
+def nested(depth: int, opening: bytes = b"[", closing: bytes = b"]") -> bytes:
+    return opening * depth + closing * depth
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        nested(200_000),  # 400 KB: well under the 1 MiB cap, and json.loads' recursion limit
+        b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+        b'{"keys":' + nested(65) + b"}",  # one level past the bound
+    ],
+    ids=["arrays-200000", "objects-100000", "depth-66"],
+)
+def test_deeply_nested_json_is_unparseable_and_counted_by_the_breaker(body: bytes) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body)
+
+    observer = Outcomes()
+    breaker = CircuitBreaker(failure_threshold=1)
+    ep = IdpEndpoint("jwks_uri", "https://idp/jwks", httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+                     timeout=5, breaker=breaker, observer=observer)
+    with pytest.raises(IdpBadResponse) as info:
+        asyncio.run(ep.call())
+    assert info.value.message == PARSE
+    assert observer.outcomes == ["IdpBadResponse"] and breaker.state == "open"
+
+
+def test_deeply_nested_introspection_answer_is_idp_call_failed() -> None:
+    idp = Introspector()
+    idp.raw = nested(200_000)
+    d = asyncio.run(engine_for(config(), idp).check(req("good")))
+    assert d.reason is Reason.IDP_CALL_FAILED and d.message == PARSE
+
+
+def test_oversized_answer_is_unparseable_and_counted_by_the_breaker() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b'{"keys": [' + b" " * (2 * 1024 * 1024) + b"]}")
+
+    observer = Outcomes()
+    breaker = CircuitBreaker(failure_threshold=1)
+    ep = IdpEndpoint("jwks_uri", "https://idp/jwks", httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+                     timeout=5, breaker=breaker, observer=observer)
+    with pytest.raises(IdpBadResponse) as info:
+        asyncio.run(ep.call())
+    assert info.value.message == PARSE
+    assert observer.outcomes == ["IdpBadResponse"] and breaker.state == "open"
+
+
+def test_json_nested_up_to_the_bound_is_parsed() -> None:
+    """64 levels are parsed; brackets and escaped quotes inside strings are not nesting."""
+    inside_strings = '"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\\"[[[[[[[[\\\\"'
+    documents = [
+        nested(64),
+        b"[" * 32 + b'{"k":' * 32 + b"1" + b"}" * 32 + b"]" * 32,
+        ('{"keys": [{"kid": ' + inside_strings + ', "x5c": [' + ", ".join([inside_strings] * 100) + "]}]}").encode(),
+    ]
+    for body in documents:
+        json.loads(body)  # valid JSON, 64 levels at most
+
+        def handler(request: httpx.Request, body: bytes = body) -> httpx.Response:
+            return httpx.Response(200, content=body)
+
+        ep = IdpEndpoint("jwks_uri", "https://idp/jwks", httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+                         timeout=5)
+        assert asyncio.run(ep.call()).data is not None
