@@ -129,8 +129,6 @@ class Decision:
     remove_headers: tuple[str, ...] = ()
     metadata: tuple[tuple[str, Any], ...] = ()  # Envoy dynamic metadata on allow, as pairs
     required_scope: tuple[str, ...] = ()
-    # The same object is returned for repeated checks, so its rendering may be reused too.
-    reusable: bool = False
 
 
 def allow(
@@ -140,7 +138,6 @@ def allow(
     upstream_headers: tuple[tuple[str, str], ...] = (),
     remove_headers: tuple[str, ...] = (),
     metadata: Mapping[str, Any] | None = None,
-    reusable: bool = False,
 ) -> Decision:
     return Decision(
         allowed=True,
@@ -149,7 +146,6 @@ def allow(
         upstream_headers=upstream_headers,
         remove_headers=remove_headers,
         metadata=tuple(metadata.items()) if metadata else (),
-        reusable=reusable,
     )
 
 

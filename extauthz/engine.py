@@ -1,14 +1,14 @@
 """The check, start to finish: select the policy, find the token, get keys, validate, authorize.
 
-The only ``await`` is for key material from the identity-provider layer; every decision is made by
-the pure functions of ``routing``, ``tokens`` and ``validation``. Whatever happens, ``check``
-returns a :class:`~extauthz.decision.Decision`: an IdpError becomes ``idp_call_failed`` here, at
-this one boundary.
+The only ``await`` is for key material from the identity-provider layer; every check is one of
+the pure functions of ``routing``, ``tokens`` and ``validation``, which return step values, run
+here in their documented order. Whatever happens, ``check`` returns a
+:class:`~extauthz.decision.Decision`: an IdpError becomes ``idp_call_failed`` here, at this one
+boundary. Remembering answers is not done here but around the engine (:mod:`extauthz.answers`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import time
@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .bounded import BoundedCache
 from .config import AuthPolicy, Config, Deployment
 from .decision import Decision, Denial, Reason, allow, deny
 from .errors import IdpError
@@ -41,23 +40,16 @@ from .verified import Verified, VerifiedTokens, token_digest
 __all__ = [
     "AMBIGUOUS_EVENT",
     "IDP_FAILED_EVENT",
-    "MAX_ANSWERS",
     "NO_POLICY_EVENT",
-    "Answer",
     "CheckInput",
     "Engine",
+    "Validity",
 ]
 
 IDP_FAILED_EVENT = "authentication.idpCallFailed"
 NO_POLICY_EVENT = "routing.noMatchingPolicy"
 AMBIGUOUS_EVENT = "routing.requestAmbiguous"
-_MAX_REUSED_ALLOWS = 8_192
-_MAX_ROUTES = 8_192
-# A longer request line (authority, path, method and context_extensions together) is selected
-# every time and never kept: the route memo holds at most 8,192 x 512 characters of requests.
-_MAX_ROUTE_KEY_CHARS = 512
 _MAX_MESSAGE_PATH_CHARS = 128  # how much of a path a message quotes
-MAX_ANSWERS = 16_384  # remembered answers (with their serialized responses)
 EXPIRED_TOKEN_MEMORY_SECONDS = 300.0
 _NO_CLAIMS: Mapping[str, Any] = {}  # an anonymous allow
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but TAB
@@ -139,21 +131,6 @@ class CheckInput:
         return request_path(self.raw_path)
 
 
-RouteKey = tuple[str, str, str, frozenset[tuple[str, str]] | None]
-
-
-def _route_key(
-    host: str, path: str, method: str, context_extensions: Mapping[str, str]
-) -> tuple[RouteKey, int]:
-    """The route memo's key for a request line, and its size in characters."""
-    size = len(host) + len(path) + len(method)
-    if not context_extensions:
-        return (host, path, method, None), size
-    for k, v in context_extensions.items():
-        size += len(k) + len(v)
-    return (host, path, method, frozenset(context_extensions.items())), size
-
-
 def _quoted_path(path: str) -> str:
     """A path for a message, cut short: a message is logged and may be rendered to the client."""
     if len(path) <= _MAX_MESSAGE_PATH_CHARS:
@@ -161,33 +138,18 @@ def _quoted_path(path: str) -> str:
     return f"{path[:_MAX_MESSAGE_PATH_CHARS]}... ({len(path)} characters)"
 
 
-def _credential_digest(value: str) -> bytes:
-    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()
-
-
-@dataclass(slots=True, eq=False)
-class Answer:
-    """A decision that may be given again to the same credential on the same route without
-    validating it again: while the wall clock is within ``[not_before, not_after]`` and the IdP
-    documents it rested on are the same version and within their TTL. For an allow the window is
-    the token's nbf and exp with the clock skew, and the introspection answer's cache lifetime;
+@dataclass(frozen=True, slots=True)
+class Validity:
+    """How long a decision holds for the same credential on the same route: while the wall
+    clock is within ``[not_before, not_after]`` and the IdP documents it rested on are still
+    ``documents_version`` (no fetch since, none past its TTL). For an allow, the window is the
+    token's nbf and exp widened by the clock skew, and the introspection answer's cache lifetime;
     for an expired token's denial, from just past exp plus the skew on."""
 
-    decision: Decision
     not_before: float
     not_after: float
     idp: DeploymentIdp
     documents_version: int
-    # The server's serialized response to a reusable allow, set the first time the answer is
-    # given again; the engine never reads it. Kept here rather than in a cache of the server's
-    # own, a remembered answer is two objects for the garbage collector to visit, not three.
-    wire: bytes | None = None
-
-    def valid(self, now: float) -> bool:
-        return (
-            self.not_before <= now <= self.not_after
-            and self.idp.documents_version() == self.documents_version
-        )
 
 
 def _header_value(value: Any) -> str | None:
@@ -201,6 +163,13 @@ def _header_value(value: Any) -> str | None:
 
 
 class Engine:
+    """Decides one request at a time from the config, the IdP layer and the clock.
+
+    Apart from the verified-token cache (the cryptographic fact "this key signed these claims",
+    which every check still re-validates against its policy and the time), the engine remembers
+    nothing: reusing whole answers is :class:`~extauthz.answers.AnswerCache`'s job, around it.
+    """
+
     def __init__(
         self,
         config: Config,
@@ -210,96 +179,37 @@ class Engine:
     ) -> None:
         self.config = config
         self._providers = providers
-        self._clock = clock
+        self.clock = clock
         self._verified = VerifiedTokens()
-        # The content of an allow decision (headers, headers to remove, metadata: the metadata
-        # names the deployment and route) → the one Decision object with that content.
-        self._allows: dict[tuple[tuple[Any, ...], ...], Decision] = {}
-        # Route selection is a pure function of the request line and the config: memoized, for
-        # request lines in normal form only.
-        self._routes: BoundedCache[RouteKey, Selection | None] = BoundedCache(
-            _MAX_ROUTES, _MAX_ROUTE_KEY_CHARS
-        )
-        # (id(deployment), id(route), SHA-256 of the credential header) → Answer. The ids are of
-        # objects of this engine's config, which lives as long as the engine: never reused.
-        self._answers: dict[tuple[int, int, bytes], Answer] = {}
-        self._last_digest: tuple[str, bytes] = ("", b"")
 
-    def _select(self, req: CheckInput) -> Selection | Denial | None:
+    def select(self, req: CheckInput) -> Selection | Denial | None:
         """The policy for a request: a Selection, None when none matches, or a
         ``request_ambiguous`` Denial when the path or authority is not in normal form."""
-        key, size = _route_key(req.host, req.path, req.method, req.context_extensions)
-        found = self._routes.get(key)
-        if found is not None or key in self._routes:  # None is kept too: no policy matches
-            return found
-        selection = select(
+        return select(
             self.config,
             authority=req.host,
             raw_path=req.raw_path,
             method=req.method,
             context_extensions=req.context_extensions,
         )
-        if not isinstance(selection, Denial):
-            self._routes.put(key, selection, size)
-        return selection
-
-    def reuse(
-        self,
-        host: str,
-        raw_path: str,
-        method: str,
-        context_extensions: Mapping[str, str],
-        headers: Mapping[str, str],
-    ) -> Answer | None:
-        """The answer an earlier check gave the same credential on the same route, if it may be
-        given again now (see :class:`Answer`); None sends the check down the whole path.
-
-        ``host``, ``raw_path`` and ``method`` are the CheckRequest's own fields: when one is empty
-        the whole path derives it from the headers instead, so nothing is reused.
-        """
-        if not (host and raw_path and method):
-            return None
-        key, _ = _route_key(host, request_path(raw_path), method, context_extensions)
-        selection = self._routes.get(key)
-        if selection is None:
-            return None
-        header = selection.deployment.auth.token_header
-        value = headers.get(header) if header is not None else None
-        if value is None:
-            return None
-        digest = _credential_digest(value)
-        self._last_digest = (value, digest)  # a miss goes on to check(), which needs it again
-        answer = self._answers.get((id(selection.deployment), id(selection.route), digest))
-        if answer is not None and answer.valid(self._clock()):
-            return answer
-        return None
-
-    def _remember(
-        self,
-        selection: Selection,
-        headers: Mapping[str, str],
-        answer: Answer,
-    ) -> None:
-        policy = selection.deployment.auth
-        value = headers.get(policy.token_header) if policy.token_header is not None else None
-        if value is None or answer.not_before > answer.not_after:
-            return
-        if len(self._answers) >= MAX_ANSWERS:
-            self._answers.clear()
-        last_value, digest = self._last_digest
-        if value != last_value:
-            digest = _credential_digest(value)
-        self._answers[(id(selection.deployment), id(selection.route), digest)] = answer
 
     async def check(self, req: CheckInput, trace: Trace | None = None) -> Decision:
         """The decision for one request. With a ``trace``, every step is recorded there (and,
         with ``trace.keep_going``, every check runs even after the first failure); the decision
-        is the same either way. Tracing never remembers anything: each traced check runs whole."""
-        selection = self._select(req)
+        is the same either way."""
+        decision, _ = await self.decide(req, self.select(req), trace)
+        return decision
+
+    async def decide(
+        self, req: CheckInput, selection: Selection | Denial | None, trace: Trace | None = None
+    ) -> tuple[Decision, Validity | None]:
+        """:meth:`check` for a request whose policy is already selected (``self.select(req)``),
+        with how long the decision holds for the same credential on the same route (None: only
+        this once). A traced check holds only once: it may have gone on past a failure."""
         if isinstance(selection, Denial):
             if trace is not None:
                 trace.add(failed("policy", selection))
-            return deny(selection.reason, selection.message, event=AMBIGUOUS_EVENT)
+            return deny(selection.reason, selection.message, event=AMBIGUOUS_EVENT), None
         if selection is None:
             unmatched = Denial(
                 Reason.NO_MATCHING_POLICY,
@@ -308,7 +218,7 @@ class Engine:
             )
             if trace is not None:
                 trace.add(failed("policy", unmatched))
-            return deny(unmatched.reason, unmatched.message, event=NO_POLICY_EVENT)
+            return deny(unmatched.reason, unmatched.message, event=NO_POLICY_EVENT), None
         if trace is not None:
             trace.add(passed("policy", actual=selection))
         policy = selection.deployment.auth
@@ -317,10 +227,10 @@ class Engine:
         if isinstance(token, Denial):
             if trace is not None:
                 trace.add(failed("format", token))
-            return _denied(selection, token)
+            return _denied(selection, token), None
         if token is None:
             if selection.authorization == "ANONYMOUS":
-                return self._allow(selection, _NO_CLAIMS)
+                return _allow(selection, _NO_CLAIMS), None
             where = (
                 f"query parameter '{policy.token_query_param}'"
                 if policy.token_query_param
@@ -329,7 +239,7 @@ class Engine:
             missing = Denial(Reason.TOKEN_MISSING, f"No token was found in the {where}.")
             if trace is not None:
                 trace.add(failed("token", missing))
-            return _denied(selection, missing)
+            return _denied(selection, missing), None
 
         idp = self._providers[selection.deployment.name]
         # Taken before any await: a document fetched meanwhile makes the answer unusable.
@@ -343,7 +253,7 @@ class Engine:
             if failure.denial is None and trace is not None and trace.undecided:
                 raise Unverifiable("the identity provider must be asked")
             assert failure.denial is not None
-            return failure.decision(selection)
+            return failure.decision(selection), None
         if trace is not None:
             trace.claims_read = True
 
@@ -355,14 +265,14 @@ class Engine:
             endpoint = (("endpoint", exc.endpoint),)
             issuers = failed("iss", unavailable, note="issuer unavailable", facts=endpoint)
             if failure.fail(unavailable, event=IDP_FAILED_EVENT, log_fields=idp_log_fields(exc)):
-                return failure.decision(selection)
+                return failure.decision(selection), None
         except Unverifiable:
             if trace is None:
                 raise
             issuers = skipped("iss", "the issuer comes from the discovery document")
         # RFC 7662 makes `exp` optional in an introspection answer; a JWT must carry it.
         require_exp = idp.keys is not None and looks_like_jwt(token)
-        for step in claim_steps(claims, policy, self._clock(), issuers, require_exp=require_exp):
+        for step in claim_steps(claims, policy, self.clock(), issuers, require_exp=require_exp):
             if trace is not None:
                 trace.add(step)
             if step.denial is not None and failure.fail(step.denial):
@@ -378,28 +288,24 @@ class Engine:
 
         skew = policy.clock_skew
         exp = numeric_date(claims.get("exp"))
+        holds = documents_version is not None and trace is None
         if failure.denial is not None:
             decision = failure.decision(selection)
-            expired = failure.denial.reason is Reason.TOKEN_EXPIRED
-            if expired and exp is not None and documents_version is not None and trace is None:
-                # A client retrying an expired token gets the same denial without a parse or a
-                # key lookup: an expired token stays expired (until the keys change).
+            if holds and exp is not None and failure.denial.reason is Reason.TOKEN_EXPIRED:
+                # An expired token stays expired (until the keys change): from just past exp
+                # plus the skew, the same denial holds without a parse or a key lookup.
                 after = math.nextafter(exp + skew, math.inf)
-                answer = Answer(decision, after, cached_until, idp, documents_version)
-                self._remember(selection, req.headers, answer)
-            return decision
-        decision = self._allow(selection, claims)
-        if documents_version is not None and trace is None:
-            nbf = numeric_date(claims.get("nbf"))
-            answer = Answer(
-                decision,
-                -math.inf if nbf is None else nbf - skew,
-                min(cached_until, math.inf if exp is None else exp + skew),
-                idp,
-                documents_version,
-            )
-            self._remember(selection, req.headers, answer)
-        return decision
+                assert documents_version is not None
+                return decision, Validity(after, cached_until, idp, documents_version)
+            return decision, None
+        decision = _allow(selection, claims)
+        if not holds:
+            return decision, None
+        assert documents_version is not None
+        nbf = numeric_date(claims.get("nbf"))
+        not_before = -math.inf if nbf is None else nbf - skew
+        not_after = min(cached_until, math.inf if exp is None else exp + skew)
+        return decision, Validity(not_before, not_after, idp, documents_version)
 
     async def _authenticate(
         self,
@@ -417,7 +323,7 @@ class Engine:
             return await self._introspect(token, idp, failure, trace)
         if trace is None:
             digest = token_digest(token)
-            hit = self._verified.get(digest, self._clock())
+            hit = self._verified.get(digest, self.clock())
             if hit is not None and hit.alg in policy.algorithms:
                 try:
                     keys = await idp.keys.keyset(hit.kid)
@@ -488,7 +394,7 @@ class Engine:
         exp = numeric_date(payload.get("exp"))
         if exp is not None:
             # Kept a while past exp too: a client retrying an expired token is denied cheaply.
-            until = max(exp, self._clock()) + EXPIRED_TOKEN_MEMORY_SECONDS
+            until = max(exp, self.clock()) + EXPIRED_TOKEN_MEMORY_SECONDS
             verified = Verified(payload, parsed.alg, parsed.kid, key, until)
             self._verified.put(token_digest(token), verified)
         return payload, math.inf
@@ -532,44 +438,34 @@ class Engine:
             trace.claims_verified = True
         return claims, idp.introspection.cached_until(token)
 
-    def _allow(self, selection: Selection, claims: Mapping[str, Any]) -> Decision:
-        """The allow decision for these claims on this route. Decisions with the same content
-        (headers and metadata: the same client, whichever of its tokens) are one object, so
-        that the servicer renders each once."""
-        deployment: Deployment = selection.deployment
-        headers: list[tuple[str, str]] = []
-        remove: list[str] = []
-        for name, claim in deployment.headers_from_claims:
-            value = claims.get(claim)
-            text = _header_value(value) if value is not None else None
-            if text is None:
-                remove.append(name)  # never let a client-sent copy through
-            else:
-                headers.append((name, text))
-        metadata: dict[str, Any] = {
-            "deployment": deployment.name,
-            "route": selection.route_name,
-        }
-        if claims:
-            for key in ("sub", "iss"):
-                if isinstance(claims.get(key), str):
-                    metadata[key] = claims[key]
-            client_id = claims.get("client_id", claims.get("azp"))
-            if isinstance(client_id, str):
-                metadata["client_id"] = client_id
-            metadata["scope"] = " ".join(sorted(scopes_of(claims)))
-        content = (tuple(headers), tuple(remove), tuple(metadata.items()))
-        decision = self._allows.get(content)
-        if decision is None:
-            decision = allow(
-                deployment.name,
-                selection.route_name,
-                upstream_headers=content[0],
-                remove_headers=content[1],
-                metadata=metadata,
-                reusable=True,
-            )
-            if len(self._allows) >= _MAX_REUSED_ALLOWS:
-                self._allows.clear()
-            self._allows[content] = decision
-        return decision
+
+def _allow(selection: Selection, claims: Mapping[str, Any]) -> Decision:
+    """The allow decision for these claims on this route: the identity headers (each set, or
+    removed when its claim cannot be one, so that a client-sent copy never passes) and the
+    dynamic metadata."""
+    deployment: Deployment = selection.deployment
+    headers: list[tuple[str, str]] = []
+    remove: list[str] = []
+    for name, claim in deployment.headers_from_claims:
+        value = claims.get(claim)
+        text = _header_value(value) if value is not None else None
+        if text is None:
+            remove.append(name)  # never let a client-sent copy through
+        else:
+            headers.append((name, text))
+    metadata: dict[str, Any] = {"deployment": deployment.name, "route": selection.route_name}
+    if claims:
+        for key in ("sub", "iss"):
+            if isinstance(claims.get(key), str):
+                metadata[key] = claims[key]
+        client_id = claims.get("client_id", claims.get("azp"))
+        if isinstance(client_id, str):
+            metadata["client_id"] = client_id
+        metadata["scope"] = " ".join(sorted(scopes_of(claims)))
+    return allow(
+        deployment.name,
+        selection.route_name,
+        upstream_headers=tuple(headers),
+        remove_headers=tuple(remove),
+        metadata=metadata,
+    )

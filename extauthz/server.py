@@ -1,7 +1,8 @@
 """The gRPC edge: CheckRequest in, CheckResponse out, one access-log line per check.
 
 Nothing here decides anything: the request is lifted into a :class:`~extauthz.engine.CheckInput`,
-the engine returns a Decision, ``response.to_check_response`` renders it. The RPC never fails for a
+the answer cache (:mod:`extauthz.answers`, around the engine) returns a Decision,
+``response.to_check_response`` renders it. The RPC never fails for a
 bad token or an IdP failure; even a bug in extauthz becomes a fail-closed ``internal_error`` denial.
 """
 
@@ -24,6 +25,7 @@ from . import tracing
 from ._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
 from ._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from .admin import AdminServer
+from .answers import Answer, AnswerCache
 from .config import Config, ServerSettings
 from .decision import Decision, Reason, deny
 from .engine import IDP_FAILED_EVENT, CheckInput, Engine, idp_log_fields
@@ -142,11 +144,15 @@ def lift_request(request: ext.CheckRequest) -> tuple[CheckInput, str]:
 
 
 class AuthorizationService(ext_grpc.AuthorizationServicer):
-    def __init__(self, engine: Engine, logger: JsonLogger, metrics: Metrics) -> None:
-        self.engine = engine
+    """The gRPC wire: each CheckRequest lifted into a CheckInput, answered by the answer cache
+    (a remembered answer, else the engine), rendered, logged and counted. One path for every
+    check; with tracing on, every check is decided afresh so that its span shows it."""
+
+    def __init__(self, answers: AnswerCache | Engine, logger: JsonLogger, metrics: Metrics) -> None:
+        self.answers = answers if isinstance(answers, AnswerCache) else AnswerCache(answers)
         self._log = logger
         self._metrics = metrics
-        self._renderer = Renderer(engine.config.server)
+        self._renderer = Renderer(self.answers.config.server)
 
     async def Check(  # noqa: N802 (gRPC method name)
         self, request: ext.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -162,11 +168,7 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
     ) -> Wire:
         """The gRPC handler: the response to one CheckRequest, never an RPC error."""
         if not tracing.enabled():
-            try:
-                response = self._answer_again(request)
-            except Exception:  # noqa: BLE001 (the whole path below answers, failing closed)
-                response = None
-            return response if response is not None else await self._check(request, None)
+            return await self._check(request, None)
         try:
             headers = request.attributes.request.http.headers
             parent = tracing.extract_parent(context.invocation_metadata(), headers)
@@ -178,44 +180,23 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
             current_trace_id.set(format(span.get_span_context().trace_id, "032x"))
             return await self._check(request, span)
 
-    def _answer_again(self, request: ext.CheckRequest) -> Wire | None:
-        """The response to a credential the engine decided on for this route before and may
-        answer again without validating it (``Engine.reuse``); None when the whole path must run."""
-        started = time.perf_counter()
-        attributes = request.attributes
-        http = attributes.request.http
-        headers = _Headers(http.headers)  # found as the whole path finds them
-        raw_path, method = http.path, http.method
-        engine = self.engine
-        answer = engine.reuse(http.host, raw_path, method, attributes.context_extensions, headers)
-        if answer is None:
-            return None
-        self._metrics.answer_reused()
-        request_id = _request_id(headers)
-        settings = engine.config.server
-        decision = answer.decision
-        response: Wire | None = answer.wire
-        if response is None:
-            response = self._render(decision, request_id, settings)
-            if decision.reusable:  # no request id in it: the same bytes answer every check
-                response = answer.wire = response.SerializeToString()
-        status = 200 if decision.allowed else http_status(decision, settings)
-        path = raw_path.split("?", 1)[0]
-        elapsed = time.perf_counter() - started
-        self._record(decision, method, path, request_id, elapsed, 0, status)
-        return response
-
     async def _check(self, request: ext.CheckRequest, span: Span | None) -> Wire:
         started = time.perf_counter()
         calls = [0]
-        idp_call_counter.set(calls)
         request_id = ""
         inp: CheckInput | None = None
-        engine = self.engine
+        answer: Answer | None = None
+        answers = self.answers
         try:
             inp, request_id = lift_request(request)
-            current_request_id.set(request_id)
-            decision = await engine.check(inp)
+            answer = answers.reuse(inp) if span is None else None
+            if answer is not None:
+                self._metrics.answer_reused()
+                decision = answer.decision
+            else:
+                idp_call_counter.set(calls)
+                current_request_id.set(request_id)
+                decision = await answers.check(inp)
         except asyncio.CancelledError:
             # Envoy gave up (its ext_authz timeout) and answered with its status_on_error: the
             # check still gets its access line, so that the request id can be found.
@@ -224,7 +205,7 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
                 "",
                 "",
                 inp.method if inp else "",
-                inp.raw_path.split("?", 1)[0] if inp else "",
+                inp.path if inp else "",
                 0,
                 "deny",
                 "cancelled",
@@ -242,12 +223,19 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
                 event="server.internalError",
             )
             request_id = request_id or str(uuid.uuid4())
-        settings = engine.config.server
+            answer = None
+        settings = answers.config.server
         response: Wire
         try:
-            response = self._render(decision, request_id, settings)
+            if answer is not None and decision.allowed:
+                # An allow has no request id in it: rendered once, the same bytes every time.
+                if answer.wire is None:
+                    answer.wire = self._render(decision, request_id, settings).SerializeToString()
+                response = answer.wire
+            else:
+                response = self._render(decision, request_id, settings)
             status = 200 if decision.allowed else http_status(decision, settings)
-            method, path = (inp.method, inp.raw_path.split("?", 1)[0]) if inp else ("", "")
+            method, path = (inp.method, inp.path) if inp else ("", "")
             elapsed = time.perf_counter() - started
             self._record(decision, method, path, request_id, elapsed, calls[0], status)
         except Exception as exc:  # noqa: BLE001 (the RPC itself must never fail: fail closed)
@@ -397,14 +385,16 @@ async def run_server(
     tracing.configure()
     metrics = Metrics()
     runtime = Runtime(config, logger, metrics)
-    service = AuthorizationService(runtime.engine, logger, metrics)
+    service = AuthorizationService(AnswerCache(runtime.engine), logger, metrics)
     retired: set[asyncio.Task[None]] = set()
 
     def apply(new_config: Config) -> None:
         nonlocal runtime
         new_runtime = Runtime(new_config, logger, metrics)  # may raise ConfigError: keep the old
         old, runtime = runtime, new_runtime
-        service.engine = new_runtime.engine  # one assignment: a check sees old or new, never both
+        # One assignment: a check sees the old policy or the new one, never both. The answers
+        # start again empty: they rested on the old policy.
+        service.answers = AnswerCache(new_runtime.engine)
         logger.set_level(new_config.server.log_level)
         log_config_warnings(logger, new_config)
 

@@ -1,4 +1,4 @@
-"""Answering an allowed credential again without validating it (``Engine.reuse``).
+"""Answering an allowed credential again without validating it (``AnswerCache.reuse``).
 
 A reused allow must never outlive anything the original validation rested on: the token's
 exp and nbf (with the skew), the route it was allowed on, the JWKS and discovery documents (a fetch
@@ -19,6 +19,7 @@ import pytest
 
 from extauthz._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
+from extauthz.answers import Answer, AnswerCache
 from extauthz.config import Config, parse_config
 from extauthz.decision import Decision, Reason
 from extauthz.engine import CheckInput, Engine
@@ -46,7 +47,7 @@ class Clocks:
         self.mono += seconds
 
 
-def build(config: Config, handler: Any, clocks: Clocks) -> Engine:
+def build(config: Config, handler: Any, clocks: Clocks) -> AnswerCache:
     transport = httpx.MockTransport(handler)
     providers = Providers(
         config,
@@ -54,10 +55,10 @@ def build(config: Config, handler: Any, clocks: Clocks) -> Engine:
         clock=lambda: clocks.mono,
         wall_clock=lambda: clocks.wall,
     )
-    return Engine(config, providers.by_deployment, clock=lambda: clocks.wall)
+    return AnswerCache(Engine(config, providers.by_deployment, clock=lambda: clocks.wall))
 
 
-def warmed(engine: Engine, key: Any) -> Engine:
+def warmed(engine: AnswerCache, key: Any) -> AnswerCache:
     """The engine once a first check has fetched the IdP's documents. The check that fetches
     them is never remembered: the documents changed under it."""
     throwaway = key.sign(claims(sub="warm-up"))
@@ -65,13 +66,17 @@ def warmed(engine: Engine, key: Any) -> Engine:
     return engine
 
 
-def checked(engine: Engine, token: str, path: str = "/orders/42", method: str = "GET") -> Decision:
+def checked(engine: AnswerCache, token: str, path: str = "/orders/42", method: str = "GET") -> Decision:
     headers = {"authorization": f"Bearer {token}"}
     return asyncio.run(engine.check(CheckInput(method, HOST, path, headers, {})))
 
 
-def reused(engine: Engine, token: str, path: str = "/orders/42", method: str = "GET") -> Decision | None:
-    answer = engine.reuse(HOST, path, method, {}, {"authorization": f"Bearer {token}"})
+def again(engine: AnswerCache, token: str, path: str = "/orders/42", method: str = "GET", host: str = HOST) -> Answer | None:
+    return engine.reuse(CheckInput(method, host, path, {"authorization": f"Bearer {token}"}, {}))
+
+
+def reused(engine: AnswerCache, token: str, path: str = "/orders/42", method: str = "GET") -> Decision | None:
+    answer = again(engine, token, path, method)
     return answer.decision if answer is not None else None
 
 
@@ -92,7 +97,7 @@ def test_an_allowed_credential_is_answered_again_without_the_idp(rsa_key: Any, r
     assert reused(engine, token, path="/orders/42?verbose=1") is first  # same route, query aside
     assert idp.calls == calls
     assert reused(engine, rsa_key.sign(claims(sub="bob"))) is None  # another credential
-    assert engine.reuse("", "/orders/42", "GET", {}, {"authorization": f"Bearer {token}"}) is None
+    assert again(engine, token, host="") is None
 
 
 def test_a_reused_allow_ends_at_exp_plus_the_skew(rsa_key: Any, clocks: Clocks) -> None:
@@ -178,8 +183,8 @@ def test_an_introspected_answer_lives_as_long_as_its_cache_entry(clocks: Clocks,
     def check_opaque() -> Decision:
         return asyncio.run(engine.check(CheckInput("GET", HOST, "/x", {"authorization": "Bearer good-1"}, {})))
 
-    def reuse_opaque() -> Decision | None:
-        return engine.reuse(HOST, "/x", "GET", {}, {"authorization": "Bearer good-1"})
+    def reuse_opaque() -> Answer | None:
+        return again(engine, "good-1", "/x")
 
     assert check_opaque().allowed and introspector.calls == 1
     clocks.wall += 119
@@ -204,9 +209,9 @@ def test_an_introspected_answer_ends_with_max_cache_duration_before_exp(
     request = CheckInput("GET", HOST, "/x", {"authorization": "Bearer good-1"}, {})
     assert asyncio.run(engine.check(request)).allowed
     clocks.wall += 35
-    assert engine.reuse(HOST, "/x", "GET", {}, request.headers) is not None
+    assert engine.reuse(request) is not None
     clocks.wall += 2
-    assert engine.reuse(HOST, "/x", "GET", {}, request.headers) is None
+    assert engine.reuse(request) is None
     introspector.answer = {"active": False}  # revoked meanwhile: the IdP is asked again
     assert asyncio.run(engine.check(request)).reason is Reason.TOKEN_INACTIVE
     assert introspector.calls == 2
@@ -264,7 +269,7 @@ def test_an_allow_given_again_is_serialized_once_and_kept_with_its_answer(rsa_ke
     assert isinstance(first, ext.CheckResponse)  # the whole path: a message, serialized by gRPC
     assert isinstance(second, bytes) and third is second  # given again: the bytes kept with the answer
     assert ext.CheckResponse.FromString(second) == first
-    answer = engine.reuse(HOST, "/orders/42", "GET", {}, {"authorization": f"Bearer {token}"})
+    answer = again(engine, token)
     assert answer is not None and answer.wire is second
 
 

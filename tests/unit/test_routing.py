@@ -3,6 +3,7 @@ than the one written for it, and no request line costs more than its length."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from extauthz.answers import AnswerCache
 from extauthz.config import Config, ConfigError, parse_config
 from extauthz.decision import Decision, Reason
 from extauthz.engine import CheckInput, Engine
@@ -220,11 +222,13 @@ def test_unique_long_paths_do_not_grow_memory(paths_engine: Engine, rsa_key: Sig
     responses (their messages quoted the path); what selection and rendering keep is now
     bounded per entry."""
     engine = engine_for(deployment("public", "/public", anonymous=True, key=rsa_key), exposeDetailedErrors=True)
+    answers = AnswerCache(engine)
     renderer = Renderer(engine.config.server)
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     for i in range(200):
-        d = decide(engine, "h", f"/other/{i:05d}" + "/x" * 29_500)
+        path = f"/other/{i:05d}" + "/x" * 29_500
+        d = asyncio.run(answers.check(CheckInput("GET", "h", path, {}, {})))
         assert d.reason is Reason.NO_MATCHING_POLICY and len(d.message) < 300
         renderer.render(d, f"rid-{i}")
     grown = tracemalloc.get_traced_memory()[0] - before
@@ -233,11 +237,16 @@ def test_unique_long_paths_do_not_grow_memory(paths_engine: Engine, rsa_key: Sig
 
 
 def test_large_context_extensions_are_not_memoized(paths_engine: Engine) -> None:
+    answers = AnswerCache(paths_engine)
+
+    def remembered(**context: str) -> Decision:
+        return asyncio.run(answers.check(CheckInput("GET", "h", "/public/x", {}, context)))
+
     for i in range(50):
-        decide(paths_engine, "h", "/public/x", deployment="public", junk=f"{i}" + "x" * 10_000)
-    assert len(paths_engine._routes) == 0
-    decide(paths_engine, "h", "/public/x", deployment="public")
-    assert len(paths_engine._routes) == 1
+        assert remembered(deployment="public", junk=f"{i}" + "x" * 10_000).allowed
+    assert len(answers._routes) == 0
+    assert remembered(deployment="public").allowed
+    assert len(answers._routes) == 1
 
 
 def test_request_path_drops_query_and_fragment() -> None:

@@ -1,0 +1,170 @@
+"""Speed, as a layer around the engine: answers given again, and the selections they rest on.
+
+Most checks are a client sending the same credential to the same route again. The engine says
+how long each of its decisions holds for that credential on that route (:class:`Validity`); this
+layer keeps the decision that long, keyed by the SHA-256 of the credential header (never the
+credential), and gives it again without any validation step. Route selection is memoized the same
+way: a pure function of the request line and the config. Delete this module in your head and
+every rule is still in the engine; nothing here decides anything.
+
+Allows with the same content are one object, so that a wire renders each once and keeps the
+rendered bytes with the answer (:attr:`Answer.wire`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .bounded import BoundedCache
+from .config import Config
+from .decision import Decision, Denial
+from .engine import CheckInput, Engine, Validity
+from .idp import DeploymentIdp
+from .routing import Selection
+
+__all__ = ["MAX_ANSWERS", "Answer", "AnswerCache"]
+
+MAX_ANSWERS = 16_384  # remembered answers (with their serialized responses)
+_MAX_ROUTES = 8_192
+# A longer request line (authority, path, method and context_extensions together) is selected
+# every time and never kept: the route memo holds at most 8,192 x 512 characters of requests.
+_MAX_ROUTE_KEY_CHARS = 512
+_MAX_ALLOWS = 8_192
+# An allow carries the client's identity headers; a larger one is not interned.
+_MAX_ALLOW_CHARS = 4_096
+
+RouteKey = tuple[str, str, str, frozenset[tuple[str, str]] | None]
+AnswerKey = tuple[int, int, bytes]
+
+
+def route_key(req: CheckInput) -> tuple[RouteKey, int]:
+    """The route memo's key for a request line, and its size in characters."""
+    host, path, method, extensions = req.host, req.path, req.method, req.context_extensions
+    size = len(host) + len(path) + len(method)
+    if not extensions:
+        return (host, path, method, None), size
+    for k, v in extensions.items():
+        size += len(k) + len(v)
+    return (host, path, method, frozenset(extensions.items())), size
+
+
+def _credential_key(selection: Selection, headers: Mapping[str, str]) -> AnswerKey | None:
+    """(deployment, route, SHA-256 of the credential header), or None without one. The ids are
+    of objects of the cache's config, which lives as long as the cache: never reused."""
+    header = selection.deployment.auth.token_header
+    value = headers.get(header) if header is not None else None
+    if value is None:
+        return None
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()
+    return (id(selection.deployment), id(selection.route), digest)
+
+
+@dataclass(slots=True, eq=False)
+class Answer:
+    """A remembered decision and the window it holds in (the fields of its
+    :class:`~extauthz.engine.Validity`, kept flat: a remembered answer is two objects for the
+    garbage collector to visit, this and its decision)."""
+
+    decision: Decision
+    not_before: float
+    not_after: float
+    idp: DeploymentIdp
+    documents_version: int
+    # The wire's serialized response to a remembered allow, set the first time the answer is
+    # given again (an allow has no request id in it: the same bytes answer every check).
+    wire: bytes | None = None
+
+    def holds(self, now: float) -> bool:
+        return (
+            self.not_before <= now <= self.not_after
+            and self.idp.documents_version() == self.documents_version
+        )
+
+
+class AnswerCache:
+    """The engine with memory: :meth:`reuse` first, and :meth:`check` when it finds nothing."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._routes: BoundedCache[RouteKey, Selection | None] = BoundedCache(
+            _MAX_ROUTES, _MAX_ROUTE_KEY_CHARS
+        )
+        self._answers: dict[AnswerKey, Answer] = {}
+        self._allows: BoundedCache[Decision, Decision] = BoundedCache(_MAX_ALLOWS, _MAX_ALLOW_CHARS)
+
+    @property
+    def config(self) -> Config:
+        return self.engine.config
+
+    def reuse(self, req: CheckInput) -> Answer | None:
+        """The answer an earlier check gave the same credential on the same route, if it still
+        holds; None sends the check down the whole path."""
+        key, _ = route_key(req)
+        selection = self._routes.get(key)
+        if selection is None:
+            return None
+        credential = _credential_key(selection, req.headers)
+        if credential is None:
+            return None
+        answer = self._answers.get(credential)
+        if answer is not None and answer.holds(self.engine.clock()):
+            return answer
+        return None
+
+    async def check(self, req: CheckInput) -> Decision:
+        """The engine's decision, remembered for as long as the engine says it holds."""
+        key, size = route_key(req)
+        selection = self._routes.get(key)
+        if selection is None and key not in self._routes:
+            found = self.engine.select(req)
+            if isinstance(found, Denial):  # not in normal form: never remembered
+                decision, _ = await self.engine.decide(req, found)
+                return decision
+            selection = found
+            self._routes.put(key, selection, size)
+        decision, validity = await self.engine.decide(req, selection)
+        if decision.allowed:
+            decision = self._intern(decision)
+        if validity is not None and selection is not None:
+            self._remember(selection, req.headers, decision, validity)
+        return decision
+
+    def _intern(self, decision: Decision) -> Decision:
+        """The one object for an allow with this content (the same client, whichever of its
+        tokens), so that its rendering is made once."""
+        same = self._allows.get(decision)
+        if same is not None:
+            return same
+        self._allows.put(decision, decision, _size(decision))
+        return decision
+
+    def _remember(
+        self,
+        selection: Selection,
+        headers: Mapping[str, str],
+        decision: Decision,
+        validity: Validity,
+    ) -> None:
+        credential = _credential_key(selection, headers)
+        if credential is None or validity.not_before > validity.not_after:
+            return
+        if len(self._answers) >= MAX_ANSWERS:
+            # Cleared when full: cheaper per check than an LRU's bookkeeping on this hot path.
+            self._answers.clear()
+        self._answers[credential] = Answer(
+            decision,
+            validity.not_before,
+            validity.not_after,
+            validity.idp,
+            validity.documents_version,
+        )
+
+
+def _size(decision: Decision) -> int:
+    """About how many characters an allow holds: its headers and metadata values."""
+    values: list[Any] = [v for _, v in decision.upstream_headers]
+    values.extend(v for _, v in decision.metadata)
+    return sum(len(v) if isinstance(v, str) else 16 for v in values)
