@@ -13,7 +13,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .config import AuthPolicy, Config, Deployment
@@ -124,11 +124,11 @@ class CheckInput:
     raw_path: str  # as Envoy sent it, query string included
     headers: Mapping[str, str]  # lower-case names
     context_extensions: Mapping[str, str]
+    # The path without query string and fragment, as matched and logged (derived once).
+    path: str = field(init=False)
 
-    @property
-    def path(self) -> str:
-        """The path without query string and fragment, as matched and logged."""
-        return request_path(self.raw_path)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", request_path(self.raw_path))
 
 
 def _quoted_path(path: str) -> str:

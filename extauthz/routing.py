@@ -67,12 +67,14 @@ class RequestTarget:
 
 def request_path(raw_path: str) -> str:
     """The path without its query string and fragment (RFC 3986 §3.3: the path ends there)."""
+    if "?" not in raw_path and "#" not in raw_path:
+        return raw_path  # the common case: two scans, no copy
     end = len(raw_path)
     for mark in ("?", "#"):
         at = raw_path.find(mark, 0, end)
         if at != -1:
             end = at
-    return raw_path[:end] if end != len(raw_path) else raw_path
+    return raw_path[:end]
 
 
 _ENVOY_PATH_OPTIONS = (
