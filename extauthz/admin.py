@@ -1,4 +1,4 @@
-"""The admin HTTP listener (CONTRACT.md §6): /healthz, /readyz, /metrics.
+"""The admin HTTP listener (docs/metrics.md): /healthz, /readyz, /metrics.
 
 A few fixed GET endpoints do not justify a web framework; this is a minimal HTTP/1.1 responder
 on asyncio streams that closes each connection after one answer.

@@ -1,4 +1,4 @@
-"""The ``extauthz`` command line (CONTRACT.md §1): a thin shell over the public API."""
+"""The ``extauthz`` command line (docs/cli.md): a thin shell over the public API."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Two layers (pyjwt's ``Options`` → ``FullOptions``, without mutating anything):
 
-* ``_raw`` models mirror the YAML of CONTRACT.md §2 exactly (camelCase keys, unknown keys are
+* ``_raw`` models mirror the YAML of docs/configuration.md exactly (camelCase keys, unknown keys are
   errors). pydantic collects every error with its location.
 * :func:`resolve` turns them into the frozen dataclasses below, with every default filled in and
   the legacy ``JWT_AUTHENTICATION`` form folded into the same shape as ``TOKEN_AUTHENTICATION``.

@@ -1,6 +1,6 @@
 """Decisions are values: the engine returns one, the server layer turns it into a CheckResponse.
 
-The table :data:`OUTCOMES` is CONTRACT.md §3 in code: for every reason code the gRPC status,
+The table :data:`OUTCOMES` is docs/decisions.md in code: for every reason code the gRPC status,
 the HTTP status, the OAuth ``error`` code and the RFC 6750 challenge style. Nothing else decides
 those.
 """

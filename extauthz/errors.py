@@ -10,7 +10,7 @@
           └── CircuitOpen       too many recent failures: failing fast (issue: resilience)
 
 httpx exceptions are translated into these in exactly one place, ``idp/http.py``. Each IdpError
-carries the contract's execution-log message (CONTRACT.md §4), which names the endpoint and its
+carries the contract's execution-log message (docs/logs.md), which names the endpoint and its
 URI but never a token, a secret or a response body.
 """
 

@@ -1,4 +1,4 @@
-"""JSON log lines on stdout (CONTRACT.md §4), with redaction in one place.
+"""JSON log lines on stdout (docs/logs.md), with redaction in one place.
 
 Every line has ``ts`` (RFC 3339 UTC), ``level``, ``event`` and ``requestId``. Tokens, secrets,
 ``Authorization`` values and IdP response bodies are never passed in; :func:`token_hash` is the

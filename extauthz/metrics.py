@@ -1,4 +1,4 @@
-"""Prometheus series (CONTRACT.md §6)."""
+"""Prometheus series (docs/metrics.md)."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ class Metrics:
 
     def cache(self, cache: str, result: str) -> None:
         self._child(self.cache_events, cache, result).inc()
-        # CONTRACT.md §5: cache results are recorded on the check's span, never as spans.
+        # docs/traces.md: cache results are recorded on the check's span, never as spans.
         span = trace.get_current_span()
         if span.is_recording():
             span.add_event("cache", {"extauthz.cache": result, "extauthz.cache.name": cache})

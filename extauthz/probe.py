@@ -8,7 +8,7 @@ endpoint) the probe walks the network path one layer at a time, so a failure nam
 ``dns``, ``tcp`` and ``tls`` are measured here; ``http`` and everything after go through the
 server's own IdP layer (:class:`~extauthz.idp.Providers`, built for one endpoint at a time, on a
 client from :func:`~extauthz.idp.http.make_client`), so a failure carries the exact
-execution-log message the server would write (CONTRACT.md §4). Introspection is called with the
+execution-log message the server would write (docs/logs.md). Introspection is called with the
 configured client credentials and a made-up token: a healthy IdP answers ``{"active": false}``.
 
 :func:`probe` computes a :class:`ProbeReport`; :func:`render_text` and :func:`to_json` format it.

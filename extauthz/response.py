@@ -1,4 +1,4 @@
-"""Decision → CheckResponse, through the one table in ``decision.OUTCOMES`` (CONTRACT.md §3)."""
+"""Decision → CheckResponse, through the one table in ``decision.OUTCOMES`` (docs/decisions.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""OpenTelemetry tracing (CONTRACT.md §5), configured only by the standard ``OTEL_*`` variables.
+"""OpenTelemetry tracing (docs/traces.md), configured only by the standard ``OTEL_*`` variables.
 
 * Off unless an exporter is configured: ``OTEL_EXPORTER_OTLP_ENDPOINT`` or
   ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` set (or ``OTEL_TRACES_EXPORTER=console``), and

@@ -221,7 +221,7 @@ def expired_token(idp: IdP) -> str:
     return token
 
 
-# -- tracing, the misbehaving IdP and the secrets audit (issue 4) ---------------------------------
+# -- tracing, the misbehaving IdP and the secrets audit ---------------------------------
 # The demo IdP's clients (examples/idp/server.mjs); each one's secret is "<client>-secret".
 DEMO_CLIENTS = (
     "acme-client",

@@ -1,4 +1,4 @@
-"""Live config reload under load, through the real Envoy (issue 5).
+"""Live config reload under load, through the real Envoy.
 
 A stack of its own (own ports, own IdP) whose extauthz serves a config mounted the way the kubelet
 mounts a ConfigMap::

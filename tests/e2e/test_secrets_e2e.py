@@ -1,4 +1,4 @@
-"""No token and no client secret in any log line or exported span of the whole e2e run (issue 4).
+"""No token and no client secret in any log line or exported span of the whole e2e run.
 
 ``tests/e2e/conftest.py`` runs this module after every other test of the session, and records in
 ``secrets_registry`` every token the ``idp`` fixture issues and every token sent through the

@@ -1,4 +1,4 @@
-"""One trace across the real Envoy, extauthz and an identity provider (issue 4).
+"""One trace across the real Envoy, extauthz and an identity provider.
 
 The shared stack's Envoy (its OpenTelemetry tracer, envoy/envoy.yaml) and extauthz (the OTEL_*
 variables) both export to the session's real OTLP/gRPC receiver (``otlp``). The ``idp-down``

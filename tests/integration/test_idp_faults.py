@@ -2,7 +2,7 @@
 
 Every failure is checked on every surface: the gRPC and HTTP status of the denial, its headers
 and JSON body, the access line, and exactly one ``authentication.idpCallFailed`` line whose
-``endpoint`` and ``message`` are the contract's (CONTRACT.md §3 and §4). None is ever allowed.
+``endpoint`` and ``message`` are the contract's (docs/decisions.md and docs/logs.md). None is ever allowed.
 The IdP is ``faulty_idp.FaultyIdp``: real sockets, real HTTP, a real self-signed certificate.
 """
 

@@ -37,10 +37,10 @@ ROOT = Path(__file__).resolve().parents[2]
 JWKS_URI = "https://idp.example.com/jwks"
 T = TypeVar("T")
 
-# Every status a CheckResponse may carry (CONTRACT.md §3): OK, UNAUTHENTICATED, PERMISSION_DENIED,
+# Every status a CheckResponse may carry (docs/decisions.md): OK, UNAUTHENTICATED, PERMISSION_DENIED,
 # UNAVAILABLE. INTERNAL (13) is extauthz's own fail-closed bug path and must never show up here.
-CONTRACT_GRPC_CODES = frozenset({0, 3, 16, 7, 14})
-CONTRACT_HTTP_DENY = frozenset({400, 401, 403, 500, 503})
+DECISION_GRPC_CODES = frozenset({0, 3, 16, 7, 14})
+DENIAL_HTTP_STATUSES = frozenset({400, 401, 403, 500, 503})
 
 
 # -- JWS bytes ------------------------------------------------------------------------------------

@@ -41,8 +41,8 @@ from extauthz.server import AuthorizationService
 from tests.conftest import AUDIENCE, ISSUER, SigningKey, claims
 from tests.integration.serverproc import ExtauthzProcess
 from tests.security._support import (
-    CONTRACT_GRPC_CODES,
-    CONTRACT_HTTP_DENY,
+    DECISION_GRPC_CODES,
+    DENIAL_HTTP_STATUSES,
     b64url,
     jbytes,
     server_process,
@@ -202,7 +202,7 @@ def assert_valid_response(resp: ext.CheckResponse) -> None:
     wire = resp.SerializeToString()
     assert ext.CheckResponse.FromString(wire) == resp
     code = resp.status.code
-    assert code in CONTRACT_GRPC_CODES, (code, resp.status.message)
+    assert code in DECISION_GRPC_CODES, (code, resp.status.message)
     if code == 0:
         assert resp.HasField("ok_response") and not resp.HasField("denied_response")
         names = set()
@@ -215,7 +215,7 @@ def assert_valid_response(resp: ext.CheckResponse) -> None:
         assert not names & removed
         return
     assert resp.HasField("denied_response") and not resp.HasField("ok_response")
-    assert resp.denied_response.status.code in CONTRACT_HTTP_DENY
+    assert resp.denied_response.status.code in DENIAL_HTTP_STATUSES
     assert resp.denied_response.status.code in _DENY_STATUS[code]
     body = json.loads(resp.denied_response.body)
     assert set(body) <= {"error", "reason", "request_id", "error_description"}
@@ -486,7 +486,7 @@ def _retained(world: World, mix: list[ext.CheckRequest], rounds: int, codes: set
     def round_() -> None:
         for req in mix:
             code = world.check(req).status.code
-            assert code in CONTRACT_GRPC_CODES
+            assert code in DECISION_GRPC_CODES
             seen.add(code)
 
     round_()

@@ -1,5 +1,5 @@
 """The JWT attack corpus: every known way to forge, bend or smuggle a token is denied, each with the
-reason code (CONTRACT.md §3) a careful operator would expect to read in the access log.
+reason code (docs/decisions.md) a careful operator would expect to read in the access log.
 
 Each case is run through the real Engine, with the IdP's JWKS served by an httpx.MockTransport that
 records every URL it is asked for; a selection also goes through the real server process over
@@ -462,7 +462,7 @@ def kit(rsa_key: SigningKey, rsa_key2: SigningKey, ec_key: SigningKey, attacker:
 
 
 def assert_denied(resp: Any, reason: Reason) -> None:
-    """The CheckResponse of a bad-token denial, as CONTRACT.md §3 draws it."""
+    """The CheckResponse of a bad-token denial, as docs/decisions.md draws it."""
     headers = {h.header.key: h.header.value for h in resp.denied_response.headers}
     assert headers.get("x-extauthz-reason") == reason.value
     if reason is Reason.INSUFFICIENT_SCOPE:

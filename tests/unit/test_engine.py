@@ -1,5 +1,5 @@
 """The engine end to end in-process: policy selection, IdP layer on httpx.MockTransport, and the
-CheckResponse each decision becomes (every row of CONTRACT.md §3)."""
+CheckResponse each decision becomes (every row of docs/decisions.md)."""
 
 from __future__ import annotations
 
