@@ -91,7 +91,7 @@ def _check_config(path: str) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import run_server  # grpc is only needed to serve
+    from .lifecycle import run_server  # grpc is only needed to serve
 
     logger = JsonLogger()
     try:

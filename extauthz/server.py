@@ -9,8 +9,6 @@ bad token or an IdP failure; even a bug in extauthz becomes a fail-closed ``inte
 from __future__ import annotations
 
 import asyncio
-import gc
-import signal
 import time
 import traceback
 import uuid
@@ -18,27 +16,21 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.trace import Span, SpanKind, StatusCode
 
 from . import tracing
 from ._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
 from ._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
-from .admin import AdminServer
 from .answers import Answer, AnswerCache
-from .config import Config, ServerSettings
+from .config import ServerSettings
 from .decision import Decision, Reason, deny
-from .engine import IDP_FAILED_EVENT, CheckInput, Engine, idp_log_fields
-from .errors import IdpError
-from .idp import Providers
+from .engine import CheckInput, Engine
 from .idp.http import idp_call_counter
-from .logs import JsonLogger, current_request_id, current_trace_id, rfc3339
+from .logs import JsonLogger, current_request_id, current_trace_id
 from .metrics import Metrics
-from .reload import ConfigWatcher
 from .response import Renderer, http_status, to_check_response
-from .workers import mark_ready
 
-__all__ = ["AuthorizationService", "lift_request", "run_server"]
+__all__ = ["SERVICE_NAME", "AuthorizationService", "add_to_server", "lift_request"]
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 CHECK_SPAN_NAME = f"{SERVICE_NAME}/Check"
@@ -308,164 +300,3 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
         self._metrics.check(
             decision.deployment, "allow" if decision.allowed else "deny", reason, elapsed
         )
-
-
-def log_config_warnings(logger: JsonLogger, config: Config) -> None:
-    """What ``check-config`` prints as warnings, one ``config.warning`` line each."""
-    for warning in config.warnings:
-        logger.warning("config.warning", message=warning, config=config.source)
-
-
-def _split_hostport(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-class Runtime:
-    """The policy being served: config, IdP providers and engine, replaced whole on reload."""
-
-    def __init__(self, config: Config, logger: JsonLogger, metrics: Metrics) -> None:
-        def on_stale(exc: IdpError) -> None:
-            # Cached keys keep serving; the failed refresh is still worth one line.
-            logger.error(
-                IDP_FAILED_EVENT,
-                reason="idp_call_failed",
-                message=exc.message,
-                **dict(idp_log_fields(exc)),
-            )
-
-        self.config = config
-        self.providers = Providers(config, on_stale=on_stale, observer=metrics)
-        self.engine = Engine(config, self.providers.by_deployment)
-
-    def readiness(self) -> dict[str, Any]:
-        """What /readyz shows: the config and each IdP endpoint's last fetch, error and breaker."""
-        endpoints = []
-        for ep in self.providers.endpoints.values():
-            endpoints.append(
-                {
-                    "endpoint": ep.name,
-                    "uri": ep.uri,
-                    "breaker": ep.breaker.state,
-                    "lastSuccess": rfc3339(ep.last_success) if ep.last_success else None,
-                    "lastError": ep.last_error.message if ep.last_error else None,
-                }
-            )
-        return {
-            "config": self.config.source,
-            "deployments": len(self.config.deployments),
-            "providers": endpoints,
-        }
-
-
-_FLUSH_SECONDS = 0.05
-
-
-async def _flush_every(logger: JsonLogger, metrics: Metrics, seconds: float) -> None:
-    while True:
-        await asyncio.sleep(seconds)
-        logger.flush()
-        metrics.flush()
-
-
-# How long a replaced runtime's HTTP clients stay open for checks that started before the swap.
-_RETIRE_AFTER_SECONDS = 60.0
-
-
-async def run_server(
-    config: Config,
-    *,
-    listen: str,
-    admin_listen: str,
-    logger: JsonLogger,
-    grace_seconds: float = 10.0,
-    reload_poll_seconds: float = 1.0,
-) -> int:
-    """Serve until SIGTERM/SIGINT, then drain in-flight checks within ``grace_seconds``."""
-    tracing.configure()
-    metrics = Metrics()
-    runtime = Runtime(config, logger, metrics)
-    service = AuthorizationService(AnswerCache(runtime.engine), logger, metrics)
-    retired: set[asyncio.Task[None]] = set()
-
-    def apply(new_config: Config) -> None:
-        nonlocal runtime
-        new_runtime = Runtime(new_config, logger, metrics)  # may raise ConfigError: keep the old
-        old, runtime = runtime, new_runtime
-        # One assignment: a check sees the old policy or the new one, never both. The answers
-        # start again empty: they rested on the old policy.
-        service.answers = AnswerCache(new_runtime.engine)
-        logger.set_level(new_config.server.log_level)
-        log_config_warnings(logger, new_config)
-
-        async def retire() -> None:
-            await asyncio.sleep(_RETIRE_AFTER_SECONDS)
-            await old.providers.aclose()
-
-        task = asyncio.ensure_future(retire())
-        retired.add(task)
-        task.add_done_callback(retired.discard)
-
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-    add_to_server(service, server)
-    health_service = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
-    if server.add_insecure_port(listen) == 0:
-        logger.error("server.listenFailed", message=f"Cannot listen on {listen}.")
-        return 1
-    await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
-    mark_ready()  # under `--workers N`, the supervisor's /readyz counts listening workers
-
-    admin = AdminServer(
-        metrics.registry, lambda: (True, runtime.readiness()), before_scrape=metrics.flush
-    )
-    if admin_listen:  # a worker under `--workers N` leaves the admin port to its supervisor
-        host, port = _split_hostport(admin_listen)
-        try:
-            await admin.start(host, port)
-        except OSError as exc:
-            logger.error(
-                "server.listenFailed", message=f"Cannot listen on {admin_listen}: {exc.strerror}."
-            )
-            await server.stop(0)
-            return 1
-
-    watcher = ConfigWatcher(config.source, apply, logger, poll_seconds=reload_poll_seconds)
-    watcher.start()
-    # Log lines are buffered and flushed every few milliseconds, not written one syscall each.
-    logger.autoflush = False
-    flusher = asyncio.ensure_future(_flush_every(logger, metrics, _FLUSH_SECONDS))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, watcher.poke)
-    # Everything built so far lives as long as the process: keep it out of the cyclic GC's scans.
-    gc.collect()
-    gc.freeze()
-    logger.info(
-        "server.started",
-        listen=listen,
-        adminListen=admin_listen,
-        deployments=len(config.deployments),
-        config=config.source,
-        eventLoop=type(loop).__module__.split(".")[0],  # "uvloop" or "asyncio"
-    )
-    log_config_warnings(logger, config)
-    await stop.wait()
-    logger.autoflush = True
-    flusher.cancel()
-    logger.info("server.stopping", graceSeconds=grace_seconds)
-    await watcher.stop()
-    await health_service.enter_graceful_shutdown()
-    await server.stop(grace_seconds)
-    await admin.stop()
-    for task in list(retired):
-        task.cancel()
-    await runtime.providers.aclose()
-    metrics.flush()
-    tracing.shutdown()
-    logger.info("server.stopped")
-    return 0
