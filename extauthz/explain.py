@@ -4,9 +4,11 @@ The report is the server's own run, traced: :meth:`Engine.check <extauthz.engine
 runs on a :class:`~extauthz.engine.CheckInput` built from the command line, with the providers the
 server builds, and records every step in a :class:`~extauthz.steps.Trace` that goes on past the
 first failure. This module only builds that input and runs it; :mod:`extauthz.report` renders
-the steps. No check is run here, so the decision printed is the server's by construction. With ``--offline`` the key and introspection sources
-raise :class:`~extauthz.steps.Unverifiable`: the engine records what it could not check and,
-when nothing failed before, the decision is marked as holding only if the signature does.
+the steps. No check is run here, so the decision printed is the server's by construction.
+
+With ``--offline`` the key and introspection sources raise
+:class:`~extauthz.steps.Unverifiable`: the engine records what it could not check and, when
+nothing failed before, the decision is marked as holding only if the signature does.
 
 :func:`explain` computes an :class:`Explanation`; ``report.render_text`` and ``report.to_json``
 format it; the CLI prints. The token is never part of the output: it is named by the first 8 hex
@@ -15,7 +17,6 @@ characters of its SHA-256, and every value read from it is shown JSON-escaped.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from urllib.parse import quote
 
 import httpx
 
-from .config import Config, ConfigError, Deployment, KeySource
+from .config import Config, Deployment, KeySource
 from .decision import Decision, allow
 from .engine import CheckInput, Engine
 from .errors import ExtauthzError
@@ -173,24 +174,6 @@ def _offline_idp(deployment: Deployment) -> DeploymentIdp:
     return DeploymentIdp(keys, introspection, issuers)
 
 
-def _online_providers(
-    config: Config,
-    deployment: Deployment,
-    client_factory: Callable[[TlsSettings], httpx.AsyncClient],
-) -> Providers:
-    """The server's providers for the one deployment in question (other deployments' client
-    secrets need not be readable here)."""
-    index = config.deployments.index(deployment)
-    only = dataclasses.replace(
-        config, deployments=(deployment,), by_name={deployment.name: deployment}
-    )
-    try:
-        return Providers(only, client_factory=client_factory)
-    except ConfigError as exc:
-        here, there = "deployments[0].", f"deployments[{index}]."
-        raise ConfigError([e.replace(here, there, 1) for e in exc.errors]) from None
-
-
 _UNVERIFIED_NOTE = (
     "computed offline WITHOUT the signature check: it holds only if the signature is valid"
 )
@@ -239,7 +222,8 @@ async def explain(
         if req.offline:
             idps[deployment.name] = _offline_idp(deployment)
         else:
-            providers = _online_providers(config, deployment, client_factory)
+            # Only this deployment's: other deployments' client secrets need not be readable here.
+            providers = Providers(config, client_factory=client_factory, deployments=(deployment,))
             idps[deployment.name] = providers.by_deployment[deployment.name]
     trace = Trace(keep_going=True)
     decision: Decision | None

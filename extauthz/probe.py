@@ -32,7 +32,6 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any, Literal
 
-import certifi
 import httpx
 from cryptography import x509
 
@@ -40,7 +39,7 @@ from .config import ClientDetails, Config, ConfigError, Deployment, KeySource
 from .errors import IdpBadResponse, IdpBadStatus, IdpError, IdpUnreachable
 from .idp import DeploymentIdp, Providers
 from .idp.discovery import DiscoveryDocument
-from .idp.http import TlsSettings, make_client
+from .idp.http import TlsSettings, make_client, tls_context
 from .keys import KeySet
 
 __all__ = ["EndpointReport", "ProbeReport", "Step", "probe", "render_text", "to_json"]
@@ -140,19 +139,6 @@ def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 1)
 
 
-def _ssl_context(tls: TlsSettings) -> ssl.SSLContext:
-    # The trust of idp.http.make_client: public roots (certifi) plus caFile, or no verification.
-    if not tls.verify:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-    ctx = ssl.create_default_context(cafile=certifi.where())
-    if tls.ca_file:
-        ctx.load_verify_locations(cafile=tls.ca_file)
-    return ctx
-
-
 def _describe_cert(der: bytes | None) -> tuple[str, dict[str, Any]]:
     if not der:
         return "no certificate", {}
@@ -179,7 +165,7 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 
 async def _peer_certificate(ip: str, port: int, host: str, timeout: float) -> bytes | None:
     """The certificate the server presents, fetched without verifying it (to show it)."""
-    ctx = _ssl_context(TlsSettings(verify=False))
+    ctx = tls_context(TlsSettings(verify=False))
     try:
         _, writer = await asyncio.wait_for(
             asyncio.open_connection(ip, port, ssl=ctx, server_hostname=host), timeout
@@ -347,9 +333,7 @@ async def _server_says(
     config: Config, target: _Target, issuers: tuple[str, ...], client: httpx.AsyncClient
 ) -> str:
     """The message the server's discovery provider fails with when it expects ``issuers``."""
-    idp = Providers(
-        _alone(config, target, issuers), client_factory=lambda _tls: client
-    ).by_deployment[target.deployments[0].name]
+    idp = _endpoint_idp(config, target, client, issuers)
     assert idp.discovery is not None
     try:
         await idp.discovery.document()
@@ -445,10 +429,12 @@ def _secret_source(client: ClientDetails) -> str:
     return f"environment variable {client.secret_env}"
 
 
-def _alone(config: Config, target: _Target, issuers: tuple[str, ...] = ()) -> Config:
-    """A config holding one deployment that validates with just this endpoint, so that the
-    server's own :class:`~extauthz.idp.Providers` can be asked to use it. Issuers are left out
-    by default: the probe compares them itself, to report them rather than fail on them."""
+def _endpoint_idp(
+    config: Config, target: _Target, client: httpx.AsyncClient, issuers: tuple[str, ...] = ()
+) -> DeploymentIdp:
+    """The server's own IdP layer for just this endpoint, on this probe's client (to see the
+    HTTP status). Issuers are left out by default: the probe compares them itself, to report
+    them rather than fail on them. Raises ConfigError when the client secret cannot be read."""
     kind: Literal["REMOTE_DISCOVERY", "REMOTE_JWKS", "REMOTE_INTROSPECTION"] = (
         "REMOTE_DISCOVERY"
         if target.endpoint == "discovery"
@@ -456,13 +442,12 @@ def _alone(config: Config, target: _Target, issuers: tuple[str, ...] = ()) -> Co
         if target.endpoint == "jwks_uri"
         else "REMOTE_INTROSPECTION"
     )
-    client = target.client if kind == "REMOTE_INTROSPECTION" else None
-    keys = dataclasses.replace(target.source, type=kind, uri=target.uri, client=client)
-    first = target.deployments[0]
-    alone = dataclasses.replace(
-        first, auth=dataclasses.replace(first.auth, keys=keys, issuers=issuers)
-    )
-    return dataclasses.replace(config, deployments=(alone,), by_name={alone.name: alone})
+    client_details = target.client if kind == "REMOTE_INTROSPECTION" else None
+    source = dataclasses.replace(target.source, type=kind, uri=target.uri, client=client_details)
+    index = config.deployments.index(target.deployments[0])
+    where = f"deployments[{index}].authentication.validationPolicy"
+    providers = Providers(config, client_factory=lambda _tls: client, deployments=())
+    return providers.for_source(source, issuers, where)
 
 
 async def _probe(
@@ -477,13 +462,9 @@ async def _probe(
     idp: DeploymentIdp | None = None
     if reachable:
         try:
-            # The IdP layer of the server, on this probe's client (to see the HTTP status).
-            idp = Providers(
-                _alone(config, target), client_factory=lambda _tls: client
-            ).by_deployment[target.deployments[0].name]
+            idp = _endpoint_idp(config, target, client)
         except ConfigError as exc:  # the client secret cannot be read
-            index = config.deployments.index(target.deployments[0])
-            errors = [e.replace("deployments[0].", f"deployments[{index}].", 1) for e in exc.errors]
+            errors = exc.errors
             steps.append(Step("credentials", False, "; ".join(errors), errors[0]))
     if idp is not None and target.client is not None:
         detail = (
@@ -569,7 +550,7 @@ async def _probe_all(
     for t in targets:
         if t.tls not in contexts:
             try:
-                contexts[t.tls] = _ssl_context(t.tls)
+                contexts[t.tls] = tls_context(t.tls)
             except (OSError, ssl.SSLError) as exc:
                 contexts[t.tls] = exc
     clients = [client_factory(t.tls) for t in targets]

@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httpx
 
-from ..config import ASYMMETRIC_ALGORITHMS, ClientDetails, Config, ConfigError, KeySource
+from ..config import (
+    ASYMMETRIC_ALGORITHMS,
+    ClientDetails,
+    Config,
+    ConfigError,
+    Deployment,
+    KeySource,
+)
 from ..errors import IdpBadResponse, IdpError
 from ..keys import KeySet, keyset_from_static
 from .cache import CachedDocument, CacheSettings
@@ -157,7 +164,11 @@ class Providers:
         observer: IdpObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        deployments: Collection[Deployment] | None = None,
     ) -> None:
+        """The providers of ``deployments`` (default: every deployment of ``config``), under
+        ``config``'s server settings. ``probe`` and ``explain`` build them for one deployment,
+        or none and then :meth:`for_source`, so that only what they use must be readable."""
         self._on_stale = on_stale
         self._client_factory = client_factory
         self._observer = observer or NullObserver()
@@ -175,8 +186,8 @@ class Providers:
         ] = {}
         self.by_deployment: dict[str, DeploymentIdp] = {}
         for i, d in enumerate(config.deployments):
-            where = f"deployments[{i}].authentication.validationPolicy"
-            self.by_deployment[d.name] = self._for_deployment(d.auth.keys, d.auth.issuers, where)
+            if deployments is None or d in deployments:
+                self.by_deployment[d.name] = self.for_deployment(d, i)
 
     def _client(self, tls: TlsSettings) -> httpx.AsyncClient:
         if tls not in self._clients:
@@ -267,9 +278,14 @@ class Providers:
             clock=self._wall_clock,
         )
 
-    def _for_deployment(
-        self, source: KeySource, issuers: tuple[str, ...], where: str
-    ) -> DeploymentIdp:
+    def for_deployment(self, deployment: Deployment, index: int) -> DeploymentIdp:
+        """The IdP side of ``config.deployments[index]``."""
+        where = f"deployments[{index}].authentication.validationPolicy"
+        return self.for_source(deployment.auth.keys, deployment.auth.issuers, where)
+
+    def for_source(self, source: KeySource, issuers: tuple[str, ...], where: str) -> DeploymentIdp:
+        """Keys, introspection and issuers from one validation policy; ``where`` is its YAML
+        path, for the errors (an unreadable client secret is a :class:`ConfigError`)."""
         if source.type == "STATIC_KEYS":
             static = StaticKeysProvider(source, issuers)
             return DeploymentIdp(static, None, static.issuers, documents_version=_always)

@@ -49,6 +49,7 @@ __all__ = [
     "make_client",
     "parse_idp_json",
     "standard_reason_phrase",
+    "tls_context",
 ]
 
 MAX_BODY_BYTES = 1024 * 1024  # a JWKS, discovery document or introspection answer is small
@@ -76,19 +77,27 @@ class IdpResponse:
     max_age: float | None  # Cache-Control max-age, when the IdP sent one
 
 
+def tls_context(tls: TlsSettings) -> ssl.SSLContext:
+    """The trust every IdP connection uses (the client's, and ``probe``'s own handshakes): the
+    public roots (certifi) plus ``caFile``, which adds trust and never replaces it; or, with
+    ``isSslVerifyDisabled``, no verification at all."""
+    if not tls.verify:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    ctx = ssl.create_default_context(cafile=certifi.where())
+    if tls.ca_file:
+        ctx.load_verify_locations(cafile=tls.ca_file)
+    return ctx
+
+
 def make_client(
     tls: TlsSettings, max_connections: int = MAX_OUTSTANDING_CALLS
 ) -> httpx.AsyncClient:
-    """A pooled client. ``caFile`` adds trust to the public roots; it does not replace them."""
-    verify: ssl.SSLContext | bool
-    if not tls.verify:
-        verify = False
-    else:
-        verify = ssl.create_default_context(cafile=certifi.where())
-        if tls.ca_file:
-            verify.load_verify_locations(cafile=tls.ca_file)
+    """A pooled client over :func:`tls_context`."""
     client = httpx.AsyncClient(
-        verify=verify,
+        verify=tls_context(tls),
         follow_redirects=False,
         trust_env=False,
         limits=httpx.Limits(
