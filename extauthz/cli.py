@@ -97,14 +97,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        for line in exc.errors:
-            print(line, file=sys.stderr)
-        logger.error(
-            "server.configInvalid",
-            message="Refusing to start: the config is invalid.",
-            errors=exc.errors,
-        )
-        return EXIT_USAGE
+        return _refuse_to_start(logger, exc)
     if args.workers < 1:
         print("--workers must be at least 1", file=sys.stderr)
         return EXIT_USAGE
@@ -140,14 +133,19 @@ def _serve(args: argparse.Namespace) -> int:
                 )
             )
     except ConfigError as exc:  # e.g. a client secret file that cannot be read
-        for line in exc.errors:
-            print(line, file=sys.stderr)
-        logger.error(
-            "server.configInvalid",
-            message="Refusing to start: the config is invalid.",
-            errors=exc.errors,
-        )
-        return EXIT_USAGE
+        return _refuse_to_start(logger, exc)
+
+
+def _refuse_to_start(logger: JsonLogger, exc: ConfigError) -> int:
+    """Every error on stderr (as check-config prints them) and one log line."""
+    for line in exc.errors:
+        print(line, file=sys.stderr)
+    logger.error(
+        "server.configInvalid",
+        message="Refusing to start: the config is invalid.",
+        errors=exc.errors,
+    )
+    return EXIT_USAGE
 
 
 def _read_token(args: argparse.Namespace) -> str:
