@@ -92,7 +92,9 @@ class AnswerCache:
         self._routes: BoundedCache[RouteKey, Selection | None] = BoundedCache(
             _MAX_ROUTES, _MAX_ROUTE_KEY_CHARS
         )
-        self._answers: dict[AnswerKey, Answer] = {}
+        # An answer's size is its decision's, interned and bounded below: the key and the
+        # window are fixed.
+        self._answers: BoundedCache[AnswerKey, Answer] = BoundedCache(MAX_ANSWERS, 0)
         self._allows: BoundedCache[Decision, Decision] = BoundedCache(_MAX_ALLOWS, _MAX_ALLOW_CHARS)
 
     @property
@@ -151,16 +153,14 @@ class AnswerCache:
         credential = _credential_key(selection, headers)
         if credential is None or validity.not_before > validity.not_after:
             return
-        if len(self._answers) >= MAX_ANSWERS:
-            # Cleared when full: cheaper per check than an LRU's bookkeeping on this hot path.
-            self._answers.clear()
-        self._answers[credential] = Answer(
+        answer = Answer(
             decision,
             validity.not_before,
             validity.not_after,
             validity.idp,
             validity.documents_version,
         )
+        self._answers.put(credential, answer, 0)
 
 
 def _size(decision: Decision) -> int:

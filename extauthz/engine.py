@@ -396,7 +396,7 @@ class Engine:
             # Kept a while past exp too: a client retrying an expired token is denied cheaply.
             until = max(exp, self.clock()) + EXPIRED_TOKEN_MEMORY_SECONDS
             verified = Verified(payload, parsed.alg, parsed.kid, key, until)
-            self._verified.put(token_digest(token), verified)
+            self._verified.put(token_digest(token), verified, len(token))
         return payload, math.inf
 
     @staticmethod

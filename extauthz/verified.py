@@ -10,12 +10,13 @@ and a hit counts only while the key that verified it is still in the deployment'
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .bounded import BoundedCache
 from .keys import VerificationKey
+from .tokens import MAX_TOKEN_BYTES
 
 __all__ = ["Verified", "VerifiedTokens", "token_digest"]
 
@@ -36,9 +37,13 @@ class Verified:
 
 
 class VerifiedTokens:
+    """Verified tokens by SHA-256, least recently used first out, each dropped past its
+    ``expires_at``. A token is at most 16 KiB, so an entry is too."""
+
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
-        self._entries: OrderedDict[bytes, Verified] = OrderedDict()
-        self._max_entries = max_entries
+        self._entries: BoundedCache[bytes, Verified] = BoundedCache(
+            max_entries, MAX_TOKEN_BYTES, lru=True
+        )
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -48,13 +53,10 @@ class VerifiedTokens:
         if entry is None:
             return None
         if now > entry.expires_at:
-            del self._entries[digest]
+            self._entries.discard(digest)
             return None
-        self._entries.move_to_end(digest)
         return entry
 
-    def put(self, digest: bytes, entry: Verified) -> None:
-        self._entries[digest] = entry
-        self._entries.move_to_end(digest)
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+    def put(self, digest: bytes, entry: Verified, size: int) -> None:
+        """Remember ``entry`` for a token of ``size`` characters."""
+        self._entries.put(digest, entry, size)

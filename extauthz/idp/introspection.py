@@ -18,11 +18,11 @@ import base64
 import hashlib
 import json
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote_plus
 
+from ..bounded import BoundedCache
 from ..config import ClientDetails
 from ..errors import IdpBadResponse
 from .http import IdpEndpoint, IdpObserver, NullObserver
@@ -31,6 +31,9 @@ __all__ = ["ClientSecret", "IntrospectionClient"]
 
 NEGATIVE_TTL_SECONDS = 10.0
 MAX_ENTRIES = 20_000
+# An answer's claims as compact JSON; a larger answer (an IdP that puts a whole profile in it) is
+# used for its check and not kept, so the cache holds at most 20,000 x 16 KiB.
+MAX_ENTRY_BYTES = 16 * 1024
 
 _INACTIVE_ENTRY = b""  # cached for an inactive token
 _compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -77,9 +80,11 @@ class IntrospectionClient:
         self._max_cache_seconds = max_cache_seconds
         self._observer = observer or NullObserver()
         self._clock = clock
-        self._max_entries = max_entries
-        # SHA-256 of the token → (expires at, the claims as compact JSON or _INACTIVE_ENTRY)
-        self._cache: OrderedDict[bytes, tuple[float, bytes]] = OrderedDict()
+        # SHA-256 of the token → (expires at, the claims as compact JSON or _INACTIVE_ENTRY). An
+        # answer larger than MAX_ENTRY_BYTES is used once and not kept.
+        self._cache: BoundedCache[bytes, tuple[float, bytes]] = BoundedCache(
+            max_entries, MAX_ENTRY_BYTES, lru=True
+        )
         self._inflight: dict[bytes, asyncio.Future[dict[str, Any] | None]] = {}
 
     def __len__(self) -> int:
@@ -92,13 +97,12 @@ class IntrospectionClient:
         if hit is not None:
             expires_at, entry = hit
             if self._clock() < expires_at:
-                self._cache.move_to_end(key)
                 self._observer.cache("introspection", "hit")
                 if entry == _INACTIVE_ENTRY:
                     return None
                 claims: dict[str, Any] = json.loads(entry)
                 return claims
-            del self._cache[key]
+            self._cache.discard(key)
         self._observer.cache("introspection", "miss")
         future = self._inflight.get(key)
         if future is None:
@@ -139,7 +143,4 @@ class IntrospectionClient:
         return claims
 
     def _store(self, key: bytes, expires_at: float, entry: bytes) -> None:
-        self._cache[key] = (expires_at, entry)
-        self._cache.move_to_end(key)
-        while len(self._cache) > self._max_entries:
-            self._cache.popitem(last=False)
+        self._cache.put(key, (expires_at, entry), len(entry))

@@ -168,7 +168,7 @@ def test_cache_is_bounded() -> None:
     providers = Providers(cfg, client_factory=lambda _t: httpx.AsyncClient(transport=transport))
     client = providers.by_deployment["opaque"].introspection
     assert isinstance(client, IntrospectionClient)
-    client._max_entries = 100  # noqa: SLF001 (the ceiling is a module constant in production)
+    client._cache.max_entries = 100  # noqa: SLF001 (the ceiling is a module constant in production)
 
     async def run() -> None:
         for i in range(300):
@@ -543,3 +543,23 @@ def test_json_nested_up_to_the_bound_is_parsed() -> None:
         ep = IdpEndpoint("jwks_uri", "https://idp/jwks", httpx.AsyncClient(transport=httpx.MockTransport(handler)),
                          timeout=5)
         assert asyncio.run(ep.call()).data is not None
+
+
+def test_an_answer_too_large_to_keep_is_used_once_and_not_cached() -> None:
+    """The cache is bounded in bytes: an answer over 16 KiB is not kept (20,000 of them could
+    otherwise hold gigabytes)."""
+    from extauthz.idp.introspection import IntrospectionClient
+
+    idp = Introspector()
+    idp.answer = {"active": True, "sub": "svc", "profile": "x" * 20_000, "exp": 4_000_000_000}
+    transport = httpx.MockTransport(idp)
+    providers = Providers(config(), client_factory=lambda _t: httpx.AsyncClient(transport=transport))
+    client = providers.by_deployment["opaque"].introspection
+    assert isinstance(client, IntrospectionClient)
+
+    async def run() -> list[dict[str, Any] | None]:
+        return [await client.introspect("big"), await client.introspect("big")]
+
+    first, second = asyncio.run(run())
+    assert first == second and first is not None and first["sub"] == "svc"
+    assert idp.calls == 2 and len(client) == 0
