@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -669,7 +670,8 @@ def _resolve_deployment(raw: _RawDeployment) -> Deployment:
 
 
 def _host_group(members: Mapping[str, Deployment]) -> HostGroup:
-    return HostGroup(dict(members), tuple(sorted({len(p) for p in members}, reverse=True)))
+    lengths = tuple(sorted({len(p) for p in members}, reverse=True))
+    return HostGroup(MappingProxyType(dict(members)), lengths)
 
 
 def _index_hosts(deployments: tuple[Deployment, ...]) -> tuple[HostIndex, list[str]]:
@@ -698,8 +700,11 @@ def _index_hosts(deployments: tuple[Deployment, ...]) -> tuple[HostIndex, list[s
             suffix = pattern[1:]
             wildcards.setdefault(len(suffix), {})[suffix] = group(pattern)
     index = HostIndex(
-        exact={p: group(p) for p in groups if p and not p.startswith("*.")},
-        wildcards=tuple(sorted(wildcards.items(), reverse=True)),
+        exact=MappingProxyType({p: group(p) for p in groups if p and not p.startswith("*.")}),
+        wildcards=tuple(
+            (length, MappingProxyType(by_suffix))
+            for length, by_suffix in sorted(wildcards.items(), reverse=True)
+        ),
         hostless=group("") if "" in groups else _host_group({}),
     )
     return index, errors
@@ -760,7 +765,7 @@ def resolve(raw: _RawConfig, source: str = "") -> Config:
             breaker_cool_down_seconds=s.circuit_breaker.cool_down_seconds,
         ),
         deployments=deployments,
-        by_name={d.name: d for d in deployments},
+        by_name=MappingProxyType({d.name: d for d in deployments}),
         host_index=host_index,
         warnings=_shadowing_warnings(deployments),
         source=source,
