@@ -7,6 +7,7 @@ checks them, and extauthz's own parser validates the policies there too.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 from typing import Any
@@ -18,7 +19,49 @@ from bench.keys import AUDIENCE, CLIENT_ID, CLIENT_SECRET_ENV, ISSUER, SCOPE
 TEMPLATES = Path(__file__).resolve().parent / "envoy_templates"
 
 TARGET_DEPLOYMENT = "api"
-TARGET_PATH = "/api/items"  # the path every bench request asks for
+TARGET_PATH = "/api/items"  # the path every bench request asks for (but the hostile paths)
+
+# The hostile paths' deployment: its routes are templates, so a path under /files is matched
+# segment by segment against `/{name}.{ext}` and then `/{folder}/{rest*}`.
+FILES_DEPLOYMENT = "files"
+FILES_PREFIX = "/files"
+FILES_SCOPE = "files.read"
+
+
+@dataclass(frozen=True)
+class HostilePath:
+    """A path a client can send to make route selection work hard; sent without a token, it is
+    selected (a route of the ``files`` deployment) and denied 401 ``token_missing``."""
+
+    key: str  # short name, in the results
+    title: str
+    path: str
+    status: int = 401
+    reason: str = "token_missing"
+
+
+# Each is about as long as Envoy lets through with its default limit on request headers (60 KiB
+# for the request line and headers together): a 90 KB path gets 431 there, never reaching the
+# ext_authz server.
+HOSTILE_PATHS = (
+    # 30,001 segments: selected through `/{folder}/{rest*}`.
+    HostilePath("long path", "60 KB path: /files + '/a' × 30,000", FILES_PREFIX + "/a" * 30_000),
+    # A segment of 20,000 dots is an ordinary segment (only '.' and '..' are dot segments), so it
+    # reaches the templates: the '/' after it makes `/{name}.{ext}` fail and `/{folder}/{rest*}`
+    # match. A backtracking `[^/]+\.[^/]+` takes time quadratic in the dots to fail on it.
+    HostilePath(
+        "dotted segment",
+        "/files/ + 20,000 dots + /",
+        FILES_PREFIX + "/" + "." * 20_000 + "/",
+    ),
+    # In normal form too ('.x' is no dot segment), but the '/.' in it makes the whole 60 KB path
+    # go through the normal-form check's full scan, not only its quick substring tests.
+    HostilePath(
+        "dot-led segment",
+        "60 KB path ending in a dot-led segment: /files + '/a' × 29,999 + '/.x'",
+        FILES_PREFIX + "/a" * 29_999 + "/.x",
+    ),
+)
 
 
 def _policy(kind: str, idp_url: str) -> dict[str, Any]:
@@ -43,7 +86,18 @@ def _policy(kind: str, idp_url: str) -> dict[str, Any]:
     raise ValueError(f"unknown policy kind {kind!r}")
 
 
-def _deployment(name: str, prefix: str, policy: dict[str, Any]) -> dict[str, Any]:
+def _route(name: str, path: str, scope: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "path": path,
+        "methods": ["GET"],
+        "authorization": {"type": "ANY_OF", "allowedScope": [scope]},
+    }
+
+
+def _deployment(
+    name: str, prefix: str, policy: dict[str, Any], routes: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     return {
         "name": name,
         "pathPrefix": prefix,
@@ -53,31 +107,41 @@ def _deployment(name: str, prefix: str, policy: dict[str, Any]) -> dict[str, Any
             "tokenAuthScheme": "Bearer",
             "validationPolicy": policy,
         },
-        "routes": [
-            {
-                "name": "get-items",
-                "path": "/items",
-                "methods": ["GET"],
-                "authorization": {"type": "ANY_OF", "allowedScope": [SCOPE]},
-            }
-        ],
+        "routes": routes if routes is not None else [_route("get-items", "/items", SCOPE)],
         "headersFromClaims": {"x-auth-subject": "sub"},
     }
 
 
-def extauthz_config(kind: str, idp_url: str, deployments: int = 1) -> dict[str, Any]:
+def files_deployment(policy: dict[str, Any]) -> dict[str, Any]:
+    """The deployment the hostile paths aim at: routes that are templates."""
+    return _deployment(
+        FILES_DEPLOYMENT,
+        FILES_PREFIX,
+        policy,
+        [
+            _route("get-file", "/{name}.{ext}", FILES_SCOPE),
+            _route("get-folder", "/{folder}/{rest*}", FILES_SCOPE),
+        ],
+    )
+
+
+def extauthz_config(
+    kind: str, idp_url: str, deployments: int = 1, *, files: bool = False
+) -> dict[str, Any]:
     """A policy with ``deployments`` deployments; requests to TARGET_PATH hit the one named
     ``api``, which sits near the end (10th from last) when there are many, so a linear scan
-    over deployments would pay for nearly all of them."""
+    over deployments would pay for nearly all of them. ``files`` adds the deployment of the
+    hostile paths (:func:`files_deployment`) after them."""
     if deployments < 1:
         raise ValueError("deployments must be >= 1")
     policy = _policy(kind, idp_url)
     fillers = [_deployment(f"svc-{i:05d}", f"/svc{i:05d}", policy) for i in range(deployments - 1)]
     at = max(0, len(fillers) - 9)
     target = _deployment(TARGET_DEPLOYMENT, "/api", policy)
+    extra = [files_deployment(policy)] if files else []
     return {
         "server": {"logLevel": "INFO"},
-        "deployments": [*fillers[:at], target, *fillers[at:]],
+        "deployments": [*fillers[:at], target, *fillers[at:], *extra],
     }
 
 

@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,9 +57,10 @@ def merge_histograms(histograms: Iterable[Sequence[Sequence[int]]]) -> list[list
 class Load:
     """What to send: see the header of bench/wrk/bench.lua for the modes."""
 
-    mode: str = "fixed"  # fixed | rotate | unique
+    mode: str = "fixed"  # fixed | rotate | unique | paths
     token: str = ""
     token_file: str | None = None
+    path_file: str | None = None  # mode paths: the paths asked for, one per line, rotated
     delay_ms: float = 0.0
     stop_after: int = 0  # per wrk thread
 
@@ -73,6 +74,8 @@ class Load:
         }
         if self.token_file:
             env["BENCH_TOKEN_FILE"] = self.token_file
+        if self.path_file:
+            env["BENCH_PATH_FILE"] = self.path_file
         return env
 
 
@@ -129,6 +132,72 @@ def wrk_command(
     ]
 
 
+class RunningWrk:
+    """A wrk run started in the background (:func:`start_wrk`); :meth:`result` waits for it."""
+
+    def __init__(self, cmd: list[str], env: Mapping[str, str], out_path: Path, seconds: float):
+        self.out_path = out_path
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds + 30
+        self.stopped = False
+        self.proc = subprocess.Popen(
+            cmd,
+            env=dict(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            preexec_fn=die_with_parent,  # the harness is single-threaded
+        )
+
+    def stop(self) -> None:
+        """End the run early: SIGINT, on which wrk still writes its summary."""
+        if not self.stopped and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        self.stopped = True
+
+    def result(self, until: Callable[[], bool] | None = None) -> WrkResult:
+        """Wait for wrk (killed if it overstays its duration by 30 s) and read its summary.
+        With ``until``, polled every 0.25 s, wrk is stopped early once ``until()`` is true."""
+        proc = self.proc
+        try:
+            while proc.poll() is None:
+                if time.monotonic() > self.deadline:
+                    raise RuntimeError(f"wrk overstayed {self.seconds} s by 30 s")
+                if until is not None and not self.stopped and until():
+                    self.stop()
+                time.sleep(0.25 if until is not None else 0.05)
+            output = proc.stdout.read() if proc.stdout else ""
+            if proc.returncode != 0 or self.out_path.stat().st_size == 0:
+                raise RuntimeError(f"wrk failed ({proc.returncode}): {output}")
+            return WrkResult.from_summary(json.loads(self.out_path.read_text(encoding="utf-8")))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stdout:
+                proc.stdout.close()
+            self.out_path.unlink(missing_ok=True)
+
+
+def start_wrk(
+    url: str,
+    load: Load,
+    *,
+    connections: int,
+    seconds: float,
+    threads: int = 1,
+    workdir: Path | None = None,
+) -> RunningWrk:
+    """Start one bounded wrk run and return at once (a load running beside a measured one)."""
+    with tempfile.NamedTemporaryFile(
+        "r", suffix=".json", dir=workdir, delete=False, encoding="utf-8"
+    ) as out:
+        out_path = Path(out.name)
+    env = {**os.environ, **load.env(), "BENCH_OUT": str(out_path)}
+    cmd = wrk_command(url, connections=connections, seconds=seconds, threads=threads)
+    return RunningWrk(cmd, env, out_path, seconds)
+
+
 def run_wrk(
     url: str,
     load: Load,
@@ -141,38 +210,7 @@ def run_wrk(
 ) -> WrkResult:
     """One bounded wrk run (killed if it overstays its duration by 30 s). With ``until``, polled
     every 0.25 s, wrk is stopped early (SIGINT: it still reports) once ``until()`` is true."""
-    with tempfile.NamedTemporaryFile(
-        "r", suffix=".json", dir=workdir, delete=False, encoding="utf-8"
-    ) as out:
-        out_path = Path(out.name)
-    env = {**os.environ, **load.env(), "BENCH_OUT": str(out_path)}
-    cmd = wrk_command(url, connections=connections, seconds=seconds, threads=threads)
-    deadline = time.monotonic() + seconds + 30
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=die_with_parent,  # the harness is single-threaded
+    running = start_wrk(
+        url, load, connections=connections, seconds=seconds, threads=threads, workdir=workdir
     )
-    try:
-        interrupted = False
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"wrk overstayed {seconds} s by 30 s")
-            if until is not None and not interrupted and until():
-                proc.send_signal(signal.SIGINT)
-                interrupted = True
-            time.sleep(0.25 if until is not None else 0.05)
-        output = proc.stdout.read() if proc.stdout else ""
-        if proc.returncode != 0 or out_path.stat().st_size == 0:
-            raise RuntimeError(f"wrk failed ({proc.returncode}): {output}")
-        return WrkResult.from_summary(json.loads(out_path.read_text(encoding="utf-8")))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
-        out_path.unlink(missing_ok=True)
+    return running.result(until)

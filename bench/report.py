@@ -92,13 +92,15 @@ TABLE_HEADER = (
 
 
 def results_table(scenarios: Sequence[Mapping[str, Any]]) -> str:
-    """One row per backend of each scenario; the ratio columns are filled on the (b) rows."""
+    """One row per backend of each scenario; the ratio columns are filled on the (b) rows (a
+    point with ratios of its own, as the hostile paths' have, shows those)."""
     lines = [TABLE_HEADER]
     for s in scenarios:
         label = f"{s['id']}. {s['title']}"
         ratios = s.get("ratios", {})
         for backend, point in s["points"].items():
-            lines.append(_row(label, backend, point, ratios if backend == "b" else {}))
+            own = point.get("ratios") or (ratios if backend == "b" else {})
+            lines.append(_row(label, backend, point, own))
             label = ""
         for name, point in s.get("extra_points", {}).items():
             lines.append(_row(label, name, point, point.get("ratios", {})))
@@ -127,6 +129,66 @@ def curve_table(curve: Sequence[Mapping[str, Any]]) -> str:
             f"| {fmt(p['p50_ms'], 2)} | {fmt(p['p99_ms'], 2)} | {fmt(p['p999_ms'], 2)} "
             f"| {fmt(p.get('server_cpu_us'))} |"
         )
+    return "\n".join(lines)
+
+
+def _spread(values: Sequence[Any], digits: int, unit: str = "") -> str:
+    """Each round's value, as ``a / b / c``."""
+    return " / ".join(fmt(v, digits) for v in values) + unit
+
+
+def hostile_table(hostile: Mapping[str, Any]) -> str:
+    """The hostile-path scenario: CPU per check of each path, then the innocent check's latency
+    quiet and under each flood, with each round's value."""
+    lines = [
+        "| hostile path | bytes | answer | extauthz CPU µs/check (median; rounds) "
+        "| floor CPU µs/check | Envoy CPU µs/check | extauthz checks/s |",
+        "|---|--:|---|--:|--:|--:|--:|",
+    ]
+    for p in hostile.get("paths", []):
+        flag = "" if p.get("valid", True) else " ⚠"
+        lines.append(
+            f"| {p['title']}{flag} | {p['chars']:,} | {p['expect']} "
+            f"| {fmt(p['server_cpu_us'])} ({_spread(p['round_server_cpu_us'], 0)}) "
+            f"| {fmt(p['floor_server_cpu_us'])} | {fmt(p.get('envoy_cpu_us'))} "
+            f"| {fmt(p['rate'])} |"
+        )
+    innocent = hostile.get("innocent", {})
+    quiet = innocent.get("quiet")
+    if quiet:
+        lines += [
+            "",
+            f"The innocent check (scenario 1's request) on {quiet['connections']} connections, "
+            f"each pausing {fmt(quiet['delay_ms'], 1)} ms between requests, quiet and under "
+            "each flood:",
+            "",
+            "| innocent check | checks/s | p50 ms | p99 ms (median; rounds) "
+            "| p99 ÷ quiet (median; rounds) | the flood: checks/s, extauthz cores, Envoy cores |",
+            "|---|--:|--:|--:|--:|---|",
+        ]
+        floods = hostile.get("floods", {})
+        for name, p in innocent.items():
+            flag = "" if p.get("valid", True) else " ⚠"
+            ratio_cell = ""
+            if "p99_ratio" in p:
+                ratio_cell = (
+                    f"{fmt_ratio(p['p99_ratio'])} "
+                    f"({' / '.join(fmt_ratio(r) for r in p['round_p99_ratios'])})"
+                )
+            fl = floods.get(name)
+            flood_cell = ""
+            if fl:
+                flood_cell = (
+                    f"{fl['connections']} connections: {fmt(fl['rate'])}/s, "
+                    f"{fmt(fl['server_cpu_cores'], 2)}, {fmt(fl['envoy_cpu_cores'], 2)}"
+                    + ("" if fl.get("valid", True) else " ⚠")
+                )
+            where = "quiet" if name == "quiet" else f"under the {name}"
+            lines.append(
+                f"| {where}{flag} | {fmt(p['rate'])} | {fmt(p['p50_ms'], 2)} "
+                f"| {fmt(p['p99_ms'], 2)} ({_spread(p['round_p99_ms'], 2)}) "
+                f"| {ratio_cell} | {flood_cell} |"
+            )
     return "\n".join(lines)
 
 
@@ -172,6 +234,14 @@ def markdown(results: Mapping[str, Any]) -> str:
         targets = [t for t in targets if t["value"] is not None]
     if targets:
         parts += ["", "## Targets of issue 7", "", targets_table(targets)]
+    for s in results["scenarios"]:
+        if s.get("hostile"):
+            parts += [
+                "",
+                f"## Hostile paths (scenario {s['id']})",
+                "",
+                hostile_table(s["hostile"]),
+            ]
     if results.get("flood", {}).get("rss_samples"):
         parts += ["", "## RSS during the token flood", "", flood_table(results["flood"])]
     if results.get("curve"):

@@ -34,7 +34,7 @@ import yaml
 
 from bench import configs, report
 from bench.keys import CLIENT_SECRET_ENV, BenchKeys
-from bench.loadgen import Load, WrkResult, run_wrk
+from bench.loadgen import Load, WrkResult, run_wrk, start_wrk
 from bench.procs import (
     Proc,
     Processes,
@@ -53,6 +53,17 @@ from bench.procs import (
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 IDP_LATENCY_MS = 5.0
+# The hostile-path scenario: the innocent check on a few connections at a modest paced rate,
+# quiet and then under a flood of the hostile paths on more connections, as fast as they go.
+INNOCENT_CONNECTIONS = 4
+INNOCENT_RATE = 400.0  # checks/s in all, before the latency's share of each connection's cycle
+FLOOD_CONNECTIONS = 8
+FLOOD_LEAD_SECONDS = 1.0  # the flood runs this long before the innocent check is measured
+# Before the quiet run: the checks still queued in Envoy and extauthz when wrk stopped (16 hostile
+# ones are up to 0.1 s of work) are answered first.
+SETTLE_SECONDS = 0.5
+HOSTILE_CPU_GOAL_US = 5_000.0
+FLOOD_P99_GOAL = 2.0  # innocent check's p99 under the flood ÷ quiet
 
 
 @dataclass(frozen=True)
@@ -97,6 +108,9 @@ class Scenario:
     # Before the rounds, (b) gets one pass over every token of the rotation, measured on its own:
     # the points then measure the rotation with each token seen before.
     first_pass: bool = False
+    # Paths sent without a token to the `files` deployment (added to the policy), each measured
+    # on its own, then all of them as a flood, with ``load`` (the innocent check).
+    hostile_paths: tuple[configs.HostilePath, ...] = ()
 
 
 @dataclass
@@ -152,6 +166,15 @@ def scenarios(profile: Profile) -> list[Scenario]:
             False,
             deployments=profile.deployments,
         ),
+        Scenario(
+            "8",
+            "hostile paths; the innocent check (scenario 1's) under their flood",
+            "jwt",
+            lambda t: Load(token=t.rs256),
+            200,
+            False,
+            hostile_paths=configs.HOSTILE_PATHS,
+        ),
     ]
 
 
@@ -175,8 +198,8 @@ class Stack:
     worker_ports: str
     keep_logs: bool
 
-    def url(self, backend: str) -> str:
-        return f"http://127.0.0.1:{self.listen[backend]}{configs.TARGET_PATH}"
+    def url(self, backend: str, path: str = configs.TARGET_PATH) -> str:
+        return f"http://127.0.0.1:{self.listen[backend]}{path}"
 
     def idp(self, path: str) -> dict[str, Any]:
         status, _, body = http_get(self.idp_url + path)
@@ -297,14 +320,18 @@ def extauthz(
     policy: str,
     deployments: int = 1,
     workers: int | None = None,
+    *,
+    files: bool = False,
 ) -> Iterator[Proc]:
-    """A fresh extauthz server for one scenario, on the stack's gRPC port(s)."""
+    """A fresh extauthz server for one scenario, on the stack's gRPC port(s); ``files`` adds
+    the hostile paths' deployment to the policy."""
     workers = st.b_workers if workers is None else workers
-    cfg = st.workdir / f"extauthz-{policy}-{deployments}.yaml"
+    cfg = st.workdir / f"extauthz-{policy}-{deployments}{'-files' if files else ''}.yaml"
     if not cfg.exists():
         cfg.write_text(
             yaml.safe_dump(
-                configs.extauthz_config(policy, st.idp_url, deployments), sort_keys=False
+                configs.extauthz_config(policy, st.idp_url, deployments, files=files),
+                sort_keys=False,
             ),
             encoding="utf-8",
         )
@@ -352,12 +379,27 @@ def extauthz(
 # --- one measured point ------------------------------------------------------------------------
 
 
-def preflight(url: str, load: Load, tokens: Tokens, expect: int, timeout: float = 10) -> str | None:
-    """A few single requests until the expected status comes back; None, or what went wrong."""
-    token = {"fixed": load.token, "unique": f"op-preflight-{uuid.uuid4().hex}"}.get(load.mode)
+def preflight(
+    url: str,
+    load: Load,
+    tokens: Tokens,
+    expect: int,
+    timeout: float = 10,
+    reason: str | None = None,
+) -> str | None:
+    """A few single requests until the expected status (and ``x-extauthz-reason``, when given)
+    comes back; None, or what went wrong. Mode paths sends ``url`` as it is, with load.token
+    when it has one."""
+    token = {
+        "fixed": load.token,
+        "paths": load.token,
+        "unique": f"op-preflight-{uuid.uuid4().hex}",
+    }.get(load.mode)
     if token is None:
         token = Path(tokens.distinct_file).read_text(encoding="utf-8").split("\n", 1)[0]
-    headers = {"Authorization": f"Bearer {token}", "Host": "api.bench.example"}
+    headers = {"Host": "api.bench.example"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     deadline = time.monotonic() + timeout
     status, hdrs = 0, dict[str, str]()
     while time.monotonic() < deadline:
@@ -365,11 +407,12 @@ def preflight(url: str, load: Load, tokens: Tokens, expect: int, timeout: float 
             status, hdrs, _ = http_get(url, headers)
         except OSError:
             status = 0
-        if status == expect:
+        if status == expect and reason in (None, hdrs.get("x-extauthz-reason")):
             return None
         time.sleep(0.2)
-    reason = hdrs.get("x-extauthz-reason", "")
-    return f"expected HTTP {expect}, got {status} {reason}".strip()
+    got = hdrs.get("x-extauthz-reason", "")
+    want = f" {reason}" if reason else ""
+    return f"expected HTTP {expect}{want}, got {status} {got}".strip()
 
 
 def measure(
@@ -531,7 +574,7 @@ def log(msg: str) -> None:
 
 def _summary(p: Mapping[str, Any]) -> str:
     cpu = p["server_cpu_us"] if p["server_cpu_us"] is not None else p["envoy_cpu_us"]
-    where = "server" if p["server_cpu_us"] is not None else "envoy"
+    where = "envoy" if p["server_cpu_us"] is None and p["envoy_cpu_us"] is not None else "server"
     flag = "" if p["valid"] else f"  INVALID (wrong status {p['wrong_status']}, {p['errors']})"
     return (
         f"{p['backend']} {p['label']:<10} c={p['connections']:<3} {p['rate']:>8.0f}/s "
@@ -558,16 +601,18 @@ def stalled(count: Callable[[], int], *, since: int, quiet: float = 1.0) -> Call
     return check
 
 
-def checks_answered(server: Proc) -> int:
-    """extauthz_checks_total summed over its labels, from the server's /metrics."""
+def checks_answered(server: Proc, **labels: str) -> int:
+    """extauthz_checks_total from the server's /metrics, summed over the series that carry
+    every one of ``labels`` (``deployment``, ``decision``, ``reason``; none: all of them)."""
     status, _, body = http_get(f"{server.admin_url}/metrics", timeout=2)
     if status != 200:
         return 0
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
     return int(
         sum(
             float(line.rsplit(" ", 1)[1])
             for line in body.decode().splitlines()
-            if line.startswith("extauthz_checks_total{")
+            if line.startswith("extauthz_checks_total{") and all(w in line for w in wanted)
         )
     )
 
@@ -580,6 +625,8 @@ def run_scenario(
     args: argparse.Namespace,
     results: dict[str, Any],
 ) -> dict[str, Any]:
+    if sc.hostile_paths:
+        return hostile_paths(st, sc, tokens, prof, args)
     load = sc.load(tokens)
     out: dict[str, Any] = {"id": sc.id, "title": sc.title, "points": {}, "extra_points": {}}
     st.idp(f"/_bench/latency?ms={sc.idp_latency_ms:g}")
@@ -688,6 +735,8 @@ def combine_rounds(points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         out[key] = sum(p.get(key) or 0 for p in points)
     out["valid"] = all(p.get("valid", True) for p in points)
     out["round_rates"] = [round(p["rate"], 1) for p in points]
+    out["round_p99_ms"] = [p["p99_ms"] for p in points]
+    out["round_server_cpu_us"] = [p.get("server_cpu_us") for p in points]
     return out
 
 
@@ -771,6 +820,268 @@ def pacing_delay(connections: int, rate: float, latency_ms: float) -> float:
     if rate <= 0 or not math.isfinite(latency_ms):
         return 0.0
     return max(0.0, 1000.0 * connections / rate - latency_ms)
+
+
+def _path_file(workdir: Path, name: str, paths: Sequence[str]) -> str:
+    path = workdir / f"paths-{name.replace(' ', '-')}.txt"
+    path.write_text("\n".join(paths) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def hostile_paths(
+    st: Stack,
+    sc: Scenario,
+    tokens: Tokens,
+    prof: Profile,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Each hostile path on its own, (a) then (b), for its CPU per check; then the innocent
+    check (``sc.load``, paced) quiet, under a flood of all the hostile paths, and under a flood
+    of innocent checks on as many connections (the queueing any flood causes). Each round
+    measures all of it, so the quiet and the flooded innocent check are side by side; the
+    figures are the medians of the rounds. (b)'s answers to a hostile path are counted in
+    extauthz's metrics too: a point where fewer denials were counted than wrk got answers did
+    not measure extauthz and is marked invalid."""
+    st.idp("/_bench/latency?ms=0")
+    innocent = replace(
+        sc.load(tokens), delay_ms=pacing_delay(INNOCENT_CONNECTIONS, INNOCENT_RATE, 0.0)
+    )
+    alone = {
+        hp.key: Load(mode="paths", path_file=_path_file(st.workdir, hp.key, [hp.path]))
+        for hp in sc.hostile_paths
+    }
+    denied = {"deployment": configs.FILES_DEPLOYMENT, "decision": "deny"}
+    floods = {
+        "hostile flood": Flood(
+            Load(
+                mode="paths",
+                path_file=_path_file(st.workdir, "flood", [hp.path for hp in sc.hostile_paths]),
+            ),
+            expect=sc.hostile_paths[0].status,
+            counted=denied,
+        ),
+        "innocent flood": Flood(sc.load(tokens), expect=sc.expect_b),
+    }
+    rounds: dict[str, list[dict[str, Any]]] = {}
+    problems: dict[str, str | None] = {}
+    with extauthz(st, sc.policy, sc.deployments, files=True) as server:
+        for hp in sc.hostile_paths:
+            for backend in ("a", "b"):
+                why = preflight(
+                    st.url(backend, hp.path),
+                    alone[hp.key],
+                    tokens,
+                    200 if backend == "a" else hp.status,
+                    reason=hp.reason if backend == "b" else None,
+                )
+                problems[f"{backend} {hp.key}"] = why
+                if why:
+                    log(f"scenario {sc.id} ({backend} {hp.key}): preflight {why}")
+        why = preflight(st.url("b"), innocent, tokens, sc.expect_b)
+        for name in ("quiet", *floods):
+            problems[f"b innocent, {name}"] = why
+        common = {"seconds": prof.seconds, "threads": args.wrk_threads}
+        for r in range(prof.rounds):
+            for hp in sc.hostile_paths:
+                for backend in ("a", "b"):
+                    counted = checks_answered(server, **denied, reason=hp.reason)
+                    p = measure(
+                        st,
+                        backend,
+                        alone[hp.key],
+                        connections=prof.connections,
+                        warmup=prof.warmup if r == 0 else 0,
+                        expect=200 if backend == "a" else hp.status,
+                        server=st.floor if backend == "a" else server,
+                        label=f"{report.BACKENDS[backend]}, {hp.title}",
+                        **common,
+                    )
+                    if backend == "b":
+                        p["extauthz_denials"] = (
+                            checks_answered(server, **denied, reason=hp.reason) - counted
+                        )
+                        if p["extauthz_denials"] < p["requests"]:
+                            p["valid"] = False
+                    rounds.setdefault(f"{backend} {hp.key}", []).append(p)
+                    log(f"scenario {sc.id}: {_summary(p)}")
+            time.sleep(SETTLE_SECONDS)
+            quiet = measure(
+                st,
+                "b",
+                innocent,
+                connections=INNOCENT_CONNECTIONS,
+                warmup=prof.warmup if r == 0 else 0,
+                server=server,
+                expect=sc.expect_b,
+                label="extauthz, innocent check, quiet",
+                **common,
+            )
+            rounds.setdefault("b innocent, quiet", []).append(quiet)
+            log(f"scenario {sc.id}: {_summary(quiet)}")
+            for name, flood in floods.items():
+                under, flooding = under_flood(st, server, innocent, flood, name, prof, args)
+                rounds.setdefault(f"b innocent, {name}", []).append(under)
+                rounds.setdefault(f"b {name}", []).append(flooding)
+                log(f"scenario {sc.id}: {_summary(under)}")
+                log(f"scenario {sc.id}: {_summary(flooding)}")
+    points = {}
+    for key, pts in rounds.items():
+        points[key] = combine_rounds(pts)
+        if "extauthz_denials" in pts[0]:  # counted in every round, like the requests
+            points[key]["extauthz_denials"] = sum(p["extauthz_denials"] for p in pts)
+        if problems.get(key):
+            points[key]["valid"], points[key]["preflight"] = False, problems[key]
+    for hp in sc.hostile_paths:
+        b = points[f"b {hp.key}"]
+        b["ratios"] = report.scenario_ratios({"a": points[f"a {hp.key}"], "b": b})
+    return {
+        "id": sc.id,
+        "title": sc.title,
+        "points": points,
+        "ratios": {},
+        "hostile": hostile_summary(sc.hostile_paths, list(floods), points),
+    }
+
+
+@dataclass(frozen=True)
+class Flood:
+    """What a flood sends, on FLOOD_CONNECTIONS connections as fast as it is answered; with
+    ``counted``, the labels of extauthz_checks_total that count its answers."""
+
+    load: Load
+    expect: int
+    counted: Mapping[str, str] | None = None
+
+
+def under_flood(
+    st: Stack,
+    server: Proc,
+    innocent: Load,
+    flood: Flood,
+    name: str,
+    prof: Profile,
+    args: argparse.Namespace,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The innocent check measured while a flood runs against the same extauthz (through the
+    same Envoy listener): the flood starts FLOOD_LEAD_SECONDS before the innocent check's run
+    and is stopped after it. Both points share the server's CPU, so the innocent one has no CPU
+    per check, and the flood's is the server's CPU over the flood ÷ the flood's checks (the
+    innocent checks' CPU included)."""
+    roots = [server.pid]
+    counted = checks_answered(server, **flood.counted) if flood.counted else 0
+    s0, e0, t0 = usage(roots), usage([st.envoy.pid]), time.monotonic()
+    running = start_wrk(
+        st.url("b"),
+        flood.load,
+        connections=FLOOD_CONNECTIONS,
+        seconds=prof.seconds + FLOOD_LEAD_SECONDS + 10,  # stopped once the innocent run ends
+        threads=args.wrk_threads,
+        workdir=st.workdir,
+    )
+    try:
+        time.sleep(FLOOD_LEAD_SECONDS)
+        under = measure(
+            st,
+            "b",
+            innocent,
+            connections=INNOCENT_CONNECTIONS,
+            seconds=prof.seconds,
+            warmup=0,
+            server=server,
+            expect=200,
+            threads=args.wrk_threads,
+            label=f"extauthz, innocent check under the {name}",
+        )
+    finally:
+        running.stop()
+        res = running.result()
+    s1, e1, t1 = usage(roots), usage([st.envoy.pid]), time.monotonic()
+    for key in ("server_cpu_us", "envoy_cpu_us", "total_cpu_us"):
+        under[key] = None
+    flooding = point(
+        "b",
+        res,
+        label=f"extauthz, the {name} ({FLOOD_CONNECTIONS} connections)",
+        connections=FLOOD_CONNECTIONS,
+        delay_ms=0.0,
+        server_cpu_s=s1.cpu_seconds - s0.cpu_seconds,
+        envoy_cpu_s=e1.cpu_seconds - e0.cpu_seconds,
+        wall_s=t1 - t0,
+        rss_kb=s1.rss_kb,
+        processes=len(s1.pids),
+        cpu_per_process_s=cpu_split(s0, s1),
+        idp_calls=0,
+        idp_distinct=0,
+        expect=flood.expect,
+    )
+    if flood.counted:
+        flooding["extauthz_denials"] = checks_answered(server, **flood.counted) - counted
+        if flooding["extauthz_denials"] < flooding["requests"]:
+            flooding["valid"] = False
+    return under, flooding
+
+
+def hostile_summary(
+    paths: Sequence[configs.HostilePath],
+    floods: Sequence[str],
+    points: Mapping[str, Mapping[str, Any]],
+) -> dict[str, Any]:
+    """What the hostile-path scenario's targets read: the CPU per check of each path for (b)
+    and (a); the innocent check's latency quiet and under each flood, with each round's, and
+    each flood's p99 ÷ the quiet p99 (the medians', and each round's)."""
+
+    def rounds_of(p: Mapping[str, Any], key: str) -> list[Any]:
+        return list(p.get(f"round_{key}", [p.get(key)]))
+
+    out: dict[str, Any] = {"paths": [], "innocent": {}, "floods": {}}
+    for hp in paths:
+        a, b = points.get(f"a {hp.key}"), points.get(f"b {hp.key}")
+        if a and b:
+            out["paths"].append(
+                {
+                    "key": hp.key,
+                    "title": hp.title,
+                    "chars": len(hp.path),
+                    "expect": f"{hp.status} {hp.reason}",
+                    "server_cpu_us": b["server_cpu_us"],
+                    "round_server_cpu_us": rounds_of(b, "server_cpu_us"),
+                    "floor_server_cpu_us": a["server_cpu_us"],
+                    "envoy_cpu_us": b["envoy_cpu_us"],
+                    "rate": b["rate"],
+                    "valid": b["valid"],
+                }
+            )
+    quiet = points.get("b innocent, quiet")
+    for name in ("quiet", *floods):
+        p = points.get(f"b innocent, {name}")
+        if p is None:
+            continue
+        entry = {
+            "connections": p["connections"],
+            "delay_ms": p["delay_ms"],
+            "rate": p["rate"],
+            "p50_ms": p["p50_ms"],
+            "p99_ms": p["p99_ms"],
+            "round_p99_ms": rounds_of(p, "p99_ms"),
+            "valid": p["valid"],
+        }
+        if quiet is not None and name != "quiet":
+            entry["p99_ratio"] = report.ratio(p["p99_ms"], quiet["p99_ms"])
+            entry["round_p99_ratios"] = [
+                report.ratio(f, q)
+                for q, f in zip(rounds_of(quiet, "p99_ms"), entry["round_p99_ms"], strict=True)
+            ]
+        out["innocent"][name] = entry
+        flood = points.get(f"b {name}")
+        if flood is not None:
+            out["floods"][name] = {
+                "connections": flood["connections"],
+                "rate": flood["rate"],
+                "server_cpu_cores": flood["server_cpu_cores"],
+                "envoy_cpu_cores": flood["envoy_cpu_cores"],
+                "valid": flood["valid"],
+            }
+    return out
 
 
 @contextmanager
@@ -1046,6 +1357,35 @@ def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
             "report",
             lambda v: True,
         )
+    hostile = sc.get("8", {}).get("hostile", {})
+    for path in hostile.get("paths", []):
+        add(
+            f"hostile path CPU per check: {path['title']} ({path['expect']})",
+            path["server_cpu_us"],
+            f"< {HOSTILE_CPU_GOAL_US:,.0f} µs",
+            lambda v: v < HOSTILE_CPU_GOAL_US,
+            unit="µs",
+        )
+    flooded = hostile.get("innocent", {}).get("hostile flood", {})
+    quiet = hostile.get("innocent", {}).get("quiet", {})
+    if flooded.get("p99_ratio") is not None:
+        add(
+            f"innocent p99 under hostile flood ÷ quiet ({report.fmt(flooded['p99_ms'], 2)} ms "
+            f"÷ {report.fmt(quiet.get('p99_ms'), 2)} ms)",
+            flooded["p99_ratio"],
+            f"≤ {FLOOD_P99_GOAL:g}×",
+            lambda v: v <= FLOOD_P99_GOAL,
+        )
+    reference = hostile.get("innocent", {}).get("innocent flood", {})
+    if reference.get("p99_ratio") is not None:
+        add(
+            f"innocent p99 under a flood of innocent checks ÷ quiet "
+            f"({report.fmt(reference['p99_ms'], 2)} ms; the queueing of any "
+            f"{FLOOD_CONNECTIONS}-connection flood)",
+            reference["p99_ratio"],
+            "report",
+            lambda v: True,
+        )
     fl = results.get("flood")
     if fl:
         n, goal = fl["idp_distinct_tokens"], fl["tokens_target"]
@@ -1142,7 +1482,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="1 s points, every scenario briefly: keeps the harness working",
     )
     p.set_defaults(profile_name="full")
-    p.add_argument("--scenarios", default="1,2,3,4,5,6,7", help="comma-separated ids")
+    p.add_argument("--scenarios", default="1,2,3,4,5,6,7,8", help="comma-separated ids")
     p.add_argument("--seconds", type=int, help="override the profile's seconds per point")
     p.add_argument("--rounds", type=int, help="override the profile's rounds per scenario")
     p.add_argument("--connections", type=int, help="override the main point's wrk connections")

@@ -2,8 +2,11 @@
 --   BENCH_MODE       fixed  : one token, the request is built once (fastest for wrk)
 --                    rotate : tokens from BENCH_TOKEN_FILE, one per line, rotated per request
 --                    unique : a new opaque token per request ("op-<nonce>-<thread>-<n>")
---   BENCH_TOKEN      the token of mode fixed ("" = no Authorization header)
+--                    paths  : paths from BENCH_PATH_FILE, one per line, rotated per request,
+--                             each with BENCH_TOKEN (when set), each request built once
+--   BENCH_TOKEN      the token of modes fixed and paths ("" = no Authorization header)
 --   BENCH_TOKEN_FILE the tokens of mode rotate
+--   BENCH_PATH_FILE  the paths of mode paths (a path may be tens of kilobytes long)
 --   BENCH_NONCE      makes mode unique's tokens differ from one run to the next
 --   BENCH_DELAY_MS   > 0: wait this long before each request on a connection (paced load)
 --   BENCH_STOP_AFTER > 0: each thread stops after sending this many requests
@@ -11,6 +14,7 @@
 local mode = os.getenv("BENCH_MODE") or "fixed"
 local token = os.getenv("BENCH_TOKEN") or ""
 local token_file = os.getenv("BENCH_TOKEN_FILE")
+local path_file = os.getenv("BENCH_PATH_FILE")
 local nonce = os.getenv("BENCH_NONCE") or "n"
 local delay_ms = tonumber(os.getenv("BENCH_DELAY_MS") or "0")
 local stop_after = tonumber(os.getenv("BENCH_STOP_AFTER") or "0")
@@ -31,10 +35,19 @@ local reqs = {}
 local n, i, sent = 0, 0, 0
 
 function init(args)
-  if mode == "fixed" then
+  if mode == "fixed" or mode == "paths" then
     if token ~= "" then
       wrk.headers["Authorization"] = "Bearer " .. token
     end
+  end
+  if mode == "paths" then
+    for line in io.lines(path_file) do
+      if line ~= "" then
+        n = n + 1
+        reqs[n] = wrk.format(nil, line)
+      end
+    end
+    i = (id - 1) % n
   elseif mode == "rotate" then
     for line in io.lines(token_file) do
       if line ~= "" then
@@ -54,7 +67,7 @@ local function count()
   end
 end
 
-if mode == "rotate" then
+if mode == "rotate" or mode == "paths" then
   function request()
     i = i + 1
     if i > n then i = 1 end

@@ -63,6 +63,38 @@ def test_many_deployments_put_the_target_near_the_end() -> None:
         configs.extauthz_config("saml", "http://x")
 
 
+def test_hostile_paths_are_selected_and_reach_the_templates() -> None:
+    """Each hostile path is in normal form and selects a route of the `files` deployment, so
+    the bench measures route selection over the whole path (and a denial for the missing token),
+    not an early `request_ambiguous`; and each fits Envoy's default limit on request headers."""
+    from extauthz.routing import select
+
+    raw = configs.extauthz_config("jwt", "http://127.0.0.1:1", files=True)
+    config = parse_config(raw)
+    assert [d.name for d in config.deployments] == [configs.TARGET_DEPLOYMENT, "files"]
+    files = raw["deployments"][-1]
+    assert files["pathPrefix"] == configs.FILES_PREFIX
+    assert "/{name}.{ext}" in [r["path"] for r in files["routes"]]
+    assert configs.extauthz_config("jwt", "http://127.0.0.1:1")["deployments"][-1]["name"] == "api"
+    keys = [hp.key for hp in configs.HOSTILE_PATHS]
+    assert len(keys) == len(set(keys)) >= 2
+    for hp in configs.HOSTILE_PATHS:
+        assert len(hp.path) + 200 < 60 * 1024, hp.key  # the path and the other headers
+        assert (hp.status, hp.reason) == (401, "token_missing")
+        selected = select(
+            config,
+            authority="api.bench.example",
+            raw_path=hp.path,
+            method="GET",
+            context_extensions={},
+        )
+        assert getattr(selected, "deployment", None) is not None, (hp.key, selected)
+        assert selected.deployment.name == "files" and selected.route is not None
+    long, dotted = configs.HOSTILE_PATHS[0].path, configs.HOSTILE_PATHS[1].path
+    assert long == "/files" + "/a" * 30_000
+    assert dotted.strip("/").split("/")[1] == "." * 20_000
+
+
 def _filters(listener: dict[str, Any]) -> list[dict[str, Any]]:
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     return list(hcm["http_filters"])
@@ -170,8 +202,18 @@ def test_load_env_and_wrk_command() -> None:
         cmd = loadgen.wrk_command("http://h/x", connections=1, seconds=3, threads=4)
         assert "-t1" in cmd and "-c1" in cmd and "-d3s" in cmd and str(loadgen.LUA) in cmd
     lua = loadgen.LUA.read_text(encoding="utf-8")
-    for name in ("BENCH_MODE", "BENCH_TOKEN_FILE", "BENCH_OUT", "function done"):
+    for name in ("BENCH_MODE", "BENCH_TOKEN_FILE", "BENCH_PATH_FILE", "BENCH_OUT", "function done"):
         assert name in lua
+
+
+def test_load_of_paths(tmp_path: Path) -> None:
+    paths = tmp_path / "paths.txt"
+    paths.write_text("/files/a/a\n/files/b\n", encoding="utf-8")
+    load = loadgen.Load(mode="paths", path_file=str(paths))
+    env = load.env()
+    assert env["BENCH_MODE"] == "paths" and env["BENCH_PATH_FILE"] == str(paths)
+    assert env["BENCH_TOKEN"] == ""  # no Authorization header
+    assert "BENCH_PATH_FILE" not in loadgen.Load().env()
 
 
 # --- /proc ---------------------------------------------------------------------------------------
@@ -287,6 +329,105 @@ def _results() -> dict[str, Any]:
             )
         },
     }
+
+
+def _hostile_scenario() -> dict[str, Any]:
+    """Scenario 8 as run.hostile_paths builds it: per-path points (a, b), the innocent check
+    quiet and under each flood (3 rounds each), and the floods."""
+    points: dict[str, Any] = {}
+    for hp, cpu in zip(configs.HOSTILE_PATHS, (1_100.0, 1_700.0, 5_300.0), strict=False):
+        points[f"a {hp.key}"] = _point("a", 900, 350, 800)
+        points[f"b {hp.key}"] = _point("b", 500, cpu, 850, round_server_cpu_us=[cpu, cpu, cpu])
+    quiet = [2.0, 2.5, 3.0]
+    points["b innocent, quiet"] = _point("b", 350, 360, 300, connections=4, round_p99_ms=quiet)
+    points["b innocent, quiet"]["p99_ms"] = 2.5
+    for name, p99s, valid in (
+        ("hostile flood", [30.0, 33.0, 36.0], True),
+        ("innocent flood", [7.0, 8.0, 9.0], False),
+    ):
+        under = _point("b", 100, None, 0, connections=4, round_p99_ms=p99s, valid=valid)
+        under["p99_ms"], under["envoy_cpu_us"], under["total_cpu_us"] = p99s[1], None, None
+        points[f"b innocent, {name}"] = under
+        points[f"b {name}"] = _point("b", 280, 2_700, 800, connections=8, server_cpu_cores=0.75)
+        points[f"b {name}"]["envoy_cpu_cores"] = 0.2
+    for p in points.values():
+        p.setdefault("delay_ms", 10.0)
+    for hp in configs.HOSTILE_PATHS:
+        b = points[f"b {hp.key}"]
+        b["ratios"] = report.scenario_ratios({"a": points[f"a {hp.key}"], "b": b})
+    return {
+        "id": "8",
+        "title": "hostile paths",
+        "points": points,
+        "ratios": {},
+        "hostile": run.hostile_summary(
+            configs.HOSTILE_PATHS, ["hostile flood", "innocent flood"], points
+        ),
+    }
+
+
+def test_hostile_summary_and_targets() -> None:
+    s8 = _hostile_scenario()
+    h = s8["hostile"]
+    assert [p["key"] for p in h["paths"]] == [hp.key for hp in configs.HOSTILE_PATHS]
+    assert h["paths"][0]["server_cpu_us"] == 1_100.0 and h["paths"][0]["floor_server_cpu_us"] == 350
+    assert h["paths"][0]["chars"] == 60_006
+    flooded = h["innocent"]["hostile flood"]
+    assert flooded["p99_ratio"] == pytest.approx(33.0 / 2.5)
+    assert flooded["round_p99_ratios"] == pytest.approx([15.0, 13.2, 12.0])
+    assert "p99_ratio" not in h["innocent"]["quiet"]
+    assert h["floods"]["hostile flood"]["server_cpu_cores"] == 0.75
+    results = _results()
+    results["scenarios"].append(s8)
+    t = {x["name"]: x for x in run.targets(results)}
+    cpu = [x for name, x in t.items() if name.startswith("hostile path CPU per check")]
+    assert [x["met"] for x in cpu] == [True, True, False]  # 5,300 µs > 5,000
+    assert cpu[0]["measured"] == "1,100.0 µs"
+    ratio = next(x for name, x in t.items() if name.startswith("innocent p99 under hostile flood"))
+    assert ratio["value"] == pytest.approx(13.2) and ratio["met"] is False
+    assert "33.00 ms ÷ 2.50 ms" in ratio["name"]
+    reference = next(x for name, x in t.items() if "a flood of innocent checks" in name)
+    assert reference["value"] == pytest.approx(3.2) and reference["goal"] == "report"
+
+
+def test_markdown_of_the_hostile_paths() -> None:
+    results = _results()
+    results["scenarios"].append(_hostile_scenario())
+    results["targets"] = run.targets(results)
+    md = report.markdown(results)
+    section = md.split("## Hostile paths (scenario 8)")[1]
+    long_path = (
+        "| 60 KB path: /files + '/a' × 30,000 | 60,006 | 401 token_missing | 1,100 (1,100 / "
+    )
+    assert long_path in section
+    assert "| quiet | 350 | 2.86 | 2.50 (2.00 / 2.50 / 3.00) |" in section
+    assert "| under the hostile flood | 100 |" in section
+    assert "13.20× (15.00× / 13.20× / 12.00×)" in section
+    assert "| under the innocent flood ⚠ |" in section  # an invalid point is flagged
+    assert "8 connections: 280/s, 0.75, 0.20" in section
+    table = md.split("## Targets")[0]
+    assert "| b long path extauthz | 500 |" in table
+    assert "| 0.56× | 3.14× |" in table  # a hostile path's (b) row carries its own ratios
+    header_cells = report.TABLE_HEADER.splitlines()[0].count("|")
+    for line in table.splitlines():
+        if line.startswith("| "):
+            assert line.count("|") == header_cells
+
+
+def test_checks_answered_sums_the_series_with_the_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    body = (
+        b"# HELP extauthz_checks_total Checks answered\n"
+        b'extauthz_checks_total{deployment="files",decision="deny",reason="token_missing"} 7.0\n'
+        b'extauthz_checks_total{deployment="files",decision="deny",reason="token_expired"} 2.0\n'
+        b'extauthz_checks_total{deployment="api",decision="allow",reason=""} 40.0\n'
+        b'extauthz_checks_created{deployment="api",decision="allow",reason=""} 1.7e9\n'
+    )
+    monkeypatch.setattr(run, "http_get", lambda *a, **kw: (200, {}, body))
+    server = procs.Proc("x", None, Path("/dev/null"))  # type: ignore[arg-type]
+    server.admin_url = "http://127.0.0.1:1"
+    assert run.checks_answered(server) == 49
+    assert run.checks_answered(server, deployment="files", decision="deny") == 9
+    assert run.checks_answered(server, deployment="files", reason="token_missing") == 7
 
 
 def test_ratios() -> None:
@@ -412,7 +553,10 @@ def test_profiles_and_arguments() -> None:
     for prof in run.PROFILES.values():
         assert prof.seconds >= 1 and 1 in prof.curve and prof.connections in prof.curve
     ids = [s.id for s in run.scenarios(run.PROFILES["full"])]
-    assert ids == ["1", "2", "3", "4", "5", "6", "7"]
+    assert ids == ["1", "2", "3", "4", "5", "6", "7", "8"]
+    assert run.parse_args([]).scenarios.split(",") == ids
+    (hostile,) = [s for s in run.scenarios(run.PROFILES["smoke"]) if s.hostile_paths]
+    assert hostile.id == "8" and hostile.hostile_paths == configs.HOSTILE_PATHS
     with_c = {s.id for s in run.scenarios(run.PROFILES["full"]) if s.with_c}
     assert with_c == {"1", "2", "3", "6"}
     args = run.parse_args(["--quick", "--workers", "2", "--scenarios", "1,4"])
