@@ -82,26 +82,56 @@ _ENVOY_PATH_OPTIONS = (
     "UNESCAPE_AND_REDIRECT on the HTTP connection manager keep clients from sending it."
 )
 
-# What makes a path ambiguous, one named group per kind (RFC 3986 §6.2.2: the forms a client can
-# use to spell one path several ways). Each alternative is bounded, so the search is linear.
-_NOT_NORMAL = re.compile(
-    r"(?P<empty>//)"
-    # A dot segment between encoded slashes too: with encodedSlashes KEEP, an upstream that does
-    # decode them would still see it.
-    r"|(?P<dot>(?:/|%2f)(?:\.|%2e){1,2}(?=/|%2f|\Z))"
-    r"|(?P<backslash>\\|%5c)"
-    r"|(?P<control>[\x00-\x1f\x7f-\x9f])"  # C0, DEL and C1 (Unicode Cc)
-    r"|(?P<percent>%(?![0-9a-f]{2}))",
-    re.IGNORECASE,
-)
-_ENCODED_SLASH = re.compile("%2f", re.IGNORECASE)
-_WHY_NOT_NORMAL = {
-    "empty": "an empty segment ('//')",
-    "dot": "a '.' or '..' segment (in some spelling)",
-    "backslash": "a backslash ('\\' or '%5C')",
-    "control": "a control character",
-    "percent": "a '%' not followed by two hex digits",
-}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 (Unicode Cc)
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+_ASCII_CONTROLS = bytes(range(0x20)) + b"\x7f"
+
+
+def _has_control(path: str) -> bool:
+    if path.isascii():  # a byte-level pass: four times cheaper than str.isprintable
+        raw = path.encode("ascii")
+        return len(raw.translate(None, _ASCII_CONTROLS)) != len(raw)
+    return _CONTROL.search(path) is not None
+
+
+def _not_normal(path: str, keep_encoded_slashes: bool) -> str | None:
+    """What makes ``path`` one of several spellings of a path (RFC 3986 §6.2.2), or None.
+
+    Every test is a substring scan or a regular expression that starts with a literal, so a
+    path costs a few passes over its characters in C, whatever it holds.
+    """
+    if (
+        len(path) <= 256  # the common case, a short plain path: five scans, at once
+        and path.isascii()
+        and path.isprintable()
+        and "%" not in path
+        and "\\" not in path
+        and "//" not in path
+        and "/." not in path
+    ):
+        return None
+    if "//" in path:
+        return "an empty segment ('//')"
+    lower = path.lower() if "%" in path else path
+    # Dot segments in any spelling; between encoded slashes too, since with encodedSlashes KEEP
+    # an upstream that does decode them would still see one.
+    dots = lower.replace("%2e", ".").replace("%2f", "/") if "%" in path else path
+    if "/." in dots and ("/./" in dots or "/../" in dots or dots.endswith(("/.", "/.."))):
+        return "a '.' or '..' segment (in some spelling)"
+    if "\\" in path or "%5c" in lower:
+        return "a backslash ('\\' or '%5C')"
+    if _has_control(path):
+        return "a control character"
+    if "%" in path:
+        if _BAD_PERCENT.search(path):
+            return "a '%' not followed by two hex digits"
+        if not keep_encoded_slashes and "%2f" in lower:
+            return "an encoded slash ('%2F')"
+    return None
+
+
 # RFC 3986 §3.2.2-3: a registered name (letters, digits, '-', '.'; '_' as many internal names
 # have) or a bracketed IPv6 literal, then an optional port. Nothing else: no userinfo, no second
 # port, no spaces, no percent-encoding, nothing that lower-cases into something else.
@@ -121,24 +151,12 @@ def read_request_target(
     path = request_path(raw_path)
     if not path.startswith("/"):
         return _ambiguous("path does not start with '/'", _ENVOY_PATH_OPTIONS)
-    # The common case, a plain path, is decided by a few substring scans.
-    if not (
-        path.isascii()
-        and path.isprintable()
-        and "%" not in path
-        and "\\" not in path
-        and "//" not in path
-        and "/." not in path
-    ):
-        bad = _NOT_NORMAL.search(path)
-        if bad is not None:
-            what = _WHY_NOT_NORMAL[bad.lastgroup or "control"]
-            return _ambiguous(f"path has {what}", _ENVOY_PATH_OPTIONS)
-        if not keep_encoded_slashes and _ENCODED_SLASH.search(path):
-            return _ambiguous(
-                "path has an encoded slash ('%2F')",
-                _ENVOY_PATH_OPTIONS + " Or set server.encodedSlashes: KEEP.",
-            )
+    problem = _not_normal(path, keep_encoded_slashes)
+    if problem is not None:
+        advice = _ENVOY_PATH_OPTIONS
+        if problem.startswith("an encoded slash"):
+            advice += " Or set server.encodedSlashes: KEEP."
+        return _ambiguous(f"path has {problem}", advice)
     m = _AUTHORITY.fullmatch(authority)
     host = m.group(1).lower() if m is not None else ""
     if host.endswith("."):
