@@ -1,4 +1,4 @@
-"""The benchmark harness of issue 7: ``python -m bench.run`` (``make bench``).
+"""The benchmark harness: ``python -m bench.run`` (``make bench``).
 
 See bench/README.md.
 """

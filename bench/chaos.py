@@ -1,4 +1,4 @@
-"""Scripted load-and-fault scenarios (issue 8, ``make chaos``): extauthz attacked by its own IdP.
+"""Scripted load-and-fault scenarios (``make chaos``): extauthz attacked by its own IdP.
 
     python -m bench.chaos [--quick] [--scenarios 1,2,3,4,5] [--keep-logs] [--out DIR]
 

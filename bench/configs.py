@@ -1,4 +1,4 @@
-"""Config generation: extauthz policies (CONTRACT.md §2) and the bench Envoy bootstrap.
+"""Config generation: extauthz policies (docs/configuration.md) and the bench Envoy bootstrap.
 
 Pure functions of their arguments (no files, no processes), so tests/unit/test_bench_smoke.py
 checks them, and extauthz's own parser validates the policies there too.

@@ -233,7 +233,7 @@ def markdown(results: Mapping[str, Any]) -> str:
     else:  # the flood alone (`make bench-flood`): only what was measured
         targets = [t for t in targets if t["value"] is not None]
     if targets:
-        parts += ["", "## Targets of issue 7", "", targets_table(targets)]
+        parts += ["", "## Targets", "", targets_table(targets)]
     for s in results["scenarios"]:
         if s.get("hostile"):
             parts += [

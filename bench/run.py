@@ -1,4 +1,4 @@
-"""The bench of issue 7: (a) the floor, (b) extauthz and (c) Envoy jwt_authn, side by side.
+"""The bench: (a) the floor, (b) extauthz and (c) Envoy jwt_authn, side by side.
 
     python -m bench.run [--quick | --smoke] [--workers N] [--scenarios 1,2,...] [--profile]
 
@@ -1254,7 +1254,7 @@ def project_rss_peaks(
 
 
 def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Each target of issue 7 with the value this run measured."""
+    """Each performance target with the value this run measured."""
     sc = {s["id"]: s for s in results["scenarios"]}
     out: list[dict[str, Any]] = []
 

@@ -1,4 +1,4 @@
-"""The bench harness's pure parts (bench/, issue 7): config generation, percentile math, /proc
+"""The bench harness's pure parts (bench/): config generation, percentile math, /proc
 parsing, ratios and the rendered tables. No process is started and no load is sent; nothing
 here measures or asserts a timing (``make bench-smoke`` exercises the harness end to end)."""
 
@@ -499,7 +499,7 @@ def test_markdown_table() -> None:
     assert "| 1. JWT RS256 | a floor | 4,000 |" in md
     assert "| 0.90× | 1.20× | 0.24× |" in md  # the (b) row carries the ratios
     assert "b@½sat extauthz ⚠" in md  # an invalid point is flagged
-    assert "## Targets of issue 7" in md and "| **no** |" in md
+    assert "## Targets" in md and "| **no** |" in md
     assert "latency_vs_load.png" in md and "- a note" in md
     assert "`Engine.check (extauthz/engine.py)` | 30.0" in md
     header_cells = report.TABLE_HEADER.splitlines()[0].count("|")

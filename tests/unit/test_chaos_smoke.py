@@ -1,4 +1,4 @@
-"""The chaos scenarios' pure parts (bench/chaos*.py, issue 8): how each answer is judged (false
+"""The chaos scenarios' pure parts (bench/chaos*.py): how each answer is judged (false
 allow, false denial, other mismatch), the summary tables, the policy-in-force windows of the reload
 scenario, the ConfigMap layout, the chaos IdP's token and JWKS logic, and /proc parsing. No process
 is started, no load is sent and no timing is asserted (``make chaos`` runs the scenarios)."""
