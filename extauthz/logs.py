@@ -19,6 +19,8 @@ from typing import IO, Any
 __all__ = ["JsonLogger", "current_request_id", "current_trace_id", "rfc3339", "token_hash"]
 
 LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
+# The access line's path beyond this is cut and marked with its length.
+MAX_LOGGED_PATH_CHARS = 2048
 
 current_request_id: ContextVar[str | None] = ContextVar("current_request_id", default=None)
 current_trace_id: ContextVar[str | None] = ContextVar("current_trace_id", default=None)
@@ -112,6 +114,9 @@ class JsonLogger:
         trace_id = current_trace_id.get()
         trace = f',"traceId":"{trace_id}"' if trace_id else ""
         q = _quote
+        if len(path) > MAX_LOGGED_PATH_CHARS:
+            # A client chooses the path: one request must not write 60 KB to the log.
+            path = f"{path[:MAX_LOGGED_PATH_CHARS]}... ({len(path)} characters)"
         self._write(
             f'{{"ts":"{rfc3339()}","level":"INFO","event":"access","requestId":{q(request_id)}'
             f'{trace},"deployment":{q(deployment)},"route":{q(route)},"method":{q(method)},'

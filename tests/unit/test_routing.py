@@ -335,3 +335,25 @@ def test_check_config_prints_the_warnings_and_passes(rsa_key: SigningKey, tmp_pa
         "warning: deployments 'secure' (hosts secure.example.com) and 'wild' (no hosts) share pathPrefix"
         " '/api': for secure.example.com, 'secure' applies; for any other host, 'wild'\n"
     )
+
+
+def test_the_access_line_cuts_a_long_path(paths_engine: Engine) -> None:
+    """A client chooses the path: one request must not write 60 KB to the log."""
+    import io
+    import json
+
+    from extauthz.logs import MAX_LOGGED_PATH_CHARS, JsonLogger
+    from extauthz.metrics import Metrics
+    from extauthz._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
+    from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
+    from extauthz.server import AuthorizationService
+
+    out = io.StringIO()
+    service = AuthorizationService(paths_engine, JsonLogger(stream=out), Metrics())
+    path = "/public" + "/a" * 30_000
+    http = ac.AttributeContext.HttpRequest(method="GET", host="h", path=path, headers={"x-request-id": "rid-long"})
+    request = ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(http=http)))
+    asyncio.run(service.Check(request, None))  # type: ignore[arg-type]
+    (access,) = [json.loads(line) for line in out.getvalue().splitlines() if '"access"' in line]
+    assert access["path"] == f"{path[:MAX_LOGGED_PATH_CHARS]}... ({len(path)} characters)"
+    assert access["decision"] == "allow" and access["deployment"] == "public"
