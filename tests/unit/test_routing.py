@@ -342,10 +342,10 @@ def test_the_access_line_cuts_a_long_path(paths_engine: Engine) -> None:
     import io
     import json
 
-    from extauthz.logs import MAX_LOGGED_PATH_CHARS, JsonLogger
-    from extauthz.metrics import Metrics
     from extauthz._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
     from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
+    from extauthz.logs import MAX_LOGGED_PATH_CHARS, JsonLogger
+    from extauthz.metrics import Metrics
     from extauthz.server import AuthorizationService
 
     out = io.StringIO()
