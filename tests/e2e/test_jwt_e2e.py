@@ -7,11 +7,14 @@ that extauthz wrote for that request's ``x-request-id``.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tests.e2e.tokens import tamper_signature
+from tests.integration.serverproc import run_extauthz
 
 if TYPE_CHECKING:  # the fixtures' types; conftest is never imported at run time
     from tests.e2e.conftest import Call, Gateway, IdP, Logs
@@ -20,14 +23,6 @@ REPO = Path(__file__).resolve().parents[2]
 OTHER_API = "https://other.example.com"
 
 INVALID_TOKEN = 'Bearer realm="{realm}", error="invalid_token"'
-
-
-def tamper_signature(token: str) -> str:
-    """The same JWT with one character in the middle of its signature changed."""
-    header, payload, signature = token.split(".")
-    middle = len(signature) // 2  # not the last character, whose low bits are only padding
-    flipped = "A" if signature[middle] != "A" else "B"
-    return ".".join([header, payload, signature[:middle] + flipped + signature[middle + 1 :]])
 
 
 def assert_denied(
@@ -194,20 +189,6 @@ def test_missing_token_is_401_without_error_code(gateway: Gateway, logs: Logs) -
     )
 
 
-def test_tampered_signature_is_rejected(idp: IdP, gateway: Gateway, logs: Logs) -> None:
-    """One changed character in the signature: 401 signature_invalid."""
-    call = gateway.request("GET", "/orders/42", token=tamper_signature(idp.token("acme-client")))
-    assert_invalid_token(
-        logs, call, realm="orders", reason="signature_invalid", deployment="orders"
-    )
-
-
-def test_garbage_token_is_malformed(gateway: Gateway, logs: Logs) -> None:
-    """A bearer value that is not a JWT at all: 401 token_malformed."""
-    call = gateway.request("GET", "/orders/42", token="not-a-jwt")
-    assert_invalid_token(logs, call, realm="orders", reason="token_malformed")
-
-
 def test_expired_token_is_rejected(expired_token: str, gateway: Gateway, logs: Logs) -> None:
     """A token past its exp, with no clock skew allowed: 401 token_expired."""
     call = gateway.request("GET", "/orders/42", token=expired_token)
@@ -230,53 +211,78 @@ def test_expired_token_within_clock_skew_is_accepted(
     assert_access_line(logs, call, deployment="skew", decision="allow")
 
 
-def test_wrong_issuer_is_rejected(idp: IdP, gateway: Gateway, logs: Logs) -> None:
-    """A deployment that trusts another issuer: 401 issuer_mismatch."""
-    call = gateway.request("GET", "/wrong-issuer/x", token=idp.token("acme-client"))
+# (path, the token sent, realm, reason, the exact log message or None, the deployment its access
+# line names or None, whether the deployment is the legacy JWT_AUTHENTICATION form)
+INVALID_TOKENS = [
+    # One changed character in the signature.
+    pytest.param(
+        "/orders/42", lambda idp: tamper_signature(idp.token("acme-client")),
+        "orders", "signature_invalid", None, "orders", False, id="tampered-signature",
+    ),
+    # A bearer value that is not a JWT at all.
+    pytest.param(
+        "/orders/42", lambda idp: "not-a-jwt",
+        "orders", "token_malformed", None, None, False, id="garbage-is-malformed",
+    ),
+    # A deployment that trusts another issuer.
+    pytest.param(
+        "/wrong-issuer/x", lambda idp: idp.token("acme-client"),
+        "wrong-issuer", "issuer_mismatch", "JWT token not issued by the configured issuers.",
+        "wrong-issuer", False, id="wrong-issuer",
+    ),
+    # A genuine token issued for https://other.example.com.
+    pytest.param(
+        "/orders/42", lambda idp: idp.token("acme-client", resource=OTHER_API),
+        "orders", "audience_mismatch", "JWT token not issued for the configured audience.",
+        None, False, id="another-audience",
+    ),
+    # plain-client's token has no tenant claim.
+    pytest.param(
+        "/orders/42", lambda idp: idp.token("plain-client"),
+        "orders", "claim_missing", "JWT token missing required claim 'tenant'.",
+        None, False, id="missing-required-claim",
+    ),
+    # globex-client's token has tenant globex, orders wants acme.
+    pytest.param(
+        "/orders/42", lambda idp: idp.token("globex-client"),
+        "orders", "claim_value_mismatch",
+        "JWT token does not have the expected claim value for 'tenant'.",
+        "orders", False, id="wrong-claim-value",
+    ),
+    # isAnonymousAccessAllowed does not excuse a token that was sent and is invalid.
+    pytest.param(
+        "/public/hello", lambda idp: tamper_signature(idp.token("acme-client")),
+        "public", "signature_invalid", None, None, False, id="anonymous-access-still-rejects-a-bad-token",
+    ),
+    # A legacy deployment's failure is logged as jwtAuthentication.authenticationFailed.
+    pytest.param(
+        "/legacy/1", lambda idp: idp.token("globex-client"),
+        "legacy", "claim_value_mismatch",
+        "JWT token does not have the expected claim value for 'tenant'.",
+        None, True, id="legacy-jwt-authentication-logs-its-own-event",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("path", "token", "realm", "reason", "message", "deployment", "legacy"), INVALID_TOKENS
+)
+def test_an_invalid_token_is_401_invalid_token(
+    idp: IdP,
+    gateway: Gateway,
+    logs: Logs,
+    path: str,
+    token: Callable[[IdP], str],
+    realm: str,
+    reason: str,
+    message: str | None,
+    deployment: str | None,
+    legacy: bool,
+) -> None:
+    """401 with the deployment's invalid_token challenge, the reason, and its failure line."""
+    call = gateway.request("GET", path, token=token(idp))
     assert_invalid_token(
-        logs,
-        call,
-        realm="wrong-issuer",
-        reason="issuer_mismatch",
-        message="JWT token not issued by the configured issuers.",
-        deployment="wrong-issuer",
-    )
-
-
-def test_token_for_another_audience_is_rejected(idp: IdP, gateway: Gateway, logs: Logs) -> None:
-    """A genuine token issued for https://other.example.com: 401 audience_mismatch."""
-    call = gateway.request("GET", "/orders/42", token=idp.token("acme-client", resource=OTHER_API))
-    assert_invalid_token(
-        logs,
-        call,
-        realm="orders",
-        reason="audience_mismatch",
-        message="JWT token not issued for the configured audience.",
-    )
-
-
-def test_missing_required_claim_is_rejected(idp: IdP, gateway: Gateway, logs: Logs) -> None:
-    """plain-client's token has no tenant claim: 401 claim_missing."""
-    call = gateway.request("GET", "/orders/42", token=idp.token("plain-client"))
-    assert_invalid_token(
-        logs,
-        call,
-        realm="orders",
-        reason="claim_missing",
-        message="JWT token missing required claim 'tenant'.",
-    )
-
-
-def test_wrong_claim_value_is_rejected(idp: IdP, gateway: Gateway, logs: Logs) -> None:
-    """globex-client's token has tenant globex, orders wants acme: 401 claim_value_mismatch."""
-    call = gateway.request("GET", "/orders/42", token=idp.token("globex-client"))
-    assert_invalid_token(
-        logs,
-        call,
-        realm="orders",
-        reason="claim_value_mismatch",
-        message="JWT token does not have the expected claim value for 'tenant'.",
-        deployment="orders",
+        logs, call, realm=realm, reason=reason, message=message, deployment=deployment, legacy=legacy
     )
 
 
@@ -341,12 +347,6 @@ def test_anonymous_access_still_uses_a_valid_token(idp: IdP, gateway: Gateway) -
     assert upstream_echo(call)["headers"]["x-auth-subject"] == "acme-client"
 
 
-def test_anonymous_access_still_rejects_a_bad_token(idp: IdP, gateway: Gateway, logs: Logs) -> None:
-    """isAnonymousAccessAllowed does not excuse a token that was sent and is invalid."""
-    call = gateway.request("GET", "/public/hello", token=tamper_signature(idp.token("acme-client")))
-    assert_invalid_token(logs, call, realm="public", reason="signature_invalid")
-
-
 # -- legacy JWT_AUTHENTICATION form --------------------------------------------------------------
 
 
@@ -357,21 +357,6 @@ def test_legacy_jwt_authentication_allows_a_valid_token(
     call = gateway.request("GET", "/legacy/1", token=idp.token("acme-client"))
     assert upstream_echo(call)["headers"]["x-auth-subject"] == "acme-client"
     assert_access_line(logs, call, deployment="legacy", decision="allow")
-
-
-def test_legacy_jwt_authentication_logs_its_own_event(
-    idp: IdP, gateway: Gateway, logs: Logs
-) -> None:
-    """A legacy deployment's failure is logged as jwtAuthentication.authenticationFailed."""
-    call = gateway.request("GET", "/legacy/1", token=idp.token("globex-client"))
-    assert_invalid_token(
-        logs,
-        call,
-        realm="legacy",
-        reason="claim_value_mismatch",
-        message="JWT token does not have the expected claim value for 'tenant'.",
-        legacy=True,
-    )
 
 
 # -- what never leaves the server ----------------------------------------------------------------
@@ -392,12 +377,5 @@ def test_tokens_never_reach_the_log(idp: IdP, gateway: Gateway, logs: Logs) -> N
 
 def test_demo_config_passes_check_config() -> None:
     """examples/demo.yaml, the file users copy, is a valid config."""
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [sys.executable, "-m", "extauthz", "check-config", str(REPO / "examples" / "demo.yaml")],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": pythonpath},
-        timeout=60,
-    )
+    result = run_extauthz("check-config", str(REPO / "examples" / "demo.yaml"))
     assert result.returncode == 0, result.stdout + result.stderr

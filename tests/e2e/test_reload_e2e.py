@@ -1,11 +1,8 @@
 """Live config reload under load, through the real Envoy.
 
 A stack of its own (own ports, own IdP) whose extauthz serves a config mounted the way the kubelet
-mounts a ConfigMap::
-
-    dir/..2026_11_22_01_00_00.000001/config.yaml      one directory per version
-    dir/..data -> ..2026_11_22_01_00_00.000001        swapped atomically: rename(..data_tmp, ..data)
-    dir/config.yaml -> ..data/config.yaml             the path extauthz was given
+mounts a ConfigMap (``tests/configmap.py``: one directory per version, the ``..data`` symlink
+swapped atomically, ``config.yaml -> ..data/config.yaml`` the path extauthz was given).
 
 Background threads send checks through Envoy without a pause while the test swaps the volume to a
 second valid policy, then to an invalid one. Every check is classified by when it ran relative to
@@ -23,10 +20,10 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -36,11 +33,12 @@ sys.path.insert(0, str(REPO / "examples"))
 
 from stack import Ports, Stack, render_extauthz_config  # noqa: E402 (examples/ is not a package)
 
+from tests.configmap import ConfigMapVolume  # noqa: E402
+from tests.waiting import wait_until  # noqa: E402
+
 if TYPE_CHECKING:  # the fixtures' types; conftest is never imported at run time
     from tests.e2e.conftest import SecretsRegistry
     from tests.otlp_receiver import OtlpReceiver
-
-T = TypeVar("T")
 
 API = "https://api.example.com"
 THREADS = 2
@@ -62,30 +60,27 @@ JWKS_AUTH = """
           issuers: [http://127.0.0.1:3000]
           audiences: [https://api.example.com]"""
 
-POLICY_V1 = f"""
-deployments:
-  - name: orders
-    pathPrefix: /orders{JWKS_AUTH}
-    routes:
-      - name: get-order
-        path: /{{id}}
-        methods: [GET]
-        authorization: {{type: ANY_OF, allowedScope: [orders.read]}}
-"""
 
-# v2: reading an order now needs orders.write, and a new deployment serves /reports.
-POLICY_V2 = f"""
-deployments:
+
+def policy(get_order_scope: str, *more: str) -> str:
+    """The orders deployment, whose GET /orders/{id} needs ``get_order_scope``, and ``more``."""
+    orders = f"""
   - name: orders
     pathPrefix: /orders{JWKS_AUTH}
     routes:
       - name: get-order
         path: /{{id}}
         methods: [GET]
-        authorization: {{type: ANY_OF, allowedScope: [orders.write]}}
+        authorization: {{type: ANY_OF, allowedScope: [{get_order_scope}]}}"""
+    return "deployments:" + orders + "".join(more) + "\n"
+
+
+REPORTS = f"""
   - name: reports
-    pathPrefix: /reports{JWKS_AUTH}
-"""
+    pathPrefix: /reports{JWKS_AUTH}"""
+POLICY_V1 = policy("orders.read")
+# v2: reading an order now needs orders.write, and a new deployment serves /reports.
+POLICY_V2 = policy("orders.write", REPORTS)
 
 # v3 does not validate: an inline client secret and a misspelt key.
 INLINE_SECRET = "extauthz-secret"
@@ -113,37 +108,6 @@ INVALID_ERRORS = [
 PATHS = ("/orders/42", "/reports/daily")
 OLD = {"/orders/42": (200, None), "/reports/daily": (403, "no_matching_policy")}
 NEW = {"/orders/42": (403, "insufficient_scope"), "/reports/daily": (200, None)}
-
-
-class ConfigMapVolume:
-    """A directory laid out and updated exactly like a mounted Kubernetes ConfigMap."""
-
-    def __init__(self, directory: Path, key: str = "config.yaml") -> None:
-        self.directory = directory
-        self.key = key
-        self.versions = 0
-        directory.mkdir(parents=True)
-
-    @property
-    def path(self) -> Path:
-        """What the pod reads: ``dir/<key> -> ..data/<key>``."""
-        return self.directory / self.key
-
-    def write(self, text: str) -> None:
-        """A new version directory, then one rename(2) of ``..data_tmp`` onto ``..data``."""
-        self.versions += 1
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y_%m_%d_%H_%M_%S.%f")
-        version = self.directory / f"..{stamp}{self.versions}"
-        version.mkdir()
-        (version / self.key).write_text(text)
-        data, data_tmp = self.directory / "..data", self.directory / "..data_tmp"
-        previous = os.readlink(data) if data.is_symlink() else None
-        os.symlink(version.name, data_tmp)
-        os.replace(data_tmp, data)  # the atomic swap
-        if not self.path.is_symlink():
-            os.symlink(f"..data/{self.key}", self.path)
-        if previous is not None:  # the kubelet removes the old version afterwards
-            shutil.rmtree(self.directory / previous)
 
 
 @dataclass(frozen=True)
@@ -214,15 +178,6 @@ class Load:
         return sum(1 for check in list(self.checks) if check.started > moment)
 
 
-def poll(condition: Callable[[], T | None], what: str, timeout: float) -> T:
-    deadline = time.monotonic() + timeout
-    while (result := condition()) is None:
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-    return result
-
-
 def log_time(line: dict[str, Any]) -> float:
     """A log line's ``ts`` (RFC 3339, milliseconds, truncated) as epoch seconds."""
     parsed = datetime.datetime.strptime(line["ts"], "%Y-%m-%dT%H:%M:%S.%fZ")
@@ -280,23 +235,29 @@ def test_symlink_swap_under_load_changes_policy_atomically_and_invalid_file_keep
         return True if load.count_started_after(moment) >= MIN_CHECKS_PER_PHASE else None
 
     with Load(stack.envoy_url, token) as load:
-        poll(lambda: enough_after(0.0), "checks on the first policy", timeout=20)
+        wait_until(lambda: enough_after(0.0), timeout=20, what="checks on the first policy")
 
         # 1. A valid new policy, swapped in while checks keep arriving.
         volume.write(render_extauthz_config(POLICY_V2, stack.ports))
-        reloaded = poll(
-            lambda: first("config.reloaded"), "config.reloaded", timeout=RELOAD_WAIT_SECONDS
+        reloaded = wait_until(
+            lambda: first("config.reloaded"), timeout=RELOAD_WAIT_SECONDS, what="config.reloaded"
         )
         swapped_at = log_time(reloaded)
-        poll(lambda: enough_after(swapped_at), "checks on the second policy", timeout=20)
+        wait_until(
+            lambda: enough_after(swapped_at), timeout=20, what="checks on the second policy"
+        )
 
         # 2. An invalid file: logged with its errors, and the second policy keeps serving.
         volume.write(render_extauthz_config(POLICY_INVALID, stack.ports))
-        failed = poll(
-            lambda: first("config.reloadFailed"), "config.reloadFailed", timeout=RELOAD_WAIT_SECONDS
+        failed = wait_until(
+            lambda: first("config.reloadFailed"),
+            timeout=RELOAD_WAIT_SECONDS,
+            what="config.reloadFailed",
         )
         failed_at = log_time(failed)
-        poll(lambda: enough_after(failed_at), "checks after the invalid file", timeout=20)
+        wait_until(
+            lambda: enough_after(failed_at), timeout=20, what="checks after the invalid file"
+        )
 
     checks = list(load.checks)
     assert stack.returncodes()["extauthz"] is None, "extauthz kept running"
@@ -342,7 +303,9 @@ def test_symlink_swap_under_load_changes_policy_atomically_and_invalid_file_keep
         got = {line["requestId"]: line for line in lines("access")}
         return got if all(c.request_id in got for c in sample) else None
 
-    access = poll(access_lines, "the access lines of the sampled checks", timeout=5)
+    access = wait_until(
+        access_lines, timeout=5, what="the access lines of the sampled checks"
+    )
     for check in sample:
         line = access[check.request_id]
         assert line["status"] == check.status

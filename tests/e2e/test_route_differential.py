@@ -31,6 +31,7 @@ token deployment denies 401 ``token_missing`` with ``Bearer realm="<deployment>"
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.client
 import json
@@ -39,7 +40,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 import unicodedata
 import urllib.error
 import urllib.request
@@ -55,16 +55,23 @@ from urllib.parse import unquote_to_bytes
 import pytest
 import yaml
 
-from extauthz._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
 from extauthz.config import parse_config
+from tests.check_requests import check_request as build_check_request
 from tests.conftest import SigningKey
 from tests.integration.serverproc import ExtauthzProcess, free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "examples"))
 
-from stack import Ports, find_envoy, render_envoy_config  # noqa: E402 (examples/ is no package)
+from stack import (  # noqa: E402 (examples/ is no package)
+    Ports,
+    accepts_tcp,
+    find_envoy,
+    render_envoy_config,
+)
+
+from tests.waiting import TimedOut, wait_until  # noqa: E402
 
 POLICY = Path(__file__).with_name("routing_policy.yaml")
 SHIPPED_ENVOY_CONFIG = REPO / "envoy" / "envoy.yaml"
@@ -682,14 +689,6 @@ def extauthz(
         yield server
 
 
-def _accepts_tcp(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def _envoy_is_live(admin_port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as ready:
@@ -705,12 +704,12 @@ def _wait_until_ready(
     log: Path,
     timeout: float = 30.0,
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if process.poll() is not None or time.monotonic() > deadline:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-            raise AssertionError(f"{what} not ready (exit {process.poll()}):\n{tail}")
-        time.sleep(0.05)
+    """Until ``ready()``; fail with the log's tail if the process exits first or the time is up."""
+    with contextlib.suppress(TimedOut):  # then the process's log says why
+        wait_until(lambda: process.poll() is not None or ready(), timeout=timeout, what=what)
+    if process.poll() is not None or not ready():
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        raise AssertionError(f"{what} not ready (exit {process.poll()}):\n{tail}")
 
 
 @dataclass
@@ -747,7 +746,7 @@ def gateway(
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
         started.processes.append(upstream)
-        _wait_until_ready(upstream, lambda: _accepts_tcp(ports.upstream), "upstream", upstream_log)
+        _wait_until_ready(upstream, lambda: accepts_tcp(ports.upstream), "upstream", upstream_log)
         envoy_log = workdir / "envoy.log"
         with envoy_log.open("wb") as out:
             envoy = subprocess.Popen(
@@ -770,21 +769,14 @@ def gateway(
 
 def check_request(case: Case, request_id: str) -> ext.CheckRequest:
     """The CheckRequest Envoy would send for the case, pseudo-headers included."""
-    headers = {
-        ":authority": case.authority,
-        ":path": case.path,
-        ":method": case.method,
-        "x-request-id": request_id,
-    }
-    return ext.CheckRequest(
-        attributes=ac.AttributeContext(
-            request=ac.AttributeContext.Request(
-                http=ac.AttributeContext.HttpRequest(
-                    method=case.method, host=case.authority, path=case.path, headers=headers
-                )
-            ),
-            context_extensions=case.extensions,
-        )
+    pseudo = {":authority": case.authority, ":path": case.path, ":method": case.method}
+    return build_check_request(
+        case.path,
+        method=case.method,
+        host=case.authority,
+        headers=pseudo,
+        request_id=request_id,
+        context_extensions=case.extensions,
     )
 
 
@@ -935,8 +927,8 @@ def read_log(
     """Each request id's lines, once all of ``request_ids`` have an access line (or the deadline
     passed: then what is there; the caller reports what is missing)."""
     wanted = set(request_ids)
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def by_request() -> dict[str, Logged]:
         found: dict[str, Logged] = {}
         for line in server.lines():
             logged = found.setdefault(str(line.get("requestId", "")), Logged())
@@ -944,11 +936,16 @@ def read_log(
                 logged.access = line
             elif "reason" in line:
                 logged.failures.append(line)
-        if all(found.get(rid, Logged()).access for rid in wanted):
-            return found
-        if time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
+        return found
+
+    def complete() -> dict[str, Logged] | None:
+        found = by_request()
+        return found if all(found.get(rid, Logged()).access for rid in wanted) else None
+
+    try:
+        return wait_until(complete, timeout=timeout, what="an access line for every request")
+    except TimedOut:
+        return by_request()
 
 
 # -- the reference checks itself against the documented examples --------------------------------

@@ -21,7 +21,6 @@ import base64
 import hashlib
 import re
 import secrets
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import pytest
 
 from tests.e2e.test_explain_e2e import OWN_STACK_ENV  # the explain stack's client secrets
 from tests.otlp_receiver import ReceivedSpan
+from tests.waiting import wait_until
 
 if TYPE_CHECKING:  # the fixtures' types; conftest is never imported at run time
     from stack import Stack
@@ -128,15 +128,6 @@ def span_texts(spans: Iterable[ReceivedSpan]) -> dict[str, str]:
     }
 
 
-def poll(condition: Callable[[], T | None], what: str, timeout: float = SPAN_WAIT_SECONDS) -> T:
-    deadline = time.monotonic() + timeout
-    while (result := condition()) is None:
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-    return result
-
-
 # -- the audit can find what it looks for ----------------------------------------------------------
 
 
@@ -220,7 +211,9 @@ def test_no_token_or_client_secret_in_any_log_line_or_span_of_the_run(
         ours = {s.attributes.get("extauthz.request_id") for s in spans if s.service == "extauthz"}
         return spans if request_ids <= envoy and request_ids <= ours else None
 
-    spans = poll(exported, "the audit's own spans from Envoy and extauthz")
+    spans = wait_until(
+        exported, timeout=SPAN_WAIT_SECONDS, what="the audit's own spans from Envoy and extauthz"
+    )
 
     # Every extauthz log of every e2e stack of this session (the shared one, the explain and
     # reload tests' own), waiting until the shared one wrote the access lines of our requests.
@@ -230,7 +223,9 @@ def test_no_token_or_client_secret_in_any_log_line_or_span_of_the_run(
         logged = {rid for rid in request_ids if any(rid in line for line in lines.values())}
         return lines if stack.extauthz_log in paths and logged == request_ids else None
 
-    lines = poll(extauthz_logs, "the access lines of the audit's own requests", timeout=5)
+    lines = wait_until(
+        extauthz_logs, timeout=5, what="the access lines of the audit's own requests"
+    )
 
     client_secrets = {*secrets_registry.secrets, *OWN_STACK_ENV.values()}
     forbidden = needles(secrets_registry.tokens, client_secrets)

@@ -16,8 +16,6 @@ and the log lines for it carry the same ``traceId`` and ``requestId``.
 from __future__ import annotations
 
 import secrets
-import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
@@ -25,6 +23,7 @@ import pytest
 from opentelemetry.trace import SpanKind
 
 from tests.otlp_receiver import ReceivedSpan
+from tests.waiting import wait_until
 
 if TYPE_CHECKING:  # the fixtures' types; conftest is never imported at run time
     from tests.e2e.conftest import Gateway, Logs
@@ -41,15 +40,6 @@ CHECK = "envoy.service.auth.v3.Authorization/Check"
 SERVER, CLIENT = SpanKind.SERVER.value + 1, SpanKind.CLIENT.value + 1
 # Envoy exports every second (tracing.opentelemetry.flush_interval_ms), extauthz every 0.1 s.
 SPAN_WAIT_SECONDS = 10.0
-
-
-def poll(condition: Callable[[], T | None], what: str, timeout: float = SPAN_WAIT_SECONDS) -> T:
-    deadline = time.monotonic() + timeout
-    while (result := condition()) is None:
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-    return result
 
 
 def spans_of_trace(otlp: OtlpReceiver, trace_id: str) -> list[ReceivedSpan]:
@@ -86,7 +76,9 @@ def traced_denial(
             None,
         )
 
-    trace_id = poll(check_span, "extauthz's check span").trace_id
+    trace_id = wait_until(
+        check_span, timeout=SPAN_WAIT_SECONDS, what="extauthz's check span"
+    ).trace_id
 
     def whole_trace() -> list[ReceivedSpan] | None:
         spans = spans_of_trace(otlp, trace_id)
@@ -99,7 +91,9 @@ def traced_denial(
         has_ingress = any(s.service == ENVOY_SERVICE and s.kind == SERVER for s in spans)
         return spans if wanted <= services and has_ingress else None
 
-    spans = poll(whole_trace, f"every span of trace {trace_id}")
+    spans = wait_until(
+        whole_trace, timeout=SPAN_WAIT_SECONDS, what=f"every span of trace {trace_id}"
+    )
     return call.request_id, trace_id, spans
 
 

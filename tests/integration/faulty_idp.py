@@ -15,9 +15,10 @@ sits in the repository). Both listeners share one route table::
     idp.stop()                                             # the port now refuses connections
 
 Faults: an HTTP status, a hang past any client timeout, a socket closed without an answer, an
-HTML page, any JSON body (``{"active": "yes"}``), and a hold that answers normally once the test
-calls :meth:`FaultyIdp.release` (to gather concurrent callers). Every request is recorded with
-its headers and form, so a test can count calls and see how the client authenticated.
+HTML page, any JSON body (``{"active": "yes"}``, with response headers of the test's choice),
+and a hold that answers normally once the test calls :meth:`FaultyIdp.release` (to gather
+concurrent callers). Every request is recorded with its headers and form, so a test can count
+calls and see how the client authenticated.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class Fault:
     kind: str  # status | hang | close | html | json | hold
     status: int = 200
     body: Any = None
+    headers: tuple[tuple[str, str], ...] = ()  # response headers sent with a json answer
 
     @classmethod
     def status_code(cls, status: int) -> Fault:
@@ -79,9 +81,10 @@ class Fault:
         return cls("html")
 
     @classmethod
-    def json(cls, body: Any, status: int = 200) -> Fault:
-        """200 (or ``status``) with this JSON body."""
-        return cls("json", status=status, body=body)
+    def json(cls, body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Fault:
+        """200 (or ``status``) with this JSON body (and these response headers), whatever was
+        asked and whoever asked it."""
+        return cls("json", status=status, body=body, headers=tuple((headers or {}).items()))
 
     @classmethod
     def hold(cls) -> Fault:
@@ -160,7 +163,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif fault.kind == "html":
             self._send(200, "text/html; charset=utf-8", HTML_PAGE)
         elif fault.kind == "json":
-            self._send_json(fault.status, fault.body)
+            self._send_json(fault.status, fault.body, dict(fault.headers))
         else:  # pragma: no cover (a typo in a test)
             raise ValueError(fault.kind)
 

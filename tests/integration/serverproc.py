@@ -6,9 +6,13 @@
         server.send(check_request_message)               # a CheckRequest as given
         server.line(checked.request_id, "access")       # waits for the JSON log line
         server.metric("extauthz_idp_requests_total", endpoint="jwks_uri", outcome="ok")
+        server.stop()                                    # SIGTERM and the drain: the exit status
 
 ``separate_stderr=True`` keeps stderr apart from the JSON log lines on stdout (the security suite
-looks for tracebacks there); ``args`` go on the ``serve`` command line.
+looks for tracebacks there); ``args`` go on the ``serve`` command line; ``workers=2`` starts two
+worker processes on the one port (and waits until both have started); ``config_file`` serves a
+file the test laid out itself (a symlink into a ConfigMap-like directory, say) instead of writing
+``config``. ``run_extauthz("check-config", path)`` runs any other command to its exit.
 
 Free loopback ports, a config written to a file, start-up and log lines waited on with deadlines.
 """
@@ -25,23 +29,50 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import yaml
 
-from extauthz._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
+from tests.check_requests import check_request
+from tests.waiting import wait_until
 
-__all__ = ["Checked", "ExtauthzProcess", "closed_port", "free_port", "wait_for"]
+__all__ = [
+    "Checked",
+    "ExtauthzProcess",
+    "closed_port",
+    "extauthz_env",
+    "free_port",
+    "run_extauthz",
+    "stop_process",
+]
 
 ROOT = Path(__file__).resolve().parents[2]
-T = TypeVar("T")
+
+
+def extauthz_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment extauthz runs in from the tests: this checkout importable, unbuffered."""
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1", **(extra or {})}
+
+
+def run_extauthz(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """``python -m extauthz <args>`` as an operator runs it, to its exit; stdout and stderr kept."""
+    return subprocess.run(
+        [sys.executable, "-m", "extauthz", *args],
+        capture_output=True,
+        text=True,
+        env=extauthz_env(env),
+        timeout=timeout,
+    )
 
 
 def free_port() -> int:
@@ -67,20 +98,6 @@ def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> i
 def closed_port() -> int:
     """A loopback port nothing listens on (it was free a moment ago)."""
     return free_port()
-
-
-def wait_for(
-    predicate: Callable[[], T | None], *, timeout: float = 15.0, what: str, interval: float = 0.05
-) -> T:
-    """Poll ``predicate`` until it returns something truthy and return that, or fail."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 @dataclass
@@ -118,30 +135,14 @@ class Checked:
         return json.loads(self.response.denied_response.body)
 
 
-def check_request(
-    *, token: str | None, path: str, method: str, host: str, request_id: str,
-    headers: Mapping[str, str] | None = None,
-) -> ext.CheckRequest:
-    sent = {"x-request-id": request_id, **(headers or {})}
-    if token is not None:
-        sent["authorization"] = f"Bearer {token}"
-    return ext.CheckRequest(
-        attributes=ac.AttributeContext(
-            request=ac.AttributeContext.Request(
-                http=ac.AttributeContext.HttpRequest(
-                    method=method, host=host, path=path, headers=sent
-                )
-            )
-        )
-    )
-
-
 class ExtauthzProcess:
     def __init__(
         self,
-        config: Mapping[str, Any],
+        config: Mapping[str, Any] | None,
         workdir: Path,
         *,
+        config_file: Path | None = None,
+        workers: int = 1,
         env: Mapping[str, str] | None = None,
         start_timeout: float = 30.0,
         separate_stderr: bool = False,
@@ -150,13 +151,18 @@ class ExtauthzProcess:
     ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path = workdir / "extauthz.yaml"
-        self.config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+        if config_file is None:
+            assert config is not None, "a config to write, or a config_file to serve"
+            config_file = workdir / "extauthz.yaml"
+            config_file.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+        self.config_path = config_file
         self.log_path = workdir / "extauthz.log"
         self.stderr_path = workdir / "extauthz.stderr.log" if separate_stderr else None
-        self._args = ["--grace-seconds", f"{grace_seconds:g}", *args]
+        self.workers = workers
+        worker_args = ["--workers", str(workers)] if workers != 1 else []
+        self._args = ["--grace-seconds", f"{grace_seconds:g}", *worker_args, *args]
         self.port, self.admin_port = free_port(), free_port()
-        self._env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
+        self._env = extauthz_env(env)
         self._start_timeout = start_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self.channel: grpc.Channel | None = None
@@ -165,6 +171,7 @@ class ExtauthzProcess:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> ExtauthzProcess:
+        """Start the server; return once every worker has logged server.started."""
         err_path = self.stderr_path
         with self.log_path.open("wb") as out, (err_path or Path(os.devnull)).open("wb") as err:
             self.proc = subprocess.Popen(
@@ -179,12 +186,10 @@ class ExtauthzProcess:
                 stdin=subprocess.DEVNULL, env=self._env, cwd=self.workdir,
             )
         proc = self.proc
-        wait_for(
-            lambda: proc.poll() is not None or any(
-                line.get("event") == "server.started" for line in self.lines()
-            ),
+        wait_until(
+            lambda: proc.poll() is not None or len(self.events("server.started")) >= self.workers,
             timeout=self._start_timeout,
-            what="extauthz server.started",
+            what=f"extauthz server.started ({self.workers} worker(s))",
         )
         if proc.poll() is not None:
             raise AssertionError(f"extauthz exited ({proc.returncode}):\n{self.text()}")
@@ -219,15 +224,20 @@ class ExtauthzProcess:
     ) -> Checked:
         request_id = f"it-{uuid.uuid4()}"
         req = check_request(
-            token=token, path=path, method=method, host=host, request_id=request_id, headers=headers
+            path, token=token, method=method, host=host, headers=headers, request_id=request_id
         )
         started = time.perf_counter()
         response = self.stub.Check(req, timeout=timeout)
         return Checked(request_id, response, time.perf_counter() - started)
 
-    def send(self, request: ext.CheckRequest, timeout: float = 10.0) -> ext.CheckResponse:
-        """One CheckRequest exactly as given."""
-        response: ext.CheckResponse = self.stub.Check(request, timeout=timeout)
+    def send(
+        self,
+        request: ext.CheckRequest,
+        timeout: float = 10.0,
+        metadata: Sequence[tuple[str, str]] | None = None,
+    ) -> ext.CheckResponse:
+        """One CheckRequest exactly as given (with this gRPC metadata, as Envoy sends it)."""
+        response: ext.CheckResponse = self.stub.Check(request, timeout=timeout, metadata=metadata)
         return response
 
     def check_many(
@@ -237,9 +247,7 @@ class ExtauthzProcess:
         out = []
         for token, path in requests:
             request_id = f"it-{uuid.uuid4()}"
-            req = check_request(
-                token=token, path=path, method="GET", host="api.example.com", request_id=request_id
-            )
+            req = check_request(path, token=token, request_id=request_id)
             out.append((request_id, self.stub.Check.future(req, timeout=timeout)))
         return out
 
@@ -268,6 +276,10 @@ class ExtauthzProcess:
                     out.append(record)
         return out
 
+    def events(self, event: str) -> list[dict[str, Any]]:
+        """Every line of this event, in the order written."""
+        return [line for line in self.lines() if line.get("event") == event]
+
     def lines_for(self, request_id: str, event: str | None = None) -> list[dict[str, Any]]:
         return [
             line for line in self.lines()
@@ -276,7 +288,7 @@ class ExtauthzProcess:
 
     def line(self, request_id: str, event: str, *, timeout: float = 10.0) -> dict[str, Any]:
         """The one line with this requestId and event, once it has been written."""
-        found = wait_for(
+        found = wait_until(
             lambda: self.lines_for(request_id, event),
             timeout=timeout,
             what=f"log line {event} for {request_id}",
@@ -286,9 +298,14 @@ class ExtauthzProcess:
 
     # -- admin -----------------------------------------------------------------------------
 
+    def admin(self, page: str) -> tuple[int, str]:
+        """GET ``/<page>`` on the admin listener: the status and the body."""
+        url = f"http://127.0.0.1:{self.admin_port}/{page}"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return int(r.status), str(r.read().decode())
+
     def metrics_text(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=5) as r:
-            return str(r.read().decode())
+        return self.admin("metrics")[1]
 
     def metric(self, name: str, **labels: str) -> float:
         """One sample's value (0 when the series does not exist yet)."""

@@ -23,7 +23,8 @@ import pytest
 
 from tests.conftest import AUDIENCE, ISSUER, SigningKey, claims
 from tests.integration.faulty_idp import Fault, FaultyIdp
-from tests.integration.serverproc import Checked, ExtauthzProcess, closed_port, wait_for
+from tests.integration.serverproc import Checked, ExtauthzProcess, closed_port
+from tests.waiting import wait_until
 
 IDP_FAILED = "authentication.idpCallFailed"
 INTROSPECTION, JWKS, DISCOVERY = "REMOTE_INTROSPECTION", "REMOTE_JWKS", "REMOTE_DISCOVERY"
@@ -445,7 +446,7 @@ def test_64_concurrent_checks_of_a_new_token_make_one_introspection_call(env: En
     try:
         sent = server.check_many([(token, "/single-flight/x")] * 64)
         # Every check has looked in the cache and is now waiting: only then may the IdP answer.
-        wait_for(
+        wait_until(
             lambda: server.metric("extauthz_cache_events_total", cache="introspection", result="miss")
             >= misses + 64,
             timeout=15,
@@ -514,7 +515,7 @@ def test_cached_keys_keep_serving_while_the_idp_is_down(
                     and jwks_uri in line.get("message", "")
                 ]
 
-            (refresh,) = wait_for(refresh_failed, timeout=20, what="the failed background JWKS refresh")
+            (refresh,) = wait_until(refresh_failed, timeout=20, what="the failed background JWKS refresh")
             assert time.monotonic() - fetched >= TINY_CACHE_HOURS * 3600 * 0.9  # the TTL had passed
             assert refresh["message"] == UNREACHABLE.format(
                 endpoint="jwks_uri", uri=jwks_uri, kind="CONNECTION_REFUSED"
@@ -537,7 +538,7 @@ def test_cached_keys_keep_serving_while_the_idp_is_down(
                 c = server.check(rsa_key.sign(claims()), path="/bounded/x")
                 return None if c.allowed else c
 
-            denied = wait_for(bounded_denied, timeout=20, what="the stale window to run out")
+            denied = wait_until(bounded_denied, timeout=20, what="the stale window to run out")
             assert time.monotonic() - fetched >= 2 * TINY_CACHE_HOURS * 3600 * 0.9
             assert_idp_denial(
                 server, denied, deployment="bounded", endpoint="jwks_uri",
@@ -612,7 +613,7 @@ def test_breaker_fails_fast_while_open_and_recovers_after_the_cool_down(
 
         # The cool-down passes, the IdP still hangs: of four concurrent checks one probes (and
         # times out), three fail fast; the failed probe opens the circuit again.
-        wait_for(lambda: time.time() > until + 0.05, timeout=COOL_DOWN + 5, what="the cool-down")
+        wait_until(lambda: time.time() > until + 0.05, timeout=COOL_DOWN + 5, what="the cool-down")
         probed = batch(server, 4)
         messages = [server.line(c.request_id, IDP_FAILED)["message"] for c in probed]
         assert messages.count(timeout_message) == 1, messages
@@ -632,7 +633,7 @@ def test_breaker_fails_fast_while_open_and_recovers_after_the_cool_down(
             open_until(server, c)
             return None
 
-        first = wait_for(allowed_again, timeout=COOL_DOWN + 10, what="the circuit to close", interval=0.1)
+        first = wait_until(allowed_again, timeout=COOL_DOWN + 10, what="the circuit to close", interval=0.1)
         assert time.time() >= until - 0.01  # not before the cool-down had passed
         assert_allowed(first, "hank")
         assert idp.count(path) == calls + 1  # the half-open probe, and nothing else

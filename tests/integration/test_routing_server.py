@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import SigningKey
-from tests.integration.serverproc import ExtauthzProcess, wait_for
+from tests.integration.serverproc import ExtauthzProcess
+from tests.waiting import wait_until
 
 
 def deployments(key: SigningKey) -> list[dict[str, Any]]:
@@ -55,10 +56,7 @@ def test_the_exact_host_wins_over_a_host_less_deployment_listed_first(server: Ex
 
 
 def test_the_server_logs_the_config_warnings(server: ExtauthzProcess) -> None:
-    lines = wait_for(
-        lambda: [line for line in server.lines() if line.get("event") == "config.warning"],
-        timeout=10, what="config.warning",
-    )
+    lines = wait_until(lambda: server.events("config.warning"), timeout=10, what="config.warning")
     assert lines[0]["level"] == "WARNING"
     assert "'secure' applies" in lines[0]["message"]
     assert lines[0]["config"] == str(server.config_path)

@@ -30,7 +30,8 @@ import pytest
 
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
 from tests.conftest import AUDIENCE, ISSUER, SigningKey, claims
-from tests.integration.serverproc import ExtauthzProcess, wait_for
+from tests.integration.serverproc import ExtauthzProcess
+from tests.waiting import wait_until
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.security._support import (
     http_request,
@@ -199,7 +200,7 @@ def audit(rsa_key: SigningKey, rsa_key2: SigningKey, tmp_path_factory: pytest.Te
             for page in ("metrics", "readyz"):
                 with urllib.request.urlopen(f"http://127.0.0.1:{server.admin_port}/{page}", timeout=5) as r:
                     admin += r.read().decode()
-            wait_for(lambda: sum(1 for line in server.lines() if line.get("event") == "access") >= len(plan), timeout=10, what="access lines")
+            wait_until(lambda: sum(1 for line in server.lines() if line.get("event") == "access") >= len(plan), timeout=10, what="access lines")
         finally:
             assert server.stop() == 0
         # The exporter flushes at exit; wait for every check span.
@@ -207,7 +208,7 @@ def audit(rsa_key: SigningKey, rsa_key2: SigningKey, tmp_path_factory: pytest.Te
             got = receiver.snapshot()
             return got if sum(s.name.endswith("/Check") for s in got) >= len(plan) else None
 
-        spans = wait_for(all_check_spans, timeout=10, what="check spans")
+        spans = wait_until(all_check_spans, timeout=10, what="check spans")
         assert spans is not None
 
     tokens = {"valid": valid, "valid2": valid2, "expired": expired, "wrong_iss": wrong_iss, "forged": forged,

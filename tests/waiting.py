@@ -1,0 +1,94 @@
+"""Waiting for something to happen, always with a deadline: the one way tests wait.
+
+    line = wait_until(lambda: find_line(), timeout=5, what="the access line")   # its value
+    await wait_until_async(lambda: idp.calls["/jwks"] == 2, timeout=5, what="the JWKS refresh")
+    await background_tasks_done()   # what the code under test started in the background ended
+    stays(lambda: allowed() == 20, seconds=0.2, what="20 allowed checks")       # and no more
+
+A condition is asked until it returns something truthy, which is returned; when the deadline
+passes first, the test fails naming ``what`` (``TimedOut``, an AssertionError, so that a caller
+that wants what there is at the deadline can catch it). Nothing here sleeps to let something
+happen: it asks, and asks again a little later, until it has happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+__all__ = ["TimedOut", "background_tasks_done", "stays", "wait_until", "wait_until_async"]
+
+T = TypeVar("T")
+
+INTERVAL = 0.05  # between two questions to another process or thread
+ASYNC_INTERVAL = 0.001  # between two questions inside the test's own event loop
+
+
+class TimedOut(AssertionError):
+    """The deadline passed before the condition held."""
+
+
+def _timed_out(timeout: float, what: str) -> TimedOut:
+    return TimedOut(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def wait_until(
+    condition: Callable[[], T | None], *, timeout: float, what: str, interval: float = INTERVAL
+) -> T:
+    """Ask ``condition`` until it returns something truthy and return that; fail the test with
+    ``what`` once ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise _timed_out(timeout, what)
+        time.sleep(interval)
+
+
+async def wait_until_async(
+    condition: Callable[[], T | None],
+    *,
+    timeout: float = 5.0,
+    what: str,
+    interval: float = ASYNC_INTERVAL,
+) -> T:
+    """``wait_until`` for a test that runs in an event loop: the loop keeps turning between two
+    questions, so the tasks the condition waits on make progress."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise _timed_out(timeout, what)
+        await asyncio.sleep(interval)
+
+
+async def background_tasks_done(
+    *, timeout: float = 5.0, what: str = "the background tasks to finish"
+) -> None:
+    """Once every task of the running loop but the caller's has finished: a refresh the code under
+    test started in the background has fetched, and stored what it fetched."""
+    me = asyncio.current_task()
+    await wait_until_async(
+        lambda: all(task.done() for task in asyncio.all_tasks() if task is not me),
+        timeout=timeout,
+        what=what,
+    )
+
+
+def stays(
+    condition: Callable[[], object], *, seconds: float, what: str, interval: float = INTERVAL
+) -> None:
+    """``condition`` holds every time it is asked during ``seconds`` (nothing more arrives, say);
+    fail the test at the first time it does not."""
+    until = time.monotonic() + seconds
+    while True:
+        assert condition(), f"{what} stopped holding"
+        if time.monotonic() > until:
+            return
+        time.sleep(interval)
