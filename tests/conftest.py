@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from dataclasses import dataclass
@@ -9,7 +10,10 @@ from typing import Any
 
 import jwt
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 
@@ -28,6 +32,27 @@ class SigningKey:
 
     def sign(self, claims: dict[str, Any], **header: Any) -> str:
         return jwt.encode(claims, self.private, algorithm=self.alg, headers={"kid": self.kid, **header})
+
+
+def self_signed(
+    private_key: Any, common_name: str, *extensions: tuple[x509.ExtensionType, bool]
+) -> x509.Certificate:
+    """A certificate for ``private_key``'s public key, signed by that key, valid from an hour ago
+    for a day; ``extensions`` as (extension, critical) pairs."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(private_key, hashes.SHA256())
 
 
 @pytest.fixture(scope="session")

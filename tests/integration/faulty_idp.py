@@ -24,7 +24,6 @@ calls and see how the client authenticated.
 from __future__ import annotations
 
 import base64
-import datetime
 import ipaddress
 import json
 import secrets
@@ -40,9 +39,10 @@ from typing import Any
 from urllib.parse import parse_qs, unquote_plus
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+
+from tests.conftest import self_signed
 
 __all__ = ["Fault", "FaultyIdp", "Recorded"]
 
@@ -239,24 +239,12 @@ class _Server(ThreadingHTTPServer):
 def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     """A fresh P-256 certificate for 127.0.0.1 and localhost, signed by its own key."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "faulty-idp.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
+    hosts = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    cert = self_signed(
+        key,
+        "faulty-idp.test",
+        (x509.SubjectAlternativeName(hosts), False),
+        (x509.BasicConstraints(ca=True, path_length=None), True),
     )
     cert_path, key_path = directory / "idp-cert.pem", directory / "idp-key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

@@ -1,5 +1,5 @@
-"""What the security tests share: raw JWS building, a recording IdP, an attacker web server and the
-real server process.
+"""What the security tests share: raw JWS building, the engine on the in-process IdP
+(``tests/fake_idp.py``), an attacker web server and the real server process.
 
 Tokens here are built byte by byte (``sign_raw``) rather than with pyjwt's encoder, so that a test
 can put exactly the bytes an attacker would send on the wire: duplicate JSON members, padding,
@@ -21,20 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
 from jwt.algorithms import get_default_algorithms
 
-from extauthz._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
 from extauthz.config import Config
 from extauthz.decision import Decision
 from extauthz.engine import CheckInput, Engine
 from extauthz.idp import Providers
+from tests.check_requests import check_input, check_request
 from tests.conftest import AUDIENCE, ISSUER
+from tests.fake_idp import JWKS, FakeIdp
 from tests.integration.serverproc import ExtauthzProcess
 
 ROOT = Path(__file__).resolve().parents[2]
-JWKS_URI = "https://idp.example.com/jwks"
+JWKS_URI = JWKS
 T = TypeVar("T")
 
 # Every status a CheckResponse may carry (docs/decisions.md): OK, UNAUTHENTICATED, PERMISSION_DENIED,
@@ -91,26 +91,8 @@ def split(token: str) -> tuple[str, str, str]:
 # -- the IdP side ---------------------------------------------------------------------------------
 
 
-class RecordingIdp:
-    """httpx.MockTransport handler serving one JWKS; records the URL of every request it sees."""
-
-    def __init__(self, jwks: list[dict[str, Any]], uri: str = JWKS_URI) -> None:
-        self.jwks = jwks
-        self.uri = uri
-        self.urls: list[str] = []
-
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.urls.append(str(request.url))
-        if str(request.url) == self.uri:
-            return httpx.Response(200, json={"keys": self.jwks})
-        return httpx.Response(404)
-
-
-def build_engine(config: Config, transport_handler: Any) -> tuple[Engine, Providers]:
-    transport = httpx.MockTransport(transport_handler)
-    providers = Providers(
-        config, client_factory=lambda _tls: httpx.AsyncClient(transport=transport)
-    )
+def build_engine(config: Config, idp: FakeIdp) -> tuple[Engine, Providers]:
+    providers = idp.providers(config)
     return Engine(config, providers.by_deployment), providers
 
 
@@ -216,24 +198,6 @@ def corpus_config(source: dict[str, Any]) -> dict[str, Any]:
 # -- the server as a user runs it -----------------------------------------------------------------
 
 
-def http_request(
-    *,
-    headers: Mapping[str, str] | None = None,
-    path: str = "/orders/42",
-    method: str = "GET",
-    host: str = "api.example.com",
-) -> ext.CheckRequest:
-    return ext.CheckRequest(
-        attributes=ac.AttributeContext(
-            request=ac.AttributeContext.Request(
-                http=ac.AttributeContext.HttpRequest(
-                    method=method, host=host, path=path, headers=dict(headers or {})
-                )
-            )
-        )
-    )
-
-
 def server_process(
     config: Mapping[str, Any], workdir: Path, env: Mapping[str, str] | None = None
 ) -> ExtauthzProcess:
@@ -250,16 +214,10 @@ class Sent:
     path: str = "/orders/42"
 
     def check_input(self) -> CheckInput:
-        return CheckInput(
-            method="GET",
-            host="api.example.com",
-            raw_path=self.path,
-            headers={"x-request-id": "attack", **{k.lower(): v for k, v in self.headers.items()}},
-            context_extensions={},
-        )
+        return check_input(self.path, headers=self.headers, request_id="attack")
 
     def check_request(self) -> ext.CheckRequest:
-        return http_request(headers={"x-request-id": "attack", **self.headers}, path=self.path)
+        return check_request(self.path, headers=self.headers, request_id="attack")
 
 
 def bearer(token: str, path: str = "/orders/42") -> Sent:

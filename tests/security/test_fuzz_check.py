@@ -8,24 +8,28 @@ on an httpx.MockTransport, anonymous, query-parameter, legacy JWT_AUTHENTICATION
 goes through the real server process over gRPC. Examples are derandomized so that CI sees the same
 inputs every time.
 
+At least 2,000 generated examples run, in-process and over gRPC, whatever the order the tests run
+in or which of them run: every generating test is marked ``@at_least(n)`` and fails unless
+Hypothesis called it with ``n`` examples or more, and the ``n`` of all of them add up to 2,000 or
+more (``test_the_generating_tests_add_up_to_two_thousand_examples``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import io
 import json
 import os
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
-import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, is_hypothesis_test, settings
 from hypothesis import strategies as st
 
 from extauthz._pb.envoy.config.core.v3 import base_pb2
@@ -34,11 +38,12 @@ from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
 from extauthz.config import parse_config
 from extauthz.decision import OUTCOMES, Reason
 from extauthz.engine import Engine
-from extauthz.idp import Providers
 from extauthz.logs import JsonLogger
 from extauthz.metrics import Metrics
 from extauthz.server import AuthorizationService
+from tests.check_requests import check_request
 from tests.conftest import AUDIENCE, ISSUER, SigningKey, claims
+from tests.fake_idp import INTROSPECT, JWKS, FakeIdp
 from tests.integration.serverproc import ExtauthzProcess
 from tests.security._support import (
     DECISION_GRPC_CODES,
@@ -49,8 +54,6 @@ from tests.security._support import (
     sign_json,
 )
 
-JWKS = "https://idp.example.com/jwks"
-INTROSPECT = "https://idp.example.com/introspect"
 SECRET_ENV = "EXTAUTHZ_FUZZ_CLIENT_SECRET"
 CLAIM_HEADERS = {"x-auth-subject": "sub", "x-auth-tenant": "tenant", "x-auth-groups": "groups"}
 FUZZ = settings(
@@ -60,7 +63,37 @@ FUZZ = settings(
     print_blob=False,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
 )
-EXAMPLES: dict[str, int] = {}  # test name → examples run, for the ≥2,000 budget check
+MINIMUM_EXAMPLES: dict[str, int] = {}  # generating test → the examples it must run (at_least)
+TOTAL_EXAMPLES = 2_000
+T = TypeVar("T", bound=Callable[..., None])
+
+
+def at_least(minimum: int) -> Callable[[T], T]:
+    """For a ``@given`` test: it fails unless Hypothesis called it with ``minimum`` examples or more
+    (with derandomized examples, a test whose inputs run out before ``max_examples`` says so)."""
+
+    def decorate(test: T) -> T:
+        handle = test.hypothesis  # type: ignore[attr-defined]
+        inner, ran = handle.inner_test, [0]
+
+        @functools.wraps(inner)
+        def counting(*args: Any, **kwargs: Any) -> None:
+            ran[0] += 1
+            inner(*args, **kwargs)
+
+        handle.inner_test = counting
+
+        @functools.wraps(test)
+        def run(*args: Any, **kwargs: Any) -> None:
+            ran[0] = 0
+            test(*args, **kwargs)
+            print(f"{test.__name__}: {ran[0]} examples")
+            assert ran[0] >= minimum, f"Hypothesis ran {ran[0]} examples, fewer than {minimum}"
+
+        MINIMUM_EXAMPLES[test.__name__] = minimum
+        return run  # type: ignore[return-value]
+
+    return decorate
 
 
 def fuzz_config(rsa: SigningKey, ec: SigningKey, *, remote: bool) -> dict[str, Any]:
@@ -110,26 +143,6 @@ def fuzz_config(rsa: SigningKey, ec: SigningKey, *, remote: bool) -> dict[str, A
     return {"server": {"exposeDetailedErrors": True}, "deployments": deployments}
 
 
-class FuzzIdp:
-    """JWKS and introspection over httpx.MockTransport; `fail…` tokens get a 500, others an answer."""
-
-    def __init__(self, jwks: list[dict[str, Any]]) -> None:
-        self.jwks = jwks
-
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        if str(request.url) == JWKS:
-            return httpx.Response(200, json={"keys": self.jwks})
-        if str(request.url) == INTROSPECT:
-            form = dict(x.split("=", 1) for x in request.content.decode().split("&") if "=" in x)
-            token = form.get("token", "")
-            if token.startswith("fail"):
-                return httpx.Response(500, text="IDP-BODY")
-            if token.startswith("opaque-good"):
-                return httpx.Response(200, json={**claims(), "active": True})
-            return httpx.Response(200, json={"active": False})
-        return httpx.Response(404)
-
-
 class DummyContext:
     """The bits of grpc.aio.ServicerContext that Check may touch."""
 
@@ -169,8 +182,10 @@ class World:
 def world(rsa_key: SigningKey, rsa_key2: SigningKey, ec_key: SigningKey) -> Iterator[World]:
     os.environ[SECRET_ENV] = "fuzz-client-secret"
     config = parse_config(fuzz_config(rsa_key, ec_key, remote=True))
-    transport = httpx.MockTransport(FuzzIdp([rsa_key.public_jwk, ec_key.public_jwk]))
-    providers = Providers(config, client_factory=lambda _tls: httpx.AsyncClient(transport=transport))
+    # Opaque tokens: opaque-good… are active, fail… get a 500, any other is inactive.
+    idp = FakeIdp([rsa_key.public_jwk, ec_key.public_jwk])
+    idp.active_prefix, idp.active_claims, idp.failing_prefix = "opaque-good", claims(), "fail"
+    providers = idp.providers(config)
     service = AuthorizationService(Engine(config, providers.by_deployment), JsonLogger(Discard()), Metrics())
     loop = asyncio.new_event_loop()
     tokens = [
@@ -359,30 +374,24 @@ def signed_claims_strategy(w: World) -> st.SearchStrategy[str]:
 CLAIM_PATHS = st.sampled_from(["/orders/1", "/orders/a/b", "/pub/open/x", "/pub/closed", "/jwks/x"])
 
 
-def counted(name: str) -> None:
-    EXAMPLES[name] = EXAMPLES.get(name, 0) + 1
-
-
 # -- in-process properties ------------------------------------------------------------------------
 
 
+@at_least(600)
 @settings(FUZZ, max_examples=600)
 @given(data=st.data())
 def test_any_check_request_gets_a_valid_response(world: World, data: st.DataObject) -> None:
-    counted("any")
     assert_valid_response(world.check(data.draw(world.strategy(request_strategy))))
 
 
+@at_least(300)
 @settings(FUZZ, max_examples=300)
 @given(data=st.data())
 def test_genuinely_signed_random_claims_get_a_valid_response(world: World, data: st.DataObject) -> None:
     """The signature is good, so every claim check and the header rendering run on random claims."""
-    counted("claims")
     token = data.draw(world.strategy(signed_claims_strategy))
     path = data.draw(CLAIM_PATHS)
-    resp = world.check(ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
-        http=ac.AttributeContext.HttpRequest(method="GET", host="api.example.com", path=path,
-                                             headers={"authorization": f"Bearer {token}", "x-auth-subject": "forged"})))))
+    resp = world.check(check_request(path, token=token, headers={"x-auth-subject": "forged"}))
     assert_valid_response(resp)
     if resp.status.code == 0 and path.startswith("/orders"):
         # headersFromClaims are each set or removed, so no client copy survives
@@ -390,6 +399,7 @@ def test_genuinely_signed_random_claims_get_a_valid_response(world: World, data:
         assert set_names | set(resp.ok_response.headers_to_remove) == set(CLAIM_HEADERS)
 
 
+@at_least(420)
 @settings(FUZZ, max_examples=420)
 @given(
     entries=st.lists(
@@ -403,14 +413,11 @@ def test_genuinely_signed_random_claims_get_a_valid_response(world: World, data:
 def test_non_utf8_bytes_in_header_map_and_raw_body(world: World, entries: list[tuple[str, str, bytes]],
                                                    raw_body: bytes, path: str, with_token: bool) -> None:
     """Envoy's encode_raw_headers: header_map with raw_value bytes that need not be UTF-8."""
-    counted("bytes")
     hm = [base_pb2.HeaderValue(key=k, value=v, raw_value=raw) for k, v, raw in entries]
     if with_token:
         hm.append(base_pb2.HeaderValue(key="authorization", raw_value=f"Bearer {world.tokens[0]}".encode()))
         hm.append(base_pb2.HeaderValue(key="authorization", raw_value=b"Bearer \xff\xfe"))
-    http = ac.AttributeContext.HttpRequest(method="GET", host="api.example.com", path=path,
-                                           header_map=base_pb2.HeaderMap(headers=hm), raw_body=raw_body)
-    resp = world.check(ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(http=http))))
+    resp = world.check(check_request(path, header_map=base_pb2.HeaderMap(headers=hm), raw_body=raw_body))
     assert_valid_response(resp)
     if with_token:
         # Two Authorization values joined with "," never vouch for an identity: a denial, or
@@ -418,34 +425,32 @@ def test_non_utf8_bytes_in_header_map_and_raw_body(world: World, entries: list[t
         assert resp.status.code != 0 or not resp.ok_response.headers
 
 
+@at_least(700)
 @settings(FUZZ, max_examples=700)
 @given(path=path_strategy(), method=st.text(max_size=10), host=st.text(max_size=30), data=st.data())
 def test_odd_paths_methods_and_hosts(world: World, path: str, method: str, host: str, data: st.DataObject) -> None:
-    counted("paths")
     token = world.tokens[data.draw(st.integers(0, len(world.tokens) - 1))]
     for headers in ({}, {"authorization": f"Bearer {token}"}):
-        resp = world.check(ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
-            http=ac.AttributeContext.HttpRequest(method=method, host=host, path=path, headers=headers)))))
+        resp = world.check(check_request(path, method=method, host=host, headers=headers))
         assert_valid_response(resp)
 
 
+@at_least(10)
 @settings(FUZZ, max_examples=10)
 @given(n=st.integers(1000, 5000), seed=st.integers(0, 2**32), token_at=st.sampled_from([None, 0, 1]))
 def test_thousands_of_headers(world: World, n: int, seed: int, token_at: int | None) -> None:
-    counted("many")
     headers = {f"x-h{seed}-{i}": "v" * (i % 50) for i in range(n)}
     if token_at is not None:
         headers["authorization"] = f"Bearer {world.tokens[token_at]}"
-    resp = world.check(ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
-        http=ac.AttributeContext.HttpRequest(method="GET", host="api.example.com", path="/orders/1", headers=headers)))))
+    resp = world.check(check_request("/orders/1", headers=headers))
     assert_valid_response(resp)
     assert (resp.status.code == 0) == (token_at == 0)
 
 
+@at_least(15)  # every one of the 15 combinations
 @settings(FUZZ, max_examples=20)
 @given(size=st.sampled_from([8 * 1024, 64 * 1024, 1024 * 1024]), where=st.sampled_from(["authorization", "x-request-id", "path", "x-big", "host"]))
 def test_oversized_headers(world: World, size: int, where: str) -> None:
-    counted("big")
     big = "A" * size
     headers = {"x-request-id": "rid"}
     path = "/orders/1"
@@ -458,8 +463,7 @@ def test_oversized_headers(world: World, size: int, where: str) -> None:
         host = big
     else:
         headers[where] = big
-    resp = world.check(ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
-        http=ac.AttributeContext.HttpRequest(method="GET", host=host, path=path, headers=headers)))))
+    resp = world.check(check_request(path, host=host, headers=headers))
     assert_valid_response(resp)
     assert resp.status.code != 0
     body = json.loads(resp.denied_response.body)
@@ -468,12 +472,13 @@ def test_oversized_headers(world: World, size: int, where: str) -> None:
         assert body["request_id"] != big
 
 
-def test_at_least_two_thousand_examples_ran() -> None:
-    """The budget of the issue: ≥2,000 generated examples in CI (in-process and over gRPC)."""
-    if {"any", "claims", "bytes", "paths", "many", "big"} - EXAMPLES.keys():
-        pytest.skip("run with the whole module to count examples")
-    print(f"hypothesis examples run: {EXAMPLES} = {sum(EXAMPLES.values())}")
-    assert sum(EXAMPLES.values()) >= 2000, EXAMPLES
+def test_the_generating_tests_add_up_to_two_thousand_examples() -> None:
+    """At least 2,000 generated examples, in-process and over gRPC: every @given test of this module
+    is marked at_least(n), each fails on its own unless it ran n examples or more, and the n add up
+    to 2,000 or more. Nothing here depends on which tests ran before."""
+    generating = {name for name, f in globals().items() if name.startswith("test_") and is_hypothesis_test(f)}
+    assert generating == MINIMUM_EXAMPLES.keys(), "a @given test without @at_least"
+    assert sum(MINIMUM_EXAMPLES.values()) >= TOTAL_EXAMPLES, MINIMUM_EXAMPLES
 
 
 # -- memory -----------------------------------------------------------------------------------------
@@ -506,9 +511,7 @@ def _retained(world: World, mix: list[ext.CheckRequest], rounds: int, codes: set
 
 
 def _get(path: str, token: str, rid: str = "m") -> ext.CheckRequest:
-    return ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
-        http=ac.AttributeContext.HttpRequest(method="GET", host="api.example.com", path=path,
-                                             headers={"authorization": f"Bearer {token}", "x-request-id": rid}))))
+    return check_request(path, token=token, request_id=rid)
 
 
 def test_memory_stays_bounded_over_thousands_of_checks(world: World, ec_key: SigningKey) -> None:
@@ -549,20 +552,20 @@ def grpc_server(rsa_key: SigningKey, ec_key: SigningKey, tmp_path_factory: pytes
         yield proc
 
 
+@at_least(150)
 @settings(FUZZ, max_examples=150)
 @given(data=st.data())
 def test_over_grpc_any_check_request_gets_a_valid_response(world: World, grpc_server: ExtauthzProcess, data: st.DataObject) -> None:
-    counted("grpc")
     resp = grpc_server.send(data.draw(world.strategy(request_strategy)))
     assert_valid_response(resp)
 
 
+@at_least(60)
 @settings(FUZZ, max_examples=60)
 @given(garbage=st.binary(max_size=300))
 def test_over_grpc_garbage_bytes_never_bring_the_server_down(grpc_server: ExtauthzProcess, garbage: bytes) -> None:
     """Bytes that are not a CheckRequest: a valid CheckResponse if they happen to parse, else an RPC
     error from the protobuf layer; the server keeps serving either way."""
-    counted("garbage")
     assert grpc_server.channel is not None
     call = grpc_server.channel.unary_unary(
         "/envoy.service.auth.v3.Authorization/Check",
@@ -579,9 +582,7 @@ def test_over_grpc_garbage_bytes_never_bring_the_server_down(grpc_server: Extaut
 
 
 def test_over_grpc_the_server_is_still_healthy_and_logged_no_internal_error(grpc_server: ExtauthzProcess, rsa_key: SigningKey) -> None:
-    ok = grpc_server.send(ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
-        http=ac.AttributeContext.HttpRequest(method="GET", host="api.example.com", path="/orders/1",
-                                             headers={"authorization": f"Bearer {rsa_key.sign(claims())}"})))))
+    ok = grpc_server.send(check_request("/orders/1", token=rsa_key.sign(claims())))
     assert ok.status.code == 0
     events = [line.get("event") for line in grpc_server.lines()]
     assert "server.internalError" not in events

@@ -23,24 +23,22 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import httpx
 import pytest
 
 from extauthz._pb.envoy.config.core.v3 import base_pb2
-from extauthz._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
 from extauthz.config import ConfigError, parse_config
 from extauthz.engine import Engine
-from extauthz.idp import Providers
 from extauthz.logs import JsonLogger
 from extauthz.metrics import Metrics
 from extauthz.server import AuthorizationService
+from tests.check_requests import check_request
 from tests.conftest import ISSUER, SigningKey, claims
+from tests.fake_idp import INTROSPECT, FakeIdp
 from tests.security._support import jbytes, server_process, sign_raw
 
 IDENTITY = {"x-auth-subject": "sub", "x-auth-email": "email", "x-auth-groups": "groups", "x-auth-tenant": "tenant"}
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-INTROSPECT = "https://idp.example.com/introspect"
 SECRET_ENV = "EXTAUTHZ_HEADER_SAFETY_SECRET"
 # What HTTP/1.1 and HTTP/2 never allow in a field value (RFC 9110 §5.5): CTLs but HTAB, and DEL.
 UNSAFE_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -65,26 +63,15 @@ def config_dict(rsa: SigningKey) -> dict[str, Any]:
     }  # fmt: skip
 
 
-class Introspection:
-    """The IdP answers active for ``opaque-<n>`` with the claims registered under that token."""
-
-    def __init__(self) -> None:
-        self.claims: dict[str, dict[str, Any]] = {}
-
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        form = dict(pair.split("=", 1) for pair in request.content.decode().split("&"))
-        found = self.claims.get(form["token"])
-        return httpx.Response(200, json={"active": True, **found} if found else {"active": False})
-
-
 class Checker:
     def __init__(self, rsa: SigningKey) -> None:
         os.environ[SECRET_ENV] = "header-safety-secret"
         self.rsa = rsa
         self.config = parse_config(config_dict(rsa))
-        self.idp = Introspection()
-        transport = httpx.MockTransport(self.idp)
-        self.providers = Providers(self.config, client_factory=lambda _t: httpx.AsyncClient(transport=transport))
+        # Active only for the opaque tokens a test registers, with their claims.
+        self.idp = FakeIdp()
+        self.idp.active_prefix = None
+        self.providers = self.idp.providers(self.config)
         self.service = AuthorizationService(Engine(self.config, self.providers.by_deployment), JsonLogger(io.StringIO()), Metrics())
         self.loop = asyncio.new_event_loop()
 
@@ -94,12 +81,10 @@ class Checker:
         del os.environ[SECRET_ENV]
 
     def check(self, path: str, token: str | None = None, headers: Mapping[str, str] = FORGED) -> ext.CheckResponse:
-        sent = dict(headers)
-        if token is not None:
-            sent["authorization"] = f"Bearer {token}"
-        req = ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
-            http=ac.AttributeContext.HttpRequest(method="GET", host="h", path=path, headers=sent))))
-        return self.loop.run_until_complete(self.service.Check(req, None))  # type: ignore[arg-type]
+        return self.send(check_request(path, host="h", headers=headers, token=token))
+
+    def send(self, request: ext.CheckRequest) -> ext.CheckResponse:
+        return self.loop.run_until_complete(self.service.Check(request, None))  # type: ignore[arg-type]
 
     def signed(self, payload: bytes) -> str:
         return sign_raw(jbytes({"alg": "RS256", "kid": self.rsa.kid}), payload, self.rsa.private, "RS256")
@@ -152,7 +137,7 @@ def test_claim_with_control_characters_is_removed_not_sent(checker: Checker, val
 @pytest.mark.parametrize("value", CONTROL_VALUES.values(), ids=CONTROL_VALUES.keys())
 def test_claim_with_control_characters_from_introspection_is_removed(checker: Checker, value: str) -> None:
     token = f"opaque-{abs(hash(value))}"
-    checker.idp.claims[token] = {"sub": value, "tenant": "acme", "exp": 4_000_000_000}
+    checker.idp.active[token] = {"sub": value, "tenant": "acme", "exp": 4_000_000_000}
     set_, removed = upstream(checker.check("/opaque/x", token))
     assert "x-auth-subject" in removed and "x-auth-subject" not in set_
 
@@ -230,7 +215,7 @@ def test_anonymous_route_with_a_valid_token_sets_the_headers(checker: Checker) -
 
 
 def test_introspected_allow_overwrites_and_removes(checker: Checker) -> None:
-    checker.idp.claims["opaque-good"] = {"sub": "bob", "groups": ["a", "b"], "exp": 4_000_000_000}
+    checker.idp.active["opaque-good"] = {"sub": "bob", "groups": ["a", "b"], "exp": 4_000_000_000}
     set_, removed = upstream(checker.check("/opaque/x", "opaque-good"))
     assert set_ == {"x-auth-subject": "bob", "x-auth-groups": "a,b"}
     assert sorted(removed) == ["x-auth-email", "x-auth-tenant"]
@@ -241,9 +226,7 @@ def test_client_copies_in_mixed_case_and_header_map_form_change_nothing(checker:
     token = checker.rsa.sign(claims(sub=None))
     hm = [base_pb2.HeaderValue(key="authorization", raw_value=f"Bearer {token}".encode())]
     hm += [base_pb2.HeaderValue(key="X-Auth-Subject", raw_value=b"forged-1"), base_pb2.HeaderValue(key="x-auth-subject", raw_value=b"forged-2")]
-    req = ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
-        http=ac.AttributeContext.HttpRequest(method="GET", host="h", path="/api/x", header_map=base_pb2.HeaderMap(headers=hm)))))
-    resp = checker.loop.run_until_complete(checker.service.Check(req, None))  # type: ignore[arg-type]
+    resp = checker.send(check_request("/api/x", host="h", header_map=base_pb2.HeaderMap(headers=hm)))
     _, removed = upstream(resp)
     assert "x-auth-subject" in removed
 
@@ -322,11 +305,7 @@ def test_invariants_hold_over_grpc(rsa_key: SigningKey, tmp_path: Any) -> None:
     config["deployments"] = config["deployments"][:2]
     with server_process(config, tmp_path) as server:
         def check(path: str, token: str | None) -> ext.CheckResponse:
-            headers = dict(FORGED)
-            if token:
-                headers["authorization"] = f"Bearer {token}"
-            return server.send(ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
-                http=ac.AttributeContext.HttpRequest(method="GET", host="h", path=path, headers=headers)))))
+            return server.send(check_request(path, host="h", headers=FORGED, token=token))
 
         set_, removed = upstream(check("/api/x", rsa_key.sign(claims(sub="a\r\nx-admin: 1", groups=["g"]))))
         assert set_ == {"x-auth-groups": "g", "x-auth-tenant": "acme"} and sorted(removed) == ["x-auth-email", "x-auth-subject"]

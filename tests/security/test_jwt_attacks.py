@@ -22,30 +22,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from extauthz.config import ConfigError, parse_config
 from extauthz.decision import Reason
 from extauthz.engine import Engine
-from extauthz.idp import Providers
 from extauthz.response import to_check_response
-from tests.conftest import AUDIENCE, ISSUER, SigningKey, claims
+from tests.conftest import AUDIENCE, ISSUER, SigningKey, claims, self_signed
+from tests.fake_idp import FakeIdp
 from tests.integration.serverproc import ExtauthzProcess
 from tests.security._support import (
     JWKS_URI,
     AttackerServer,
-    RecordingIdp,
     Sent,
     b64url,
     b64url_decode,
@@ -92,18 +87,7 @@ class Kit:
 
     def attacker_cert_b64(self) -> str:
         """A self-signed certificate for the attacker's key, as an ``x5c`` entry (base64 DER)."""
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "idp.example.com")])
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self.attacker.private.public_key())
-            .serial_number(1)
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .sign(self.attacker.private, hashes.SHA256())
-        )
+        cert = self_signed(self.attacker.private, "idp.example.com")
         return base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
 
 
@@ -480,7 +464,7 @@ def assert_denied(resp: Any, reason: Reason) -> None:
 @pytest.mark.parametrize("attack", params(ATTACKS))
 def test_attack_is_denied_by_the_engine(attack: Attack, kit: Kit, attacker: AttackerServer) -> None:
     config = parse_config(corpus_config({"type": "REMOTE_JWKS", "uri": JWKS_URI}))
-    idp = RecordingIdp([kit.rsa.public_jwk, kit.ec.public_jwk])
+    idp = FakeIdp([kit.rsa.public_jwk, kit.ec.public_jwk])
     engine, providers = build_engine(config, idp)
     sent = attack.make(kit)
     decision = run_check(engine, providers, sent.check_input())
@@ -501,11 +485,9 @@ def test_no_url_taken_from_a_token_is_ever_requested(kit: Kit, attacker: Attacke
     """One engine, every key-naming header at once, kid refetches included: the IdP transport sees
     only the configured JWKS URI and attacker.example is never contacted."""
     config = parse_config(corpus_config({"type": "REMOTE_JWKS", "uri": JWKS_URI}))
-    idp = RecordingIdp([kit.rsa.public_jwk, kit.ec.public_jwk])
+    idp = FakeIdp([kit.rsa.public_jwk, kit.ec.public_jwk])
     now = [1000.0]
-    transport = httpx.MockTransport(idp)
-    providers = Providers(config, client_factory=lambda _t: httpx.AsyncClient(transport=transport),
-                          clock=lambda: now[0])
+    providers = idp.providers(config, clock=lambda: now[0])
     engine = Engine(config, providers.by_deployment)
     url = kit.attacker_url
     headers: list[dict[str, Any]] = [

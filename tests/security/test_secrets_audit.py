@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,17 +28,17 @@ from urllib.parse import parse_qs, quote_plus
 import pytest
 
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
+from tests.check_requests import check_request
 from tests.conftest import AUDIENCE, ISSUER, SigningKey, claims
 from tests.integration.serverproc import ExtauthzProcess
-from tests.waiting import wait_until
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.security._support import (
-    http_request,
     scan,
     serve_in_thread,
     server_process,
     split,
 )
+from tests.waiting import wait_until
 
 MARKER = "IDP-BODY-MARKER-7f3a"
 CLIENT_ID = "extauthz-rs"
@@ -192,14 +191,11 @@ def audit(rsa_key: SigningKey, rsa_key2: SigningKey, tmp_path_factory: pytest.Te
         responses: list[tuple[str, ext.CheckResponse]] = []
         try:
             for path, token, headers in plan:
-                sent = dict(headers)
-                if token is not None:
-                    sent["authorization"] = f"Bearer {token}"
-                responses.append((path, server.send(http_request(headers={"x-request-id": f"audit-{len(responses)}", **sent}, path=path))))
+                request = check_request(path, token=token, headers=headers, request_id=f"audit-{len(responses)}")
+                responses.append((path, server.send(request)))
             admin = ""
             for page in ("metrics", "readyz"):
-                with urllib.request.urlopen(f"http://127.0.0.1:{server.admin_port}/{page}", timeout=5) as r:
-                    admin += r.read().decode()
+                admin += server.admin(page)[1]
             wait_until(lambda: sum(1 for line in server.lines() if line.get("event") == "access") >= len(plan), timeout=10, what="access lines")
         finally:
             assert server.stop() == 0

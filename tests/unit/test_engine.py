@@ -8,7 +8,6 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import pytest
 
 from extauthz._pb.envoy.config.core.v3 import base_pb2
@@ -16,39 +15,12 @@ from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
 from extauthz.config import Config, parse_config
 from extauthz.decision import Decision, Reason
 from extauthz.engine import CheckInput, Engine
-from extauthz.idp import Providers
 from extauthz.idp.http import TlsSettings
 from extauthz.response import to_check_response
+from tests.check_requests import check_input
 from tests.conftest import AUDIENCE, ISSUER, claims
-
-DISCOVERY = "https://idp.example.com/.well-known/openid-configuration"
-JWKS = "https://idp.example.com/jwks"
-
-
-class FakeIdp:
-    """A callable httpx transport handler: discovery + JWKS, counting calls."""
-
-    def __init__(self, jwks: list[dict[str, Any]], issuer: str = ISSUER) -> None:
-        self.jwks = jwks
-        self.issuer = issuer
-        self.calls: dict[str, int] = {}
-        self.fail: int | None = None
-        self.cache_control: str | None = None
-        self.delay = 0.0
-
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        path = request.url.path
-        self.calls[path] = self.calls.get(path, 0) + 1
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        if self.fail:
-            return httpx.Response(self.fail)
-        headers = {"cache-control": self.cache_control} if self.cache_control else {}
-        if path.endswith("openid-configuration"):
-            return httpx.Response(200, json={"issuer": self.issuer, "jwks_uri": JWKS}, headers=headers)
-        if path == "/jwks":
-            return httpx.Response(200, json={"keys": self.jwks}, headers=headers)
-        return httpx.Response(404)
+from tests.fake_idp import DISCOVERY, FakeIdp
+from tests.waiting import background_tasks_done
 
 
 def make_config(validation: dict[str, Any], **auth: Any) -> Config:
@@ -90,19 +62,11 @@ def discovery_policy(**extra: Any) -> dict[str, Any]:
 
 
 def build(config: Config, idp: FakeIdp, clock: Callable[[], float] | None = None) -> Engine:
-    transport = httpx.MockTransport(idp)
-    kwargs: dict[str, Any] = {"client_factory": lambda _tls: httpx.AsyncClient(transport=transport)}
-    if clock:
-        kwargs["clock"] = clock
-    providers = Providers(config, **kwargs)
-    return Engine(config, providers.by_deployment)
+    return idp.engine(config, clock=clock)
 
 
 def request(token: str | None = None, path: str = "/orders/42", method: str = "GET", **headers: str) -> CheckInput:
-    h = {"x-request-id": "rid-1", **headers}
-    if token is not None:
-        h["authorization"] = f"Bearer {token}"
-    return CheckInput(method=method, host="api.example.com:443", raw_path=path, headers=h, context_extensions={})
+    return check_input(path, token=token, method=method, host="api.example.com:443", headers=headers, request_id="rid-1")
 
 
 def check(engine: Engine, req: CheckInput) -> Decision:
@@ -265,7 +229,7 @@ def test_host_wildcard_port_and_query_are_ignored(config: Config, idp: FakeIdp, 
 
 
 def test_idp_failure_row(config: Config, idp: FakeIdp, rsa_key: Any) -> None:
-    idp.fail = 503
+    idp.status = 503
     d = check(build(config, idp), request(rsa_key.sign(claims())))
     assert d.reason is Reason.IDP_CALL_FAILED
     assert d.event == "authentication.idpCallFailed"
@@ -282,7 +246,7 @@ def test_deny_status_on_idp_failure_503(idp: FakeIdp, rsa_key: Any) -> None:
     config = parse_config({"server": {"denyStatusOnIdpFailure": 503}, "deployments": [
         {"name": "o", "pathPrefix": "/", "authentication": {"type": "TOKEN_AUTHENTICATION", "validationPolicy": discovery_policy()}}
     ]})
-    idp.fail = 500
+    idp.status = 500
     d = check(build(config, idp), request(rsa_key.sign(claims())))
     resp, _ = response_of(d, config)
     assert resp.denied_response.status.code == 503
@@ -375,20 +339,23 @@ def test_cache_control_max_age_bounds_the_ttl(config: Config, idp: FakeIdp, rsa_
     idp.cache_control = "public, max-age=120"
     engine = build(config, idp, clock=lambda: now[0])
 
-    async def at(t: float) -> None:
+    async def at(t: float, jwks_fetches: int) -> None:
         now[0] = t
         assert (await engine.check(request(rsa_key.sign(claims())))).allowed
-        await asyncio.sleep(0.01)  # an expired document is refreshed in the background
+        # An expired document is served at once and refreshed in the background: wait for the
+        # refresh's call to the IdP, and for the refresh to end.
+        await idp.until_called("/jwks", jwks_fetches)
+        await background_tasks_done(what="the background refresh")
 
     async def run() -> None:
-        await at(0)
-        await at(119)
+        await at(0, 1)
+        await at(119, 1)
         assert idp.calls["/jwks"] == 1
-        await at(121)
+        await at(121, 2)
         assert idp.calls["/jwks"] == 2
         idp.cache_control = "max-age=0"  # floored: not a fetch per check
-        await at(300)
-        await at(310)
+        await at(300, 3)
+        await at(310, 3)
         assert idp.calls["/jwks"] == 3
 
     asyncio.run(run())
@@ -401,7 +368,7 @@ def test_cached_keys_survive_an_idp_outage(config: Config, idp: FakeIdp, rsa_key
 
     async def run() -> None:
         assert (await engine.check(request(token))).allowed
-        idp.fail = 500
+        idp.status = 500
         now[0] = 3600 + 10  # expired, within the stale window: served at once, refreshed behind
         for _ in range(20):
             assert (await engine.check(request(token))).allowed
@@ -418,7 +385,7 @@ def test_static_keys_and_token_query_param(rsa_key: Any) -> None:
         {"type": "STATIC_KEYS", "keys": [rsa_key.public_jwk], "additionalValidationPolicy": {"issuers": [ISSUER]}},
         tokenQueryParam="access_token",
     )
-    engine = build(config, FakeIdp([]))
+    engine = build(config, FakeIdp())
     token = rsa_key.sign(claims())
     assert check(engine, CheckInput("GET", "api.example.com", f"/orders/1?access_token={token}", {}, {})).allowed
     d = check(engine, CheckInput("GET", "api.example.com", "/orders/1", {"authorization": f"Bearer {token}"}, {}))
@@ -429,7 +396,7 @@ def test_custom_header_without_scheme(rsa_key: Any) -> None:
     config = make_config(
         {"type": "STATIC_KEYS", "keys": [rsa_key.public_jwk]}, tokenHeader="X-Api-Token", tokenAuthScheme=""
     )
-    engine = build(config, FakeIdp([]))
+    engine = build(config, FakeIdp())
     token = rsa_key.sign(claims())
     assert check(engine, CheckInput("GET", "api.example.com", "/orders/1", {"x-api-token": token}, {})).allowed
 
@@ -440,7 +407,7 @@ def test_context_extensions_select_deployment_and_route(rsa_key: Any) -> None:
          "routes": [{"name": "r0", "path": "/x"}, {"name": "admin", "path": "/{p*}", "authorization": {"type": "ANY_OF", "allowedScope": ["admin"]}}]},
         {"name": "b", "pathPrefix": "/", "authentication": {"type": "TOKEN_AUTHENTICATION", "isAnonymousAccessAllowed": True, "validationPolicy": {"type": "STATIC_KEYS", "keys": [rsa_key.public_jwk]}}},
     ]})
-    engine = build(cfg, FakeIdp([]))
+    engine = build(cfg, FakeIdp())
     token = rsa_key.sign(claims())
     def ce(path: str, ext: dict[str, str], tok: str | None = token) -> Decision:
         h = {"authorization": f"Bearer {tok}"} if tok else {}
@@ -463,7 +430,7 @@ def test_anonymous_access(rsa_key: Any) -> None:
          "routes": [{"path": "/open", "authorization": {"type": "ANONYMOUS"}}, {"path": "/closed"}],
          "headersFromClaims": {"x-auth-subject": "sub"}},
     ]})
-    engine = build(cfg, FakeIdp([]))
+    engine = build(cfg, FakeIdp())
     anon = check(engine, CheckInput("GET", "h", "/pub/open", {"x-auth-subject": "forged"}, {}))
     assert anon.allowed and anon.remove_headers == ("x-auth-subject",)
     assert check(engine, CheckInput("GET", "h", "/pub/closed", {}, {})).reason is Reason.TOKEN_MISSING

@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 
@@ -35,51 +34,16 @@ from extauthz.explain import (
 from extauthz.idp import Providers
 from extauthz.response import http_status, www_authenticate
 from tests.conftest import AUDIENCE, ISSUER, SigningKey, claims
+from tests.fake_idp import DISCOVERY, INTROSPECT, JWKS, FakeIdp
 
-JWKS = "https://idp.example.com/jwks"
-DISCOVERY = "https://idp.example.com/.well-known/openid-configuration"
-INTROSPECT = "https://idp.example.com/introspect"
-
-# The issue's own example: exp 10:00:00, now 09:46:00, 60 s of skew.
+# A token read 14 minutes before it expires: exp 10:00:00, now 09:46:00, 60 s of skew.
 EXAMPLE_NOW = datetime(2026, 11, 21, 9, 46, tzinfo=UTC).timestamp()
 EXAMPLE_EXP = datetime(2026, 11, 21, 10, 0, tzinfo=UTC).timestamp()
 
 
-# -- a small IdP on httpx.MockTransport -----------------------------------------------------------
-
-
-class FakeIdp:
-    """Discovery, JWKS and introspection; records every request so offline runs can prove none."""
-
-    def __init__(self, jwks: list[dict[str, Any]]) -> None:
-        self.jwks = jwks
-        self.requests: list[httpx.Request] = []
-        self.status = 200
-        self.introspection: dict[str, Any] = {"active": False}
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        if self.status != 200:
-            return httpx.Response(self.status)
-        url = str(request.url)
-        if url == DISCOVERY:
-            return httpx.Response(
-                200,
-                json={"issuer": ISSUER, "jwks_uri": JWKS, "introspection_endpoint": INTROSPECT},
-            )
-        if url == JWKS:
-            return httpx.Response(200, json={"keys": self.jwks})
-        if url == INTROSPECT:
-            return httpx.Response(200, json=self.introspection)
-        return httpx.Response(404)
-
-    def factory(self) -> Callable[[Any], httpx.AsyncClient]:
-        transport = httpx.MockTransport(self)
-        return lambda _tls: httpx.AsyncClient(transport=transport)
-
-
 @pytest.fixture
 def fake(rsa_key: SigningKey) -> FakeIdp:
+    """Discovery, JWKS and introspection; it keeps every request, so offline runs can prove none."""
     return FakeIdp([rsa_key.public_jwk])
 
 
@@ -159,7 +123,7 @@ def run(
 ) -> Explanation:
     request.setdefault("path", "/orders/42")
     req = ExplainRequest(token=token, **request)
-    factory = fake.factory() if fake else FakeIdp([]).factory()
+    factory = (fake or FakeIdp()).client_factory()
     result = asyncio.run(explain(config, req, client_factory=factory, clock=clock))
     if not req.offline:
         assert_same_as_engine(config, req, result, fake, clock)
@@ -174,7 +138,7 @@ def assert_same_as_engine(
     clock: Callable[[], float],
 ) -> None:
     """The decision explain prints is what a separately built engine answers for the request."""
-    factory = fake.factory() if fake else FakeIdp([]).factory()
+    factory = (fake or FakeIdp()).client_factory()
 
     async def engine_decision() -> Any:
         providers = Providers(config, client_factory=factory)
@@ -216,7 +180,7 @@ def printed(result: Explanation, name: str) -> str:
     raise AssertionError(f"no {name!r} line in:\n{render_text(result)}")
 
 
-# -- the examples of the issue ---------------------------------------------------------------------
+# -- both values on a failing line, time left on a passing one --------------------------------------
 
 
 def test_aud_failure_prints_both_values(static: Config, rsa_key: SigningKey) -> None:
@@ -322,71 +286,18 @@ def test_malformed_numeric_date(static: Config, rsa_key: SigningKey) -> None:
 
 
 # verifyClaims: (rule, claims override, result, printed detail, reason)
+TENANT_REQUIRED = {"key": "tenant", "values": ["acme"], "isRequired": True}
+TENANT_OPTIONAL = {"key": "tenant", "values": ["acme"], "isRequired": False}
+PRESENCE_ONLY = {"key": "email_verified", "isRequired": True}
 CLAIM_MODES = [
-    pytest.param(
-        {"key": "tenant", "values": ["acme"], "isRequired": True},
-        {"tenant": "globex"},
-        "FAIL",
-        'token: "globex"  expected one of: ["acme"] (required)',
-        "claim_value_mismatch",
-        id="required-values-wrong",
-    ),
-    pytest.param(
-        {"key": "tenant", "values": ["acme"], "isRequired": True},
-        {"tenant": None},
-        "FAIL",
-        'token: (absent)  expected one of: ["acme"] (required)',
-        "claim_missing",
-        id="required-values-absent",
-    ),
-    pytest.param(
-        {"key": "email_verified", "isRequired": True},
-        {},
-        "FAIL",
-        "token: (absent)  required (presence only)",
-        "claim_missing",
-        id="presence-only-absent",
-    ),
-    pytest.param(
-        {"key": "email_verified", "isRequired": True},
-        {"email_verified": False},
-        "PASS",
-        "token: false  required (presence only)",
-        None,
-        id="presence-only-present",
-    ),
-    pytest.param(
-        {"key": "tenant", "values": ["acme"], "isRequired": False},
-        {"tenant": None},
-        "PASS",
-        'token: (absent)  expected one of: ["acme"] (optional: checked only when present)',
-        None,
-        id="optional-absent",
-    ),
-    pytest.param(
-        {"key": "tenant", "values": ["acme"], "isRequired": False},
-        {"tenant": "globex"},
-        "FAIL",
-        'token: "globex"  expected one of: ["acme"] (optional: checked only when present)',
-        "claim_value_mismatch",
-        id="optional-wrong",
-    ),
-    pytest.param(
-        {"key": "email_verified", "values": [True], "isRequired": True},
-        {"email_verified": True},
-        "PASS",
-        'token: true  expected one of: ["true"] (required)',
-        None,
-        id="boolean-by-json-text",
-    ),
-    pytest.param(
-        {"key": "groups", "values": ["admins"], "isRequired": True},
-        {"groups": ["users", "admins"]},
-        "PASS",
-        'token: ["users", "admins"]  expected one of: ["admins"] (required)',
-        None,
-        id="array-any-element",
-    ),
+    pytest.param(TENANT_REQUIRED, {"tenant": "globex"}, "FAIL", 'token: "globex"  expected one of: ["acme"] (required)', "claim_value_mismatch", id="required-values-wrong"),
+    pytest.param(TENANT_REQUIRED, {"tenant": None}, "FAIL", 'token: (absent)  expected one of: ["acme"] (required)', "claim_missing", id="required-values-absent"),
+    pytest.param(PRESENCE_ONLY, {}, "FAIL", "token: (absent)  required (presence only)", "claim_missing", id="presence-only-absent"),
+    pytest.param(PRESENCE_ONLY, {"email_verified": False}, "PASS", "token: false  required (presence only)", None, id="presence-only-present"),
+    pytest.param(TENANT_OPTIONAL, {"tenant": None}, "PASS", 'token: (absent)  expected one of: ["acme"] (optional: checked only when present)', None, id="optional-absent"),
+    pytest.param(TENANT_OPTIONAL, {"tenant": "globex"}, "FAIL", 'token: "globex"  expected one of: ["acme"] (optional: checked only when present)', "claim_value_mismatch", id="optional-wrong"),
+    pytest.param({"key": "email_verified", "values": [True], "isRequired": True}, {"email_verified": True}, "PASS", 'token: true  expected one of: ["true"] (required)', None, id="boolean-by-json-text"),
+    pytest.param({"key": "groups", "values": ["admins"], "isRequired": True}, {"groups": ["users", "admins"]}, "PASS", 'token: ["users", "admins"]  expected one of: ["admins"] (required)', None, id="array-any-element"),
 ]
 
 
@@ -545,7 +456,7 @@ def introspection_config(tmp_path: Path, kind: str = "REMOTE_INTROSPECTION") -> 
 
 
 def test_opaque_token_active(tmp_path: Path, fake: FakeIdp) -> None:
-    fake.introspection = {"active": True, **claims(client_id="svc", sub="svc")}
+    fake.answer = {"active": True, **claims(client_id="svc", sub="svc")}
     result = run(introspection_config(tmp_path), "opaque-token-value", fake=fake)
     assert printed(result, "introspection") == (
         'introspection  PASS  {"active": true}, client_id "svc", sub "svc"'

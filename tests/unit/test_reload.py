@@ -20,6 +20,7 @@ import yaml
 from extauthz import reload
 from extauthz.config import Config, load_config
 from extauthz.logs import JsonLogger
+from tests.waiting import wait_until_async
 
 POLL = 1.0  # the watcher's poll interval in these tests (fake seconds)
 
@@ -63,6 +64,29 @@ def _watcher(
     return reload.ConfigWatcher(path, applied.append, logger, poll_seconds=POLL, clock=clock)
 
 
+def _polls_after(
+    change: Callable[[], None],
+    path: Path,
+    applied: list[Config],
+    clock: FakeClock,
+    log: io.StringIO | None = None,
+    times: int = 4,
+) -> list[bool]:
+    """What ``times`` polls a poll interval apart return, once ``change()`` altered the file the
+    watcher had read."""
+
+    async def polls() -> list[bool]:
+        watcher = _watcher(path, applied, clock, log)
+        change()
+        results = []
+        for _ in range(times):
+            results.append(await watcher.check_once())
+            clock.now += POLL
+        return results
+
+    return asyncio.run(polls())
+
+
 # -- settling ----------------------------------------------------------------------------------
 
 
@@ -98,17 +122,8 @@ def test_a_stable_new_config_is_applied_by_the_second_poll(tmp_path: Path) -> No
     path = tmp_path / "config.yaml"
     _write(path, "/old")
     clock, applied = FakeClock(), list[Config]()
-
-    async def polls() -> list[bool]:
-        watcher = _watcher(path, applied, clock)
-        _write(path, "/new")
-        results = []
-        for _ in range(4):  # the first poll notes it, the second applies it, then nothing
-            results.append(await watcher.check_once())
-            clock.now += POLL
-        return results
-
-    assert asyncio.run(polls()) == [False, True, False, False]
+    # The first poll notes it, the second applies it, then nothing.
+    assert _polls_after(lambda: _write(path, "/new"), path, applied, clock) == [False, True, False, False]
     assert [_prefixes(c) for c in applied] == [["/new"]]
 
 
@@ -149,9 +164,7 @@ def test_poke_checks_at_once_and_the_change_waits_for_the_next_check(tmp_path: P
             return result
 
     async def until(count: int) -> None:
-        async with asyncio.timeout(5):
-            while len(checks) < count:
-                await asyncio.sleep(0.001)
+        await wait_until_async(lambda: len(checks) >= count, timeout=5, what=f"check {count}")
 
     async def run() -> None:
         watcher = Counting(path, applied.append, JsonLogger(stream=io.StringIO()),
@@ -210,18 +223,8 @@ def test_a_file_rewritten_while_it_is_read_is_not_applied(
 
     monkeypatch.setattr(reload, "load_config", load_then_overwritten)
     clock, applied = FakeClock(), list[Config]()
-
-    async def polls() -> list[bool]:
-        watcher = _watcher(path, applied, clock)
-        _write(path, "/new")
-        results = []
-        for _ in range(4):
-            results.append(await watcher.check_once())
-            clock.now += POLL
-        return results
-
     # /new settles at poll 2 but is rewritten while read; /newest is seen at 3 and applied at 4.
-    assert asyncio.run(polls()) == [False, False, False, True]
+    assert _polls_after(lambda: _write(path, "/new"), path, applied, clock) == [False, False, False, True]
     assert [_prefixes(c) for c in applied] == [["/newest"]]
 
 
@@ -230,16 +233,10 @@ def test_an_invalid_settled_config_is_reported_once_and_the_old_one_stays(tmp_pa
     _write(path, "/old")
     clock, applied, log = FakeClock(), list[Config](), io.StringIO()
 
-    async def polls() -> list[bool]:
-        watcher = _watcher(path, applied, clock, log)
+    def invalid() -> None:
         path.write_text("deployments: []\n")  # valid YAML, not a valid config
-        results = []
-        for _ in range(4):
-            results.append(await watcher.check_once())
-            clock.now += POLL
-        return results
 
-    assert asyncio.run(polls()) == [False, False, False, False]
+    assert _polls_after(invalid, path, applied, clock, log) == [False, False, False, False]
     assert applied == []
     assert log.getvalue().count('"config.reloadFailed"') == 1
 
@@ -279,9 +276,14 @@ def test_a_changed_config_is_validated_off_the_loop_while_checks_go_on(
         clock.now += POLL
         pending = asyncio.ensure_future(watcher.check_once())
         ticks = 0  # the loop keeps turning while the file is validated
-        while not parsing.is_set() or ticks < 10:
-            await asyncio.sleep(0.001)
-            ticks += 1
+
+        def ten_turns_while_validating() -> bool:
+            nonlocal ticks
+            ticks += 1  # asked once per turn of the loop
+            return parsing.is_set() and ticks >= 10
+
+        await wait_until_async(ten_turns_while_validating, timeout=5, what="the file read in its thread")
+        assert not pending.done()  # still validating: it waits for the release
         release.set()
         return await pending, ticks
 

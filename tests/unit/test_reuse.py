@@ -14,23 +14,21 @@ import json
 import time
 from typing import Any
 
-import httpx
 import pytest
 
-from extauthz._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
 from extauthz.answers import Answer, AnswerCache
 from extauthz.config import Config, parse_config
 from extauthz.decision import Decision, Reason
-from extauthz.engine import CheckInput, Engine
-from extauthz.idp import Providers
 from extauthz.logs import JsonLogger
 from extauthz.metrics import Metrics
 from extauthz.server import AuthorizationService
+from tests.check_requests import check_input, check_request
 from tests.conftest import claims
-from tests.unit.test_engine import FakeIdp, discovery_policy, make_config
-from tests.unit.test_idp_resilience import Introspector
+from tests.fake_idp import FakeIdp
+from tests.unit.test_engine import discovery_policy, make_config
 from tests.unit.test_idp_resilience import config as introspection_config
+from tests.waiting import background_tasks_done
 
 HOST = "api.example.com:443"
 
@@ -47,15 +45,8 @@ class Clocks:
         self.mono += seconds
 
 
-def build(config: Config, handler: Any, clocks: Clocks) -> AnswerCache:
-    transport = httpx.MockTransport(handler)
-    providers = Providers(
-        config,
-        client_factory=lambda _tls: httpx.AsyncClient(transport=transport),
-        clock=lambda: clocks.mono,
-        wall_clock=lambda: clocks.wall,
-    )
-    return AnswerCache(Engine(config, providers.by_deployment, clock=lambda: clocks.wall))
+def build(config: Config, idp: FakeIdp, clocks: Clocks) -> AnswerCache:
+    return AnswerCache(idp.engine(config, clock=lambda: clocks.mono, wall_clock=lambda: clocks.wall))
 
 
 def warmed(engine: AnswerCache, key: Any) -> AnswerCache:
@@ -67,12 +58,11 @@ def warmed(engine: AnswerCache, key: Any) -> AnswerCache:
 
 
 def checked(engine: AnswerCache, token: str, path: str = "/orders/42", method: str = "GET") -> Decision:
-    headers = {"authorization": f"Bearer {token}"}
-    return asyncio.run(engine.check(CheckInput(method, HOST, path, headers, {})))
+    return asyncio.run(engine.check(check_input(path, token=token, method=method, host=HOST)))
 
 
 def again(engine: AnswerCache, token: str, path: str = "/orders/42", method: str = "GET", host: str = HOST) -> Answer | None:
-    return engine.reuse(CheckInput(method, host, path, {"authorization": f"Bearer {token}"}, {}))
+    return engine.reuse(check_input(path, token=token, method=method, host=host))
 
 
 def reused(engine: AnswerCache, token: str, path: str = "/orders/42", method: str = "GET") -> Decision | None:
@@ -163,8 +153,11 @@ def test_answers_stop_with_the_jwks_ttl_until_it_is_fetched_again(rsa_key: Any, 
     jwks_calls = idp.calls["/jwks"]
 
     async def check_then_let_the_refresh_run() -> Decision:
-        engine_decision = await engine.check(CheckInput("GET", HOST, "/orders/42", {"authorization": f"Bearer {token}"}, {}))
-        await asyncio.sleep(0.05)  # the stale documents are refreshed in the background
+        engine_decision = await engine.check(check_input("/orders/42", token=token, host=HOST))
+        # The stale documents are refreshed in the background: wait for the JWKS call, and for
+        # the refresh to end.
+        await idp.until_called("/jwks", jwks_calls + 1)
+        await background_tasks_done(what="the background refresh")
         return engine_decision
 
     assert asyncio.run(check_then_let_the_refresh_run()).allowed
@@ -175,18 +168,18 @@ def test_answers_stop_with_the_jwks_ttl_until_it_is_fetched_again(rsa_key: Any, 
 
 def test_an_introspected_answer_lives_as_long_as_its_cache_entry(clocks: Clocks, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EXTAUTHZ_TEST_SECRET", "s")
-    introspector = Introspector()
+    introspector = FakeIdp()
     introspector.answer = {"active": True, "iss": "https://idp.example.com", "aud": "https://api.example.com",
                            "scope": "orders.read", "exp": int(clocks.wall) + 120}
     engine = build(introspection_config(), introspector, clocks)
 
     def check_opaque() -> Decision:
-        return asyncio.run(engine.check(CheckInput("GET", HOST, "/x", {"authorization": "Bearer good-1"}, {})))
+        return asyncio.run(engine.check(check_input("/x", token="good-1", host=HOST)))
 
     def reuse_opaque() -> Answer | None:
         return again(engine, "good-1", "/x")
 
-    assert check_opaque().allowed and introspector.calls == 1
+    assert check_opaque().allowed and introspector.calls["/introspect"] == 1
     clocks.wall += 119
     assert reuse_opaque() is not None
     clocks.wall += 2  # past exp: the introspection cache entry has expired with it
@@ -203,10 +196,10 @@ def test_an_introspected_answer_ends_with_max_cache_duration_before_exp(
             "type": "REMOTE_INTROSPECTION", "uri": "https://idp.example.com/introspect",
             "maxCacheDurationInHours": 0.01,  # 36 s
             "clientDetails": {"clientId": "c", "clientSecretEnv": "EXTAUTHZ_TEST_SECRET"}}}}]}
-    introspector = Introspector()
+    introspector = FakeIdp()
     introspector.answer = {"active": True, "scope": "orders.read", "exp": int(clocks.wall) + 3600}
     engine = build(parse_config(raw), introspector, clocks)
-    request = CheckInput("GET", HOST, "/x", {"authorization": "Bearer good-1"}, {})
+    request = check_input("/x", token="good-1", host=HOST)
     assert asyncio.run(engine.check(request)).allowed
     clocks.wall += 35
     assert engine.reuse(request) is not None
@@ -214,13 +207,11 @@ def test_an_introspected_answer_ends_with_max_cache_duration_before_exp(
     assert engine.reuse(request) is None
     introspector.answer = {"active": False}  # revoked meanwhile: the IdP is asked again
     assert asyncio.run(engine.check(request)).reason is Reason.TOKEN_INACTIVE
-    assert introspector.calls == 2
+    assert introspector.calls["/introspect"] == 2
 
 
 def _request(token: str, request_id: str) -> ext.CheckRequest:
-    return ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
-        http=ac.AttributeContext.HttpRequest(method="GET", host=HOST, path="/orders/42?x=1", headers={
-            "x-request-id": request_id, "authorization": f"Bearer {token}"}))))
+    return check_request("/orders/42?x=1", token=token, host=HOST, request_id=request_id)
 
 
 def test_the_fast_lane_answers_logs_and_counts_like_the_whole_path(rsa_key: Any, clocks: Clocks) -> None:

@@ -5,20 +5,17 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-import httpx
 import pytest
 
-from extauthz._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
 from extauthz.config import parse_config
-from extauthz.engine import Engine
-from extauthz.idp import Providers
 from extauthz.logs import JsonLogger
 from extauthz.metrics import Metrics
 from extauthz.server import AuthorizationService, lift_request
+from tests.check_requests import check_request
+from tests.fake_idp import INTROSPECT, FakeIdp
 
 
 class _Context:
@@ -27,33 +24,31 @@ class _Context:
 
 
 def _introspecting_service(
-    monkeypatch: pytest.MonkeyPatch, idp: Callable[[httpx.Request], Awaitable[httpx.Response]]
+    monkeypatch: pytest.MonkeyPatch, idp: FakeIdp
 ) -> tuple[AuthorizationService, io.StringIO]:
     """The servicer on one REMOTE_INTROSPECTION deployment whose IdP is ``idp``; its log."""
     monkeypatch.setenv("SERVICER_TEST_SECRET", "s")
     cfg = parse_config({"deployments": [{"name": "o", "pathPrefix": "/", "authentication": {
         "type": "TOKEN_AUTHENTICATION", "validationPolicy": {
-            "type": "REMOTE_INTROSPECTION", "uri": "https://idp.example.com/i",
+            "type": "REMOTE_INTROSPECTION", "uri": INTROSPECT,
             "clientDetails": {"clientId": "c", "clientSecretEnv": "SERVICER_TEST_SECRET"}}}}]})
-    transport = httpx.MockTransport(idp)
-    providers = Providers(cfg, client_factory=lambda _t: httpx.AsyncClient(transport=transport))
     out = io.StringIO()
-    return AuthorizationService(Engine(cfg, providers.by_deployment), JsonLogger(stream=out), Metrics()), out
+    return AuthorizationService(idp.engine(cfg), JsonLogger(stream=out), Metrics()), out
+
+
+def _http(headers: dict[str, str], path: str = "/x") -> ext.CheckRequest:
+    return check_request(path, host="h", headers=headers)
 
 
 def test_a_check_envoy_abandons_still_gets_an_access_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def never(request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(60)
-        raise AssertionError("not reached")
-
-    service, out = _introspecting_service(monkeypatch, never)
-    request = ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
-        http=ac.AttributeContext.HttpRequest(method="GET", host="h", path="/x?q=1", headers={
-            "x-request-id": "rid-cancelled", "authorization": "Bearer opaque"}))))
+    idp = FakeIdp()
+    idp.delay = 60  # the IdP never answers in time
+    service, out = _introspecting_service(monkeypatch, idp)
+    request = _http({"x-request-id": "rid-cancelled", "authorization": "Bearer opaque"}, path="/x?q=1")
 
     async def run() -> None:
         task = asyncio.ensure_future(service.Check(request, _Context()))
-        await asyncio.sleep(0.05)
+        await idp.until_called("/introspect")  # the check is waiting on the IdP: Envoy gives up
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -64,11 +59,6 @@ def test_a_check_envoy_abandons_still_gets_an_access_line(monkeypatch: pytest.Mo
     assert access["requestId"] == "rid-cancelled" and access["reason"] == "cancelled"
     assert access["decision"] == "deny" and access["status"] == 0 and access["path"] == "/x"
     assert "opaque" not in out.getvalue()
-
-
-def _http(headers: dict[str, str]) -> ext.CheckRequest:
-    return ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(
-        http=ac.AttributeContext.HttpRequest(method="GET", host="h", path="/x", headers=headers))))
 
 
 def test_header_names_are_matched_lower_case_whatever_the_client_sent() -> None:
@@ -83,10 +73,9 @@ def test_header_names_are_matched_lower_case_whatever_the_client_sent() -> None:
 
 
 def test_the_fast_lane_finds_a_mixed_case_request_id_like_the_whole_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def active(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={"active": True, "sub": "svc"})
-
-    service, out = _introspecting_service(monkeypatch, active)
+    idp = FakeIdp()
+    idp.answer = {"active": True, "sub": "svc"}
+    service, out = _introspecting_service(monkeypatch, idp)
 
     async def run() -> None:
         for i in range(3):
