@@ -2,7 +2,7 @@
 
     check_request("/orders/42", token=token, request_id="rid-1")     # an ext_authz CheckRequest
     check_request("/x", headers={"X-Request-Id": "rid"}, host="h")   # headers sent as given
-    check_request("/x", header_map=[...], raw_body=b"...")           # any other HttpRequest field
+    check_request("/x", header_map=HeaderMap(...), raw_body=b"...")  # Envoy's raw header form
     check_input("/orders/42", token=token)                           # the engine's CheckInput
 
 ``headers`` go as given; ``request_id`` sends ``x-request-id`` (unless ``headers`` has one);
@@ -12,15 +12,27 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TypedDict, Unpack
 
+from extauthz._pb.envoy.config.core.v3 import base_pb2
 from extauthz._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
 from extauthz.engine import CheckInput
 
-__all__ = ["check_input", "check_request", "request_headers"]
+__all__ = ["Request", "check_input", "check_request", "request_headers"]
 
 HOST = "api.example.com"
+
+
+class Request(TypedDict, total=False):
+    """One HTTP request as a test describes it; a missing field is the usual GET on HOST."""
+
+    token: str | None
+    method: str
+    host: str
+    headers: Mapping[str, str] | None
+    request_id: str | None
+    context_extensions: Mapping[str, str] | None
 
 
 def request_headers(
@@ -37,50 +49,43 @@ def request_headers(
     return sent
 
 
+def _headers(request: Request) -> dict[str, str]:
+    return request_headers(
+        request.get("headers"), token=request.get("token"), request_id=request.get("request_id")
+    )
+
+
 def check_request(
     path: str = "/",
     *,
-    token: str | None = None,
-    method: str = "GET",
-    host: str = HOST,
-    headers: Mapping[str, str] | None = None,
-    request_id: str | None = None,
-    context_extensions: Mapping[str, str] | None = None,
-    **http: Any,
+    header_map: base_pb2.HeaderMap | None = None,
+    raw_body: bytes = b"",
+    **request: Unpack[Request],
 ) -> ext.CheckRequest:
-    """The CheckRequest for one HTTP request; ``http``: more ``HttpRequest`` fields."""
+    """The CheckRequest for one HTTP request."""
     return ext.CheckRequest(
         attributes=ac.AttributeContext(
             request=ac.AttributeContext.Request(
                 http=ac.AttributeContext.HttpRequest(
-                    method=method,
-                    host=host,
+                    method=request.get("method", "GET"),
+                    host=request.get("host", HOST),
                     path=path,
-                    headers=request_headers(headers, token=token, request_id=request_id),
-                    **http,
+                    headers=_headers(request),
+                    header_map=header_map,
+                    raw_body=raw_body,
                 )
             ),
-            context_extensions=dict(context_extensions or {}),
+            context_extensions=dict(request.get("context_extensions") or {}),
         )
     )
 
 
-def check_input(
-    path: str = "/",
-    *,
-    token: str | None = None,
-    method: str = "GET",
-    host: str = HOST,
-    headers: Mapping[str, str] | None = None,
-    request_id: str | None = None,
-    context_extensions: Mapping[str, str] | None = None,
-) -> CheckInput:
+def check_input(path: str = "/", **request: Unpack[Request]) -> CheckInput:
     """The same request as the engine takes it (header names lower-cased, as Envoy sends them)."""
-    sent = request_headers(headers, token=token, request_id=request_id)
     return CheckInput(
-        method=method,
-        host=host,
+        method=request.get("method", "GET"),
+        host=request.get("host", HOST),
         raw_path=path,
-        headers={name.lower(): value for name, value in sent.items()},
-        context_extensions=dict(context_extensions or {}),
+        headers={name.lower(): value for name, value in _headers(request).items()},
+        context_extensions=dict(request.get("context_extensions") or {}),
     )

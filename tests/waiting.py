@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 __all__ = ["TimedOut", "background_tasks_done", "stays", "wait_until", "wait_until_async"]
 
@@ -30,8 +30,18 @@ class TimedOut(AssertionError):
     """The deadline passed before the condition held."""
 
 
-def _timed_out(timeout: float, what: str) -> TimedOut:
-    return TimedOut(f"timed out after {timeout:g}s waiting for {what}")
+class _Asking(Generic[T]):
+    """Asks ``condition``; raises TimedOut once the deadline has passed without an answer."""
+
+    def __init__(self, condition: Callable[[], T | None], timeout: float, what: str) -> None:
+        self.condition, self.timeout, self.what = condition, timeout, what
+        self.deadline = time.monotonic() + timeout
+
+    def answer(self) -> T | None:
+        result = self.condition()
+        if not result and time.monotonic() > self.deadline:
+            raise TimedOut(f"timed out after {self.timeout:g}s waiting for {self.what}")
+        return result
 
 
 def wait_until(
@@ -39,14 +49,10 @@ def wait_until(
 ) -> T:
     """Ask ``condition`` until it returns something truthy and return that; fail the test with
     ``what`` once ``timeout`` seconds have passed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise _timed_out(timeout, what)
+    asking = _Asking(condition, timeout, what)
+    while not (result := asking.answer()):
         time.sleep(interval)
+    return result
 
 
 async def wait_until_async(
@@ -58,14 +64,10 @@ async def wait_until_async(
 ) -> T:
     """``wait_until`` for a test that runs in an event loop: the loop keeps turning between two
     questions, so the tasks the condition waits on make progress."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise _timed_out(timeout, what)
+    asking = _Asking(condition, timeout, what)
+    while not (result := asking.answer()):
         await asyncio.sleep(interval)
+    return result
 
 
 async def background_tasks_done(

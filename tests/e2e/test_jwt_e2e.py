@@ -23,6 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 OTHER_API = "https://other.example.com"
 
 INVALID_TOKEN = 'Bearer realm="{realm}", error="invalid_token"'
+# What the access line says of GET /orders/42 and of POST /orders, whatever the decision.
+GET_ORDER = {"deployment": "orders", "route": "get-order", "method": "GET", "path": "/orders/42"}
+CREATE_ORDER = {"deployment": "orders", "route": "create-order", "method": "POST", "path": "/orders"}
 
 
 def assert_denied(
@@ -133,15 +136,7 @@ def test_valid_token_reaches_upstream_with_identity_headers(
     assert echo["headers"]["x-auth-subject"] == "acme-client"
     assert echo["headers"]["x-auth-tenant"] == "acme"
     assert echo["headers"]["x-request-id"] == call.request_id
-    assert_access_line(
-        logs,
-        call,
-        deployment="orders",
-        route="get-order",
-        method="GET",
-        path="/orders/42",
-        decision="allow",
-    )
+    assert_access_line(logs, call, **GET_ORDER, decision="allow")
 
 
 def test_post_with_write_scope_is_allowed(idp: IdP, gateway: Gateway, logs: Logs) -> None:
@@ -177,15 +172,7 @@ def test_missing_token_is_401_without_error_code(gateway: Gateway, logs: Logs) -
     )
     assert_failure_line(logs, call, reason="token_missing")
     assert_access_line(
-        logs,
-        call,
-        deployment="orders",
-        route="get-order",
-        method="GET",
-        path="/orders/42",
-        status=401,
-        decision="deny",
-        reason="token_missing",
+        logs, call, **GET_ORDER, status=401, decision="deny", reason="token_missing"
     )
 
 
@@ -300,15 +287,7 @@ def test_missing_scope_is_403_insufficient_scope(idp: IdP, gateway: Gateway, log
         www_authenticate='Bearer realm="orders", error="insufficient_scope", scope="orders.write"',
     )
     assert_access_line(
-        logs,
-        call,
-        deployment="orders",
-        route="create-order",
-        method="POST",
-        path="/orders",
-        status=403,
-        decision="deny",
-        reason="insufficient_scope",
+        logs, call, **CREATE_ORDER, status=403, decision="deny", reason="insufficient_scope"
     )
 
 

@@ -524,7 +524,7 @@ def test_configmap_holds_a_valid_policy(chart: helm.Chart, name: str) -> None:
 
 @pytest.mark.parametrize(
     "path",
-    sorted((REPO / "examples").glob("*.yaml")) + [REPO / "tests" / "e2e" / "policy.yaml"],
+    [*sorted((REPO / "examples").glob("*.yaml")), REPO / "tests" / "e2e" / "policy.yaml"],
     ids=lambda p: str(p.relative_to(REPO)),
 )
 def test_repository_policies_fit_the_values_schema(chart: helm.Chart, path: Path) -> None:
@@ -755,7 +755,7 @@ def test_render_refuses_inconsistent_settings(chart: helm.Chart) -> None:
         chart.render({"terminationGracePeriodSeconds": 12}, name=RELEASE, namespace=NAMESPACE)
     with pytest.raises(helm.HelmRenderError, match="existingConfigMap"):
         chart.render({"config": None}, name=RELEASE, namespace=NAMESPACE)
-    with pytest.raises(helm.HelmRenderError, match="resources.requests.cpu"):
+    with pytest.raises(helm.HelmRenderError, match=r"resources\.requests\.cpu"):
         chart.render(
             {"autoscaling": {"enabled": True}, "resources": {"requests": {"cpu": None}}},
             name=RELEASE, namespace=NAMESPACE,

@@ -120,41 +120,35 @@ class Case:
         return self.endpoint == "introspection_endpoint"
 
 
+# Every endpoint can answer in these ways (a name's suffix, the fault, what the log line says)...
+ANSWERED_WRONG = [
+    ("500", Fault.status_code(500), "500, Internal Server Error"),
+    ("hang", Fault.hang(), "TIMEOUT"),
+    ("close", Fault.close(), PARSE),
+    ("html", Fault.html(), PARSE),
+]
+# ...and be out of reach in these (a name's suffix, where it is, the connect kind).
+OUT_OF_REACH = [("tls", "https", "TLS_ERROR"), ("refused", "refused", "CONNECTION_REFUSED"), ("dns", "dns", "DNS_FAILURE")]
+POLICIES = [("i", INTROSPECTION, "introspection_endpoint"), ("j", JWKS, "jwks_uri"), ("d", DISCOVERY, "discovery")]
+
 CASES = [
-    # introspection_endpoint (REMOTE_INTROSPECTION)
-    Case("i-500", INTROSPECTION, "introspection_endpoint", Fault.status_code(500), "500, Internal Server Error"),
+    *(Case(f"{p}-{suffix}", policy, endpoint, fault, expect)
+      for p, policy, endpoint in POLICIES for suffix, fault, expect in ANSWERED_WRONG),
+    *(Case(f"{p}-{suffix}", policy, endpoint, None, expect, where=where)
+      for p, policy, endpoint in POLICIES for suffix, where, expect in OUT_OF_REACH),
+    # what only one kind of endpoint can get wrong: introspection_endpoint (REMOTE_INTROSPECTION)
     Case("i-503", INTROSPECTION, "introspection_endpoint", Fault.status_code(503), "503, Service Unavailable"),
-    Case("i-hang", INTROSPECTION, "introspection_endpoint", Fault.hang(), "TIMEOUT"),
-    Case("i-close", INTROSPECTION, "introspection_endpoint", Fault.close(), PARSE),
-    Case("i-html", INTROSPECTION, "introspection_endpoint", Fault.html(), PARSE),
     Case("i-active-yes", INTROSPECTION, "introspection_endpoint", Fault.json({"active": "yes"}), PARSE),
     Case("i-active-1", INTROSPECTION, "introspection_endpoint", Fault.json({"active": 1}), PARSE),
     Case("i-no-active", INTROSPECTION, "introspection_endpoint", Fault.json({"sub": "alice"}), PARSE),
     Case("i-array", INTROSPECTION, "introspection_endpoint", Fault.json([{"active": True}]), PARSE),
     Case("i-bad-client", INTROSPECTION, "introspection_endpoint", None, "401, Unauthorized", secret="wrong"),
-    Case("i-tls", INTROSPECTION, "introspection_endpoint", None, "TLS_ERROR", where="https"),
-    Case("i-refused", INTROSPECTION, "introspection_endpoint", None, "CONNECTION_REFUSED", where="refused"),
-    Case("i-dns", INTROSPECTION, "introspection_endpoint", None, "DNS_FAILURE", where="dns"),
     # jwks_uri (REMOTE_JWKS)
-    Case("j-500", JWKS, "jwks_uri", Fault.status_code(500), "500, Internal Server Error"),
     Case("j-404", JWKS, "jwks_uri", Fault.status_code(404), "404, Not Found"),
-    Case("j-hang", JWKS, "jwks_uri", Fault.hang(), "TIMEOUT"),
-    Case("j-close", JWKS, "jwks_uri", Fault.close(), PARSE),
-    Case("j-html", JWKS, "jwks_uri", Fault.html(), PARSE),
     Case("j-no-keys", JWKS, "jwks_uri", Fault.json({"active": "yes"}), PARSE),
     Case("j-empty-keys", JWKS, "jwks_uri", Fault.json({"keys": []}), PARSE),
-    Case("j-tls", JWKS, "jwks_uri", None, "TLS_ERROR", where="https"),
-    Case("j-refused", JWKS, "jwks_uri", None, "CONNECTION_REFUSED", where="refused"),
-    Case("j-dns", JWKS, "jwks_uri", None, "DNS_FAILURE", where="dns"),
     # discovery (REMOTE_DISCOVERY)
-    Case("d-500", DISCOVERY, "discovery", Fault.status_code(500), "500, Internal Server Error"),
-    Case("d-hang", DISCOVERY, "discovery", Fault.hang(), "TIMEOUT"),
-    Case("d-close", DISCOVERY, "discovery", Fault.close(), PARSE),
-    Case("d-html", DISCOVERY, "discovery", Fault.html(), PARSE),
     Case("d-no-jwks-uri", DISCOVERY, "discovery", Fault.json({"issuer": ISSUER}), PARSE),
-    Case("d-tls", DISCOVERY, "discovery", None, "TLS_ERROR", where="https"),
-    Case("d-refused", DISCOVERY, "discovery", None, "CONNECTION_REFUSED", where="refused"),
-    Case("d-dns", DISCOVERY, "discovery", None, "DNS_FAILURE", where="dns"),
     # discovery answers, but an endpoint it names fails
     Case("dj-500", DISCOVERY, "jwks_uri", Fault.status_code(500), "500, Internal Server Error"),
     Case("dj-hang", DISCOVERY, "jwks_uri", Fault.hang(), "TIMEOUT"),
@@ -162,6 +156,7 @@ CASES = [
     Case("di-active-yes", DISCOVERY, "introspection_endpoint", Fault.json({"active": "yes"}), PARSE),
     Case("di-bad-client", DISCOVERY, "introspection_endpoint", None, "401, Unauthorized", secret="wrong"),
 ]
+assert len({case.name for case in CASES}) == len(CASES) == 36
 
 PATHS = {
     "introspection_endpoint": "introspect",

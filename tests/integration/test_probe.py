@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +19,12 @@ from extauthz.errors import IdpError
 from extauthz.idp import Providers
 from tests.conftest import SigningKey
 from tests.integration.faulty_idp import Fault, FaultyIdp
+from tests.integration.serverproc import closed_port, run_extauthz
 
-ROOT = Path(__file__).resolve().parents[2]
 CLIENT_ID = "extauthz"
 SECRET = "probe-test-secret-value"  # the throw-away IdP's client secret; must never be printed
 CONNECT_HINT = "Make sure that the URI is accessible from the network of the authorization service."
+PARSE = "Unable to parse response from Identity Provider"
 
 
 @pytest.fixture(scope="module")
@@ -191,14 +188,7 @@ def test_probe_runs_as_a_command(idp: FaultyIdp, tmp_path: Path) -> None:
     config = write_config(
         tmp_path, deployment("keys", {"type": "REMOTE_JWKS", "uri": f"{idp.url}/jwks"}, [])
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-m", "extauthz", "probe", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    done = run_extauthz("probe", "--config", str(config))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "✔ keys" in done.stdout
 
@@ -212,57 +202,70 @@ def jwks_config(tmp_path: Path, uri: str, **extra: Any) -> Path:
     )
 
 
+def probe_fails(
+    config: Path, capsys: pytest.CaptureFixture[str], *failed: tuple[str, str, str | None]
+) -> tuple[str, dict[str, Any]]:
+    """probe exits 1, and ``failed`` are its ✘ lines as (endpoint, check, log message), in order;
+    the text output and the JSON."""
+    code, text, data = probe(config, capsys)
+    assert code == 1
+    assert failed_checks(data) == list(failed)
+    return text, data
+
+
+def unreachable(uri: str, kind: str) -> str:
+    """The contract's message for a JWKS the server cannot reach."""
+    return f"Unable to connect to the jwks_uri uri: {uri}, {kind}. {CONNECT_HINT}"
+
+
 def test_unresolvable_host(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     uri = "https://idp.does-not-exist.invalid/jwks"
-    code, text, data = probe(jwks_config(tmp_path, uri), capsys)
-    assert code == 1
-    message = f"Unable to connect to the jwks_uri uri: {uri}, DNS_FAILURE. {CONNECT_HINT}"
-    assert failed_checks(data) == [("jwks_uri", "dns", message)]
+    message = unreachable(uri, "DNS_FAILURE")
+    text, _ = probe_fails(jwks_config(tmp_path, uri), capsys, ("jwks_uri", "dns", message))
     assert marked(text, "✘", "dns") and message in text
 
 
-def test_closed_port(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}/jwks"
-    code, _, data = probe(jwks_config(tmp_path, uri), capsys)
-    assert code == 1
-    message = f"Unable to connect to the jwks_uri uri: {uri}, CONNECTION_REFUSED. {CONNECT_HINT}"
-    assert failed_checks(data) == [("jwks_uri", "tcp", message)]
-    assert [c["check"] for c in data["endpoints"][0]["checks"]] == ["dns", "tcp"]
-
-
-def test_hang_is_a_timeout(
-    idp: FaultyIdp, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("where", "kind", "layers"),
+    [
+        pytest.param(
+            lambda idp: f"http://127.0.0.1:{closed_port()}/jwks", "CONNECTION_REFUSED", ["dns", "tcp"],
+            id="closed-port",
+        ),
+        pytest.param(
+            lambda idp: f"{idp.url}/hang/jwks", "TIMEOUT", ["dns", "tcp", "http"], id="hang-is-a-timeout"
+        ),
+    ],
+)
+def test_the_probe_stops_at_the_layer_that_fails(
+    idp: FaultyIdp,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    where: Callable[[FaultyIdp], str],
+    kind: str,
+    layers: list[str],
 ) -> None:
-    uri = f"{idp.url}/hang/jwks"
-    code, _, data = probe(jwks_config(tmp_path, uri), capsys)
-    assert code == 1
-    message = f"Unable to connect to the jwks_uri uri: {uri}, TIMEOUT. {CONNECT_HINT}"
-    assert failed_checks(data) == [("jwks_uri", "http", message)]
-    assert [c["check"] for c in data["endpoints"][0]["checks"]] == ["dns", "tcp", "http"]
+    """A refused connection fails tcp, a hang fails http (as a timeout); nothing past it is probed."""
+    uri = where(idp)
+    failed = ("jwks_uri", layers[-1], unreachable(uri, kind))
+    _, data = probe_fails(jwks_config(tmp_path, uri), capsys, failed)
+    assert [c["check"] for c in data["endpoints"][0]["checks"]] == layers
 
 
 def test_server_error(idp: FaultyIdp, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     uri = f"{idp.url}/broken/jwks"
-    code, text, data = probe(jwks_config(tmp_path, uri), capsys)
-    assert code == 1
     message = (
         f"Unexpected response from the jwks_uri uri: {uri}, received (500, Internal Server Error)."
     )
-    assert failed_checks(data) == [("jwks_uri", "http", message)]
+    text, _ = probe_fails(jwks_config(tmp_path, uri), capsys, ("jwks_uri", "http", message))
     assert "IDP-BODY-MARKER" not in text  # an IdP response body is never shown
 
 
 def test_html_instead_of_json(
     idp: FaultyIdp, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, text, data = probe(jwks_config(tmp_path, f"{idp.url}/html/jwks"), capsys)
-    assert code == 1
-    assert failed_checks(data) == [
-        ("jwks_uri", "json", "Unable to parse response from Identity Provider")
-    ]
+    config = jwks_config(tmp_path, f"{idp.url}/html/jwks")
+    text, _ = probe_fails(config, capsys, ("jwks_uri", "json", PARSE))
     assert marked(text, "✔", "http") == ["200 OK, text/html"]
     assert marked(text, "✘", "json") == ["not JSON (content-type text/html)"]
     assert "IDP-BODY-MARKER" not in text
@@ -290,11 +293,8 @@ def test_discovery_issuer_mismatch(
 
 
 def test_empty_jwks(idp: FaultyIdp, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, text, data = probe(jwks_config(tmp_path, f"{idp.url}/empty/jwks"), capsys)
-    assert code == 1
-    assert failed_checks(data) == [
-        ("jwks_uri", "json", "Unable to parse response from Identity Provider")
-    ]
+    config = jwks_config(tmp_path, f"{idp.url}/empty/jwks")
+    text, _ = probe_fails(config, capsys, ("jwks_uri", "json", PARSE))
     assert "no usable signing keys" in marked(text, "✘", "json")[0]
 
 
@@ -328,13 +328,11 @@ def test_wrong_client_secret_is_a_401(
             [],
         ),
     )
-    code, text, data = probe(config, capsys)
-    assert code == 1
     message = (
         f"Unexpected response from the introspection_endpoint uri: {uri}, "
         "received (401, Unauthorized)."
     )
-    assert failed_checks(data) == [("introspection_endpoint", "http", message)]
+    text, _ = probe_fails(config, capsys, ("introspection_endpoint", "http", message))
     assert "the IdP refuses the configured client credentials" in marked(text, "✘", "http")[0]
     assert "not-the-secret" not in text
 
@@ -371,10 +369,8 @@ def test_self_signed_certificate(
     idp: FaultyIdp, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     uri = f"{idp.https_url}/jwks"
-    code, text, data = probe(jwks_config(tmp_path, uri), capsys)
-    assert code == 1
-    message = f"Unable to connect to the jwks_uri uri: {uri}, TLS_ERROR. {CONNECT_HINT}"
-    assert failed_checks(data) == [("jwks_uri", "tls", message)]
+    message = unreachable(uri, "TLS_ERROR")
+    text, _ = probe_fails(jwks_config(tmp_path, uri), capsys, ("jwks_uri", "tls", message))
     [tls_line] = marked(text, "✘", "tls")
     assert "certificate verify failed: self-signed certificate" in tls_line
     assert "the server presents: subject CN=faulty-idp.test, expires" in tls_line

@@ -20,6 +20,7 @@ from tests.check_requests import check_request
 from tests.configmap import ConfigMapVolume
 from tests.conftest import claims
 from tests.integration.serverproc import ExtauthzProcess, free_port, run_extauthz
+from tests.policies import orders
 from tests.waiting import stays, wait_until
 
 ORDER = "/orders/1"
@@ -27,23 +28,12 @@ ORDER = "/orders/1"
 
 @pytest.fixture
 def config(rsa_key: Any) -> dict[str, Any]:
-    return {
-        "deployments": [
-            {
-                "name": "orders",
-                "pathPrefix": "/orders",
-                "authentication": {
-                    "type": "TOKEN_AUTHENTICATION",
-                    "validationPolicy": {
-                        "type": "STATIC_KEYS",
-                        "keys": [rsa_key.public_jwk],
-                        "additionalValidationPolicy": {"issuers": ["https://idp.example.com"]},
-                    },
-                },
-                "headersFromClaims": {"x-auth-subject": "sub"},
-            }
-        ]
+    static = {
+        "type": "STATIC_KEYS",
+        "keys": [rsa_key.public_jwk],
+        "additionalValidationPolicy": {"issuers": ["https://idp.example.com"]},
     }
+    return {"deployments": [orders(static, headersFromClaims={"x-auth-subject": "sub"})]}
 
 
 @pytest.fixture
@@ -191,7 +181,7 @@ def test_workers_share_the_port_and_the_metrics(config: dict[str, Any], tmp_path
         # separate channels: the kernel balances connections, not streams
         for _ in range(20):
             with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-                stub = ext_grpc.AuthorizationStub(ch)
+                stub = ext_grpc.AuthorizationStub(ch)  # type: ignore[no-untyped-call]
                 assert stub.Check(check_request(ORDER, token=token), timeout=5).status.code == 0
 
         def allowed() -> float:

@@ -32,6 +32,7 @@ from tests.check_requests import check_input, check_request
 from tests.conftest import AUDIENCE, ISSUER
 from tests.fake_idp import JWKS, FakeIdp
 from tests.integration.serverproc import ExtauthzProcess
+from tests.policies import GET_ORDER, orders
 
 ROOT = Path(__file__).resolve().parents[2]
 JWKS_URI = JWKS
@@ -161,36 +162,16 @@ def validation(source: dict[str, Any]) -> dict[str, Any]:
 def corpus_config(source: dict[str, Any]) -> dict[str, Any]:
     """``orders`` reads the Authorization header, ``query`` reads ``?access_token=``; both check
     iss, aud, tenant and (on /{id}) the orders.read scope."""
-    routes = [
-        {
-            "name": "get-order",
-            "path": "/{id}",
-            "methods": ["GET"],
-            "authorization": {"type": "ANY_OF", "allowedScope": ["orders.read"]},
-        }
-    ]
     return {
         "deployments": [
-            {
-                "name": "orders",
-                "pathPrefix": "/orders",
-                "authentication": {
-                    "type": "TOKEN_AUTHENTICATION",
-                    "validationPolicy": validation(source),
-                },
-                "routes": routes,
-                "headersFromClaims": {"x-auth-subject": "sub"},
-            },
-            {
-                "name": "query",
-                "pathPrefix": "/q",
-                "authentication": {
-                    "type": "TOKEN_AUTHENTICATION",
-                    "tokenQueryParam": "access_token",
-                    "validationPolicy": validation(source),
-                },
-                "routes": routes,
-            },
+            orders(validation(source), routes=[GET_ORDER], headersFromClaims={"x-auth-subject": "sub"}),
+            orders(
+                validation(source),
+                authentication={"tokenQueryParam": "access_token"},
+                name="query",
+                pathPrefix="/q",
+                routes=[GET_ORDER],
+            ),
         ]
     }
 

@@ -146,8 +146,9 @@ def test_legacy_jwt_authentication_resolves_to_the_same_shape(rsa_key: Any) -> N
 
 
 def test_static_private_key_is_refused(rsa_key: Any) -> None:
-    from jwt.algorithms import RSAAlgorithm
     import json
+
+    from jwt.algorithms import RSAAlgorithm
 
     private = json.loads(RSAAlgorithm.to_jwk(rsa_key.private))
     d = deployment(

@@ -20,32 +20,19 @@ from extauthz.response import to_check_response
 from tests.check_requests import check_input
 from tests.conftest import AUDIENCE, ISSUER, claims
 from tests.fake_idp import DISCOVERY, FakeIdp
+from tests.policies import GET_ORDER, LIST_ORDERS, orders
 from tests.waiting import background_tasks_done
 
 
 def make_config(validation: dict[str, Any], **auth: Any) -> Config:
-    return parse_config(
-        {
-            "deployments": [
-                {
-                    "name": "orders",
-                    "hosts": ["api.example.com", "*.example.org"],
-                    "pathPrefix": "/orders",
-                    "authentication": {"type": "TOKEN_AUTHENTICATION", "validationPolicy": validation, **auth},
-                    "routes": [
-                        {
-                            "name": "get-order",
-                            "path": "/{id}",
-                            "methods": ["GET"],
-                            "authorization": {"type": "ANY_OF", "allowedScope": ["orders.read"]},
-                        },
-                        {"name": "list", "path": "/", "methods": ["GET"]},
-                    ],
-                    "headersFromClaims": {"x-auth-subject": "sub", "x-auth-tenant": "tenant"},
-                }
-            ]
-        }
+    deployment = orders(
+        validation,
+        authentication=auth,
+        hosts=["api.example.com", "*.example.org"],
+        routes=[GET_ORDER, LIST_ORDERS],
+        headersFromClaims={"x-auth-subject": "sub", "x-auth-tenant": "tenant"},
     )
+    return parse_config({"deployments": [deployment]})
 
 
 def discovery_policy(**extra: Any) -> dict[str, Any]:

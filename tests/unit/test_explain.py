@@ -35,6 +35,7 @@ from extauthz.idp import Providers
 from extauthz.response import http_status, www_authenticate
 from tests.conftest import AUDIENCE, ISSUER, SigningKey, claims
 from tests.fake_idp import DISCOVERY, INTROSPECT, JWKS, FakeIdp
+from tests.policies import GET_ORDER, LIST_ORDERS, orders
 
 # A token read 14 minutes before it expires: exp 10:00:00, now 09:46:00, 60 s of skew.
 EXAMPLE_NOW = datetime(2026, 11, 21, 9, 46, tzinfo=UTC).timestamp()
@@ -66,33 +67,13 @@ def make_config(
         "audiences": [AUDIENCE],
         "verifyClaims": DEFAULT_CLAIMS if verify_claims is None else verify_claims,
     }
-    return parse_config(
-        {
-            "server": server or {},
-            "deployments": [
-                {
-                    "name": "orders",
-                    "pathPrefix": "/orders",
-                    "authentication": {
-                        "type": "TOKEN_AUTHENTICATION",
-                        "maxClockSkewInSeconds": skew,
-                        "validationPolicy": {**validation, "additionalValidationPolicy": extra},
-                        **auth,
-                    },
-                    "routes": [
-                        {
-                            "name": "get-order",
-                            "path": "/{id}",
-                            "methods": ["GET"],
-                            "authorization": {"type": "ANY_OF", "allowedScope": ["orders.read"]},
-                        },
-                        {"name": "list", "path": "/", "methods": ["GET"]},
-                    ],
-                    "headersFromClaims": {"x-auth-subject": "sub"},
-                }
-            ],
-        }
+    deployment = orders(
+        {**validation, "additionalValidationPolicy": extra},
+        authentication={"maxClockSkewInSeconds": skew, **auth},
+        routes=[GET_ORDER, LIST_ORDERS],
+        headersFromClaims={"x-auth-subject": "sub"},
     )
+    return parse_config({"server": server or {}, "deployments": [deployment]})
 
 
 def static_keys(*keys: SigningKey, algorithms: list[str] | None = None) -> dict[str, Any]:
@@ -668,21 +649,8 @@ def test_pasted_bearer_prefix_is_removed() -> None:
 
 @pytest.fixture
 def config_file(tmp_path: Path, rsa_key: SigningKey) -> Path:
-    cfg = {
-        "deployments": [
-            {
-                "name": "orders",
-                "pathPrefix": "/orders",
-                "authentication": {
-                    "type": "TOKEN_AUTHENTICATION",
-                    "validationPolicy": {
-                        **static_keys(rsa_key),
-                        "additionalValidationPolicy": {"audiences": [AUDIENCE]},
-                    },
-                },
-            }
-        ]
-    }
+    validation = {**static_keys(rsa_key), "additionalValidationPolicy": {"audiences": [AUDIENCE]}}
+    cfg = {"deployments": [orders(validation)]}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -334,7 +334,7 @@ def test_service_full_method_name() -> None:
 
 def test_servicer_is_served_under_envoy_method_path() -> None:
     class Servicer(external_auth_pb2_grpc.AuthorizationServicer):
-        def Check(self, request, context):
+        def Check(self, request, context):  # noqa: N802 (the gRPC method's name)
             return external_auth_pb2.CheckResponse(
                 status=status_pb2.Status(code=code_pb2.OK, message=request.attributes.request.http.path)
             )

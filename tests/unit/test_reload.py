@@ -64,27 +64,38 @@ def _watcher(
     return reload.ConfigWatcher(path, applied.append, logger, poll_seconds=POLL, clock=clock)
 
 
-def _polls_after(
-    change: Callable[[], None],
-    path: Path,
-    applied: list[Config],
-    clock: FakeClock,
-    log: io.StringIO | None = None,
-    times: int = 4,
-) -> list[bool]:
-    """What ``times`` polls a poll interval apart return, once ``change()`` altered the file the
-    watcher had read."""
+CHECK = "check"  # a step: the watcher checks the file once (one poll, or a SIGHUP's check)
+POKE = "poke"  # a step: a SIGHUP
 
-    async def polls() -> list[bool]:
+
+def _checks(
+    path: Path, applied: list[Config], clock: FakeClock, *steps: object, log: io.StringIO | None = None
+) -> list[bool]:
+    """What the checks among ``steps`` return, on a watcher that has read the file as it was:
+    CHECK checks once, POKE pokes the watcher, a number moves the clock on that many seconds,
+    a function changes the file."""
+
+    async def run() -> list[bool]:
         watcher = _watcher(path, applied, clock, log)
-        change()
         results = []
-        for _ in range(times):
-            results.append(await watcher.check_once())
-            clock.now += POLL
+        for step in steps:
+            if step == CHECK:
+                results.append(await watcher.check_once())
+            elif step == POKE:
+                watcher.poke()
+            elif isinstance(step, int | float):
+                clock.now += step
+            else:
+                assert callable(step)
+                step()
         return results
 
-    return asyncio.run(polls())
+    return asyncio.run(run())
+
+
+def _each_interval(checks: int) -> list[object]:
+    """``checks`` polls, a poll interval apart."""
+    return [CHECK, POLL] * checks
 
 
 # -- settling ----------------------------------------------------------------------------------
@@ -102,19 +113,14 @@ def test_a_half_written_config_that_validates_is_never_applied(tmp_path: Path) -
     assert _prefixes(load_config_text(tmp_path, half)) == ["/orders"]  # a valid config by itself
 
     clock, applied = FakeClock(), list[Config]()
-
-    async def polls() -> list[bool]:
-        watcher = _watcher(path, applied, clock)
-        path.write_text(half)  # the writer has got this far...
-        first = await watcher.check_once()
-        clock.now += 0.3
-        path.write_text(new)  # ...and finishes within the same poll interval
-        second = await watcher.check_once()  # a SIGHUP check: new content, it starts over
-        clock.now += POLL
-        third = await watcher.check_once()
-        return [first, second, third]
-
-    assert asyncio.run(polls()) == [False, False, True]
+    checks = _checks(
+        path, applied, clock,
+        lambda: path.write_text(half), CHECK,  # the writer has got this far...
+        0.3, lambda: path.write_text(new),  # ...and finishes within the same poll interval
+        CHECK,  # a SIGHUP check: new content, it starts over
+        POLL, CHECK,
+    )  # fmt: skip
+    assert checks == [False, False, True]
     assert [_prefixes(c) for c in applied] == [["/orders", "/catalog"]]
 
 
@@ -123,7 +129,8 @@ def test_a_stable_new_config_is_applied_by_the_second_poll(tmp_path: Path) -> No
     _write(path, "/old")
     clock, applied = FakeClock(), list[Config]()
     # The first poll notes it, the second applies it, then nothing.
-    assert _polls_after(lambda: _write(path, "/new"), path, applied, clock) == [False, True, False, False]
+    checks = _checks(path, applied, clock, lambda: _write(path, "/new"), *_each_interval(4))
+    assert checks == [False, True, False, False]
     assert [_prefixes(c) for c in applied] == [["/new"]]
 
 
@@ -133,18 +140,10 @@ def test_a_second_read_sooner_than_a_poll_interval_does_not_apply(tmp_path: Path
     path = tmp_path / "config.yaml"
     _write(path, "/old")
     clock, applied = FakeClock(), list[Config]()
-
-    async def polls() -> list[bool]:
-        watcher = _watcher(path, applied, clock)
-        _write(path, "/new")
-        first = await watcher.check_once()
-        clock.now += 0.1
-        watcher.poke()
-        poked = await watcher.check_once()
-        clock.now += POLL - 0.1
-        return [first, poked, await watcher.check_once()]
-
-    assert asyncio.run(polls()) == [False, False, True]
+    checks = _checks(
+        path, applied, clock, lambda: _write(path, "/new"), CHECK, 0.1, POKE, CHECK, POLL - 0.1, CHECK
+    )
+    assert checks == [False, False, True]
     assert [_prefixes(c) for c in applied] == [["/new"]]
 
 
@@ -190,18 +189,12 @@ def test_a_change_reverted_before_it_settled_applies_nothing(tmp_path: Path) -> 
     path = tmp_path / "config.yaml"
     _write(path, "/old")
     clock, applied = FakeClock(), list[Config]()
-
-    async def polls() -> list[bool]:
-        watcher = _watcher(path, applied, clock)
-        _write(path, "/new")
-        results = [await watcher.check_once()]
-        _write(path, "/old")
-        for _ in range(3):
-            clock.now += POLL
-            results.append(await watcher.check_once())
-        return results
-
-    assert asyncio.run(polls()) == [False, False, False, False]
+    checks = _checks(
+        path, applied, clock,
+        lambda: _write(path, "/new"), CHECK, lambda: _write(path, "/old"),
+        POLL, CHECK, POLL, CHECK, POLL, CHECK,
+    )  # fmt: skip
+    assert checks == [False, False, False, False]
     assert applied == []
 
 
@@ -224,7 +217,8 @@ def test_a_file_rewritten_while_it_is_read_is_not_applied(
     monkeypatch.setattr(reload, "load_config", load_then_overwritten)
     clock, applied = FakeClock(), list[Config]()
     # /new settles at poll 2 but is rewritten while read; /newest is seen at 3 and applied at 4.
-    assert _polls_after(lambda: _write(path, "/new"), path, applied, clock) == [False, False, False, True]
+    checks = _checks(path, applied, clock, lambda: _write(path, "/new"), *_each_interval(4))
+    assert checks == [False, False, False, True]
     assert [_prefixes(c) for c in applied] == [["/newest"]]
 
 
@@ -236,7 +230,7 @@ def test_an_invalid_settled_config_is_reported_once_and_the_old_one_stays(tmp_pa
     def invalid() -> None:
         path.write_text("deployments: []\n")  # valid YAML, not a valid config
 
-    assert _polls_after(invalid, path, applied, clock, log) == [False, False, False, False]
+    assert _checks(path, applied, clock, invalid, *_each_interval(4), log=log) == [False, False, False, False]
     assert applied == []
     assert log.getvalue().count('"config.reloadFailed"') == 1
 

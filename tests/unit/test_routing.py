@@ -21,8 +21,10 @@ from extauthz.decision import Decision, Reason
 from extauthz.engine import CheckInput, Engine
 from extauthz.response import Renderer
 from extauthz.routing import read_request_target, request_path
+from tests.check_requests import check_request
 from tests.conftest import SigningKey
-from tests.unit.test_engine import FakeIdp, build, check
+from tests.fake_idp import FakeIdp
+from tests.unit.test_engine import build, check
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +44,7 @@ def deployment(name: str, prefix: str, *, anonymous: bool, key: SigningKey, **ex
 
 
 def engine_for(*deployments: dict[str, Any], **server: Any) -> Engine:
-    return build(parse_config({"server": server, "deployments": list(deployments)}), FakeIdp([]))
+    return build(parse_config({"server": server, "deployments": list(deployments)}), FakeIdp())
 
 
 def decide(engine: Engine, host: str, path: str, method: str = "GET", **context: str) -> Decision:
@@ -342,8 +344,6 @@ def test_the_access_line_cuts_a_long_path(paths_engine: Engine) -> None:
     import io
     import json
 
-    from extauthz._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
-    from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
     from extauthz.logs import MAX_LOGGED_PATH_CHARS, JsonLogger
     from extauthz.metrics import Metrics
     from extauthz.server import AuthorizationService
@@ -351,9 +351,7 @@ def test_the_access_line_cuts_a_long_path(paths_engine: Engine) -> None:
     out = io.StringIO()
     service = AuthorizationService(paths_engine, JsonLogger(stream=out), Metrics())
     path = "/public" + "/a" * 30_000
-    http = ac.AttributeContext.HttpRequest(method="GET", host="h", path=path, headers={"x-request-id": "rid-long"})
-    request = ext.CheckRequest(attributes=ac.AttributeContext(request=ac.AttributeContext.Request(http=http)))
-    asyncio.run(service.Check(request, None))  # type: ignore[arg-type]
+    asyncio.run(service.Check(check_request(path, host="h", request_id="rid-long"), None))  # type: ignore[arg-type]
     (access,) = [json.loads(line) for line in out.getvalue().splitlines() if '"access"' in line]
     assert access["path"] == f"{path[:MAX_LOGGED_PATH_CHARS]}... ({len(path)} characters)"
     assert access["decision"] == "allow" and access["deployment"] == "public"
