@@ -16,7 +16,7 @@ sits in the repository). Both listeners share one route table::
 
 Faults: an HTTP status, a hang past any client timeout, a socket closed without an answer, an
 HTML page, any JSON body (``{"active": "yes"}``, with response headers of the test's choice),
-and a hold that answers normally once the test calls :meth:`FaultyIdp.release` (to gather
+any bytes with any status and reason phrase (``Fault.raw``), and a hold that answers normally once the test calls :meth:`FaultyIdp.release` (to gather
 concurrent callers). Every request is recorded with its headers and form, so a test can count
 calls and see how the client authenticated.
 """
@@ -55,9 +55,10 @@ HTML_PAGE = b"<html><body><h1>IDP-BODY-MARKER: maintenance</h1></body></html>"
 class Fault:
     """How a path misbehaves instead of doing its job."""
 
-    kind: str  # status | hang | close | html | json | hold
+    kind: str  # status | hang | close | html | json | raw | hold
     status: int = 200
     body: Any = None
+    reason: str | None = None  # the reason phrase of a raw answer
     headers: tuple[tuple[str, str], ...] = ()  # response headers sent with a json answer
 
     @classmethod
@@ -85,6 +86,12 @@ class Fault:
         """200 (or ``status``) with this JSON body (and these response headers), whatever was
         asked and whoever asked it."""
         return cls("json", status=status, body=body, headers=tuple((headers or {}).items()))
+
+    @classmethod
+    def raw(cls, status: int, body: bytes, reason: str) -> Fault:
+        """``status`` with exactly these bytes as a JSON body, and a reason phrase of the IdP's own
+        (any text, where a well-behaved server sends the standard one)."""
+        return cls("raw", status=status, body=body, reason=reason)
 
     @classmethod
     def hold(cls) -> Fault:
@@ -164,6 +171,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, "text/html; charset=utf-8", HTML_PAGE)
         elif fault.kind == "json":
             self._send_json(fault.status, fault.body, dict(fault.headers))
+        elif fault.kind == "raw":
+            self._send(fault.status, "application/json", fault.body, reason=fault.reason)
         else:  # pragma: no cover (a typo in a test)
             raise ValueError(fault.kind)
 
@@ -197,9 +206,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, "application/json", json.dumps(body).encode(), extra)
 
     def _send(
-        self, status: int, content_type: str, body: bytes, extra: Mapping[str, str] | None = None
+        self,
+        status: int,
+        content_type: str,
+        body: bytes,
+        extra: Mapping[str, str] | None = None,
+        *,
+        reason: str | None = None,
     ) -> None:
-        self.send_response(status, HTTPStatus(status).phrase)
+        self.send_response(status, HTTPStatus(status).phrase if reason is None else reason)
         self.send_header("content-type", content_type)
         self.send_header("content-length", str(len(body)))
         for name, value in (extra or {}).items():

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import re
 import secrets
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -650,32 +648,6 @@ HOSTILE_ANSWERS: dict[str, tuple[int, str, bytes]] = {
 }
 
 
-class _Hostile(BaseHTTPRequestHandler):
-    """Answers each path with its HOSTILE_ANSWERS entry, reason phrase as given."""
-
-    protocol_version = "HTTP/1.0"
-
-    def do_GET(self) -> None:
-        self._answer()
-
-    def do_POST(self) -> None:
-        self._answer()
-
-    def _answer(self) -> None:
-        length = int(self.headers.get("content-length") or 0)
-        if length:
-            self.rfile.read(length)
-        status, reason, body = HOSTILE_ANSWERS[self.path]
-        self.send_response(status, reason)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @dataclass
 class Hostile:
     url: str
@@ -684,31 +656,29 @@ class Hostile:
 
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
-    """An IdP whose answers are hostile, and an extauthz that shows its messages in the body
+    """An IdP whose answers are hostile (each path its HOSTILE_ANSWERS entry, reason phrase as
+    given), and an extauthz that shows its messages in the body
     (exposeDetailedErrors) and opens a circuit after two failures."""
-    idp = ThreadingHTTPServer(("127.0.0.1", 0), _Hostile)
-    idp.daemon_threads = True
-    threading.Thread(target=idp.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    url = f"http://127.0.0.1:{idp.server_address[1]}"
     workdir = tmp_path_factory.mktemp("hostile")
     (workdir / "secret").write_text("hostile-secret\n")
-    deployments = []
-    for path in HOSTILE_ANSWERS:
-        name = path.split("/")[1]
-        policy: dict[str, Any] = {"type": JWKS, "uri": url + path}
-        if path.endswith("/introspect"):
-            policy = {"type": INTROSPECTION, "uri": url + path, "clientDetails": client_details(workdir / "secret")}
-        deployments.append(deployment(name, policy))
-    config = {
-        "server": {"exposeDetailedErrors": True, "circuitBreaker": {"failureThreshold": 2, "coolDownSeconds": 60}},
-        "deployments": deployments,
-    }
-    try:
+    with FaultyIdp(tls=False) as idp:
+        deployments = []
+        for path, (status, reason, body) in HOSTILE_ANSWERS.items():
+            name = path.split("/")[1]
+            fault = Fault.raw(status, body, reason)
+            policy: dict[str, Any]
+            if path.endswith("/introspect"):
+                policy = {"type": INTROSPECTION, "uri": idp.introspection(path, fault=fault),
+                          "clientDetails": client_details(workdir / "secret")}
+            else:
+                policy = {"type": JWKS, "uri": idp.jwks(path, fault=fault)}
+            deployments.append(deployment(name, policy))
+        config = {
+            "server": {"exposeDetailedErrors": True, "circuitBreaker": {"failureThreshold": 2, "coolDownSeconds": 60}},
+            "deployments": deployments,
+        }
         with ExtauthzProcess(config, workdir / "server") as server:
-            yield Hostile(url, server)
-    finally:
-        idp.shutdown()
-        idp.server_close()
+            yield Hostile(idp.url, server)
 
 
 @pytest.mark.parametrize(("name", "shown"), [("h-599", "599, Unknown"), ("h-502", "502, Bad Gateway")])

@@ -359,7 +359,9 @@ def test_cached_keys_survive_an_idp_outage(config: Config, idp: FakeIdp, rsa_key
         now[0] = 3600 + 10  # expired, within the stale window: served at once, refreshed behind
         for _ in range(20):
             assert (await engine.check(request(token))).allowed
-        await asyncio.sleep(0.01)
+        # The refresh runs in the background: wait for its call to the IdP, and for it to end.
+        await idp.until_called("/.well-known/openid-configuration", 2)
+        await background_tasks_done(what="the failed background refresh")
         assert idp.calls["/.well-known/openid-configuration"] == 2  # one failed background refresh
         now[0] = 3 * 3600  # beyond the stale window: fail closed
         assert (await engine.check(request(token))).reason is Reason.IDP_CALL_FAILED
