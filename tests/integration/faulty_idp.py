@@ -116,6 +116,7 @@ class _Route:
     jwks_path: str | None = None
     introspection_path: str | None = None
     issuer: str | None = None
+    clients: Mapping[str, str] | None = None  # who may introspect here; None: the IdP's clients
 
 
 @dataclass
@@ -191,10 +192,10 @@ class _Handler(BaseHTTPRequestHandler):
         elif route.role == "introspection":
             if self.command != "POST":
                 self._send_json(405, {"error": "invalid_request"})
-            elif not idp.authenticates(headers, form):
+            elif not idp.authenticates(headers, form, route.clients):
                 self._send_json(
                     401,
-                    {"error": "invalid_client"},
+                    {"error": "invalid_client", "error_description": "IDP-BODY-MARKER: who are you?"},
                     extra={"www-authenticate": 'Basic realm="faulty-idp", error="invalid_client"'},
                 )
             else:
@@ -298,6 +299,9 @@ class FaultyIdp:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> FaultyIdp:
+        """Listen (once: on a started IdP, nothing happens); the IdP."""
+        if self._servers:
+            return self
         plain = _Server(self, None)
         self._servers.append(plain)
         self.url = f"http://127.0.0.1:{plain.server_address[1]}"
@@ -345,9 +349,12 @@ class FaultyIdp:
 
     # -- routes and the control method -----------------------------------------------------
 
-    def introspection(self, path: str, *, fault: Fault | None = None) -> str:
-        """An RFC 7662 endpoint at ``path``; returns its plain-HTTP URL."""
-        return self._route(path, _Route("introspection", fault))
+    def introspection(
+        self, path: str, *, fault: Fault | None = None, clients: Mapping[str, str] | None = None
+    ) -> str:
+        """An RFC 7662 endpoint at ``path`` for the IdP's clients (or these, client id to secret);
+        returns its plain-HTTP URL."""
+        return self._route(path, _Route("introspection", fault, clients=clients))
 
     def jwks(self, path: str, *, fault: Fault | None = None) -> str:
         return self._route(path, _Route("jwks", fault))
@@ -407,8 +414,14 @@ class FaultyIdp:
             claims = self._tokens.get(token)
         return {"active": False} if claims is None else {"active": True, **claims}
 
-    def authenticates(self, headers: Mapping[str, str], form: Mapping[str, str]) -> bool:
-        """client_secret_basic (RFC 6749 §2.3.1, form-urlencoded parts) or client_secret_post."""
+    def authenticates(
+        self,
+        headers: Mapping[str, str],
+        form: Mapping[str, str],
+        clients: Mapping[str, str] | None = None,
+    ) -> bool:
+        """client_secret_basic (RFC 6749 §2.3.1, form-urlencoded parts) or client_secret_post, of
+        one of ``clients`` (by default the IdP's)."""
         auth = headers.get("authorization", "")
         if auth.lower().startswith("basic "):
             try:
@@ -419,5 +432,5 @@ class FaultyIdp:
             client_id, secret = unquote_plus(user), unquote_plus(password)
         else:
             client_id, secret = form.get("client_id", ""), form.get("client_secret", "")
-        expected = self.clients.get(client_id)
+        expected = (self.clients if clients is None else clients).get(client_id)
         return expected is not None and secrets.compare_digest(expected, secret)

@@ -15,8 +15,7 @@ import hmac
 import http.server
 import json
 import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -208,14 +207,3 @@ def bearer(token: str, path: str = "/orders/42") -> Sent:
 def scan(haystack: str, needles: Mapping[str, str]) -> list[str]:
     """Names of the needles found in ``haystack``."""
     return [name for name, needle in needles.items() if needle and needle in haystack]
-
-
-@contextmanager
-def serve_in_thread(server: http.server.HTTPServer) -> Iterator[None]:
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -2,11 +2,12 @@
 of everything it produced for anything secret.
 
 The server runs as a user runs it (``python -m extauthz serve``, logLevel DEBUG,
-exposeDetailedErrors on, traces exported to a real OTLP receiver) in front of a loopback IdP that
-serves a JWKS, a discovery document and four introspection endpoints: one that works (Basic auth,
-secret from ``clientSecretEnv``), one that answers 500, one that refuses the secret read from
-``clientSecretFile`` (401), one reached through discovery with ``client_secret_post``, and one
-that answers an HTML page. Every error body the IdP sends carries a marker.
+exposeDetailedErrors on, traces exported to a real OTLP receiver) in front of a loopback IdP
+(``tests/integration/faulty_idp.py``) that serves a JWKS, a discovery document and four
+introspection endpoints: one that works (Basic auth, secret from ``clientSecretEnv``), one that
+answers 500, one that refuses the secret read from ``clientSecretFile`` (401), one reached through
+discovery with ``client_secret_post``, and one that answers an HTML page. Every error body the IdP
+sends carries a marker.
 
 Needles: every token sent, each JWT's signature part, every client secret (and the Basic
 credentials built from them), every ``Authorization`` header value, and the IdP's error bodies.
@@ -20,87 +21,27 @@ import base64
 import json
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, quote_plus
+from urllib.parse import quote_plus
 
 import pytest
 
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
 from tests.check_requests import check_request
 from tests.conftest import AUDIENCE, ISSUER, SigningKey, claims
+from tests.integration.faulty_idp import Fault, FaultyIdp
 from tests.integration.serverproc import ExtauthzProcess
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.security._support import (
     scan,
-    serve_in_thread,
     server_process,
     split,
 )
 from tests.waiting import wait_until
 
-MARKER = "IDP-BODY-MARKER-7f3a"
+MARKER = "IDP-BODY-MARKER"
 CLIENT_ID = "extauthz-rs"
-
-
-@dataclass
-class Idp:
-    """The loopback identity provider: routes by path, records what it was sent."""
-
-    jwks: dict[str, Any]
-    env_secret: str
-    post_secret: str
-    active: dict[str, dict[str, Any]]  # opaque token → claims
-    seen: list[dict[str, Any]] = field(default_factory=list)
-    base: str = ""
-
-    def handler(self) -> type[BaseHTTPRequestHandler]:
-        idp = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
-                self.send_response(status)
-                self.send_header("content-type", ctype)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self) -> None:
-                idp.seen.append({"path": self.path, "authorization": self.headers.get("authorization")})
-                if self.path == "/jwks":
-                    self._send(200, json.dumps(idp.jwks).encode())
-                elif self.path == "/.well-known/openid-configuration":
-                    doc = {"issuer": ISSUER, "jwks_uri": f"{idp.base}/jwks", "introspection_endpoint": f"{idp.base}/introspect-post"}
-                    self._send(200, json.dumps(doc).encode())
-                else:
-                    self._send(404, b"{}")
-
-            def do_POST(self) -> None:
-                form = {k: v[0] for k, v in parse_qs(self.rfile.read(int(self.headers.get("content-length", 0))).decode()).items()}
-                auth = self.headers.get("authorization")
-                idp.seen.append({"path": self.path, "authorization": auth, "form": form})
-                token = form.get("token", "")
-                if self.path == "/introspect-500":
-                    return self._send(500, json.dumps({"error": "server_error", "detail": MARKER}).encode())
-                if self.path == "/introspect-html":
-                    return self._send(200, f"<html><body>{MARKER} please log in</body></html>".encode(), "text/html")
-                if self.path == "/introspect-post":
-                    ok = form.get("client_id") == CLIENT_ID and form.get("client_secret") == idp.post_secret
-                elif self.path in ("/introspect", "/introspect-strict"):
-                    expected = "Basic " + base64.b64encode(f"{CLIENT_ID}:{idp.env_secret}".encode()).decode()
-                    ok = auth == expected
-                else:
-                    return self._send(404, b"{}")
-                if not ok:
-                    return self._send(401, json.dumps({"error": "invalid_client", "error_description": MARKER}).encode())
-                found = idp.active.get(token)
-                self._send(200, json.dumps({"active": True, **found} if found else {"active": False}).encode())
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        return Handler
 
 
 @dataclass
@@ -110,7 +51,7 @@ class Audit:
     spans: list[ReceivedSpan]
     responses: list[tuple[str, ext.CheckResponse]]
     admin_text: str
-    idp: Idp
+    idp: FaultyIdp
     url_password: str
 
 
@@ -127,14 +68,20 @@ def audit(rsa_key: SigningKey, rsa_key2: SigningKey, tmp_path_factory: pytest.Te
     url_password = "url-password-" + secrets.token_urlsafe(12)
     (workdir / "wrong.secret").write_text(file_secret + "\n")
     (workdir / "post.secret").write_text(post_secret)
-    opaque_good = "opaque-" + secrets.token_urlsafe(24)
+    # The IdP: a JWKS; introspection with Basic credentials (the secret in the environment); one
+    # that answers 500 and one that answers an HTML page, both with IDP-BODY-MARKER in the body;
+    # a discovery document naming an introspection endpoint for client_secret_post.
+    idp = FaultyIdp(keys=[rsa_key.public_jwk], clients={CLIENT_ID: env_secret}, tls=False).start()
+    idp.jwks("/jwks")
+    idp.introspection("/introspect")
+    idp.introspection("/introspect-strict")  # the file's secret is not env_secret: 401
+    idp.introspection("/introspect-500", fault=Fault.status_code(500))
+    idp.introspection("/introspect-html", fault=Fault.html())
+    idp.introspection("/introspect-post", clients={CLIENT_ID: post_secret})
+    idp.discovery("/.well-known/openid-configuration", jwks="/jwks", introspection="/introspect-post", issuer=ISSUER)
+    opaque_good = idp.issue(claims(sub="opaque-user"))
     opaque_bad = "opaque-" + secrets.token_urlsafe(24)
-    opaque_post = "opaque-" + secrets.token_urlsafe(24)
-    idp = Idp({"keys": [rsa_key.public_jwk]}, env_secret, post_secret,
-              {opaque_good: {**claims(sub="opaque-user")}, opaque_post: {**claims(sub="post-user")}})
-
-    server_http = ThreadingHTTPServer(("127.0.0.1", 0), idp.handler())
-    idp.base = f"http://127.0.0.1:{server_http.server_address[1]}"
+    opaque_post = idp.issue(claims(sub="post-user"))
     checks_policy = {"issuers": [ISSUER], "audiences": [AUDIENCE]}
 
     def intro(uri: str, **client: Any) -> dict[str, Any]:
@@ -150,15 +97,15 @@ def audit(rsa_key: SigningKey, rsa_key2: SigningKey, tmp_path_factory: pytest.Te
              "authentication": {"type": "TOKEN_AUTHENTICATION", "validationPolicy": static}},
             {"name": "legacy", "pathPrefix": "/legacy",
              "authentication": {"type": "JWT_AUTHENTICATION", "issuers": [ISSUER],
-                                "publicKeys": {"type": "REMOTE_JWKS", "uri": f"{idp.base}/jwks"}}},
+                                "publicKeys": {"type": "REMOTE_JWKS", "uri": f"{idp.url}/jwks"}}},
             {"name": "query", "pathPrefix": "/query",
              "authentication": {"type": "TOKEN_AUTHENTICATION", "tokenQueryParam": "access_token", "validationPolicy": static}},
-            {"name": "intro-ok", "pathPrefix": "/intro-ok", "authentication": intro(f"{idp.base}/introspect", clientSecretEnv="AUDIT_CLIENT_SECRET")},
-            {"name": "intro-500", "pathPrefix": "/intro-500", "authentication": intro(f"{idp.base}/introspect-500", clientSecretEnv="AUDIT_CLIENT_SECRET")},
-            {"name": "intro-wrong", "pathPrefix": "/intro-wrong", "authentication": intro(f"{idp.base}/introspect-strict", clientSecretFile=str(workdir / "wrong.secret"))},
-            {"name": "intro-html", "pathPrefix": "/intro-html", "authentication": intro(f"{idp.base}/introspect-html", clientSecretEnv="AUDIT_CLIENT_SECRET")},
+            {"name": "intro-ok", "pathPrefix": "/intro-ok", "authentication": intro(f"{idp.url}/introspect", clientSecretEnv="AUDIT_CLIENT_SECRET")},
+            {"name": "intro-500", "pathPrefix": "/intro-500", "authentication": intro(f"{idp.url}/introspect-500", clientSecretEnv="AUDIT_CLIENT_SECRET")},
+            {"name": "intro-wrong", "pathPrefix": "/intro-wrong", "authentication": intro(f"{idp.url}/introspect-strict", clientSecretFile=str(workdir / "wrong.secret"))},
+            {"name": "intro-html", "pathPrefix": "/intro-html", "authentication": intro(f"{idp.url}/introspect-html", clientSecretEnv="AUDIT_CLIENT_SECRET")},
             {"name": "disc-post", "pathPrefix": "/disc-post", "authentication": {"type": "TOKEN_AUTHENTICATION", "validationPolicy": {
-                "type": "REMOTE_DISCOVERY", "uri": f"{idp.base}/.well-known/openid-configuration",
+                "type": "REMOTE_DISCOVERY", "uri": f"{idp.url}/.well-known/openid-configuration",
                 "additionalValidationPolicy": checks_policy,
                 "clientDetails": {"clientId": CLIENT_ID, "clientSecretFile": str(workdir / "post.secret"), "authMethod": "client_secret_post"}}}},
         ],
@@ -184,7 +131,7 @@ def audit(rsa_key: SigningKey, rsa_key2: SigningKey, tmp_path_factory: pytest.Te
         ("/nowhere", valid, {}),
     ]  # fmt: skip
 
-    with serve_in_thread(server_http), OtlpReceiver() as receiver:
+    with idp, OtlpReceiver() as receiver:  # the IdP stops listening at the end of the batch
         env = {"AUDIT_CLIENT_SECRET": env_secret, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
                "OTEL_BSP_SCHEDULE_DELAY": "50", "OTEL_SERVICE_NAME": "extauthz-audit"}
         server = server_process(config, workdir, env=env).start()
@@ -221,7 +168,7 @@ def audit(rsa_key: SigningKey, rsa_key2: SigningKey, tmp_path_factory: pytest.Te
         needles[f"secret:{name}"] = secret
         needles[f"secret:{name}:urlencoded"] = quote_plus(secret)
         needles[f"secret:{name}:basic"] = base64.b64encode(f"{CLIENT_ID}:{secret}".encode()).decode()
-    needles["idp-body"] = MARKER
+    needles["idp-body"] = MARKER  # in the IdP's 500, 401 and HTML answers
     yield Audit(needles, server, spans, responses, admin, idp, url_password)
 
 
@@ -249,8 +196,9 @@ def test_the_batch_allowed_denied_and_failed_as_planned(audit: Audit) -> None:
 
 def test_the_secrets_really_reached_the_idp(audit: Audit) -> None:
     """Otherwise the audit below would prove nothing."""
-    auths = {r["authorization"] for r in audit.idp.seen if r.get("authorization")}
-    forms = [r.get("form", {}) for r in audit.idp.seen]
+    seen = [r for path in ("/introspect", "/introspect-strict", "/introspect-post") for r in audit.idp.requests(path)]
+    auths = {r.headers["authorization"] for r in seen if r.headers.get("authorization")}
+    forms = [r.form for r in seen]
     for secret in (audit.needles["secret:env:basic"], audit.needles["secret:file:basic"]):
         assert f"Basic {secret}" in auths
     assert any(f.get("client_secret") == audit.needles["secret:post"] for f in forms)
