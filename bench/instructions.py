@@ -6,9 +6,9 @@
 Each server runs under ``valgrind --tool=callgrind`` and is called straight over gRPC (no Envoy)
 with the same cached RS256 token from 16 concurrent streams. Callgrind counts the instructions
 the process executes in user space, whatever else the machine does; the kernel's socket work,
-the same for every server, is not in it. The figure per check is the difference between two
-dumps, taken after ``--warm`` and after ``--warm + --checks`` checks, divided by ``--checks``:
-start-up and the first sight of the token are left out.
+the same for every server, is not in it. Each dump holds the instructions since the previous
+one, so the figure per check is the second dump (``--checks`` checks, after ``--warm`` of them)
+divided by ``--checks``: start-up and the first sight of the token are left out.
 
 Needs Debian's ``valgrind`` (``apt-get install -y valgrind``). About a minute per server.
 """
@@ -100,6 +100,17 @@ def _total_instructions(out: Path) -> int:
     return int(m.group(1))
 
 
+def _dump(pid: int) -> None:
+    """Ask callgrind to write what it counted since the last dump, and start counting again."""
+    subprocess.run(
+        ["callgrind_control", "--dump", str(pid)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1)  # callgrind writes the dump from the server's own threads, soon after
+
+
 def measure(argv: list[str], cwd: Path, work: Path, *, warm: int, checks: int, token: str) -> float:
     """Instructions per check of the server started by ``argv`` (``{port}`` filled in)."""
     port, admin = free_ports(2)
@@ -119,14 +130,11 @@ def measure(argv: list[str], cwd: Path, work: Path, *, warm: int, checks: int, t
             stub = ext_grpc.AuthorizationStub(channel)  # type: ignore[no-untyped-call]
             request = _request(token)
             _send(stub, request, warm)
-            subprocess.run(["callgrind_control", "--dump", str(proc.pid)], check=True,
-                           stdout=subprocess.DEVNULL)  # fmt: skip
-            first = _total_instructions(out)
+            _dump(proc.pid)
             _send(stub, request, checks)
-            subprocess.run(["callgrind_control", "--dump", str(proc.pid)], check=True,
-                           stdout=subprocess.DEVNULL)  # fmt: skip
-            second = _total_instructions(out)
-        return (second - first) / checks
+            _dump(proc.pid)
+            measured = _total_instructions(out)
+        return measured / checks
     finally:
         proc.terminate()
         try:

@@ -113,8 +113,9 @@ def lift_request(request: ext.CheckRequest) -> tuple[CheckInput, str]:
     """The fields the engine needs, and the request id, from a CheckRequest (possibly empty)."""
     attrs = request.attributes
     http = attrs.request.http
-    headers: Mapping[str, str] = _Headers(http.headers)
-    if not http.headers and http.header_map.headers:
+    raw_headers = http.headers
+    headers: Mapping[str, str] = _Headers(raw_headers)
+    if not raw_headers and http.header_map.headers:
         # Envoy sends header_map instead when encode_raw_headers is on; repeats join with ",".
         joined: dict[str, str] = {}
         for h in http.header_map.headers:
@@ -123,16 +124,10 @@ def lift_request(request: ext.CheckRequest) -> tuple[CheckInput, str]:
             joined[key] = f"{joined[key]},{value}" if key in joined else value
         headers = joined
     host = http.host or headers.get(":authority", "") or headers.get("host", "")
-    return (
-        CheckInput(
-            method=http.method or headers.get(":method", ""),
-            host=host,
-            raw_path=http.path or headers.get(":path", "/"),
-            headers=headers,
-            context_extensions=attrs.context_extensions,
-        ),
-        _request_id(headers),
-    )
+    method = http.method or headers.get(":method", "")
+    raw_path = http.path or headers.get(":path", "/")
+    lifted = CheckInput(method, host, raw_path, headers, attrs.context_extensions)
+    return lifted, _request_id(headers)
 
 
 class AuthorizationService(ext_grpc.AuthorizationServicer):
@@ -156,23 +151,16 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
         return response
 
     async def check_wire(
-        self, request: ext.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        request: ext.CheckRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        span: Span | None = None,
     ) -> Wire:
-        """The gRPC handler: the response to one CheckRequest, never an RPC error."""
-        if not tracing.enabled():
-            return await self._check(request, None)
-        try:
-            headers = request.attributes.request.http.headers
-            parent = tracing.extract_parent(context.invocation_metadata(), headers)
-        except Exception:  # noqa: BLE001 (a malformed trace context must not fail the check)
-            parent = None
-        with tracing.tracer().start_as_current_span(
-            CHECK_SPAN_NAME, context=parent, kind=SpanKind.SERVER, attributes=_RPC_ATTRIBUTES
-        ) as span:
-            current_trace_id.set(format(span.get_span_context().trace_id, "032x"))
-            return await self._check(request, span)
-
-    async def _check(self, request: ext.CheckRequest, span: Span | None) -> Wire:
+        """The gRPC handler: the response to one CheckRequest, never an RPC error. With tracing
+        on, the check runs inside its span (``span``), decided afresh so that the span shows it;
+        the untraced check runs here directly, without a second coroutine."""
+        if span is None and tracing.enabled():
+            return await self._traced(request, context)
         started = time.perf_counter()
         calls = [0]
         request_id = ""
@@ -255,6 +243,20 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
             if decision.reason in (Reason.IDP_CALL_FAILED, Reason.INTERNAL_ERROR):
                 span.set_status(StatusCode.ERROR, reason)
         return response
+
+    async def _traced(
+        self, request: ext.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Wire:
+        try:
+            headers = request.attributes.request.http.headers
+            parent = tracing.extract_parent(context.invocation_metadata(), headers)
+        except Exception:  # noqa: BLE001 (a malformed trace context must not fail the check)
+            parent = None
+        with tracing.tracer().start_as_current_span(
+            CHECK_SPAN_NAME, context=parent, kind=SpanKind.SERVER, attributes=_RPC_ATTRIBUTES
+        ) as span:
+            current_trace_id.set(format(span.get_span_context().trace_id, "032x"))
+            return await self.check_wire(request, context, span)
 
     def _render(
         self, decision: Decision, request_id: str, settings: ServerSettings
