@@ -40,15 +40,20 @@ RouteKey = tuple[str, str, str, frozenset[tuple[str, str]] | None]
 AnswerKey = tuple[int, int, bytes]
 
 
-def route_key(req: CheckInput) -> tuple[RouteKey, int]:
-    """The route memo's key for a request line, and its size in characters."""
-    host, path, method, extensions = req.host, req.path, req.method, req.context_extensions
+def route_key(req: CheckInput) -> RouteKey:
+    """The route memo's key for a request line."""
+    extensions = req.context_extensions
+    frozen = frozenset(extensions.items()) if extensions else None
+    return (req.host, req.path, req.method, frozen)
+
+
+def _size(key: RouteKey) -> int:
+    """A route memo key's size in characters."""
+    host, path, method, extensions = key
     size = len(host) + len(path) + len(method)
-    if not extensions:
-        return (host, path, method, None), size
-    for k, v in extensions.items():
+    for k, v in extensions or ():
         size += len(k) + len(v)
-    return (host, path, method, frozenset(extensions.items())), size
+    return size
 
 
 def _credential_key(selection: Selection, headers: Mapping[str, str]) -> AnswerKey | None:
@@ -104,8 +109,7 @@ class AnswerCache:
     def reuse(self, req: CheckInput) -> Answer | None:
         """The answer an earlier check gave the same credential on the same route, if it still
         holds; None sends the check down the whole path."""
-        key, _ = route_key(req)
-        selection = self._routes.get(key)
+        selection = self._routes.get(route_key(req))
         if selection is None:
             return None
         credential = _credential_key(selection, req.headers)
@@ -118,7 +122,7 @@ class AnswerCache:
 
     async def check(self, req: CheckInput) -> Decision:
         """The engine's decision, remembered for as long as the engine says it holds."""
-        key, size = route_key(req)
+        key = route_key(req)
         selection = self._routes.get(key)
         if selection is None and key not in self._routes:
             found = self.engine.select(req)
@@ -126,7 +130,7 @@ class AnswerCache:
                 decision, _ = await self.engine.decide(req, found)
                 return decision
             selection = found
-            self._routes.put(key, selection, size)
+            self._routes.put(key, selection, _size(key))
         decision, validity = await self.engine.decide(req, selection)
         if decision.allowed:
             decision = self._intern(decision)
@@ -140,7 +144,7 @@ class AnswerCache:
         same = self._allows.get(decision)
         if same is not None:
             return same
-        self._allows.put(decision, decision, _size(decision))
+        self._allows.put(decision, decision, _allow_size(decision))
         return decision
 
     def _remember(
@@ -163,7 +167,7 @@ class AnswerCache:
         self._answers.put(credential, answer, 0)
 
 
-def _size(decision: Decision) -> int:
+def _allow_size(decision: Decision) -> int:
     """About how many characters an allow holds: its headers and metadata values."""
     values: list[Any] = [v for _, v in decision.upstream_headers]
     values.extend(v for _, v in decision.metadata)

@@ -128,7 +128,8 @@ class CheckInput(NamedTuple):
     @property
     def path(self) -> str:
         """The path without query string and fragment, as matched and logged."""
-        return request_path(self.raw_path)
+        raw = self.raw_path
+        return raw if "?" not in raw and "#" not in raw else request_path(raw)
 
 
 def _quoted_path(path: str) -> str:
