@@ -78,7 +78,7 @@ from bench import configs, loadgen
 from bench.chaos_client import Load, Record, Stream, http_request, read_response, request_bytes
 from bench.chaos_idp import SECRET_ENV, forged_opaque_token, opaque_token
 from bench.chaos_proc import Sampler
-from bench.keys import CLIENT_SECRET_ENV, BenchKeys, SigningKey, claims
+from bench.keys import CLIENT_SECRET_ENV, BenchKeys, claims
 from bench.procs import (
     Proc,
     Processes,
@@ -89,6 +89,7 @@ from bench.procs import (
     run_workdir,
 )
 from bench.run import _git, find_envoy, machine, start_envoy
+from bench.signing import SigningKey
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -6,37 +6,19 @@ inline into Envoy's ``jwt_authn`` ``local_jwks``, so (b) and (c) verify exactly 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+
+from bench.signing import SigningKey
 
 ISSUER = "https://idp.bench.example"
 AUDIENCE = "https://api.bench.example"
 SCOPE = "items.read"
 CLIENT_ID = "bench-client"
 CLIENT_SECRET_ENV = "BENCH_IDP_CLIENT_SECRET"
-
-
-@dataclass(frozen=True)
-class SigningKey:
-    kid: str
-    alg: str
-    private: Any
-
-    @property
-    def public_jwk(self) -> dict[str, Any]:
-        algo: Any = RSAAlgorithm if self.alg.startswith("RS") else ECAlgorithm
-        jwk: dict[str, Any] = json.loads(algo.to_jwk(self.private.public_key()))
-        jwk.update(kid=self.kid, alg=self.alg, use="sig")
-        return jwk
-
-    def sign(self, claims: dict[str, Any]) -> str:
-        return jwt.encode(claims, self.private, algorithm=self.alg, headers={"kid": self.kid})
 
 
 def claims(sub: str, *, now: float | None = None, lifetime: int = 3 * 3600) -> dict[str, Any]:

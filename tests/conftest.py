@@ -1,37 +1,19 @@
-"""Key material for tests is generated here, never pasted into files."""
+"""Key material for tests is generated here, never pasted into files (the key class is
+bench/signing.py's, which depends on PyJWT and cryptography only)."""
 
 from __future__ import annotations
 
 import datetime
-import json
 import time
-from dataclasses import dataclass
 from typing import Any
 
-import jwt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-
-@dataclass(frozen=True)
-class SigningKey:
-    kid: str
-    alg: str
-    private: Any
-
-    @property
-    def public_jwk(self) -> dict[str, Any]:
-        algo = RSAAlgorithm if self.alg.startswith(("RS", "PS")) else ECAlgorithm
-        jwk = json.loads(algo.to_jwk(self.private.public_key()))
-        jwk.update(kid=self.kid, alg=self.alg, use="sig")
-        return jwk
-
-    def sign(self, claims: dict[str, Any], **header: Any) -> str:
-        return jwt.encode(claims, self.private, algorithm=self.alg, headers={"kid": self.kid, **header})
+from bench.signing import SigningKey  # tests/integration and tests/unit import it from here
 
 
 def self_signed(
