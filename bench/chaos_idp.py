@@ -20,7 +20,6 @@ comes from the file each time it starts.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import hmac
@@ -31,8 +30,7 @@ import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from bench.idp import Idp, serve_until_signalled
-from bench.keys import AUDIENCE, CLIENT_ID, ISSUER, SCOPE
+from bench.idp import Idp, active_answer, parser, read_jwks, serve_until_signalled
 
 SECRET_ENV = "CHAOS_IDP_TOKEN_SECRET"
 _MAC_HEX = 24
@@ -66,9 +64,8 @@ def kids(jwks: dict[str, Any]) -> list[str]:
 
 class ChaosIdp(Idp):
     def __init__(self, jwks: dict[str, Any], secret: bytes, jwks_max_age: int) -> None:
-        super().__init__(jwks, latency_ms=0.0)
+        super().__init__(jwks, latency_ms=0.0, jwks_max_age=jwks_max_age)
         self.secret = secret
-        self.jwks_max_age = jwks_max_age
         self.current_kids = kids(jwks)
         self.slow = 0.0
         self.fetches: list[tuple[float, list[str]]] = []
@@ -104,34 +101,17 @@ class ChaosIdp(Idp):
             return 200, json.dumps(self.chaos_stats()).encode(), ""
         if path in ("/jwks", "/introspect") and self.slow > 0:
             await asyncio.sleep(self.slow)
-        if path == "/jwks" and method == "GET":
-            self.calls["jwks"] += 1
-            self.fetches.append((time.time(), self.current_kids))
-            return 200, self.jwks_body, f"cache-control: max-age={self.jwks_max_age}\r\n"
-        if path == "/introspect" and method == "POST":
-            self.calls["introspect"] += 1
-            form = parse_qs(body.decode("latin-1"))
-            token = form.get("token", [""])[0]
-            self.tokens.add(token)
-            if "authorization" not in headers and "client_secret" not in form:
-                return 401, b'{"error":"invalid_client"}', ""
-            if not is_issued(self.secret, token):
-                return 200, b'{"active":false}', ""
-            self.active_answers += 1
-            now = int(time.time())
-            answer = {
-                "active": True,
-                "iss": ISSUER,
-                "aud": AUDIENCE,
-                "scope": SCOPE,
-                "client_id": CLIENT_ID,
-                "sub": "opaque-" + token[3:15],
-                "token_type": "Bearer",
-                "iat": now,
-                "exp": now + 3600,
-            }
-            return 200, json.dumps(answer).encode(), ""
         return await super().route(method, target, headers, body)
+
+    def serve_jwks(self) -> tuple[int, bytes, str]:
+        self.fetches.append((time.time(), self.current_kids))
+        return super().serve_jwks()
+
+    def introspection_answer(self, token: str) -> dict[str, Any] | None:
+        if not is_issued(self.secret, token):
+            return None
+        self.active_answers += 1
+        return active_answer("opaque-" + token[3:15])
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.open_connections += 1
@@ -142,23 +122,15 @@ class ChaosIdp(Idp):
             self.open_connections -= 1
 
 
-async def _main(port: int, jwks_file: str, max_age: int) -> None:
-    with open(jwks_file, encoding="utf-8") as f:
-        jwks = json.load(f)
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--jwks-max-age", type=int, default=30, help="Cache-Control max-age of /jwks")
+    args = p.parse_args()
     secret = os.environ.get(SECRET_ENV, "").encode()
     if not secret:
         raise SystemExit(f"{SECRET_ENV} is not set")
-    idp = ChaosIdp(jwks, secret, max_age)
-    await serve_until_signalled(idp.handle, port)
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--jwks", required=True, help="JWKS JSON file served at start")
-    p.add_argument("--jwks-max-age", type=int, default=30, help="Cache-Control max-age of /jwks")
-    args = p.parse_args()
-    asyncio.run(_main(args.port, args.jwks, args.jwks_max_age))
+    idp = ChaosIdp(read_jwks(args.jwks), secret, args.jwks_max_age)
+    asyncio.run(serve_until_signalled(idp.handle, args.port))
 
 
 if __name__ == "__main__":

@@ -26,9 +26,29 @@ from urllib.parse import parse_qs, urlsplit
 from bench.keys import AUDIENCE, CLIENT_ID, ISSUER, SCOPE
 
 
+def active_answer(sub: str) -> dict[str, Any]:
+    """An ``active: true`` introspection answer with claims every bench policy accepts."""
+    now = int(time.time())
+    return {
+        "active": True,
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "scope": SCOPE,
+        "client_id": CLIENT_ID,
+        "sub": sub,
+        "token_type": "Bearer",
+        "iat": now,
+        "exp": now + 3600,
+    }
+
+
 class Idp:
-    def __init__(self, jwks: dict[str, Any], latency_ms: float) -> None:
+    """The routes; :class:`bench.chaos_idp.ChaosIdp` overrides :meth:`serve_jwks` and
+    :meth:`introspection_answer`."""
+
+    def __init__(self, jwks: dict[str, Any], latency_ms: float, jwks_max_age: int = 3600) -> None:
         self.jwks_body = json.dumps(jwks).encode()
+        self.jwks_max_age = jwks_max_age
         self.latency = latency_ms / 1000.0
         self.calls = {"jwks": 0, "introspect": 0}
         self.tokens: set[str] = set()
@@ -41,30 +61,9 @@ class Idp:
     ) -> tuple[int, bytes, str]:
         url = urlsplit(target)
         if url.path == "/jwks" and method == "GET":
-            self.calls["jwks"] += 1
-            return 200, self.jwks_body, "cache-control: max-age=3600\r\n"
+            return self.serve_jwks()
         if url.path == "/introspect" and method == "POST":
-            self.calls["introspect"] += 1
-            form = parse_qs(body.decode("latin-1"))
-            token = form.get("token", [""])[0]
-            self.tokens.add(token)
-            if "authorization" not in headers and "client_secret" not in form:
-                return 401, b'{"error":"invalid_client"}', ""
-            if self.latency > 0:
-                await asyncio.sleep(self.latency)
-            now = int(time.time())
-            answer = {
-                "active": True,
-                "iss": ISSUER,
-                "aud": AUDIENCE,
-                "scope": SCOPE,
-                "client_id": CLIENT_ID,
-                "sub": "opaque-" + token[-12:],
-                "token_type": "Bearer",
-                "iat": now,
-                "exp": now + 3600,
-            }
-            return 200, json.dumps(answer).encode(), ""
+            return await self.introspect(headers, body)
         if url.path == "/_bench/stats":
             return 200, json.dumps(self.stats()).encode(), ""
         if url.path == "/_bench/latency":
@@ -74,6 +73,29 @@ class Idp:
         if url.path == "/healthz":
             return 200, b'{"status":"ok"}', ""
         return 404, b'{"error":"not_found"}', ""
+
+    def serve_jwks(self) -> tuple[int, bytes, str]:
+        self.calls["jwks"] += 1
+        return 200, self.jwks_body, f"cache-control: max-age={self.jwks_max_age}\r\n"
+
+    async def introspect(self, headers: dict[str, str], body: bytes) -> tuple[int, bytes, str]:
+        self.calls["introspect"] += 1
+        form = parse_qs(body.decode("latin-1"))
+        token = form.get("token", [""])[0]
+        self.tokens.add(token)
+        if "authorization" not in headers and "client_secret" not in form:
+            return 401, b'{"error":"invalid_client"}', ""
+        if self.latency > 0:
+            await asyncio.sleep(self.latency)
+        answer = self.introspection_answer(token)
+        if answer is None:
+            return 200, b'{"active":false}', ""
+        return 200, json.dumps(answer).encode(), ""
+
+    def introspection_answer(self, token: str) -> dict[str, Any] | None:
+        """The answer to an authenticated introspection of ``token``; None: inactive. Here every
+        token is active."""
+        return active_answer("opaque-" + token[-12:])
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -124,19 +146,26 @@ async def serve_until_signalled(handle: Any, port: int) -> None:
         await stop.wait()
 
 
-async def _main(port: int, jwks_file: str, latency_ms: float) -> None:
-    with open(jwks_file, encoding="utf-8") as f:
-        idp = Idp(json.load(f), latency_ms)
-    await serve_until_signalled(idp.handle, port)
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The command line every bench IdP takes: ``--port`` and ``--jwks`` (served at start)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--jwks", required=True, help="JWKS JSON file served at start")
+    return p
+
+
+def read_jwks(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        jwks: dict[str, Any] = json.load(f)
+    return jwks
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--jwks", required=True, help="JWKS JSON file")
+    p = parser(__doc__)
     p.add_argument("--latency-ms", type=float, default=5.0, help="introspection answer delay")
     args = p.parse_args()
-    asyncio.run(_main(args.port, args.jwks, args.latency_ms))
+    idp = Idp(read_jwks(args.jwks), args.latency_ms)
+    asyncio.run(serve_until_signalled(idp.handle, args.port))
 
 
 if __name__ == "__main__":
