@@ -80,19 +80,21 @@ from bench.chaos_idp import SECRET_ENV, forged_opaque_token, opaque_token
 from bench.chaos_proc import Sampler
 from bench.keys import CLIENT_SECRET_ENV, BenchKeys, claims
 from bench.procs import (
+    RESULTS,
+    ROOT,
     Proc,
     Processes,
-    accepts,
+    commit,
     die_with_parent,
-    free_ports,
-    http_get,
+    envoy_version,
+    machine,
     run_workdir,
+    start_envoy,
+    start_extauthz,
 )
-from bench.run import _git, find_envoy, machine, start_envoy
 from bench.signing import SigningKey
+from examples.stack import accepts_tcp, free_ports
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 JWT_PATH = configs.TARGET_PATH  # /api/items: the REMOTE_JWKS deployment
 OPAQUE_PATH = "/op/items"  # the REMOTE_INTROSPECTION deployment
 UNKNOWN_KID_REFETCH_S = 5.0  # extauthz/idp/jwks.py: at most one re-fetch per 5 s per JWKS
@@ -200,7 +202,7 @@ class Stack:
 
     async def wait_idp(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
-        while not accepts(self.idp_port):
+        while not accepts_tcp(self.idp_port):
             if self.idp is None or not self.idp.alive() or time.monotonic() > deadline:
                 raise RuntimeError(
                     f"chaos IdP not listening:\n{self.idp.tail() if self.idp else ''}"
@@ -230,28 +232,15 @@ class Stack:
 
     def start_server(self, config: Path, grace: float = 10.0) -> Proc:
         self.server_log = self.dir / "extauthz.log"
-        cmd = [
-            sys.executable,
-            "-m",
+        self.server = start_extauthz(
+            self.procs,
             "extauthz",
-            "serve",
-            "--config",
-            str(config),
-            "--listen",
-            f"127.0.0.1:{self.grpc_port}",
-            "--admin-listen",
-            f"127.0.0.1:{self.admin_port}",
-            "--grace-seconds",
-            f"{grace:g}",
-        ]
-        self.server = self.procs.start("extauthz", cmd, env=self.env(), stdout=str(self.server_log))
-        self.server.wait_until(
-            lambda: (
-                accepts(self.admin_port)
-                and http_get(f"http://127.0.0.1:{self.admin_port}/readyz", timeout=1)[0] == 200
-            ),
-            60,
-            "ready on /readyz",
+            config,
+            (self.grpc_port, self.admin_port),
+            options=["--grace-seconds", f"{grace:g}"],
+            env=self.env(),
+            stdout=str(self.server_log),
+            timeout=60,
         )
         return self.server
 
@@ -365,7 +354,7 @@ def stack(
         )
         try:
             st.start_idp()
-            st.idp.wait_until(lambda: accepts(idp_port), 20, "IdP listening")  # type: ignore[union-attr]
+            st.idp.wait_until(lambda: accepts_tcp(idp_port), 20, "IdP listening")  # type: ignore[union-attr]
             yield st
         finally:
             st.stop_wrk()
@@ -1444,9 +1433,8 @@ def run_scenario(sid: str, workdir: Path, keys: BenchKeys, prof: Profile) -> rep
     return res
 
 
-def envoy_version() -> str:
-    out = subprocess.run([find_envoy(), "--version"], capture_output=True, text=True, check=False)
-    version = out.stdout.strip().split("version: ")[-1]  # <sha>/1.40.0/Clean/RELEASE/BoringSSL
+def short_version(version: str) -> str:
+    """Envoy's release (1.40.0) out of <sha>/1.40.0/Clean/RELEASE/BoringSSL."""
     parts = version.split("/")
     return parts[1] if len(parts) > 1 else version
 
@@ -1478,9 +1466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine(),
         "profile": prof.name,
         "settings": prof.__dict__,
-        "commit": _git("rev-parse", "--short", "HEAD")
-        + ("+dirty" if _git("status", "--porcelain", "--untracked-files=no") else ""),
-        "envoy": envoy_version(),
+        "commit": commit(),
+        "envoy": short_version(envoy_version()),
         "load_average_at_start": os.getloadavg()[0],
     }
     results: list[rep.ScenarioResult] = []

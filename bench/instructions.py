@@ -28,12 +28,12 @@ import grpc
 import yaml
 
 from bench.keys import AUDIENCE, ISSUER, BenchKeys, claims
-from bench.procs import accepts, free_ports
+from bench.procs import RESULTS, ROOT
+from examples.stack import accepts_tcp, free_ports
 from extauthz._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 
-ROOT = Path(__file__).resolve().parents[1]
 STREAMS = 16
 
 
@@ -122,7 +122,7 @@ def measure(argv: list[str], cwd: Path, work: Path, *, warm: int, checks: int, t
     proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while not accepts(port):
+        while not accepts_tcp(port):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the server under callgrind did not start: {command}")
             time.sleep(0.5)
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--event-loop", default="uvloop", choices=["uvloop", "asyncio"])
     p.add_argument("--no-floor", action="store_true", help="measure extauthz only")
     args = p.parse_args(argv)
-    work = ROOT / "bench" / "results" / "tmp"
+    work = RESULTS / "tmp"
     work.mkdir(parents=True, exist_ok=True)
     keys = BenchKeys.generate()
     token = keys.rsa.sign(claims("callgrind"))

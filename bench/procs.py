@@ -3,6 +3,9 @@
 Every child is started through :class:`Processes`, which stops them all (SIGTERM, then SIGKILL,
 children of children included) when the ``with`` block ends, however it ends. Each child also
 gets ``PR_SET_PDEATHSIG``, so even a harness killed with SIGKILL does not leave Envoy running.
+Envoy and extauthz are started the same way for the bench (bench/run.py) and the chaos scenarios
+(bench/chaos.py): :func:`start_envoy`, :func:`start_extauthz`. Finding Envoy, free ports and the
+``extauthz serve`` arguments are the demo stack's (examples/stack.py), so there is one of each.
 """
 
 from __future__ import annotations
@@ -10,18 +13,25 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import platform
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
+
+import yaml
+
+from examples.stack import StackError, accepts_tcp, find_envoy, free_ports, http_get, serve_args
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -134,18 +144,6 @@ def listening_sockets(port: int) -> int:
 # --- starting and stopping -----------------------------------------------------------------------
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct loopback ports free right now."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def free_port_run(n: int, attempts: int = 50) -> int:
     """A first port P with P..P+n-1 all free (for servers on consecutive ports)."""
     for _ in range(attempts):
@@ -165,25 +163,6 @@ def free_port_run(n: int, attempts: int = 50) -> int:
             for s in socks:
                 s.close()
     raise RuntimeError(f"no run of {n} free ports found")
-
-
-def accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def http_get(
-    url: str, headers: Mapping[str, str] | None = None, timeout: float = 2.0
-) -> tuple[int, dict[str, str], bytes]:
-    req = urllib.request.Request(url, headers=dict(headers or {}))
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
 
 
 def die_with_parent() -> None:
@@ -210,8 +189,8 @@ def run_workdir(results: Path, prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=results / "tmp"))
 
 
-class StartError(RuntimeError):
-    pass
+# A process did not start, or did not become ready in time.
+StartError = StackError
 
 
 class Proc:
@@ -320,3 +299,104 @@ class Processes:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+# --- Envoy and extauthz ---------------------------------------------------------------------------
+
+
+def start_envoy(
+    procs: Processes, workdir: Path, name: str, boot: dict[str, Any], admin_port: int
+) -> Proc:
+    """Envoy (``--concurrency 1``) with the bootstrap ``boot``, once LIVE on its /ready."""
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(boot, sort_keys=False), encoding="utf-8")
+    envoy = find_envoy()
+    base_id = (os.getpid() * 8 + len(procs.procs)) % 4_000_000
+    proc = procs.start(
+        name,
+        [envoy, "-c", str(path), "--concurrency", "1", "--base-id", str(base_id), "-l", "warning"],
+    )
+    proc.wait_until(
+        lambda: (
+            http_get(f"http://127.0.0.1:{admin_port}/ready", timeout=0.5)[0] == 200
+            if accepts_tcp(admin_port)
+            else False
+        ),
+        30,
+        "LIVE on /ready",
+    )
+    return proc
+
+
+def start_extauthz(
+    procs: Processes,
+    name: str,
+    config: Path,
+    ports: tuple[int, int],
+    *,
+    options: Sequence[str] = (),
+    env: Mapping[str, str],
+    stdout: str | None,
+    timeout: float,
+    listening: Callable[[], bool] = lambda: True,
+    what: str = "ready on /readyz",
+) -> Proc:
+    """``python -m extauthz serve`` with ``config`` on ``ports`` (gRPC, admin), then ``options``;
+    returned once ``listening()`` holds and its /readyz answers 200, stopped if it never does."""
+    port, admin = ports
+    cmd = [sys.executable, "-m", "extauthz", *serve_args(config, port, admin), *options]
+    proc = procs.start(name, cmd, env=env, stdout=stdout)
+    proc.admin_url = f"http://127.0.0.1:{admin}"
+    try:
+        proc.wait_until(
+            lambda: (
+                accepts_tcp(admin)
+                and listening()
+                and http_get(f"{proc.admin_url}/readyz", timeout=1)[0] == 200
+            ),
+            timeout,
+            what,
+        )
+    except BaseException:
+        procs.stop(proc)
+        raise
+    return proc
+
+
+# --- what a run records about where it ran -----------------------------------------------------
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{os.cpu_count()} × {model}, Linux {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=5, check=False
+        ).stdout.strip()
+    except OSError:
+        return ""
+
+
+def commit() -> str:
+    """The commit checked out, with ``+dirty`` when a tracked file differs from it."""
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return _git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+
+
+def envoy_version() -> str:
+    """What ``envoy --version`` says after ``version: ``: <sha>/1.40.0/Clean/RELEASE/BoringSSL."""
+    out = subprocess.run([find_envoy(), "--version"], capture_output=True, text=True, check=False)
+    return out.stdout.strip().split("version: ")[-1]

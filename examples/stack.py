@@ -32,7 +32,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -63,15 +63,21 @@ class Ports:
 
     @classmethod
     def free(cls) -> Ports:
-        """Six ports the kernel reports free right now (held open together so they differ)."""
-        sockets = [socket.socket() for _ in range(6)]
-        try:
-            for sock in sockets:
-                sock.bind(("127.0.0.1", 0))
-            return cls(*(sock.getsockname()[1] for sock in sockets))
-        finally:
-            for sock in sockets:
-                sock.close()
+        """Six ports the kernel reports free right now."""
+        return cls(*free_ports(6))
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` loopback ports the kernel reports free right now (held open together so they
+    differ)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 DEMO_PORTS = Ports(
@@ -170,6 +176,20 @@ def find_envoy() -> str:
     return found
 
 
+def serve_args(config: Path, port: int, admin_port: int) -> list[str]:
+    """``extauthz serve`` with ``config``, gRPC on loopback ``port`` and the admin listener
+    (health, metrics) on ``admin_port``."""
+    return [
+        "serve",
+        "--config",
+        str(config),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--admin-listen",
+        f"127.0.0.1:{admin_port}",
+    ]
+
+
 def ensure_idp_dependencies() -> None:
     """Install the IdP's npm dependencies from its lock file if they are missing."""
     if (IDP_DIR / "node_modules" / "oidc-provider").is_dir():
@@ -180,12 +200,21 @@ def ensure_idp_dependencies() -> None:
     subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=IDP_DIR, check=True)
 
 
-def _http_get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
+def http_get(
+    url: str, headers: Mapping[str, str] | None = None, timeout: float = 2.0
+) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (lower-case names) and body of a GET, error statuses included; a refused
+    or failed connection raises OSError."""
+    request = urllib.request.Request(url, headers=dict(headers or {}))
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, response.read()
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, _lower(response.headers.items()), response.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+        return exc.code, _lower(exc.headers.items()), exc.read()
+
+
+def _lower(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    return {name.lower(): value for name, value in headers}
 
 
 def accepts_tcp(port: int) -> bool:
@@ -335,7 +364,7 @@ class Stack:
 
         def discovery_answers() -> bool:
             try:
-                status, body = _http_get(discovery)
+                status, _, body = http_get(discovery, timeout=1.0)
                 return status == 200 and json.loads(body).get("issuer") == self.issuer
             except (OSError, ValueError):
                 return False
@@ -364,13 +393,7 @@ class Stack:
         env = {**self._env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath}
         argv = [
             *self.extauthz_argv,
-            "serve",
-            "--config",
-            str(config),
-            "--listen",
-            f"127.0.0.1:{self.ports.extauthz}",
-            "--admin-listen",
-            f"127.0.0.1:{self.ports.extauthz_admin}",
+            *serve_args(config, self.ports.extauthz, self.ports.extauthz_admin),
         ]
         process = self._spawn("extauthz", argv, env=env)
 
@@ -408,7 +431,7 @@ class Stack:
 
         def live() -> bool:
             try:
-                status, body = _http_get(ready)
+                status, _, body = http_get(ready, timeout=1.0)
             except OSError:
                 return False
             return status == 200 and body.strip() == b"LIVE"
