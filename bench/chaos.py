@@ -59,9 +59,7 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -85,7 +83,6 @@ from bench.procs import (
     Proc,
     Processes,
     commit,
-    die_with_parent,
     envoy_version,
     machine,
     run_workdir,
@@ -166,7 +163,7 @@ class Stack:
     envoy: Proc | None = None
     server_log: Path = Path()
     idp_count: int = 0
-    wrk: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    wrk: list[loadgen.RunningWrk] = field(default_factory=list)
 
     @property
     def idp_url(self) -> str:
@@ -314,10 +311,8 @@ class Stack:
             await asyncio.sleep(0.2)
 
     def stop_wrk(self) -> None:
-        for p in self.wrk:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        for running in self.wrk:
+            running.close()
         self.wrk.clear()
 
 
@@ -465,35 +460,17 @@ async def wrk_flood(
     connections: int,
     seconds: float,
 ) -> loadgen.WrkResult:
-    """bench/loadgen.py's wrk and bench.lua, started without blocking the event loop."""
-    with tempfile.NamedTemporaryFile(suffix=".json", dir=st.dir, delete=False) as out:
-        out_path = Path(out.name)
-    env = {**os.environ, **load.env(), "BENCH_OUT": str(out_path)}
-    cmd = loadgen.wrk_command(st.url(path), connections=connections, seconds=seconds)
-    with open(st.dir / "logs" / "wrk.log", "ab") as wrk_log:
-        proc = subprocess.Popen(
-            cmd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=wrk_log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,  # the harness is single-threaded
-        )
-    st.wrk.append(proc)
-    try:
-        deadline = time.monotonic() + seconds + 30
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"wrk overstayed {seconds} s by 30 s")
-            await asyncio.sleep(0.1)
-        if proc.returncode != 0 or out_path.stat().st_size == 0:
-            raise RuntimeError(f"wrk failed ({proc.returncode}); see {st.dir / 'logs' / 'wrk.log'}")
-        return loadgen.WrkResult.from_summary(json.loads(out_path.read_text(encoding="utf-8")))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        out_path.unlink(missing_ok=True)
+    """bench/loadgen.py's wrk and bench.lua, waited for without blocking the event loop."""
+    running = loadgen.start_wrk(
+        st.url(path),
+        load,
+        connections=connections,
+        seconds=seconds,
+        workdir=st.dir,
+        log=st.dir / "logs" / "wrk.log",
+    )
+    st.wrk.append(running)
+    return await running.finished()
 
 
 def flood_row(kind: str, res: loadgen.WrkResult) -> rep.Row:

@@ -7,6 +7,7 @@ computed here by :func:`percentile`, the same way for every backend.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from bench.procs import die_with_parent
 
@@ -133,21 +134,37 @@ def wrk_command(
 
 
 class RunningWrk:
-    """A wrk run started in the background (:func:`start_wrk`); :meth:`result` waits for it."""
+    """A wrk run started in the background (:func:`start_wrk`); :meth:`result` (or, in an event
+    loop, :meth:`finished`) waits for it. wrk's own output goes to ``log`` when given (appended),
+    else into the error raised when wrk fails."""
 
-    def __init__(self, cmd: list[str], env: Mapping[str, str], out_path: Path, seconds: float):
+    def __init__(
+        self,
+        cmd: list[str],
+        env: Mapping[str, str],
+        out_path: Path,
+        seconds: float,
+        log: Path | None = None,
+    ) -> None:
         self.out_path = out_path
         self.seconds = seconds
+        self.log = log
         self.deadline = time.monotonic() + seconds + 30
         self.stopped = False
-        self.proc = subprocess.Popen(
-            cmd,
-            env=dict(env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            preexec_fn=die_with_parent,  # the harness is single-threaded
-        )
+        output: IO[str] | int = open(log, "a") if log else subprocess.PIPE  # noqa: SIM115
+        try:
+            self.proc = subprocess.Popen(
+                cmd,
+                env=dict(env),
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                text=True,
+                preexec_fn=die_with_parent,  # the harness is single-threaded
+            )
+        finally:
+            if not isinstance(output, int):
+                output.close()
 
     def stop(self) -> None:
         """End the run early: SIGINT, on which wrk still writes its summary."""
@@ -158,25 +175,46 @@ class RunningWrk:
     def result(self, until: Callable[[], bool] | None = None) -> WrkResult:
         """Wait for wrk (killed if it overstays its duration by 30 s) and read its summary.
         With ``until``, polled every 0.25 s, wrk is stopped early once ``until()`` is true."""
-        proc = self.proc
         try:
-            while proc.poll() is None:
-                if time.monotonic() > self.deadline:
-                    raise RuntimeError(f"wrk overstayed {self.seconds} s by 30 s")
+            while self.running():
                 if until is not None and not self.stopped and until():
                     self.stop()
                 time.sleep(0.25 if until is not None else 0.05)
-            output = proc.stdout.read() if proc.stdout else ""
-            if proc.returncode != 0 or self.out_path.stat().st_size == 0:
-                raise RuntimeError(f"wrk failed ({proc.returncode}): {output}")
-            return WrkResult.from_summary(json.loads(self.out_path.read_text(encoding="utf-8")))
+            return self.summary()
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            if proc.stdout:
-                proc.stdout.close()
-            self.out_path.unlink(missing_ok=True)
+            self.close()
+
+    async def finished(self) -> WrkResult:
+        """:meth:`result` without blocking the event loop."""
+        try:
+            while self.running():
+                await asyncio.sleep(0.1)
+            return self.summary()
+        finally:
+            self.close()
+
+    def running(self) -> bool:
+        if self.proc.poll() is not None:
+            return False
+        if time.monotonic() > self.deadline:
+            raise RuntimeError(f"wrk overstayed {self.seconds} s by 30 s")
+        return True
+
+    def summary(self) -> WrkResult:
+        """The summary of the run that has ended (bench.lua's JSON)."""
+        if self.proc.returncode != 0 or self.out_path.stat().st_size == 0:
+            output = self.proc.stdout.read() if self.proc.stdout else f"see {self.log}"
+            raise RuntimeError(f"wrk failed ({self.proc.returncode}): {output}")
+        return WrkResult.from_summary(json.loads(self.out_path.read_text(encoding="utf-8")))
+
+    def close(self) -> None:
+        """Kill wrk if it still runs; remove its summary file."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        self.out_path.unlink(missing_ok=True)
 
 
 def start_wrk(
@@ -187,30 +225,14 @@ def start_wrk(
     seconds: float,
     threads: int = 1,
     workdir: Path | None = None,
+    log: Path | None = None,
 ) -> RunningWrk:
-    """Start one bounded wrk run and return at once (a load running beside a measured one)."""
+    """Start one bounded wrk run and return at once; ``.result()`` waits for it (killed if it
+    overstays its duration by 30 s), a load may run beside it meanwhile."""
     with tempfile.NamedTemporaryFile(
         "r", suffix=".json", dir=workdir, delete=False, encoding="utf-8"
     ) as out:
         out_path = Path(out.name)
     env = {**os.environ, **load.env(), "BENCH_OUT": str(out_path)}
     cmd = wrk_command(url, connections=connections, seconds=seconds, threads=threads)
-    return RunningWrk(cmd, env, out_path, seconds)
-
-
-def run_wrk(
-    url: str,
-    load: Load,
-    *,
-    connections: int,
-    seconds: float,
-    threads: int = 1,
-    workdir: Path | None = None,
-    until: Callable[[], bool] | None = None,
-) -> WrkResult:
-    """One bounded wrk run (killed if it overstays its duration by 30 s). With ``until``, polled
-    every 0.25 s, wrk is stopped early (SIGINT: it still reports) once ``until()`` is true."""
-    running = start_wrk(
-        url, load, connections=connections, seconds=seconds, threads=threads, workdir=workdir
-    )
-    return running.result(until)
+    return RunningWrk(cmd, env, out_path, seconds, log)

@@ -33,7 +33,7 @@ import yaml
 
 from bench import configs, report
 from bench.keys import CLIENT_SECRET_ENV, BenchKeys
-from bench.loadgen import Load, WrkResult, run_wrk, start_wrk
+from bench.loadgen import Load, WrkResult, start_wrk
 from bench.procs import (
     RESULTS,
     ROOT,
@@ -385,27 +385,21 @@ def measure(
     """One wrk run against ``backend``'s listener, with CPU, RSS and IdP calls around it."""
     url = st.url(backend)
     if warmup > 0:
-        run_wrk(
+        start_wrk(
             url,
             replace(load, stop_after=0),
             connections=connections,
             seconds=warmup,
             threads=threads,
             workdir=st.workdir,
-        )
+        ).result()
     roots = [server.pid] if server is not None else []
     idp0 = st.idp("/_bench/stats")
     s0, e0, t0 = usage(roots), usage([st.envoy.pid]), time.monotonic()
     spy = _start_py_spy(roots[0], seconds, profile_to) if profile_to and roots else None
-    res = run_wrk(
-        url,
-        load,
-        connections=connections,
-        seconds=seconds,
-        threads=threads,
-        workdir=st.workdir,
-        until=until,
-    )
+    res = start_wrk(
+        url, load, connections=connections, seconds=seconds, threads=threads, workdir=st.workdir
+    ).result(until)
     s1, e1, t1 = usage(roots), usage([st.envoy.pid]), time.monotonic()
     idp1 = st.idp("/_bench/stats")
     if spy is not None:
@@ -740,14 +734,14 @@ def paced_to_saturation(
     (wrk is closed-loop; the achieved rate is reported)."""
     target = sat["rate"] * fraction
     first = 0.85 * pacing_delay(prof.connections, target, 0.0)
-    calibration = run_wrk(
+    calibration = start_wrk(
         st.url("b"),
         replace(load, delay_ms=round(first, 1)),
         connections=prof.connections,
         seconds=2,
         threads=args.wrk_threads,
         workdir=st.workdir,
-    )
+    ).result()
     delay = pacing_delay(prof.connections, target, calibration.latency_ms(50))
     p = measure(
         st,
