@@ -7,8 +7,8 @@ credential), and gives it again without any validation step. Route selection is 
 way: a pure function of the request line and the config. Delete this module in your head and
 every rule is still in the engine; nothing here decides anything.
 
-Allows with the same content are one object, so that a wire renders each once and keeps the
-rendered bytes with the answer (:attr:`Answer.wire`).
+Allows with the same content are one object, shared by the answers that give it; a wire keeps
+its rendered bytes with each answer (:attr:`Answer.wire`).
 """
 
 from __future__ import annotations
@@ -33,11 +33,10 @@ _MAX_ROUTES = 8_192
 # every time and never kept: the route memo holds at most 8,192 x 512 characters of requests.
 _MAX_ROUTE_KEY_CHARS = 512
 _MAX_ALLOWS = 8_192
-# An allow carries the client's identity headers; a larger one is not interned.
-_MAX_ALLOW_CHARS = 4_096
 
 RouteKey = tuple[str, str, str, frozenset[tuple[str, str]] | None]
 AnswerKey = tuple[int, int, bytes]
+AllowContent = tuple[tuple[tuple[str, str], ...], tuple[str, ...], tuple[tuple[str, Any], ...]]
 
 
 def route_key(req: CheckInput) -> RouteKey:
@@ -100,7 +99,10 @@ class AnswerCache:
         # An answer's size is its decision's, interned and bounded below: the key and the
         # window are fixed.
         self._answers: BoundedCache[AnswerKey, Answer] = BoundedCache(MAX_ANSWERS, 0)
-        self._allows: BoundedCache[Decision, Decision] = BoundedCache(_MAX_ALLOWS, _MAX_ALLOW_CHARS)
+        # An allow's content (identity headers, headers removed, metadata) → the one Decision.
+        # Its values come from a token's claims: at most 16 KiB each, as many as the config
+        # names, so entries are bounded by the token size and the config.
+        self._allows: BoundedCache[AllowContent, Decision] = BoundedCache(_MAX_ALLOWS, 0)
 
     @property
     def config(self) -> Config:
@@ -141,10 +143,11 @@ class AnswerCache:
     def _intern(self, decision: Decision) -> Decision:
         """The one object for an allow with this content (the same client, whichever of its
         tokens), so that its rendering is made once."""
-        same = self._allows.get(decision)
+        content = (decision.upstream_headers, decision.remove_headers, decision.metadata)
+        same = self._allows.get(content)
         if same is not None:
             return same
-        self._allows.put(decision, decision, _allow_size(decision))
+        self._allows.put(content, decision, 0)
         return decision
 
     def _remember(
@@ -165,10 +168,3 @@ class AnswerCache:
             validity.documents_version,
         )
         self._answers.put(credential, answer, 0)
-
-
-def _allow_size(decision: Decision) -> int:
-    """About how many characters an allow holds: its headers and metadata values."""
-    values: list[Any] = [v for _, v in decision.upstream_headers]
-    values.extend(v for _, v in decision.metadata)
-    return sum(len(v) if isinstance(v, str) else 16 for v in values)

@@ -13,7 +13,6 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .config import AuthPolicy, Config, Deployment
@@ -80,15 +79,17 @@ def _must(denial: Denial | None) -> Denial:
     return denial
 
 
-@dataclass(slots=True)
 class _FirstFailure:
     """The failure one check answers with (the first), and whether to go on after one."""
 
-    keep_going: bool
-    denial: Denial | None = None
-    event: str | None = None
-    log_fields: tuple[tuple[str, str], ...] = ()
-    required_scope: tuple[str, ...] = ()
+    __slots__ = ("denial", "event", "keep_going", "log_fields", "required_scope")
+
+    def __init__(self, keep_going: bool) -> None:
+        self.keep_going = keep_going
+        self.denial: Denial | None = None
+        self.event: str | None = None
+        self.log_fields: tuple[tuple[str, str], ...] = ()
+        self.required_scope: tuple[str, ...] = ()
 
     def fail(
         self,
@@ -139,8 +140,7 @@ def _quoted_path(path: str) -> str:
     return f"{path[:_MAX_MESSAGE_PATH_CHARS]}... ({len(path)} characters)"
 
 
-@dataclass(frozen=True, slots=True)
-class Validity:
+class Validity(NamedTuple):
     """How long a decision holds for the same credential on the same route: while the wall
     clock is within ``[not_before, not_after]`` and the IdP documents it rested on are still
     ``documents_version`` (no fetch since, none past its TTL). For an allow, the window is the

@@ -196,7 +196,8 @@ def _format_line(step: Step) -> CheckLine:
         if step.actual == "jwt":
             return _line(step, "JWT; REMOTE_INTROSPECTION checks every token")
         return _line(step, "opaque token (not a JWT): it is introspected")
-    shown = ", ".join(f"{k} {_j(v)}" for k, v in step.actual)
+    fields = step.actual
+    shown = ", ".join(f"{k} {_j(fields[k])}" for k in ("alg", "kid", "typ") if k in fields)
     return _line(step, f"JWT (compact JWS), header {shown}")
 
 
@@ -205,10 +206,11 @@ def _kid_text(kid: str | None) -> str:
 
 
 def _alg_line(step: Step) -> CheckLine:
+    allowed = sorted(step.expected)
     if step.result == "FAIL":
-        detail = f"token: {_j(step.actual)}  allowed algorithms: {_jl(step.expected)}"
-        return _line(step, detail, actual=step.actual, expected=step.expected)
-    return _line(step, f"{_j(step.actual)}  allowed: {_jl(step.expected)}", actual=step.actual)
+        detail = f"token: {_j(step.actual)}  allowed algorithms: {_j(allowed)}"
+        return _line(step, detail, actual=step.actual, expected=allowed)
+    return _line(step, f"{_j(step.actual)}  allowed: {_j(allowed)}", actual=step.actual)
 
 
 def _kid_line(step: Step, keys: KeySource, alg: str | None) -> CheckLine:
@@ -220,7 +222,8 @@ def _kid_line(step: Step, keys: KeySource, alg: str | None) -> CheckLine:
     denial = step.denial
     if denial is not None and denial.reason is Reason.IDP_CALL_FAILED:
         return _line(step, f"keys unavailable: {denial.message}", endpoint=step.fact("endpoint"))
-    known = list(step.fact("knownKids", ()))
+    keys_seen = step.fact("keys")
+    known = [k.kid for k in keys_seen.keys] if keys_seen is not None else []
     source = _key_source(keys)
     facts = {"actual": step.actual, "knownKids": known, "source": keys.uri}
     if denial is None:
@@ -292,15 +295,17 @@ def _iss_line(step: Step, policy_issuers: tuple[str, ...]) -> CheckLine:
         return _line(step, f"issuer unavailable: {denial.message}")
     iss = step.actual
     label = "policy issuers" if policy_issuers else "discovery issuer"
-    detail = f"token: {'(absent)' if iss is None else _j(iss)}  {label}: {_jl(step.expected)}"
-    return _line(step, detail, actual=iss, expected=step.expected)
+    issuers = list(step.expected)
+    detail = f"token: {'(absent)' if iss is None else _j(iss)}  {label}: {_j(issuers)}"
+    return _line(step, detail, actual=iss, expected=issuers)
 
 
 def _aud_line(step: Step) -> CheckLine:
     if step.result == "SKIP":
         return _line(step, step.note)
-    detail = f"token: {_j(step.actual)}  policy audiences: {_j(step.expected)}"
-    return _line(step, detail, actual=step.actual, expected=step.expected)
+    audiences = sorted(step.expected)
+    detail = f"token: {_j(step.actual)}  policy audiences: {_j(audiences)}"
+    return _line(step, detail, actual=step.actual, expected=audiences)
 
 
 def _claim_line(step: Step) -> CheckLine:
@@ -326,8 +331,9 @@ def _claim_line(step: Step) -> CheckLine:
 def _scope_line(step: Step) -> CheckLine:
     if step.result == "SKIP":
         return _line(step, step.note)
-    detail = f"token: {_j(step.actual)}  route requires any of: {_jl(step.expected)}"
-    return _line(step, detail, actual=step.actual, expected=step.expected)
+    granted, required = sorted(step.actual), list(step.expected)
+    detail = f"token: {_j(granted)}  route requires any of: {_jl(required)}"
+    return _line(step, detail, actual=granted, expected=required)
 
 
 def render_step(step: Step, inp: CheckInput, trace: Trace) -> CheckLine:
