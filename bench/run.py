@@ -8,6 +8,10 @@ loopback. Around every run the harness reads ``/proc/<pid>/stat`` of the ext_aut
 its children: ``--workers``) and of Envoy, so CPU per check is (CPU seconds) / (checks).
 Outputs go to ``bench/results/``: ``bench.json``, ``bench.md``, ``latency_vs_load.png``.
 Every process started is stopped at the end (SIGTERM, then SIGKILL), also on Ctrl-C.
+
+The scenarios are data (:func:`scenarios`, at the end of the runner): the tokens wrk sends,
+extauthz's policy and deployments, the IdP's latency, the expected status, the backends, and
+by name the steps a scenario takes beyond the common rounds. :func:`run_scenario` runs each.
 """
 
 from __future__ import annotations
@@ -97,87 +101,30 @@ PROFILES = {
 }
 
 
-@dataclass(frozen=True)
-class Scenario:
-    id: str
-    title: str
-    policy: str  # extauthz policy kind: jwt | introspection
-    load: Callable[[Tokens], Load]
-    expect_b: int  # HTTP status through Envoy for (b) (and (c))
-    with_c: bool  # does Envoy jwt_authn apply?
-    deployments: int = 1
-    idp_latency_ms: float = 0.0
-    # Before the rounds, (b) gets one pass over every token of the rotation, measured on its own:
-    # the points then measure the rotation with each token seen before.
-    first_pass: bool = False
-    # Paths sent without a token to the `files` deployment (added to the policy), each measured
-    # on its own, then all of them as a flood, with ``load`` (the innocent check).
-    hostile_paths: tuple[configs.HostilePath, ...] = ()
-
-
 @dataclass
 class Tokens:
+    """The tokens of one run (bench/keys.py): what a scenario's ``tokens`` names."""
+
     rs256: str
     es256: str
     expired: str
-    distinct_file: str
+    distinct_file: str  # RS256 tokens that differ in ``sub``, one a line
     opaque: str = field(default_factory=lambda: f"opaque-warm-{uuid.uuid4().hex}")
 
-
-def scenarios(profile: Profile) -> list[Scenario]:
-    return [
-        Scenario(
-            "1", "JWT RS256, warm JWKS, same token", "jwt", lambda t: Load(token=t.rs256), 200, True
-        ),
-        Scenario(
-            "2",
-            f"JWT RS256, {profile.distinct:,} distinct tokens",
-            "jwt",
-            lambda t: Load(mode="rotate", token_file=t.distinct_file),
-            200,
-            True,
-            first_pass=True,
-        ),
-        Scenario("3", "JWT ES256, same token", "jwt", lambda t: Load(token=t.es256), 200, True),
-        Scenario(
-            "4",
-            "opaque token, warm introspection cache",
-            "introspection",
-            lambda t: Load(token=t.opaque),
-            200,
-            False,
-        ),
-        Scenario(
-            "5",
-            f"opaque tokens, each new, IdP {IDP_LATENCY_MS:g} ms",
-            "introspection",
-            lambda t: Load(mode="unique"),
-            200,
-            False,
-            idp_latency_ms=IDP_LATENCY_MS,
-        ),
-        Scenario(
-            "6", "denials (expired RS256 token)", "jwt", lambda t: Load(token=t.expired), 401, True
-        ),
-        Scenario(
-            "7",
-            f"{profile.deployments:,} deployments, RS256 same token",
-            "jwt",
-            lambda t: Load(token=t.rs256),
-            200,
-            False,
-            deployments=profile.deployments,
-        ),
-        Scenario(
-            "8",
-            "hostile paths; the innocent check (scenario 1's) under their flood",
-            "jwt",
-            lambda t: Load(token=t.rs256),
-            200,
-            False,
-            hostile_paths=configs.HOSTILE_PATHS,
-        ),
-    ]
+    def load(self, kind: str) -> Load:
+        """What wrk sends for ``kind``: one token over and over (rs256, es256, expired, opaque),
+        the distinct tokens in turn (distinct), or a new opaque token every time (unique)."""
+        if kind == "distinct":
+            return Load(mode="rotate", token_file=self.distinct_file)
+        if kind == "unique":
+            return Load(mode="unique")
+        token = {
+            "rs256": self.rs256,
+            "es256": self.es256,
+            "expired": self.expired,
+            "opaque": self.opaque,
+        }[kind]
+        return Load(token=token)
 
 
 # --- the stack ---------------------------------------------------------------------------------
@@ -332,23 +279,15 @@ def extauthz(
 
 
 def preflight(
-    url: str,
-    load: Load,
-    tokens: Tokens,
-    expect: int,
-    timeout: float = 10,
-    reason: str | None = None,
+    url: str, load: Load, expect: int, timeout: float = 10, reason: str | None = None
 ) -> str | None:
     """A few single requests until the expected status (and ``x-extauthz-reason``, when given)
     comes back; None, or what went wrong. Mode paths sends ``url`` as it is, with load.token
-    when it has one."""
-    token = {
-        "fixed": load.token,
-        "paths": load.token,
-        "unique": f"op-preflight-{uuid.uuid4().hex}",
-    }.get(load.mode)
-    if token is None:
-        token = Path(tokens.distinct_file).read_text(encoding="utf-8").split("\n", 1)[0]
+    when it has one; mode rotate, the first token of its file."""
+    if load.mode == "rotate" and load.token_file:
+        token = Path(load.token_file).read_text(encoding="utf-8").split("\n", 1)[0]
+    else:
+        token = load.token if load.mode != "unique" else f"op-preflight-{uuid.uuid4().hex}"
     headers = {"Host": "api.bench.example"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -367,59 +306,79 @@ def preflight(
     return f"expected HTTP {expect}{want}, got {status} {got}".strip()
 
 
-def measure(
-    st: Stack,
-    backend: str,
-    load: Load,
-    *,
-    connections: int,
-    seconds: int,
-    warmup: int,
-    server: Proc | None,
-    expect: int,
-    threads: int,
-    label: str | None = None,
-    profile_to: Path | None = None,
-    until: Callable[[], bool] | None = None,
-) -> dict[str, Any]:
-    """One wrk run against ``backend``'s listener, with CPU, RSS and IdP calls around it."""
-    url = st.url(backend)
-    if warmup > 0:
-        start_wrk(
-            url,
-            replace(load, stop_after=0),
+@dataclass(frozen=True)
+class Run:
+    """What every scenario is measured with: the stack, the tokens, the profile and the command
+    line; ``results`` takes what the run reports beyond its scenarios (the curve, profiles)."""
+
+    st: Stack
+    tokens: Tokens
+    prof: Profile
+    args: argparse.Namespace
+    results: dict[str, Any]
+
+    def measure(
+        self,
+        backend: str,
+        load: Load,
+        server: Proc | None,
+        *,
+        expect: int = 200,
+        connections: int = 0,
+        seconds: int = 0,
+        warmup: int = 0,
+        label: str | None = None,
+        profile_to: Path | None = None,
+        until: Callable[[], bool] | None = None,
+    ) -> dict[str, Any]:
+        """One wrk run against ``backend``'s listener, with CPU, RSS and IdP calls around it.
+        The server measured is the floor for (a), ``server`` (extauthz) for (b), none for (c);
+        (a) answers 200 whatever ``expect`` says. ``connections`` and ``seconds`` default to
+        the profile's, after ``warmup`` seconds of unmeasured load."""
+        st, threads = self.st, self.args.wrk_threads
+        connections = connections or self.prof.connections
+        seconds = seconds or self.prof.seconds
+        expect = expect if backend != "a" else 200
+        server = {"a": st.floor, "b": server}.get(backend)
+        url = st.url(backend)
+
+        def wrk(load: Load, seconds: int, until: Callable[[], bool] | None = None) -> WrkResult:
+            return start_wrk(
+                url,
+                load,
+                connections=connections,
+                seconds=seconds,
+                threads=threads,
+                workdir=st.workdir,
+            ).result(until)
+
+        if warmup > 0:
+            wrk(replace(load, stop_after=0), warmup)
+        roots = [server.pid] if server is not None else []
+        idp0 = st.idp("/_bench/stats")
+        s0, e0, t0 = usage(roots), usage([st.envoy.pid]), time.monotonic()
+        spy = _start_py_spy(roots[0], seconds, profile_to) if profile_to and roots else None
+        res = wrk(load, seconds, until)
+        s1, e1, t1 = usage(roots), usage([st.envoy.pid]), time.monotonic()
+        idp1 = st.idp("/_bench/stats")
+        if spy is not None:
+            _finish_py_spy(spy)
+        return point(
+            backend,
+            res,
+            label=label or report.BACKENDS[backend],
             connections=connections,
-            seconds=warmup,
-            threads=threads,
-            workdir=st.workdir,
-        ).result()
-    roots = [server.pid] if server is not None else []
-    idp0 = st.idp("/_bench/stats")
-    s0, e0, t0 = usage(roots), usage([st.envoy.pid]), time.monotonic()
-    spy = _start_py_spy(roots[0], seconds, profile_to) if profile_to and roots else None
-    res = start_wrk(
-        url, load, connections=connections, seconds=seconds, threads=threads, workdir=st.workdir
-    ).result(until)
-    s1, e1, t1 = usage(roots), usage([st.envoy.pid]), time.monotonic()
-    idp1 = st.idp("/_bench/stats")
-    if spy is not None:
-        _finish_py_spy(spy)
-    return point(
-        backend,
-        res,
-        label=label or report.BACKENDS[backend],
-        connections=connections,
-        delay_ms=load.delay_ms,
-        server_cpu_s=(s1.cpu_seconds - s0.cpu_seconds) if roots else None,
-        envoy_cpu_s=e1.cpu_seconds - e0.cpu_seconds,
-        wall_s=t1 - t0,
-        rss_kb=s1.rss_kb if roots else None,
-        processes=len(s1.pids) if roots else 0,
-        cpu_per_process_s=cpu_split(s0, s1) if roots else None,
-        idp_calls=(idp1["jwks"] + idp1["introspect"]) - (idp0["jwks"] + idp0["introspect"]),
-        idp_distinct=idp1["distinct"] - idp0["distinct"],
-        expect=expect,
-    )
+            delay_ms=load.delay_ms,
+            server_cpu_s=(s1.cpu_seconds - s0.cpu_seconds) if roots else None,
+            envoy_cpu_s=e1.cpu_seconds - e0.cpu_seconds,
+            wall_s=t1 - t0,
+            rss_kb=s1.rss_kb if roots else None,
+            processes=len(s1.pids) if roots else 0,
+            cpu_per_process_s=cpu_split(s0, s1) if roots else None,
+            idp_calls=(idp1["jwks"] + idp1["introspect"]) - (idp0["jwks"] + idp0["introspect"]),
+            idp_distinct=idp1["distinct"] - idp0["distinct"],
+            expect=expect,
+        )
 
 
 def point(
@@ -511,7 +470,7 @@ def _finish_py_spy(spy: subprocess.Popen[bytes]) -> None:
         spy.wait(5)
 
 
-# --- the run -----------------------------------------------------------------------------------
+# --- logging and counting ----------------------------------------------------------------------
 
 
 def log(msg: str) -> None:
@@ -563,94 +522,150 @@ def checks_answered(server: Proc, **labels: str) -> int:
     )
 
 
-def run_scenario(
-    st: Stack,
-    sc: Scenario,
-    tokens: Tokens,
-    prof: Profile,
-    args: argparse.Namespace,
-    results: dict[str, Any],
-) -> dict[str, Any]:
-    if sc.hostile_paths:
-        return hostile_paths(st, sc, tokens, prof, args)
-    load = sc.load(tokens)
+# --- the runner: every scenario the same way ---------------------------------------------------
+
+
+Measure = Callable[["Run", "Scenario", Proc], dict[str, Any]]
+Step = Callable[["Run", "Scenario", Proc, Load, dict[str, Any]], None]
+
+
+def run_scenario(run: Run, sc: Scenario) -> dict[str, Any]:
+    """The scenario's IdP latency and a fresh extauthz with its policy, then its ``measure``."""
+    run.st.idp(f"/_bench/latency?ms={sc.idp_latency_ms:g}")
+    with extauthz(run.st, sc.policy, sc.deployments, files=bool(sc.hostile_paths)) as server:
+        return sc.measure(run, sc, server)
+
+
+def backend_rounds(run: Run, sc: Scenario, server: Proc) -> dict[str, Any]:
+    """The scenario's backends side by side: its ``before`` steps, then (a), (b), (c), (a),
+    (b), (c)... for the profile's rounds (slow drifts of the machine hit all), the medians, then
+    its ``after`` steps (and, with ``--profile``, a run of (b) under py-spy)."""
+    load = run.tokens.load(sc.tokens)
     out: dict[str, Any] = {"id": sc.id, "title": sc.title, "points": {}, "extra_points": {}}
-    st.idp(f"/_bench/latency?ms={sc.idp_latency_ms:g}")
-    backends = ["a", "b"] + (["c"] if sc.with_c else [])
-    common = {"seconds": prof.seconds, "threads": args.wrk_threads}
-    with extauthz(st, sc.policy, sc.deployments) as server:
-        problems = {}
-        for backend in backends:
-            expect = 200 if backend == "a" else sc.expect_b
-            problems[backend] = preflight(st.url(backend), load, tokens, expect)
+    problems = {}
+    for backend in sc.backends:
+        expect = sc.expect if backend != "a" else 200
+        problems[backend] = preflight(run.st.url(backend), load, expect)
+        if problems[backend]:
+            log(f"scenario {sc.id} ({backend}): preflight {problems[backend]}")
+    for step in sc.before:
+        step(run, sc, server, load, out)
+    rounds: dict[str, list[dict[str, Any]]] = {b: [] for b in sc.backends}
+    for r in range(run.prof.rounds):
+        for backend in sc.backends:
+            warmup = run.prof.warmup if r == 0 else 0
+            p = run.measure(backend, load, server, expect=sc.expect, warmup=warmup)
             if problems[backend]:
-                log(f"scenario {sc.id} ({backend}): preflight {problems[backend]}")
-        if sc.first_pass:
-            answered = checks_answered(server)
-            first = measure(
-                st,
-                "b",
-                replace(load, stop_after=-(-prof.distinct // args.wrk_threads)),
-                connections=prof.connections,
-                seconds=_FIRST_PASS_MAX_SECONDS,
-                warmup=0,
-                server=server,
-                expect=sc.expect_b,
-                threads=args.wrk_threads,
-                label="first sight of each token",
-                # wrk's threads stop sending after their share, but wrk itself runs out its
-                # duration: stop it once the server has answered no new check for a second.
-                until=stalled(lambda: checks_answered(server), since=answered),
-            )
-            out["extra_points"]["b first sight"] = first
-            log(f"scenario {sc.id}: {_summary(first)}")
-        rounds: dict[str, list[dict[str, Any]]] = {b: [] for b in backends}
-        for r in range(prof.rounds):  # a, b, c, a, b, c...: slow drifts of the machine hit all
-            for backend in backends:
-                p = measure(
-                    st,
-                    backend,
-                    load,
-                    connections=prof.connections,
-                    server={"a": st.floor, "b": server}.get(backend),
-                    expect=200 if backend == "a" else sc.expect_b,
-                    warmup=prof.warmup if r == 0 else 0,
-                    **common,
-                )
-                if problems[backend]:
-                    p["valid"], p["preflight"] = False, problems[backend]
-                rounds[backend].append(p)
-                log(f"scenario {sc.id}: {_summary(p)}")
-        out["points"] = {b: combine_rounds(rounds[b]) for b in backends}
-        for extra in out["extra_points"].values():
-            extra["ratios"] = report.scenario_ratios({**out["points"], "b": extra})
-        if sc.id == "1":
-            results["curve"] = curve(st, load, server, prof, args, out["points"])
-        if sc.id == "5":
-            for name, fraction in (("½", 0.5), ("⅒", 0.1)):
-                out["extra_points"][f"b@{name}sat"] = paced_to_saturation(
-                    st, load, server, prof, args, out["points"]["b"], fraction, name
-                )
-        if args.profile and sc.id in args.profile_scenarios:
-            path = results_dir(args) / f"profile-s{sc.id}.txt"
-            measure(
-                st,
-                "b",
-                load,
-                connections=prof.connections,
-                server=server,
-                expect=sc.expect_b,
-                profile_to=path,
-                warmup=0,
-                **common,
-            )
-            if path.exists():
-                text = path.read_text(encoding="utf-8", errors="replace")
-                results.setdefault("profiles", {})[f"scenario {sc.id}"] = report.profile_summary(
-                    text
-                )
+                p["valid"], p["preflight"] = False, problems[backend]
+            rounds[backend].append(p)
+            log(f"scenario {sc.id}: {_summary(p)}")
+    out["points"] = {b: combine_rounds(rounds[b]) for b in sc.backends}
+    for extra in out["extra_points"].values():
+        extra["ratios"] = report.scenario_ratios({**out["points"], "b": extra})
+    for step in sc.after:
+        step(run, sc, server, load, out)
+    if run.args.profile and sc.id in run.args.profile_scenarios:
+        profile(run, sc, server, load)
     out["ratios"] = report.scenario_ratios(out["points"])
     return out
+
+
+def profile(run: Run, sc: Scenario, server: Proc, load: Load) -> None:
+    """One more run of (b) under py-spy (not measured); its summary goes to the results."""
+    path = results_dir(run.args) / f"profile-s{sc.id}.txt"
+    run.measure("b", load, server, expect=sc.expect, profile_to=path)
+    if path.exists():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        run.results.setdefault("profiles", {})[f"scenario {sc.id}"] = report.profile_summary(text)
+
+
+# --- the steps a scenario names ----------------------------------------------------------------
+
+
+def first_pass(run: Run, sc: Scenario, server: Proc, load: Load, out: dict[str, Any]) -> None:
+    """Before the rounds: (b) gets one pass over every token of the rotation, measured on its
+    own (the first sight of each token: a parse and a verify); the rounds then measure the
+    rotation with each token seen before."""
+    answered = checks_answered(server)
+    first = run.measure(
+        "b",
+        replace(load, stop_after=-(-run.prof.distinct // run.args.wrk_threads)),
+        server,
+        expect=sc.expect,
+        seconds=_FIRST_PASS_MAX_SECONDS,
+        label="first sight of each token",
+        # wrk's threads stop sending after their share, but wrk itself runs out its duration:
+        # stop it once the server has answered no new check for a second.
+        until=stalled(lambda: checks_answered(server), since=answered),
+    )
+    out["extra_points"]["b first sight"] = first
+    log(f"scenario {sc.id}: {_summary(first)}")
+
+
+def latency_curve(run: Run, sc: Scenario, server: Proc, load: Load, out: dict[str, Any]) -> None:
+    """The run's latency-vs-load curve: the scenario at each connection count of the profile,
+    for each backend (the main point's figures where the count is the main point's)."""
+    pts = []
+    for conns in run.prof.curve:
+        for backend in sc.backends:
+            if conns == run.prof.connections and backend in out["points"]:
+                pts.append(dict(out["points"][backend]))
+                continue
+            warmup = min(run.prof.warmup, 1)
+            p = run.measure(
+                backend, load, server, expect=sc.expect, connections=conns, warmup=warmup
+            )
+            pts.append(p)
+            log(f"curve: {_summary(p)}")
+    run.results["curve"] = pts
+
+
+def saturation_fractions(
+    run: Run, sc: Scenario, server: Proc, load: Load, out: dict[str, Any]
+) -> None:
+    """(b) paced to ½ of the saturation rate just measured (the target) and to ⅒ (the latency
+    with next to no queueing)."""
+    for name, fraction in (("½", 0.5), ("⅒", 0.1)):
+        out["extra_points"][f"b@{name}sat"] = paced_to_saturation(
+            run, sc, server, load, out["points"]["b"], fraction, name
+        )
+
+
+def paced_to_saturation(
+    run: Run,
+    sc: Scenario,
+    server: Proc,
+    load: Load,
+    sat: Mapping[str, Any],
+    fraction: float,
+    name: str,
+) -> dict[str, Any]:
+    """(b) paced at about ``fraction`` of the saturation rate ``sat``: each of the connections
+    waits ``delay`` between requests so that connections / (delay + latency) is that rate. The
+    latency at that load is not the saturated one, so a 2 s calibration run at a first guess
+    measures it (wrk is closed-loop; the achieved rate is reported)."""
+    connections = run.prof.connections
+    target = sat["rate"] * fraction
+    first = 0.85 * pacing_delay(connections, target, 0.0)
+    calibration = start_wrk(
+        run.st.url("b"),
+        replace(load, delay_ms=round(first, 1)),
+        connections=connections,
+        seconds=2,
+        threads=run.args.wrk_threads,
+        workdir=run.st.workdir,
+    ).result()
+    delay = pacing_delay(connections, target, calibration.latency_ms(50))
+    p = run.measure(
+        "b",
+        replace(load, delay_ms=round(delay, 1)),
+        server,
+        expect=sc.expect,
+        label=f"extauthz, paced to {name} saturation",
+    )
+    p["target_rate"] = target
+    log(f"scenario {sc.id} at {name} saturation (target {target:.0f}/s): {_summary(p)}")
+    return p
 
 
 _MEDIAN_FIELDS = (
@@ -686,80 +701,6 @@ def combine_rounds(points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def curve(
-    st: Stack,
-    load: Load,
-    server: Proc,
-    prof: Profile,
-    args: argparse.Namespace,
-    main: Mapping[str, Mapping[str, Any]],
-) -> list[dict[str, Any]]:
-    """Scenario 1 at each connection count of the profile, for (a), (b), (c)."""
-    pts = []
-    for conns in prof.curve:
-        for backend in ("a", "b", "c"):
-            if conns == prof.connections and backend in main:
-                pts.append(dict(main[backend]))
-                continue
-            p = measure(
-                st,
-                backend,
-                load,
-                connections=conns,
-                seconds=prof.seconds,
-                warmup=min(prof.warmup, 1),
-                threads=args.wrk_threads,
-                server={"a": st.floor, "b": server}.get(backend),
-                expect=200,
-            )
-            pts.append(p)
-            log(f"curve: {_summary(p)}")
-    return pts
-
-
-def paced_to_saturation(
-    st: Stack,
-    load: Load,
-    server: Proc,
-    prof: Profile,
-    args: argparse.Namespace,
-    sat: Mapping[str, Any],
-    fraction: float,
-    name: str,
-) -> dict[str, Any]:
-    """Scenario 5 paced at about ``fraction`` of the saturation rate just measured (½ for the
-    target; ⅒ shows the latency with next to no queueing): each of the connections waits
-    ``delay`` between requests so that connections / (delay + latency) is that rate. The latency
-    at that load is not the saturated one, so a 2 s calibration run at a first guess measures it
-    (wrk is closed-loop; the achieved rate is reported)."""
-    target = sat["rate"] * fraction
-    first = 0.85 * pacing_delay(prof.connections, target, 0.0)
-    calibration = start_wrk(
-        st.url("b"),
-        replace(load, delay_ms=round(first, 1)),
-        connections=prof.connections,
-        seconds=2,
-        threads=args.wrk_threads,
-        workdir=st.workdir,
-    ).result()
-    delay = pacing_delay(prof.connections, target, calibration.latency_ms(50))
-    p = measure(
-        st,
-        "b",
-        replace(load, delay_ms=round(delay, 1)),
-        connections=prof.connections,
-        seconds=prof.seconds,
-        warmup=0,
-        threads=args.wrk_threads,
-        server=server,
-        expect=200,
-        label=f"extauthz, paced to {name} saturation",
-    )
-    p["target_rate"] = target
-    log(f"scenario 5 at {name} saturation (target {target:.0f}/s): {_summary(p)}")
-    return p
-
-
 def pacing_delay(connections: int, rate: float, latency_ms: float) -> float:
     """The delay (ms) before each request on each of ``connections`` closed-loop connections
     that makes them send ``rate`` requests/s in all when a request takes ``latency_ms``."""
@@ -774,102 +715,84 @@ def _path_file(workdir: Path, name: str, paths: Sequence[str]) -> str:
     return str(path)
 
 
-def hostile_paths(
-    st: Stack,
-    sc: Scenario,
-    tokens: Tokens,
-    prof: Profile,
-    args: argparse.Namespace,
-) -> dict[str, Any]:
+# --- the hostile paths -------------------------------------------------------------------------
+
+
+def hostile_rounds(run: Run, sc: Scenario, server: Proc) -> dict[str, Any]:
     """Each hostile path on its own, (a) then (b), for its CPU per check; then the innocent
-    check (``sc.load``, paced) quiet, under a flood of all the hostile paths, and under a flood
-    of innocent checks on as many connections (the queueing any flood causes). Each round
-    measures all of it, so the quiet and the flooded innocent check are side by side; the
-    figures are the medians of the rounds. (b)'s answers to a hostile path are counted in
+    check (the scenario's ``tokens``, paced) quiet, under a flood of all the hostile paths, and
+    under a flood of innocent checks on as many connections (the queueing any flood causes).
+    Each round measures all of it, so the quiet and the flooded innocent check are side by side;
+    the figures are the medians of the rounds. (b)'s answers to a hostile path are counted in
     extauthz's metrics too: a point where fewer denials were counted than wrk got answers did
     not measure extauthz and is marked invalid."""
-    st.idp("/_bench/latency?ms=0")
-    innocent = replace(
-        sc.load(tokens), delay_ms=pacing_delay(INNOCENT_CONNECTIONS, INNOCENT_RATE, 0.0)
-    )
+    st, paths = run.st, sc.hostile_paths
+    load = run.tokens.load(sc.tokens)
+    innocent = replace(load, delay_ms=pacing_delay(INNOCENT_CONNECTIONS, INNOCENT_RATE, 0.0))
     alone = {
         hp.key: Load(mode="paths", path_file=_path_file(st.workdir, hp.key, [hp.path]))
-        for hp in sc.hostile_paths
+        for hp in paths
     }
     denied = {"deployment": configs.FILES_DEPLOYMENT, "decision": "deny"}
+    every_path = Load(
+        mode="paths", path_file=_path_file(st.workdir, "flood", [p.path for p in paths])
+    )
     floods = {
-        "hostile flood": Flood(
-            Load(
-                mode="paths",
-                path_file=_path_file(st.workdir, "flood", [hp.path for hp in sc.hostile_paths]),
-            ),
-            expect=sc.hostile_paths[0].status,
-            counted=denied,
-        ),
-        "innocent flood": Flood(sc.load(tokens), expect=sc.expect_b),
+        "hostile flood": Flood(every_path, expect=paths[0].status, counted=denied),
+        "innocent flood": Flood(load, expect=sc.expect),
     }
     rounds: dict[str, list[dict[str, Any]]] = {}
     problems: dict[str, str | None] = {}
-    with extauthz(st, sc.policy, sc.deployments, files=True) as server:
-        for hp in sc.hostile_paths:
-            for backend in ("a", "b"):
-                why = preflight(
-                    st.url(backend, hp.path),
-                    alone[hp.key],
-                    tokens,
-                    200 if backend == "a" else hp.status,
-                    reason=hp.reason if backend == "b" else None,
-                )
-                problems[f"{backend} {hp.key}"] = why
-                if why:
-                    log(f"scenario {sc.id} ({backend} {hp.key}): preflight {why}")
-        why = preflight(st.url("b"), innocent, tokens, sc.expect_b)
-        for name in ("quiet", *floods):
-            problems[f"b innocent, {name}"] = why
-        common = {"seconds": prof.seconds, "threads": args.wrk_threads}
-        for r in range(prof.rounds):
-            for hp in sc.hostile_paths:
-                for backend in ("a", "b"):
-                    counted = checks_answered(server, **denied, reason=hp.reason)
-                    p = measure(
-                        st,
-                        backend,
-                        alone[hp.key],
-                        connections=prof.connections,
-                        warmup=prof.warmup if r == 0 else 0,
-                        expect=200 if backend == "a" else hp.status,
-                        server=st.floor if backend == "a" else server,
-                        label=f"{report.BACKENDS[backend]}, {hp.title}",
-                        **common,
-                    )
-                    if backend == "b":
-                        p["extauthz_denials"] = (
-                            checks_answered(server, **denied, reason=hp.reason) - counted
-                        )
-                        if p["extauthz_denials"] < p["requests"]:
-                            p["valid"] = False
-                    rounds.setdefault(f"{backend} {hp.key}", []).append(p)
-                    log(f"scenario {sc.id}: {_summary(p)}")
-            time.sleep(SETTLE_SECONDS)
-            quiet = measure(
-                st,
-                "b",
-                innocent,
-                connections=INNOCENT_CONNECTIONS,
-                warmup=prof.warmup if r == 0 else 0,
-                server=server,
-                expect=sc.expect_b,
-                label="extauthz, innocent check, quiet",
-                **common,
+    for hp in paths:
+        for backend in ("a", "b"):
+            reason = hp.reason if backend == "b" else None
+            why = preflight(
+                st.url(backend, hp.path),
+                alone[hp.key],
+                hp.status if backend == "b" else 200,
+                reason=reason,
             )
-            rounds.setdefault("b innocent, quiet", []).append(quiet)
-            log(f"scenario {sc.id}: {_summary(quiet)}")
-            for name, flood in floods.items():
-                under, flooding = under_flood(st, server, innocent, flood, name, prof, args)
-                rounds.setdefault(f"b innocent, {name}", []).append(under)
-                rounds.setdefault(f"b {name}", []).append(flooding)
-                log(f"scenario {sc.id}: {_summary(under)}")
-                log(f"scenario {sc.id}: {_summary(flooding)}")
+            problems[f"{backend} {hp.key}"] = why
+            if why:
+                log(f"scenario {sc.id} ({backend} {hp.key}): preflight {why}")
+    why = preflight(st.url("b"), innocent, sc.expect)
+    for name in ("quiet", *floods):
+        problems[f"b innocent, {name}"] = why
+    for r in range(run.prof.rounds):
+        warmup = run.prof.warmup if r == 0 else 0
+        for hp in paths:
+            for backend in ("a", "b"):
+                counted = Counted(server, {**denied, "reason": hp.reason})
+                p = run.measure(
+                    backend,
+                    alone[hp.key],
+                    server,
+                    expect=hp.status,
+                    warmup=warmup,
+                    label=f"{report.BACKENDS[backend]}, {hp.title}",
+                )
+                if backend == "b":
+                    counted.check(p)
+                rounds.setdefault(f"{backend} {hp.key}", []).append(p)
+                log(f"scenario {sc.id}: {_summary(p)}")
+        time.sleep(SETTLE_SECONDS)
+        quiet = run.measure(
+            "b",
+            innocent,
+            server,
+            expect=sc.expect,
+            connections=INNOCENT_CONNECTIONS,
+            warmup=warmup,
+            label="extauthz, innocent check, quiet",
+        )
+        rounds.setdefault("b innocent, quiet", []).append(quiet)
+        log(f"scenario {sc.id}: {_summary(quiet)}")
+        for name, flood in floods.items():
+            under, flooding = under_flood(run, server, innocent, flood, name)
+            rounds.setdefault(f"b innocent, {name}", []).append(under)
+            rounds.setdefault(f"b {name}", []).append(flooding)
+            log(f"scenario {sc.id}: {_summary(under)}")
+            log(f"scenario {sc.id}: {_summary(flooding)}")
     points = {}
     for key, pts in rounds.items():
         points[key] = combine_rounds(pts)
@@ -877,7 +800,7 @@ def hostile_paths(
             points[key]["extauthz_denials"] = sum(p["extauthz_denials"] for p in pts)
         if problems.get(key):
             points[key]["valid"], points[key]["preflight"] = False, problems[key]
-    for hp in sc.hostile_paths:
+    for hp in paths:
         b = points[f"b {hp.key}"]
         b["ratios"] = report.scenario_ratios({"a": points[f"a {hp.key}"], "b": b})
     return {
@@ -885,8 +808,23 @@ def hostile_paths(
         "title": sc.title,
         "points": points,
         "ratios": {},
-        "hostile": hostile_summary(sc.hostile_paths, list(floods), points),
+        "hostile": hostile_summary(paths, list(floods), points),
     }
+
+
+class Counted:
+    """The denials extauthz counts (extauthz_checks_total with ``labels``) from now on: a point
+    whose wrk got more answers than extauthz counted did not measure extauthz."""
+
+    def __init__(self, server: Proc, labels: Mapping[str, str]) -> None:
+        self.server, self.labels = server, dict(labels)
+        self.before = checks_answered(server, **self.labels)
+
+    def check(self, p: dict[str, Any]) -> None:
+        """Record the denials counted since in ``p`` (``extauthz_denials``); too few: invalid."""
+        p["extauthz_denials"] = checks_answered(self.server, **self.labels) - self.before
+        if p["extauthz_denials"] < p["requests"]:
+            p["valid"] = False
 
 
 @dataclass(frozen=True)
@@ -900,42 +838,31 @@ class Flood:
 
 
 def under_flood(
-    st: Stack,
-    server: Proc,
-    innocent: Load,
-    flood: Flood,
-    name: str,
-    prof: Profile,
-    args: argparse.Namespace,
+    run: Run, server: Proc, innocent: Load, flood: Flood, name: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The innocent check measured while a flood runs against the same extauthz (through the
     same Envoy listener): the flood starts FLOOD_LEAD_SECONDS before the innocent check's run
     and is stopped after it. Both points share the server's CPU, so the innocent one has no CPU
     per check, and the flood's is the server's CPU over the flood ÷ the flood's checks (the
     innocent checks' CPU included)."""
-    roots = [server.pid]
-    counted = checks_answered(server, **flood.counted) if flood.counted else 0
+    st, roots = run.st, [server.pid]
+    counted = Counted(server, flood.counted) if flood.counted else None
     s0, e0, t0 = usage(roots), usage([st.envoy.pid]), time.monotonic()
     running = start_wrk(
         st.url("b"),
         flood.load,
         connections=FLOOD_CONNECTIONS,
-        seconds=prof.seconds + FLOOD_LEAD_SECONDS + 10,  # stopped once the innocent run ends
-        threads=args.wrk_threads,
+        seconds=run.prof.seconds + FLOOD_LEAD_SECONDS + 10,  # stopped once the innocent run ends
+        threads=run.args.wrk_threads,
         workdir=st.workdir,
     )
     try:
         time.sleep(FLOOD_LEAD_SECONDS)
-        under = measure(
-            st,
+        under = run.measure(
             "b",
             innocent,
+            server,
             connections=INNOCENT_CONNECTIONS,
-            seconds=prof.seconds,
-            warmup=0,
-            server=server,
-            expect=200,
-            threads=args.wrk_threads,
             label=f"extauthz, innocent check under the {name}",
         )
     finally:
@@ -960,10 +887,8 @@ def under_flood(
         idp_distinct=0,
         expect=flood.expect,
     )
-    if flood.counted:
-        flooding["extauthz_denials"] = checks_answered(server, **flood.counted) - counted
-        if flooding["extauthz_denials"] < flooding["requests"]:
-            flooding["valid"] = False
+    if counted is not None:
+        counted.check(flooding)
     return under, flooding
 
 
@@ -1059,36 +984,27 @@ def _stack_for_workers(st: Stack, workers: int, args: argparse.Namespace) -> Ite
         st.procs.stop(envoy)
 
 
-def workers_scaling(
-    st: Stack,
-    tokens: Tokens,
-    prof: Profile,
-    args: argparse.Namespace,
-) -> dict[str, Any]:
-    """Scenario 1 with 1 and with 2 extauthz workers, alternating (1, 2, 1, 2, ...: the
-    profile's rounds), a fresh server for each point."""
-    load = Load(token=tokens.rs256)
+def workers_scaling(run: Run, sc: Scenario) -> dict[str, Any]:
+    """Scenario ``sc`` (the first) with 1 and with 2 extauthz workers, alternating (1, 2, 1, 2,
+    ...: the profile's rounds), a fresh server for each point."""
+    load = run.tokens.load(sc.tokens)
     counts = (1, 2)
     rounds: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
     out: dict[str, Any] = {"counts": list(counts)}
     try:
-        for _ in range(prof.rounds):
+        for _ in range(run.prof.rounds):
             for n in counts:
                 with (
-                    _stack_for_workers(st, n, args) as st2,
-                    extauthz(st2, "jwt", 1, workers=n) as server,
+                    _stack_for_workers(run.st, n, run.args) as st,
+                    extauthz(st, sc.policy, sc.deployments, workers=n) as server,
                 ):
-                    problem = preflight(st2.url("b"), load, tokens, 200)
-                    p = measure(
-                        st2,
+                    problem = preflight(st.url("b"), load, sc.expect)
+                    p = replace(run, st=st).measure(
                         "b",
                         load,
-                        connections=prof.connections,
-                        seconds=prof.seconds,
-                        warmup=prof.warmup,
-                        threads=args.wrk_threads,
-                        server=server,
-                        expect=200,
+                        server,
+                        expect=sc.expect,
+                        warmup=run.prof.warmup,
                         label=f"extauthz, {n} worker{'s' if n > 1 else ''}",
                     )
                     if problem:
@@ -1103,14 +1019,15 @@ def workers_scaling(
     return out
 
 
-def flood(st: Stack, prof: Profile, args: argparse.Namespace, seconds: int) -> dict[str, Any]:
+def flood(run: Run, seconds: int) -> dict[str, Any]:
     """``prof.flood`` distinct opaque tokens (IdP without latency) into a fresh extauthz, for at
     most ``seconds``; RSS throughout, against the default cache bounds."""
+    st, target = run.st, run.prof.flood
     st.idp("/_bench/latency?ms=0")
     # No per-thread stop_after: wrk's threads stop when asked for one more request than their
     # share, cutting the answers in flight, so the IdP might never see the last tokens and the
     # flood would idle to its time cap. New tokens flow until the IdP has seen them all.
-    load = Load(mode="unique")
+    load = run.tokens.load("unique")
     base = int(st.idp("/_bench/stats")["distinct"])
     with extauthz(st, "introspection") as server:
         rss0 = usage([server.pid]).rss_kb / 1024
@@ -1122,36 +1039,105 @@ def flood(st: Stack, prof: Profile, args: argparse.Namespace, seconds: int) -> d
             if not samples or time.monotonic() - last[0] >= 1.0:
                 last[0] = time.monotonic()
                 samples.append((tokens, usage([server.pid]).rss_kb / 1024))
-            return tokens >= prof.flood
+            return tokens >= target
 
-        p = measure(
-            st,
-            "b",
-            load,
-            connections=prof.connections,
-            seconds=seconds,
-            warmup=0,
-            threads=args.wrk_threads,
-            server=server,
-            expect=200,
-            label="extauthz, token flood",
-            until=done,
+        p = run.measure(
+            "b", load, server, seconds=seconds, label="extauthz, token flood", until=done
         )
     p["rss_before_mb"] = rss0
-    p["tokens_target"] = prof.flood
+    p["tokens_target"] = target
     if samples[-1] != (p["idp_distinct_tokens"], p["rss_mb"]):
         samples.append((p["idp_distinct_tokens"], p["rss_mb"]))
     p["rss_samples"] = samples
     p["rss_peak_mb"] = max(mb for _, mb in samples)
-    p["rss_projected_mb"] = project_rss(rss0, p["rss_mb"], p["idp_distinct_tokens"], prof.flood)
-    p["rss_projected_peaks_mb"] = project_rss_peaks(samples, prof.flood)
+    p["rss_projected_mb"] = project_rss(rss0, p["rss_mb"], p["idp_distinct_tokens"], target)
+    p["rss_projected_peaks_mb"] = project_rss_peaks(samples, target)
     log(
         f"flood: {p['idp_distinct_tokens']:,} tokens in {p['seconds']:.0f} s, RSS {rss0:.0f} → "
         f"{p['rss_mb']:.0f} MB, peak {p['rss_peak_mb']:.0f} MB (peaks projected to "
-        f"{prof.flood:,} tokens: {report.fmt(p['rss_projected_peaks_mb'])} MB), "
+        f"{target:,} tokens: {report.fmt(p['rss_projected_peaks_mb'])} MB), "
         f"IdP calls {p['idp_calls']:,}"
     )
     return p
+
+
+# --- the scenarios -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One scenario as data, run by :func:`run_scenario` like every other: what wrk sends, what
+    extauthz is configured with, what comes back, and the steps (functions of this module) it
+    takes beyond the common rounds."""
+
+    id: str
+    title: str
+    # What wrk sends, a kind of Tokens.load: rs256, es256, expired, opaque, distinct or unique
+    tokens: str
+    policy: str  # extauthz's policy (bench/configs.py): jwt | introspection
+    expect: int = 200  # HTTP status through Envoy for (b) and (c); the floor (a) allows all
+    backends: tuple[str, ...] = ("a", "b")  # with "c" where Envoy jwt_authn can verify the tokens
+    deployments: int = 1  # in extauthz's policy (the target one near the end)
+    idp_latency_ms: float = 0.0  # the bench IdP's introspection delay
+    # Paths sent without a token to the `files` deployment, added to the policy
+    hostile_paths: tuple[configs.HostilePath, ...] = ()
+    measure: Measure = backend_rounds  # the points: backend_rounds | hostile_rounds
+    before: tuple[Step, ...] = ()  # steps before the rounds: first_pass
+    after: tuple[Step, ...] = ()  # steps after them: latency_curve, saturation_fractions
+
+    @property
+    def with_c(self) -> bool:
+        return "c" in self.backends
+
+
+ABC = ("a", "b", "c")
+
+
+def scenarios(profile: Profile) -> list[Scenario]:
+    return [
+        Scenario(
+            "1",
+            "JWT RS256, warm JWKS, same token",
+            "rs256",
+            "jwt",
+            backends=ABC,
+            after=(latency_curve,),
+        ),
+        Scenario(
+            "2",
+            f"JWT RS256, {profile.distinct:,} distinct tokens",
+            "distinct",
+            "jwt",
+            backends=ABC,
+            before=(first_pass,),
+        ),
+        Scenario("3", "JWT ES256, same token", "es256", "jwt", backends=ABC),
+        Scenario("4", "opaque token, warm introspection cache", "opaque", "introspection"),
+        Scenario(
+            "5",
+            f"opaque tokens, each new, IdP {IDP_LATENCY_MS:g} ms",
+            "unique",
+            "introspection",
+            idp_latency_ms=IDP_LATENCY_MS,
+            after=(saturation_fractions,),
+        ),
+        Scenario("6", "denials (expired RS256 token)", "expired", "jwt", expect=401, backends=ABC),
+        Scenario(
+            "7",
+            f"{profile.deployments:,} deployments, RS256 same token",
+            "rs256",
+            "jwt",
+            deployments=profile.deployments,
+        ),
+        Scenario(
+            "8",
+            "hostile paths; the innocent check (scenario 1's) under their flood",
+            "rs256",
+            "jwt",
+            hostile_paths=configs.HOSTILE_PATHS,
+            measure=hostile_rounds,
+        ),
+    ]
 
 
 def flood_seconds(prof: Profile, elapsed: float) -> int:
@@ -1504,13 +1490,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             keep_logs=args.keep_logs,
             max_streams=args.max_concurrent_streams,
         ) as st:
-            for sc in scenarios(prof):
+            run = Run(st, tokens, prof, args, results)
+            catalogue = scenarios(prof)
+            for sc in catalogue:
                 if sc.id in wanted:
                     log(f"scenario {sc.id}: {sc.title}")
                     try:
-                        results["scenarios"].append(
-                            run_scenario(st, sc, tokens, prof, args, results)
-                        )
+                        results["scenarios"].append(run_scenario(run, sc))
                     except StartError as exc:
                         log(f"scenario {sc.id} skipped: {exc}")
                         results["scenarios"].append(
@@ -1522,7 +1508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             }
                         )
             if not args.no_workers_scaling and "1" in wanted:
-                results["workers_scaling"] = workers_scaling(st, tokens, prof, args)
+                results["workers_scaling"] = workers_scaling(run, catalogue[0])
                 w = results["workers_scaling"]
                 s1 = next((s for s in results["scenarios"] if s["id"] == "1"), None)
                 if s1 is not None and s1["points"]:
@@ -1534,7 +1520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     results["notes"].append(f"workers scaling skipped: {w['skipped']}")
             if prof.flood and not args.no_flood:
                 seconds = flood_seconds(prof, time.monotonic() - started)
-                results["flood"] = flood(st, prof, args, seconds)
+                results["flood"] = flood(run, seconds)
     except (KeyboardInterrupt, SystemExit):
         log("interrupted: every process started has been stopped")
         raise
