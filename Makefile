@@ -29,7 +29,7 @@ test: install idp
 	$(PY) -m pytest
 
 unit: install
-	$(PY) -m pytest tests/unit
+	$(PY) -m pytest tests/unit bench/tests
 
 lint: install
 	$(VENV)/bin/ruff check extauthz

@@ -13,7 +13,7 @@ Envoy made up itself (its ``status_on_error`` when the ext_authz call failed), o
 * ``unexpected``: denied, where a denial was acceptable, but for another reason than expected
   (e.g. Envoy's own 503 where extauthz's 500 ``idp_call_failed`` was expected).
 
-No process, no clock: tests/unit/test_chaos_smoke.py covers this module.
+No process, no clock: bench/tests/test_chaos.py covers this module.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Config generation: extauthz policies (docs/configuration.md) and the bench Envoy bootstrap.
 
-Pure functions of their arguments (no files, no processes), so tests/unit/test_bench_smoke.py
+Pure functions of their arguments (no files, no processes), so bench/tests/test_run.py
 checks them, and extauthz's own parser validates the policies there too.
 """
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +69,7 @@ def test_hostile_paths_are_selected_and_reach_the_templates() -> None:
     """Each hostile path is in normal form and selects a route of the `files` deployment, so
     the bench measures route selection over the whole path (and a denial for the missing token),
     not an early `request_ambiguous`; and each fits Envoy's default limit on request headers."""
-    from extauthz.routing import select
+    from extauthz.routing import Selection, select
 
     raw = configs.extauthz_config("jwt", "http://127.0.0.1:1", files=True)
     config = parse_config(raw)
@@ -89,6 +91,7 @@ def test_hostile_paths_are_selected_and_reach_the_templates() -> None:
             context_extensions={},
         )
         assert getattr(selected, "deployment", None) is not None, (hp.key, selected)
+        assert isinstance(selected, Selection), (hp.key, selected)
         assert selected.deployment.name == "files" and selected.route is not None
     long, dotted = configs.HOSTILE_PATHS[0].path, configs.HOSTILE_PATHS[1].path
     assert long == "/files" + "/a" * 30_000
@@ -198,7 +201,7 @@ def test_load_env_and_wrk_command() -> None:
     assert env["BENCH_MODE"] == "rotate" and env["BENCH_TOKEN_FILE"] == "/t.txt"
     assert env["BENCH_DELAY_MS"] == "2.5" and env["BENCH_STOP_AFTER"] == "7"
     assert loadgen.Load().env()["BENCH_NONCE"] != loadgen.Load().env()["BENCH_NONCE"]
-    if loadgen.shutil.which("wrk"):
+    if shutil.which("wrk"):
         cmd = loadgen.wrk_command("http://h/x", connections=1, seconds=3, threads=4)
         assert "-t1" in cmd and "-c1" in cmd and "-d3s" in cmd and str(loadgen.LUA) in cmd
     lua = loadgen.LUA.read_text(encoding="utf-8")
@@ -288,7 +291,7 @@ def _results() -> dict[str, Any]:
         # the machine drifted 10 % slower since scenario 1: the floor shows it
         "points": {"a": _point("a", 4000, 275, 80), "b": _point("b", 3500, 310, 85)},
     }
-    scenarios = [s1, s4, s5, s7]
+    scenarios: list[dict[str, Any]] = [s1, s4, s5, s7]
     for s in scenarios:
         s["ratios"] = report.scenario_ratios(s["points"])
     return {
@@ -324,7 +327,8 @@ def _results() -> dict[str, Any]:
         "notes": ["a note"],
         "profiles": {
             "scenario 1": report.profile_summary(
-                "process 1;main (extauthz/cli.py:1);Engine.check (extauthz/engine.py:9);verify (jwt/api.py:3) 3\n"
+                "process 1;main (extauthz/cli.py:1);Engine.check (extauthz/engine.py:9);"
+                "verify (jwt/api.py:3) 3\n"
                 "process 1;Handle._run (asyncio/events.py:80) 7\n"
             )
         },
@@ -442,7 +446,7 @@ def test_ratios() -> None:
     assert report.scenario_ratios({"a": _point("a", 1, 1, 1)}) == {}
 
 
-def test_targets_name_every_goal_of_issue_7() -> None:
+def test_targets_name_every_goal() -> None:
     results = _results()
     t = {x["name"]: x for x in run.targets(results)}
     assert t["CPU per allowed check, scenario 1, ÷ floor"]["met"] is False  # 1.20 > 1.10
@@ -452,8 +456,10 @@ def test_targets_name_every_goal_of_issue_7() -> None:
     assert t["checks/s, scenario 1, ÷ Envoy jwt_authn"]["met"] is False
     assert t["scenario 5: IdP calls per distinct token"]["met"] is True
     normalized = t["CPU per check ÷ floor, scenario 7 ÷ scenario 1 (one deployment)"]
-    assert normalized["value"] == pytest.approx((310 / 275) / (300 / 250)) and normalized["met"] is True
-    assert t["CPU per check, scenario 7 ÷ scenario 1, raw (minutes apart)"]["value"] == pytest.approx(310 / 300)
+    assert normalized["value"] == pytest.approx((310 / 275) / (300 / 250))
+    assert normalized["met"] is True
+    raw = t["CPU per check, scenario 7 ÷ scenario 1, raw (minutes apart)"]
+    assert raw["value"] == pytest.approx(310 / 300)
     assert t["checks/s, scenario 1, 2 workers ÷ 1 worker"]["value"] == pytest.approx(5000 / 3000)
     peak = t["peak RSS during a flood of 50,000 distinct opaque tokens"]
     assert peak["value"] == 95.0 and peak["met"] is True
@@ -512,7 +518,11 @@ def test_markdown_of_the_flood_alone() -> None:
     results = _results()
     samples = [(n, 60.0 + n / 1_000) for n in range(0, 50_001, 1_000)]
     results["flood"] = {
-        **results["flood"], "rss_samples": samples, "rss_peak_mb": 110.0, "seconds": 100.0, "rate": 500.0
+        **results["flood"],
+        "rss_samples": samples,
+        "rss_peak_mb": 110.0,
+        "seconds": 100.0,
+        "rate": 500.0,
     }
     for key in ("scenarios", "curve"):
         results[key] = []
@@ -529,7 +539,8 @@ def test_markdown_of_the_flood_alone() -> None:
 
 def test_profile_summary() -> None:
     prof = report.profile_summary(
-        "process 9;main (extauthz/cli.py:1);Engine.check (extauthz/engine.py:10);decode (jwt/api.py:3) 6\n"
+        "process 9;main (extauthz/cli.py:1);Engine.check (extauthz/engine.py:10);"
+        "decode (jwt/api.py:3) 6\n"
         "process 9;main (extauthz/cli.py:1);Engine.check (extauthz/engine.py:12) 2\n"
         "process 9;Handle._run (asyncio/events.py:80) 12\n"
         "process 9;EpollSelector.select (selectors.py:468) 30\n"
@@ -601,7 +612,7 @@ def test_count_listening_sockets_in_proc_net_tcp() -> None:
 
 def test_stalled_waits_for_progress_then_a_quiet_second(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [0.0]
-    monkeypatch.setattr(run.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     counts = iter([10, 10, 15, 20, 20, 20])
     done = run.stalled(lambda: next(counts), since=10)
     assert done() is False  # nothing answered yet

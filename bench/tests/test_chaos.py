@@ -245,7 +245,7 @@ def test_chaos_configs_are_valid_and_the_invalid_variant_is_not(
     assert chaos.scope_of(scoped) == "items.write"  # the original is untouched
 
 
-# --- the chaos IdP and the client's wire format ----------------------------------------------------
+# --- the chaos IdP and the client's wire format ---------------------------------------------------
 
 
 def test_opaque_tokens_only_the_secret_can_mint() -> None:
@@ -310,7 +310,7 @@ def test_request_bytes_and_read_response() -> None:
     assert asyncio.run(parse(closing)) == (503, "", b"", True)
 
 
-# --- /proc ------------------------------------------------------------------------------------------
+# --- /proc ----------------------------------------------------------------------------------------
 
 PROC_NET_TCP = """\
   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode

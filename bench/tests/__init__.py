@@ -1,0 +1,1 @@
+"""Tests of the bench and chaos harnesses' pure parts (``make test`` runs them with tests/)."""
