@@ -1508,7 +1508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             }
                         )
             if not args.no_workers_scaling and "1" in wanted:
-                results["workers_scaling"] = workers_scaling(run, catalogue[0])
+                first = next(sc for sc in catalogue if sc.id == "1")
+                results["workers_scaling"] = workers_scaling(run, first)
                 w = results["workers_scaling"]
                 s1 = next((s for s in results["scenarios"] if s["id"] == "1"), None)
                 if s1 is not None and s1["points"]:
