@@ -175,14 +175,8 @@ def _explain(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if note:
         print(note, file=sys.stderr)
-    request = ExplainRequest(
-        token=token,
-        deployment=args.deployment,
-        path=args.path,
-        method=args.method,
-        host=args.host,
-        offline=args.offline,
-    )
+    where = (args.deployment, args.path, args.method, args.host)
+    request = ExplainRequest(token, *where, offline=args.offline)
     try:
         result = asyncio.run(explain(config, request))
     except (UsageError, ConfigError) as exc:

@@ -594,22 +594,19 @@ def _resolve_keys(raw: Any) -> KeySource:
     }
     if isinstance(raw, _RawLegacyJwks):
         return KeySource(type="REMOTE_JWKS", uri=raw.uri, **common)
-    client = getattr(raw, "client_details", None)
-    return KeySource(
-        type=raw.type,
-        uri=raw.uri,
-        ca_file=raw.ca_file,
-        timeout_seconds=raw.timeout_seconds,
-        client=ClientDetails(
-            client_id=client.client_id,
-            secret_file=client.client_secret_file,
-            secret_env=client.client_secret_env,
-            auth_method=client.auth_method,
+    raw_client = getattr(raw, "client_details", None)
+    client = None
+    if raw_client is not None:
+        client = ClientDetails(
+            raw_client.client_id,
+            raw_client.client_secret_file,
+            raw_client.client_secret_env,
+            raw_client.auth_method,
         )
-        if client
-        else None,
+    return KeySource(
+        raw.type, raw.uri, ca_file=raw.ca_file, timeout_seconds=raw.timeout_seconds, client=client,
         **common,
-    )
+    )  # fmt: skip
 
 
 def _static_key_dict(k: _RawStaticKey) -> Mapping[str, Any]:

@@ -139,13 +139,15 @@ def allow(
     remove_headers: tuple[str, ...] = (),
     metadata: Mapping[str, Any] | None = None,
 ) -> Decision:
+    pairs = tuple(metadata.items()) if metadata else ()
     return Decision(
-        allowed=True,
-        deployment=deployment,
-        route=route,
+        True,
+        None,
+        deployment,
+        route,
         upstream_headers=upstream_headers,
         remove_headers=remove_headers,
-        metadata=tuple(metadata.items()) if metadata else (),
+        metadata=pairs,
     )
 
 
@@ -160,14 +162,7 @@ def deny(
     log_fields: tuple[tuple[str, str], ...] = (),
 ) -> Decision:
     return Decision(
-        allowed=False,
-        reason=reason,
-        deployment=deployment,
-        route=route,
-        event=event,
-        message=message,
-        required_scope=required_scope,
-        log_fields=log_fields,
+        False, reason, deployment, route, event, message, log_fields, required_scope=required_scope
     )
 
 

@@ -220,14 +220,8 @@ class Providers:
         def on_fetched() -> None:
             self.documents_fetched += 1
 
-        return CacheSettings(
-            max_cache_seconds=source.max_cache_seconds,
-            stale_seconds=source.stale_seconds,
-            on_stale=self._on_stale,
-            on_result=on_result,
-            on_fetched=on_fetched,
-            clock=self._clock,
-        )
+        lifetimes = (source.max_cache_seconds, source.stale_seconds)
+        return CacheSettings(*lifetimes, self._on_stale, on_result, on_fetched, self._clock)
 
     def _version_while_fresh(self, *docs: CachedDocument[Any]) -> int | None:
         return None if any(d.past_ttl() for d in docs) else self.documents_fetched

@@ -267,7 +267,8 @@ def test_readme_layout_names_every_module() -> None:
 # The repository stands alone
 # ---------------------------------------------------------------------------------------------
 
-_OUTSIDE = ("../shared/", "CONTRACT.md")
+# Built, not written out: this file would otherwise hold what it looks for.
+_OUTSIDE = ("/".join(("..", "sha" + "red", "")), "CONTRACT" + ".md")
 
 
 def tracked_text_files() -> list[Path]:
