@@ -35,10 +35,6 @@ class Step(NamedTuple):
     note: str = ""
     facts: tuple[tuple[str, Any], ...] = ()
 
-    @property
-    def passed(self) -> bool:
-        return self.result != "FAIL"
-
     def fact(self, name: str, default: Any = None) -> Any:
         return next((v for k, v in self.facts if k == name), default)
 

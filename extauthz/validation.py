@@ -30,12 +30,8 @@ __all__ = [
     "ParsedJws",
     "algorithm_step",
     "audience_step",
-    "check_audience",
     "check_claims",
-    "check_issuer",
-    "check_rule",
     "check_scope",
-    "check_time",
     "claim_steps",
     "claim_text",
     "format_step",
@@ -473,24 +469,6 @@ def check_claims(
 ) -> Denial | None:
     """The first failure of :func:`claim_steps`."""
     return first_denial(claim_steps(claims, policy, now, issuers, require_exp=require_exp))
-
-
-def check_time(
-    claims: Mapping[str, Any], skew: float, now: float, *, require_exp: bool = True
-) -> Denial | None:
-    return first_denial(time_steps(claims, skew, now, require_exp=require_exp))
-
-
-def check_issuer(claims: Mapping[str, Any], issuers: tuple[str, ...]) -> Denial | None:
-    return issuer_step(claims, issuers).denial
-
-
-def check_audience(claims: Mapping[str, Any], audiences: frozenset[str]) -> Denial | None:
-    return audience_step(claims, audiences).denial
-
-
-def check_rule(claims: Mapping[str, Any], rule: ClaimRule) -> Denial | None:
-    return rule_step(claims, rule).denial
 
 
 def scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:
