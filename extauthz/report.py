@@ -311,7 +311,7 @@ def _aud_line(step: Step) -> CheckLine:
 def _claim_line(step: Step) -> CheckLine:
     if step.result == "SKIP":
         return _line(step, step.note)
-    value, values = step.actual, step.expected
+    value, values = step.actual, list(step.expected)
     required = step.fact("isRequired")
     actual = "(absent)" if value is None else _j(value)
     if not values:

@@ -39,16 +39,35 @@ class Step(NamedTuple):
         return next((v for k, v in self.facts if k == name), default)
 
 
-def passed(name: str, **values: Any) -> Step:
-    return Step(name, "PASS", **values)
+# The three ways a check ends. Explicit parameters and a positional Step: these run for every
+# check of every first-seen token.
 
 
-def failed(name: str, denial: Denial, **values: Any) -> Step:
-    return Step(name, "FAIL", denial, **values)
+def passed(
+    name: str,
+    *,
+    actual: Any = None,
+    expected: Any = None,
+    note: str = "",
+    facts: tuple[tuple[str, Any], ...] = (),
+) -> Step:
+    return Step(name, "PASS", None, expected, actual, note, facts)
 
 
-def skipped(name: str, note: str, **values: Any) -> Step:
-    return Step(name, "SKIP", note=note, **values)
+def failed(
+    name: str,
+    denial: Denial,
+    *,
+    actual: Any = None,
+    expected: Any = None,
+    note: str = "",
+    facts: tuple[tuple[str, Any], ...] = (),
+) -> Step:
+    return Step(name, "FAIL", denial, expected, actual, note, facts)
+
+
+def skipped(name: str, note: str, *, actual: Any = None) -> Step:
+    return Step(name, "SKIP", None, None, actual, note)
 
 
 def first_denial(steps: Iterable[Step]) -> Denial | None:

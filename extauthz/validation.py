@@ -23,7 +23,7 @@ import jwt.algorithms
 from .config import AuthPolicy, ClaimRule
 from .decision import Denial, Reason
 from .keys import KeySet, VerificationKey
-from .steps import Step, failed, first_denial, passed, skipped
+from .steps import Result, Step, failed, first_denial, passed, skipped
 
 __all__ = [
     "NOT_COMPACT",
@@ -422,23 +422,19 @@ def rule_step(claims: Mapping[str, Any], rule: ClaimRule) -> Step:
         if isinstance(value, list)
         else claim_text(value)
     )
-    values = {
-        "actual": value,
-        "expected": list(rule.values),
-        "facts": (("isRequired", rule.is_required), ("compared", compared)),
-    }
+    facts = (("isRequired", rule.is_required), ("compared", compared))
+    denial: Denial | None = None
     if value is None:
         if rule.is_required:
             missing = f"JWT token missing required claim '{rule.key}'."
-            return failed(name, Denial(Reason.CLAIM_MISSING, missing), **values)
-        return passed(name, **values)
-    if not rule.values:
-        return passed(name, **values)
-    candidates = compared if isinstance(compared, list) else [compared]
-    if any(c in rule.values for c in candidates):
-        return passed(name, **values)
-    mismatch = f"JWT token does not have the expected claim value for '{rule.key}'."
-    return failed(name, Denial(Reason.CLAIM_VALUE_MISMATCH, mismatch), **values)
+            denial = Denial(Reason.CLAIM_MISSING, missing)
+    elif rule.values:
+        candidates = compared if isinstance(compared, list) else [compared]
+        if not any(c in rule.values for c in candidates):
+            mismatch = f"JWT token does not have the expected claim value for '{rule.key}'."
+            denial = Denial(Reason.CLAIM_VALUE_MISMATCH, mismatch)
+    result: Result = "PASS" if denial is None else "FAIL"
+    return Step(name, result, denial, rule.values, value, "", facts)
 
 
 def claim_steps(
