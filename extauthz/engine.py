@@ -20,7 +20,7 @@ from .decision import Decision, Denial, Reason, allow, deny
 from .errors import IdpError
 from .idp import DeploymentIdp
 from .routing import Selection, request_path, select
-from .steps import Step, Trace, Unverifiable, failed, first_denial, passed, skipped
+from .steps import Step, Trace, Unverifiable, checked, first_denial, skipped
 from .tokens import extract_token
 from .validation import (
     algorithm_step,
@@ -209,7 +209,7 @@ class Engine:
         this once). A traced check holds only once: it may have gone on past a failure."""
         if isinstance(selection, Denial):
             if trace is not None:
-                trace.add(failed("policy", selection))
+                trace.add(checked("policy", selection))
             return deny(selection.reason, selection.message, event=AMBIGUOUS_EVENT), None
         if selection is None:
             unmatched = Denial(
@@ -218,16 +218,16 @@ class Engine:
                 f" {req.method.upper()} {_quoted_path(req.path)}.",
             )
             if trace is not None:
-                trace.add(failed("policy", unmatched))
+                trace.add(checked("policy", unmatched))
             return deny(unmatched.reason, unmatched.message, event=NO_POLICY_EVENT), None
         if trace is not None:
-            trace.add(passed("policy", actual=selection))
+            trace.add(checked("policy", None, actual=selection))
         policy = selection.deployment.auth
 
         token = extract_token(policy, req.headers, req.raw_path)
         if isinstance(token, Denial):
             if trace is not None:
-                trace.add(failed("format", token))
+                trace.add(checked("format", token))
             return _denied(selection, token), None
         if token is None:
             if selection.authorization == "ANONYMOUS":
@@ -239,7 +239,7 @@ class Engine:
             )
             missing = Denial(Reason.TOKEN_MISSING, f"No token was found in the {where}.")
             if trace is not None:
-                trace.add(failed("token", missing))
+                trace.add(checked("token", missing))
             return _denied(selection, missing), None
 
         idp = self._providers[selection.deployment.name]
@@ -264,7 +264,7 @@ class Engine:
         except IdpError as exc:
             unavailable = Denial(Reason.IDP_CALL_FAILED, exc.message)
             endpoint = (("endpoint", exc.endpoint),)
-            issuers = failed("iss", unavailable, note="issuer unavailable", facts=endpoint)
+            issuers = checked("iss", unavailable, note="issuer unavailable", facts=endpoint)
             if failure.fail(unavailable, event=IDP_FAILED_EVENT, log_fields=idp_log_fields(exc)):
                 return failure.decision(selection), None
         except Unverifiable:
@@ -364,7 +364,7 @@ class Engine:
             unavailable = Denial(Reason.IDP_CALL_FAILED, exc.message)
             endpoint = (("endpoint", exc.endpoint),)
             record(
-                failed("kid", unavailable, note="keys unavailable", facts=endpoint),
+                checked("kid", unavailable, note="keys unavailable", facts=endpoint),
                 skipped("signature", "no keys to verify with"),
             )
             if failure.fail(unavailable, event=IDP_FAILED_EVENT, log_fields=idp_log_fields(exc)):
@@ -409,7 +409,7 @@ class Engine:
         if trace is not None:
             kind = "jwt" if looks_like_jwt(token) else "opaque"
             trace.add(
-                passed("format", actual=kind, note="introspected"),
+                checked("format", None, actual=kind, note="introspected"),
                 skipped("signature", "not checked locally: the IdP's answer vouches"),
             )
         try:
@@ -417,7 +417,9 @@ class Engine:
         except IdpError as exc:
             unavailable = Denial(Reason.IDP_CALL_FAILED, exc.message)
             if trace is not None:
-                trace.add(failed("introspection", unavailable, facts=(("endpoint", exc.endpoint),)))
+                trace.add(
+                    checked("introspection", unavailable, facts=(("endpoint", exc.endpoint),))
+                )
             failure.fail(unavailable, event=IDP_FAILED_EVENT, log_fields=idp_log_fields(exc))
             return None, math.inf
         except Unverifiable:
@@ -431,11 +433,11 @@ class Engine:
                 Reason.TOKEN_INACTIVE, "The identity provider reports the token as not active."
             )
             if trace is not None:
-                trace.add(failed("introspection", inactive, actual=False, expected=True))
+                trace.add(checked("introspection", inactive, actual=False, expected=True))
             failure.fail(inactive)
             return None, math.inf
         if trace is not None:
-            trace.add(passed("introspection", actual=claims, expected=True))
+            trace.add(checked("introspection", None, actual=claims, expected=True))
             trace.claims_verified = True
         return claims, idp.introspection.cached_until(token)
 

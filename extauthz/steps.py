@@ -13,7 +13,7 @@ from typing import Any, Literal, NamedTuple
 
 from .decision import Denial
 
-__all__ = ["Result", "Step", "Trace", "Unverifiable", "first_denial"]
+__all__ = ["Result", "Step", "Trace", "Unverifiable", "checked", "first_denial", "skipped"]
 
 Result = Literal["PASS", "FAIL", "SKIP"]
 
@@ -39,31 +39,20 @@ class Step(NamedTuple):
         return next((v for k, v in self.facts if k == name), default)
 
 
-# The three ways a check ends. Explicit parameters and a positional Step: these run for every
-# check of every first-seen token.
+# How a check ends: passed when it found no denial, else failed. Explicit parameters and a
+# positional Step: this runs for every check of every first-seen token.
 
 
-def passed(
+def checked(
     name: str,
+    denial: Denial | None,
     *,
     actual: Any = None,
     expected: Any = None,
     note: str = "",
     facts: tuple[tuple[str, Any], ...] = (),
 ) -> Step:
-    return Step(name, "PASS", None, expected, actual, note, facts)
-
-
-def failed(
-    name: str,
-    denial: Denial,
-    *,
-    actual: Any = None,
-    expected: Any = None,
-    note: str = "",
-    facts: tuple[tuple[str, Any], ...] = (),
-) -> Step:
-    return Step(name, "FAIL", denial, expected, actual, note, facts)
+    return Step(name, "PASS" if denial is None else "FAIL", denial, expected, actual, note, facts)
 
 
 def skipped(name: str, note: str, *, actual: Any = None) -> Step:

@@ -23,7 +23,7 @@ import jwt.algorithms
 from .config import AuthPolicy, ClaimRule
 from .decision import Denial, Reason
 from .keys import KeySet, VerificationKey
-from .steps import Result, Step, failed, first_denial, passed, skipped
+from .steps import Step, checked, first_denial, skipped
 
 __all__ = [
     "NOT_COMPACT",
@@ -237,15 +237,13 @@ def format_step(parsed: ParsedJws) -> Step:
     """The token is a compact JWS whose parts read strictly (the algorithm aside)."""
     problem = parsed.shape
     if problem is not None:
-        return failed("format", problem)
-    return passed("format", actual=parsed.fields)
+        return checked("format", problem)
+    return checked("format", None, actual=parsed.fields)
 
 
 def algorithm_step(parsed: ParsedJws, allowed: frozenset[str]) -> Step:
     denial = _algorithm_denial(parsed.alg, allowed)
-    if denial is not None:
-        return failed("alg", denial, actual=parsed.alg, expected=allowed)
-    return passed("alg", actual=parsed.alg, expected=allowed)
+    return checked("alg", denial, actual=parsed.alg, expected=allowed)
 
 
 def _no_key(kid: str | None) -> Denial:
@@ -264,12 +262,10 @@ def key_steps(
     kid, alg = parsed.kid, parsed.alg
     facts = (("keys", keys),)  # the kids it has, should a report show them
     if blocked is not None:
-        if kid is not None and not keys.has_kid(kid):
-            kid_step = failed("kid", _no_key(kid), actual=kid, facts=facts)
-        else:
-            kid_step = passed("kid", actual=kid, facts=facts)
+        unknown = _no_key(kid) if kid is not None and not keys.has_kid(kid) else None
+        kid_step = checked("kid", unknown, actual=kid, facts=facts)
         if blocked.reason is Reason.SIGNATURE_INVALID:
-            return kid_step, failed("signature", blocked, actual=kid), None
+            return kid_step, checked("signature", blocked, actual=kid), None
         return kid_step, skipped("signature", "the algorithm is not allowed"), None
     assert alg is not None
     candidates = keys.candidates(kid, alg)
@@ -281,18 +277,18 @@ def key_steps(
             )
         else:
             denial = _no_key(kid)
-        kid_step = failed("kid", denial, actual=kid, facts=facts)
+        kid_step = checked("kid", denial, actual=kid, facts=facts)
         return kid_step, skipped("signature", "no key to verify with"), None
-    kid_step = passed("kid", actual=kid, facts=facts)
+    kid_step = checked("kid", None, actual=kid, facts=facts)
     algorithm = _ALGORITHMS[alg]
     for candidate in candidates:
         try:
             if algorithm.verify(parsed.signing_input, candidate.key, parsed.signature):
-                return kid_step, passed("signature", actual=kid, expected=alg), candidate
+                return kid_step, checked("signature", None, actual=kid, expected=alg), candidate
         except (ValueError, TypeError, jwt.InvalidKeyError):
             continue
     denial = Denial(Reason.SIGNATURE_INVALID, "JWT signature verification failed.")
-    return kid_step, failed("signature", denial, actual=kid, expected=alg), None
+    return kid_step, checked("signature", denial, actual=kid, expected=alg), None
 
 
 def verifying_key(parsed: ParsedJws, keys: KeySet) -> VerificationKey | Denial:
@@ -344,7 +340,7 @@ def time_steps(
         if require_exp:
             # A JWT access token that never expires is not accepted (RFC 9068 §2.2 requires exp).
             missing = Denial(Reason.CLAIM_MISSING, "JWT token missing required claim 'exp'.")
-            steps.append(failed("exp", missing, note="absent"))
+            steps.append(checked("exp", missing, note="absent"))
         else:
             steps.append(skipped("exp", "no exp in the introspection answer (optional)"))
     else:
@@ -354,7 +350,7 @@ def time_steps(
     else:
         steps.append(_date_step("nbf", claims["nbf"], skew, now, facts))
     if "iat" in claims and numeric_date(claims["iat"]) is None:  # its value is not checked
-        steps.append(failed("iat", _not_a_date("iat"), actual=claims["iat"]))
+        steps.append(checked("iat", _not_a_date("iat"), actual=claims["iat"]))
     return sorted(steps, key=lambda s: s.denial is None or s.denial.reason is not _MALFORMED)
 
 
@@ -369,15 +365,14 @@ def _date_step(
     name: str, value: Any, skew: float, now: float, facts: tuple[tuple[str, Any], ...]
 ) -> Step:
     date = numeric_date(value)
+    denial: Denial | None = None
     if date is None:
-        return failed(name, _not_a_date(name), actual=value, facts=facts)
-    if name == "exp" and now > date + skew:
-        expired = Denial(Reason.TOKEN_EXPIRED, "Validation failed for 'exp' claim.")
-        return failed(name, expired, actual=value, facts=facts)
-    if name == "nbf" and now + skew < date:
-        early = Denial(Reason.TOKEN_NOT_YET_VALID, "Validation failed for 'nbf' claim.")
-        return failed(name, early, actual=value, facts=facts)
-    return passed(name, actual=value, facts=facts)
+        denial = _not_a_date(name)
+    elif name == "exp" and now > date + skew:
+        denial = Denial(Reason.TOKEN_EXPIRED, "Validation failed for 'exp' claim.")
+    elif name == "nbf" and now + skew < date:
+        denial = Denial(Reason.TOKEN_NOT_YET_VALID, "Validation failed for 'nbf' claim.")
+    return checked(name, denial, actual=value, facts=facts)
 
 
 def issuer_step(claims: Mapping[str, Any], issuers: tuple[str, ...]) -> Step:
@@ -386,10 +381,10 @@ def issuer_step(claims: Mapping[str, Any], issuers: tuple[str, ...]) -> Step:
     if not issuers:
         return skipped("iss", "no issuers configured: any issuer is accepted")
     iss = claims.get("iss")
+    wrong = None
     if iss not in issuers:
         wrong = Denial(Reason.ISSUER_MISMATCH, "JWT token not issued by the configured issuers.")
-        return failed("iss", wrong, actual=iss, expected=issuers)
-    return passed("iss", actual=iss, expected=issuers)
+    return checked("iss", wrong, actual=iss, expected=issuers)
 
 
 def audience_step(claims: Mapping[str, Any], audiences: frozenset[str]) -> Step:
@@ -398,10 +393,12 @@ def audience_step(claims: Mapping[str, Any], audiences: frozenset[str]) -> Step:
         return skipped("aud", "no audiences configured: any audience is accepted")
     aud = claims.get("aud")
     auds = aud if isinstance(aud, list) else ([] if aud is None else [aud])
-    if any(isinstance(a, str) and a in audiences for a in auds):
-        return passed("aud", actual=auds, expected=audiences)
-    wrong = Denial(Reason.AUDIENCE_MISMATCH, "JWT token not issued for the configured audience.")
-    return failed("aud", wrong, actual=auds, expected=audiences)
+    wrong = None
+    if not any(isinstance(a, str) and a in audiences for a in auds):
+        wrong = Denial(
+            Reason.AUDIENCE_MISMATCH, "JWT token not issued for the configured audience."
+        )
+    return checked("aud", wrong, actual=auds, expected=audiences)
 
 
 def claim_text(value: Any) -> str:
@@ -433,8 +430,7 @@ def rule_step(claims: Mapping[str, Any], rule: ClaimRule) -> Step:
         if not any(c in rule.values for c in candidates):
             mismatch = f"JWT token does not have the expected claim value for '{rule.key}'."
             denial = Denial(Reason.CLAIM_VALUE_MISMATCH, mismatch)
-    result: Result = "PASS" if denial is None else "FAIL"
-    return Step(name, result, denial, rule.values, value, "", facts)
+    return checked(name, denial, actual=value, expected=rule.values, facts=facts)
 
 
 def claim_steps(
@@ -493,12 +489,11 @@ def scope_step(
     if authorization != "ANY_OF":
         return skipped("scope", _NOT_REQUIRED[authorization])
     granted = scopes_of(claims)
-    if granted.intersection(allowed_scope):
-        return passed("scope", actual=granted, expected=allowed_scope)
-    denial = Denial(
-        Reason.INSUFFICIENT_SCOPE, "The token does not grant any of the scopes the route requires."
-    )
-    return failed("scope", denial, actual=granted, expected=allowed_scope)
+    denial = None
+    if not granted.intersection(allowed_scope):
+        missing = "The token does not grant any of the scopes the route requires."
+        denial = Denial(Reason.INSUFFICIENT_SCOPE, missing)
+    return checked("scope", denial, actual=granted, expected=allowed_scope)
 
 
 def check_scope(claims: Mapping[str, Any], allowed_scope: tuple[str, ...]) -> Denial | None:

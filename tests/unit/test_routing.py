@@ -20,7 +20,7 @@ from extauthz.config import Config, ConfigError, parse_config
 from extauthz.decision import Decision, Reason
 from extauthz.engine import CheckInput, Engine
 from extauthz.response import Renderer
-from extauthz.routing import read_request_target, request_path
+from extauthz.routing import RequestTarget, read_request_target, request_path
 from tests.check_requests import check_request
 from tests.conftest import SigningKey
 from tests.fake_idp import FakeIdp
@@ -259,8 +259,8 @@ def test_request_path_drops_query_and_fragment() -> None:
 
 def test_request_target_normalizes_the_host() -> None:
     target = read_request_target("API.Example.com.:443", "/x?y")
-    assert not isinstance(target, Exception)
-    assert (target.host, target.path) == ("api.example.com", "/x")  # type: ignore[union-attr]
+    assert isinstance(target, RequestTarget)
+    assert (target.host, target.path) == ("api.example.com", "/x")
 
 
 # -- config ---------------------------------------------------------------------------------------
