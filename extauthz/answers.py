@@ -93,6 +93,8 @@ class AnswerCache:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.config: Config = engine.config  # an engine's config never changes: a reload
+        # builds a new engine, and a new cache around it
         self._routes: BoundedCache[RouteKey, Selection | None] = BoundedCache(
             _MAX_ROUTES, _MAX_ROUTE_KEY_CHARS
         )
@@ -104,20 +106,19 @@ class AnswerCache:
         # names, so entries are bounded by the token size and the config.
         self._allows: BoundedCache[AllowContent, Decision] = BoundedCache(_MAX_ALLOWS, 0)
 
-    @property
-    def config(self) -> Config:
-        return self.engine.config
-
     def reuse(self, req: CheckInput) -> Answer | None:
         """The answer an earlier check gave the same credential on the same route, if it still
         holds; None sends the check down the whole path."""
         selection = self._routes.get(route_key(req))
         if selection is None:
             return None
-        credential = _credential_key(selection, req.headers)
-        if credential is None:
+        # _credential_key, written out: this is every remembered answer's path.
+        header = selection.deployment.auth.token_header
+        value = req.headers.get(header) if header is not None else None
+        if value is None:
             return None
-        answer = self._answers.get(credential)
+        digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()
+        answer = self._answers.get((id(selection.deployment), id(selection.route), digest))
         if answer is not None and answer.holds(self.engine.clock()):
             return answer
         return None

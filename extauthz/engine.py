@@ -322,8 +322,8 @@ class Engine:
         signature failed are returned too, unverified, so that their checks can be shown."""
         if idp.keys is None or (not looks_like_jwt(token) and idp.introspection is not None):
             return await self._introspect(token, idp, failure, trace)
+        digest = token_digest(token) if trace is None else b""
         if trace is None:
-            digest = token_digest(token)
             hit = self._verified.get(digest, self.clock())
             if hit is not None and hit.alg in policy.algorithms:
                 try:
@@ -338,23 +338,23 @@ class Engine:
                 if any(k is hit.key or k == hit.key for k in keys.keys):
                     return hit.claims, math.inf
 
-        def record(*steps: Step) -> None:
-            if trace is not None:
-                trace.add(*steps)
-
+        # Every step is recorded when tracing; written out rather than through a helper, as
+        # this runs for every first-seen token.
         parsed = parse_jws(token)
         shape = format_step(parsed)
-        if not looks_like_jwt(token):
-            record(shape)  # not a JWS at all: nothing else to look at
+        if trace is not None:
+            trace.add(shape)
+        if not looks_like_jwt(token):  # not a JWS at all: nothing else to look at
             failure.fail(_must(shape.denial))
             return None, math.inf
-        record(shape)
         if shape.denial is not None:
             failure.fail(shape.denial)
-            unreadable = "the token cannot be read"
-            record(*(skipped(n, unreadable) for n in ("alg", "kid", "signature")))
+            if trace is not None:
+                unreadable = "the token cannot be read"
+                trace.add(*(skipped(n, unreadable) for n in ("alg", "kid", "signature")))
             return None, math.inf
-        record(algorithm_step(parsed, policy.algorithms))
+        if trace is not None:
+            trace.add(algorithm_step(parsed, policy.algorithms))
         blocked = parsed.denial(policy.algorithms)  # the algorithm, or an empty signature
         if blocked is not None and failure.fail(blocked):
             return None, math.inf
@@ -363,17 +363,18 @@ class Engine:
         except IdpError as exc:
             unavailable = Denial(Reason.IDP_CALL_FAILED, exc.message)
             endpoint = (("endpoint", exc.endpoint),)
-            record(
-                checked("kid", unavailable, note="keys unavailable", facts=endpoint),
-                skipped("signature", "no keys to verify with"),
-            )
+            if trace is not None:
+                trace.add(
+                    checked("kid", unavailable, note="keys unavailable", facts=endpoint),
+                    skipped("signature", "no keys to verify with"),
+                )
             if failure.fail(unavailable, event=IDP_FAILED_EVENT, log_fields=idp_log_fields(exc)):
                 return None, math.inf
             return parsed.payload, math.inf
         except Unverifiable:
             if trace is None:
                 raise
-            record(
+            trace.add(
                 skipped("kid", "keys are not fetched offline", actual=parsed.kid),
                 skipped("signature", "not checked offline (--offline)"),
             )
@@ -381,7 +382,8 @@ class Engine:
             trace.unverified_signature = failure.denial is None
             return parsed.payload, math.inf
         kid_step, signature_step, key = key_steps(parsed, keys, blocked=blocked)
-        record(kid_step, signature_step)
+        if trace is not None:
+            trace.add(kid_step, signature_step)
         if key is None:
             denial = first_denial((kid_step, signature_step))
             if blocked is None and denial is not None and failure.fail(denial):
@@ -397,7 +399,7 @@ class Engine:
             # Kept a while past exp too: a client retrying an expired token is denied cheaply.
             until = max(exp, self.clock()) + EXPIRED_TOKEN_MEMORY_SECONDS
             verified = Verified(payload, parsed.alg, parsed.kid, key, until)
-            self._verified.put(token_digest(token), verified, len(token))
+            self._verified.put(digest, verified, len(token))
         return payload, math.inf
 
     @staticmethod

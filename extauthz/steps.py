@@ -39,8 +39,10 @@ class Step(NamedTuple):
         return next((v for k, v in self.facts if k == name), default)
 
 
-# How a check ends: passed when it found no denial, else failed. Explicit parameters and a
-# positional Step: this runs for every check of every first-seen token.
+# How a check ends: passed when it found no denial, else failed. Explicit parameters and the
+# tuple built directly (a named tuple's own constructor is a second Python call): this runs for
+# every check of every first-seen token.
+_new_tuple = tuple.__new__
 
 
 def checked(
@@ -52,11 +54,12 @@ def checked(
     note: str = "",
     facts: tuple[tuple[str, Any], ...] = (),
 ) -> Step:
-    return Step(name, "PASS" if denial is None else "FAIL", denial, expected, actual, note, facts)
+    result = "PASS" if denial is None else "FAIL"
+    return _new_tuple(Step, (name, result, denial, expected, actual, note, facts))
 
 
 def skipped(name: str, note: str, *, actual: Any = None) -> Step:
-    return Step(name, "SKIP", None, None, actual, note)
+    return _new_tuple(Step, (name, "SKIP", None, None, actual, note, ()))
 
 
 def first_denial(steps: Iterable[Step]) -> Denial | None:

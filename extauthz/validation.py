@@ -351,7 +351,10 @@ def time_steps(
         steps.append(_date_step("nbf", claims["nbf"], skew, now, facts))
     if "iat" in claims and numeric_date(claims["iat"]) is None:  # its value is not checked
         steps.append(checked("iat", _not_a_date("iat"), actual=claims["iat"]))
-    return sorted(steps, key=lambda s: s.denial is None or s.denial.reason is not _MALFORMED)
+    malformed = [s for s in steps if s.denial is not None and s.denial.reason is _MALFORMED]
+    if not malformed or malformed == steps[: len(malformed)]:
+        return steps
+    return malformed + [s for s in steps if s not in malformed]
 
 
 _MALFORMED = Reason.TOKEN_MALFORMED
