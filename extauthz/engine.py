@@ -55,10 +55,8 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but TAB
 
 
 def idp_log_fields(exc: IdpError) -> tuple[tuple[str, str], ...]:
-    """``endpoint``, and for an unusable answer what was wrong with it (never the body itself)."""
-    fields: tuple[tuple[str, str], ...] = (("endpoint", exc.endpoint),)
-    detail = getattr(exc, "detail", "")
-    return (*fields, ("detail", detail)) if detail else fields
+    """The failed call's fields for its log line (:meth:`IdpError.log_fields`)."""
+    return exc.log_fields()
 
 
 def _denied(selection: Selection, denial: Denial, **fields: Any) -> Decision:

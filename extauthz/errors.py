@@ -48,6 +48,16 @@ class IdpError(ExtauthzError):
         """A short, stable classification for metrics and spans."""
         return type(self).__name__
 
+    def log_fields(self) -> tuple[tuple[str, str], ...]:
+        """The fields its execution-log line carries beside the message: ``endpoint``, and for
+        an unusable answer what was wrong with it (never the body itself)."""
+        detail: str = getattr(self, "detail", "")
+        return (
+            (("endpoint", self.endpoint), ("detail", detail))
+            if detail
+            else (("endpoint", self.endpoint),)
+        )
+
 
 class IdpUnreachable(IdpError):
     def __init__(self, endpoint: str, uri: str, kind: str, *, before_request: bool = False) -> None:
