@@ -95,6 +95,7 @@ class _RawBreaker(_Raw):
 
 class _RawServer(_Raw):
     expose_detailed_errors: bool = False
+    log_claim_values: bool = False
     deny_status_on_idp_failure: Literal[500, 503] = 500
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # REJECT: %2F in a path is request_ambiguous; KEEP: an ordinary character of a segment.
@@ -448,6 +449,9 @@ class _RawConfig(_Raw):
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
     expose_detailed_errors: bool = False
+    # A failure line carries the verifyClaims values compared only when asked: claim values
+    # may be personal data (an email, a name).
+    log_claim_values: bool = False
     deny_status_on_idp_failure: int = 500
     log_level: str = "INFO"
     keep_encoded_slashes: bool = False  # server.encodedSlashes: KEEP
@@ -755,6 +759,7 @@ def resolve(raw: _RawConfig, source: str = "") -> Config:
     return Config(
         server=ServerSettings(
             expose_detailed_errors=s.expose_detailed_errors,
+            log_claim_values=s.log_claim_values,
             deny_status_on_idp_failure=s.deny_status_on_idp_failure,
             log_level=s.log_level,
             keep_encoded_slashes=s.encoded_slashes == "KEEP",

@@ -124,7 +124,7 @@ class Decision:
     route: str = ""
     event: str = ""
     message: str = ""
-    log_fields: tuple[tuple[str, str], ...] = ()
+    log_fields: tuple[tuple[str, Any], ...] = ()
     upstream_headers: tuple[tuple[str, str], ...] = ()
     remove_headers: tuple[str, ...] = ()
     metadata: tuple[tuple[str, Any], ...] = ()  # Envoy dynamic metadata on allow, as pairs
@@ -159,7 +159,7 @@ def deny(
     route: str = "",
     event: str = "",
     required_scope: tuple[str, ...] = (),
-    log_fields: tuple[tuple[str, str], ...] = (),
+    log_fields: tuple[tuple[str, Any], ...] = (),
 ) -> Decision:
     return Decision(
         False, reason, deployment, route, event, message, log_fields, required_scope=required_scope

@@ -19,13 +19,15 @@ from .config import AuthPolicy, Config, Deployment
 from .decision import Decision, Denial, Reason, allow, deny
 from .errors import IdpError
 from .idp import DeploymentIdp
-from .routing import Selection, request_path, select
-from .steps import Step, Trace, Unverifiable, checked, first_denial, skipped
-from .tokens import extract_token
+from .logs import token_hash
+from .routing import Selection, request_path, select, unmatched
+from .steps import Step, Trace, Unverifiable, checked, skipped
+from .tokens import extract_token, missing_token
 from .validation import (
     algorithm_step,
     claim_steps,
     claim_text,
+    failure_fields,
     format_step,
     key_steps,
     looks_like_jwt,
@@ -78,38 +80,61 @@ def _must(denial: Denial | None) -> Denial:
 
 
 class _FirstFailure:
-    """The failure one check answers with (the first), and whether to go on after one."""
+    """The failure one check answers with (the first), and whether to go on after one.
 
-    __slots__ = ("denial", "event", "keep_going", "log_fields", "required_scope")
+    The failed step is kept with its denial: the failure line's fields are read from it
+    (:func:`~extauthz.validation.failure_fields`), so that the log says what was compared."""
 
-    def __init__(self, keep_going: bool) -> None:
+    __slots__ = (
+        "claim_values",
+        "denial",
+        "event",
+        "jwks_uri",
+        "keep_going",
+        "log_fields",
+        "required_scope",
+        "step",
+        "token",
+    )
+
+    def __init__(self, keep_going: bool, claim_values: bool, token: str) -> None:
         self.keep_going = keep_going
+        self.claim_values = claim_values
+        self.token = token  # hashed (never logged) when the failure line is made
+        self.jwks_uri: str | None = None  # where the keys came from, for a key's failure
         self.denial: Denial | None = None
+        self.step: Step | None = None
         self.event: str | None = None
-        self.log_fields: tuple[tuple[str, str], ...] = ()
+        self.log_fields: tuple[tuple[str, Any], ...] = ()
         self.required_scope: tuple[str, ...] = ()
 
     def fail(
         self,
         denial: Denial,
         *,
+        step: Step | None = None,
         event: str | None = None,
-        log_fields: tuple[tuple[str, str], ...] = (),
+        log_fields: tuple[tuple[str, Any], ...] = (),
         required_scope: tuple[str, ...] = (),
     ) -> bool:
         """Note a failure; True when the check stops here."""
         if self.denial is None:
-            self.denial, self.event = denial, event
+            self.denial, self.step, self.event = denial, step, event
             self.log_fields, self.required_scope = log_fields, required_scope
         return not self.keep_going
 
     def decision(self, selection: Selection) -> Decision:
         assert self.denial is not None
+        fields: tuple[tuple[str, Any], ...] = (("tokenSha256", token_hash(self.token)),)
+        if self.step is not None:
+            fields += failure_fields(self.step, claim_values=self.claim_values)
+            if self.step.name in ("kid", "signature") and self.jwks_uri is not None:
+                fields += (("jwksUri", self.jwks_uri),)
         return _denied(
             selection,
             self.denial,
             event=self.event,
-            log_fields=self.log_fields,
+            log_fields=fields + self.log_fields,
             required_scope=self.required_scope,
         )
 
@@ -210,14 +235,32 @@ class Engine:
                 trace.add(checked("policy", selection))
             return deny(selection.reason, selection.message, event=AMBIGUOUS_EVENT), None
         if selection is None:
-            unmatched = Denial(
+            tried = unmatched(
+                self.config,
+                authority=req.host,
+                raw_path=req.raw_path,
+                context_extensions=req.context_extensions,
+            )
+            nothing = Denial(
                 Reason.NO_MATCHING_POLICY,
                 "No deployment or route policy matches"
                 f" {req.method.upper()} {_quoted_path(req.path)}.",
             )
+            listed = (
+                ("routesTried", list(tried.routes_tried)),
+                ("nearestPrefixes", list(tried.nearest_prefixes)),
+            )
+            fields = tuple((k, v) for k, v in listed if v)
             if trace is not None:
-                trace.add(checked("policy", unmatched))
-            return deny(unmatched.reason, unmatched.message, event=NO_POLICY_EVENT), None
+                trace.add(checked("policy", nothing, facts=fields))
+            decision = deny(
+                nothing.reason,
+                nothing.message,
+                deployment=tried.deployment,
+                event=NO_POLICY_EVENT,
+                log_fields=fields,
+            )
+            return decision, None
         if trace is not None:
             trace.add(checked("policy", None, actual=selection))
         policy = selection.deployment.auth
@@ -230,20 +273,17 @@ class Engine:
         if token is None:
             if selection.authorization == "ANONYMOUS":
                 return _allow(selection, _NO_CLAIMS), None
-            where = (
-                f"query parameter '{policy.token_query_param}'"
-                if policy.token_query_param
-                else f"'{policy.token_header}' header"
-            )
-            missing = Denial(Reason.TOKEN_MISSING, f"No token was found in the {where}.")
+            message, found = missing_token(policy, req.headers, req.raw_path)
+            missing = Denial(Reason.TOKEN_MISSING, message)
             if trace is not None:
-                trace.add(checked("token", missing))
-            return _denied(selection, missing), None
+                trace.add(checked("token", missing, facts=found))
+            return _denied(selection, missing, log_fields=found), None
 
         idp = self._providers[selection.deployment.name]
         # Taken before any await: a document fetched meanwhile makes the answer unusable.
         documents_version = idp.documents_version()
-        failure = _FirstFailure(trace is not None and trace.keep_going)
+        claim_values = self.config.server.log_claim_values
+        failure = _FirstFailure(trace is not None and trace.keep_going, claim_values, token)
         claims, cached_until = await self._authenticate(token, policy, idp, failure, trace)
         if claims is None:
             if trace is not None:
@@ -274,7 +314,7 @@ class Engine:
         for step in claim_steps(claims, policy, self.clock(), issuers, require_exp=require_exp):
             if trace is not None:
                 trace.add(step)
-            if step.denial is not None and failure.fail(step.denial):
+            if step.denial is not None and failure.fail(step.denial, step=step):
                 break
         route = selection.route
         allowed_scope = route.allowed_scope if route is not None else ()
@@ -283,7 +323,7 @@ class Engine:
             if trace is not None:
                 trace.add(scope)
             if scope.denial is not None:
-                failure.fail(scope.denial, required_scope=allowed_scope)
+                failure.fail(scope.denial, step=scope, required_scope=allowed_scope)
 
         skew = policy.clock_skew
         exp = numeric_date(claims.get("exp"))
@@ -343,10 +383,10 @@ class Engine:
         if trace is not None:
             trace.add(shape)
         if not looks_like_jwt(token):  # not a JWS at all: nothing else to look at
-            failure.fail(_must(shape.denial))
+            failure.fail(_must(shape.denial), step=shape)
             return None, math.inf
         if shape.denial is not None:
-            failure.fail(shape.denial)
+            failure.fail(shape.denial, step=shape)
             if trace is not None:
                 unreadable = "the token cannot be read"
                 trace.add(*(skipped(n, unreadable) for n in ("alg", "kid", "signature")))
@@ -354,8 +394,10 @@ class Engine:
         if trace is not None:
             trace.add(algorithm_step(parsed, policy.algorithms))
         blocked = parsed.denial(policy.algorithms)  # the algorithm, or an empty signature
-        if blocked is not None and failure.fail(blocked):
-            return None, math.inf
+        if blocked is not None:
+            alg = algorithm_step(parsed, policy.algorithms)
+            if failure.fail(blocked, step=alg if alg.denial is not None else None):
+                return None, math.inf
         try:
             keys = await idp.keys.keyset(parsed.kid)
         except IdpError as exc:
@@ -383,9 +425,11 @@ class Engine:
         if trace is not None:
             trace.add(kid_step, signature_step)
         if key is None:
-            denial = first_denial((kid_step, signature_step))
-            if blocked is None and denial is not None and failure.fail(denial):
-                return None, math.inf
+            failed = kid_step if kid_step.denial is not None else signature_step
+            if blocked is None and failed.denial is not None:
+                failure.jwks_uri = _jwks_uri(policy, idp)
+                if failure.fail(failed.denial, step=failed):
+                    return None, math.inf
             return parsed.payload, math.inf
         assert parsed.payload is not None and parsed.alg is not None
         payload: dict[str, Any] = parsed.payload
@@ -440,6 +484,15 @@ class Engine:
             trace.add(checked("introspection", None, actual=claims, expected=True))
             trace.claims_verified = True
         return claims, idp.introspection.cached_until(token)
+
+
+def _jwks_uri(policy: AuthPolicy, idp: DeploymentIdp) -> str | None:
+    """Where the keys that failed came from: the configured JWKS, or the one the discovery
+    document names; None for static keys."""
+    if policy.keys.type == "REMOTE_JWKS":
+        return policy.keys.uri
+    document = idp.discovery.cache.fresh() if idp.discovery is not None else None
+    return document.jwks_uri if document is not None else None
 
 
 def _allow(selection: Selection, claims: Mapping[str, Any]) -> Decision:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .config import Config, Deployment, HostGroup, Route
 from .decision import Denial, Reason
@@ -28,10 +29,12 @@ from .decision import Denial, Reason
 __all__ = [
     "RequestTarget",
     "Selection",
+    "Unmatched",
     "read_request_target",
     "request_path",
     "select",
     "select_route",
+    "unmatched",
 ]
 
 # A deployment without routes has one implicit route covering every path under pathPrefix.
@@ -281,3 +284,63 @@ def select(
     if isinstance(target, Denial):
         return target
     return select_route(config, target=target, method=method, context_extensions=context_extensions)
+
+
+# -- why nothing matched (the no_matching_policy line only: never on an allowed check's path) ---
+
+_MAX_LISTED = 10  # routes or prefixes a no_matching_policy line lists
+
+
+class Unmatched(NamedTuple):
+    """What selection tried for a request that matched nothing: the deployment it chose (by
+    Envoy's ``context_extensions`` or by host and ``pathPrefix``; "" for none) with the routes
+    it tried (``METHODS template``), or without one the nearest ``pathPrefix`` values."""
+
+    deployment: str
+    routes_tried: tuple[str, ...] = ()
+    nearest_prefixes: tuple[str, ...] = ()
+
+
+def _route_line(route: Route) -> str:
+    methods = ",".join(sorted(route.methods)) or "*"
+    return f"{methods} {route.template}"
+
+
+def _groups(config: Config, host: str) -> list[HostGroup]:
+    """The host groups selection looks in for ``host``, in its order."""
+    index = config.host_index
+    groups = [index.exact[host]] if host in index.exact else []
+    size = len(host)
+    for length, by_suffix in index.wildcards:
+        if size > length and host[size - length :] in by_suffix:
+            groups.append(by_suffix[host[size - length :]])
+    return [*groups, index.hostless]
+
+
+def unmatched(
+    config: Config, *, authority: str, raw_path: str, context_extensions: Mapping[str, str]
+) -> Unmatched:
+    """What :func:`select` tried, for a request in normal form that it found no policy for."""
+    target = read_request_target(
+        authority, raw_path, keep_encoded_slashes=config.server.keep_encoded_slashes
+    )
+    if isinstance(target, Denial):
+        return Unmatched("")
+    named = context_extensions.get("deployment")
+    deployment = (
+        config.by_name.get(named)
+        if named is not None
+        else _by_host(config, target.host, target.path)
+    )
+    if deployment is not None:
+        lines = tuple(_route_line(r) for r in deployment.routes[:_MAX_LISTED])
+        return Unmatched(deployment.name, routes_tried=lines)
+    prefixes = {p for g in _groups(config, target.host) for p in g.by_prefix}
+
+    def shared(prefix: str) -> int:
+        """Characters in common from the start (not segments: a typo in a prefix is near too)."""
+        common = min(len(prefix), len(target.path))
+        return next((i for i in range(common) if prefix[i] != target.path[i]), common)
+
+    nearest = sorted(prefixes, key=lambda p: (-shared(p), p))[:3]
+    return Unmatched("", nearest_prefixes=tuple(nearest))

@@ -222,7 +222,8 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
             status = 200 if decision.allowed else http_status(decision, settings)
             method, path = (inp.method, inp.path) if inp else ("", "")
             elapsed = time.perf_counter() - started
-            self._record(decision, method, path, request_id, elapsed, calls[0], status)
+            reused = answer is not None
+            self._record(decision, method, path, request_id, elapsed, calls[0], status, reused)
         except Exception as exc:  # noqa: BLE001 (the RPC itself must never fail: fail closed)
             response, status = _FALLBACK_DENIAL, 500
             decision = deny(Reason.INTERNAL_ERROR, "", deployment=decision.deployment)
@@ -279,9 +280,15 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
         elapsed: float,
         idp_calls: int,
         status: int,
+        reused: bool = False,
     ) -> None:
         reason = decision.reason.value if decision.reason else "none"
         if decision.event:
+            fields = dict(decision.log_fields)
+            if reused and "now" in fields:
+                # A remembered denial (an expired token's) is given again later than it was
+                # made: its line says when this check ran, compared with the same exp.
+                fields["now"] = self.answers.engine.clock()
             self._log.log(
                 "WARNING" if decision.reason is not Reason.INTERNAL_ERROR else "ERROR",
                 decision.event,
@@ -290,7 +297,7 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
                 message=decision.message,
                 deployment=decision.deployment or None,
                 route=decision.route or None,
-                **dict(decision.log_fields),
+                **fields,
             )
         self._log.access(
             request_id,

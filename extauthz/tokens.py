@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 from urllib.parse import parse_qsl
 
 from .config import AuthPolicy
 from .decision import Denial, Reason
 
-__all__ = ["extract_token"]
+__all__ = ["extract_token", "missing_token"]
 
 # RFC 6750 §2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
@@ -57,3 +58,61 @@ def _check_shape(token: str) -> str | Denial:
             Reason.TOKEN_MALFORMED, "The token contains characters a bearer token cannot hold."
         )
     return token
+
+
+# Authorization schemes a message may name (the IANA HTTP Authentication Scheme Registry, and
+# the usual unregistered ones). Any other first word is not quoted: it could be the credential.
+_KNOWN_SCHEMES = {
+    s.lower(): s
+    for s in (
+        "Basic", "Bearer", "Digest", "DPoP", "GNAP", "HOBA", "Mutual", "Negotiate", "NTLM",
+        "OAuth", "PrivateToken", "SCRAM-SHA-1", "SCRAM-SHA-256", "vapid", "AWS4-HMAC-SHA256",
+        "Token", "JWT", "ApiKey", "Api-Key", "Hawk", "MAC", "PoP", "Key",
+    )
+}  # fmt: skip
+# Headers that clients put credentials in, named when the configured one is absent.
+_CREDENTIAL_HEADERS = (
+    "authorization", "proxy-authorization", "x-access-token", "x-auth-token", "x-api-key",
+    "x-api-token", "x-token", "x-id-token", "x-jwt", "x-jwt-assertion", "dpop",
+    "x-forwarded-access-token", "x-amzn-oidc-accesstoken",
+)  # fmt: skip
+_QUERY_CREDENTIALS = ("access_token", "token", "id_token", "api_key")  # RFC 6750 §2.3 and others
+
+
+def missing_token(
+    policy: AuthPolicy, headers: Mapping[str, str], raw_path: str
+) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """Why :func:`extract_token` found no token, as the ``token_missing`` message and its log
+    fields: what the request carried instead, by scheme and header or parameter name only
+    (never a value: it is likely a credential)."""
+    if policy.token_query_param is not None:
+        where = f"query parameter '{policy.token_query_param}'"
+    else:
+        where = f"'{policy.token_header}' header"
+    message = f"No token was found in the {where}."
+    value = headers.get(policy.token_header) if policy.token_header is not None else None
+    scheme = policy.token_auth_scheme
+    if value is not None and not value.strip():
+        return f"{message[:-1]}: it is empty.", ()
+    if value is not None and scheme is not None:
+        first, space, _ = value.strip().partition(" ")
+        named = _KNOWN_SCHEMES.get(first.lower()) if space else None
+        if named is not None:
+            found = f"it carries a '{named}' credential, not '{scheme}'"
+            return f"{message[:-1]}: {found}.", (("foundScheme", named),)
+        if space:
+            return f"{message[:-1]}: it carries another scheme than '{scheme}'.", ()
+        return f"{message[:-1]}: it holds a value without the '{scheme}' scheme.", ()
+    others = [h for h in _CREDENTIAL_HEADERS if h != policy.token_header and h in headers]
+    if others:
+        names = ", ".join(f"'{h}'" for h in others)
+        return f"{message[:-1]}; the request has {names} instead.", (("foundHeaders", others),)
+    if policy.token_query_param is None and "?" in raw_path:
+        query = raw_path.split("?", 1)[1].split("#", 1)[0]
+        params = {k for k, _ in parse_qsl(query, keep_blank_values=True)}
+        sent = [p for p in _QUERY_CREDENTIALS if p in params]
+        if sent:
+            names = ", ".join(f"'{p}'" for p in sent)
+            found = f"the request has the query parameter {names} instead"
+            return f"{message[:-1]}; {found}.", (("foundQueryParams", sent),)
+    return message, ()

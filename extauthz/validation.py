@@ -34,6 +34,7 @@ __all__ = [
     "check_scope",
     "claim_steps",
     "claim_text",
+    "failure_fields",
     "format_step",
     "issuer_step",
     "key_steps",
@@ -508,3 +509,60 @@ def _printable(text: str, limit: int = 64) -> str:
     """Attacker-controlled header text, made safe for a log line."""
     cleaned = "".join(c if c.isprintable() else "?" for c in text[:limit])
     return cleaned + ("…" if len(text) > limit else "")
+
+
+# -- what a failure line says beside its message -------------------------------------------------
+
+# A value read from a token is cut before it is logged: a 16 KiB token must not make a 16 KiB
+# line, and one claim must not hide the others.
+_MAX_LOGGED_CHARS = 256
+_MAX_LOGGED_ITEMS = 16
+
+
+def _loggable(value: Any) -> Any:
+    """A value read from a token, as a log field: strings and numbers as they are (cut), an
+    array as at most 16 of its items, anything else as its JSON text (cut)."""
+    if isinstance(value, bool) or value is None or isinstance(value, int | float):
+        return value
+    if isinstance(value, str):
+        return value if len(value) <= _MAX_LOGGED_CHARS else f"{value[:_MAX_LOGGED_CHARS]}…"
+    if isinstance(value, list | tuple | set | frozenset):
+        items = sorted(value, key=str) if isinstance(value, set | frozenset) else list(value)
+        return [_loggable(v) for v in items[:_MAX_LOGGED_ITEMS]]
+    return _loggable(claim_text(value))
+
+
+def _kids(keys: Any) -> list[str | None]:
+    return sorted((k.kid for k in keys.keys), key=str) if isinstance(keys, KeySet) else []
+
+
+def failure_fields(step: Step, *, claim_values: bool) -> tuple[tuple[str, Any], ...]:
+    """The two sides a failed step compared, as the fields of its execution-log line: read from
+    the step itself, the values ``explain`` prints, never computed again. A verifyClaims rule's
+    values are included only with ``claim_values`` (``server.logClaimValues``): they may be
+    personal data. Configured values (issuers, audiences, scopes) are not secrets."""
+    name, actual, expected = step.name, step.actual, step.expected
+    fields: list[tuple[str, Any]]
+    if name == "iss":
+        fields = [("tokenIss", _loggable(actual)), ("issuers", list(expected or ()))]
+    elif name == "aud":
+        fields = [("tokenAud", _loggable(actual)), ("audiences", sorted(expected or ()))]
+    elif name in ("exp", "nbf", "iat"):
+        fields = [(name, _loggable(actual)), ("now", step.fact("now"))]
+        fields.append(("skewSeconds", step.fact("skewSeconds")))
+    elif name == "scope":
+        fields = [("tokenScopes", _loggable(actual)), ("requiredScopes", list(expected or ()))]
+    elif name == "alg":
+        fields = [("alg", _loggable(actual)), ("allowedAlgorithms", sorted(expected or ()))]
+    elif name == "kid":
+        fields = [("kid", _loggable(actual)), ("knownKids", _kids(step.fact("keys")))]
+    elif name == "signature":
+        fields = [("kid", _loggable(actual)), ("alg", expected)]
+    elif name.startswith("claim "):
+        fields = [("claim", name.removeprefix("claim "))]
+        if claim_values:
+            fields.append(("claimValue", _loggable(actual)))
+            fields.append(("expectedValues", list(expected or ())))
+    else:
+        fields = []
+    return tuple((k, v) for k, v in fields if v is not None)

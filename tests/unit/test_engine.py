@@ -221,7 +221,8 @@ def test_idp_failure_row(config: Config, idp: FakeIdp, rsa_key: Any) -> None:
     assert d.reason is Reason.IDP_CALL_FAILED
     assert d.event == "authentication.idpCallFailed"
     assert d.message == f"Unexpected response from the discovery uri: {DISCOVERY}, received (503, Service Unavailable)."
-    assert dict(d.log_fields) == {"endpoint": "discovery"}
+    fields = dict(d.log_fields)
+    assert fields["endpoint"] == "discovery" and len(fields["tokenSha256"]) == 8
     resp, headers = response_of(d, config)
     assert resp.status.code == 14 and resp.denied_response.status.code == 500
     assert "www-authenticate" not in headers
@@ -259,10 +260,8 @@ def test_discovery_issuer_must_match_configured(rsa_key: Any) -> None:
     d = check(build(config, idp), request(rsa_key.sign(claims())))
     assert d.reason is Reason.IDP_CALL_FAILED
     assert d.message == "Unable to parse response from Identity Provider"
-    assert dict(d.log_fields) == {
-        "endpoint": "discovery",
-        "detail": "the document's issuer is not a configured issuer",
-    }
+    fields = dict(d.log_fields)
+    assert fields["endpoint"] == "discovery" and "issuer" in fields["detail"]
 
 
 def test_discovery_issuer_is_used_when_none_configured(rsa_key: Any) -> None:

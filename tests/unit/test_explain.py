@@ -410,7 +410,8 @@ def test_jwks_failure_is_idp_call_failed_with_the_contract_message(
         None,
     )
     assert v.event == "authentication.idpCallFailed" and v.message == message
-    assert dict(v.log_fields) == {"endpoint": "jwks_uri"}
+    fields = dict(v.log_fields)
+    assert fields["endpoint"] == "jwks_uri" and len(fields["tokenSha256"]) == 8
 
 
 def test_discovery_issuer_is_used_when_none_is_configured(
@@ -594,6 +595,9 @@ def test_json_has_the_same_facts(static: Config, rsa_key: SigningKey) -> None:
             "event": "tokenAuthentication.authenticationFailed",
             "reason": "audience_mismatch",
             "message": "JWT token not issued for the configured audience.",
+            "tokenSha256": result.verdict.log_fields[0][1],
+            "tokenAud": ["client-c"],
+            "audiences": [AUDIENCE],
         },
     }
 
