@@ -55,15 +55,28 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file")
 
     explain = sub.add_parser(
-        "explain", help="diagnose one token against the policy the server would apply"
+        "explain", help="diagnose one request against the policy the server would apply"
     )
     explain.add_argument("--config", required=True, help="policy file (YAML)")
-    token = explain.add_mutually_exclusive_group(required=True)
+    # The token, or the request as sent (or both: the token goes where the policy reads it).
+    token = explain.add_mutually_exclusive_group()
     token.add_argument("--token", help="the token (prefer --token-file: argv is visible to ps)")
     token.add_argument("--token-file", help="file holding the token; '-' reads standard input")
+    sent = explain.add_mutually_exclusive_group()
+    sent.add_argument(
+        "--header",
+        action="append",
+        metavar="'NAME: VALUE'",
+        help="a header as the client sent it (repeatable); no token is added to the request",
+    )
+    sent.add_argument(
+        "--request",
+        metavar="FILE",
+        help="the request as sent: an HTTP/1.1 request head or a CheckRequest in JSON; '-': stdin",
+    )
     explain.add_argument("--deployment", help="as Envoy's context_extensions `deployment`")
     explain.add_argument("--path", help="request path (default: the deployment's pathPrefix)")
-    explain.add_argument("--method", default="GET", help="request method (default GET)")
+    explain.add_argument("--method", help="request method (default GET)")
     explain.add_argument("--host", help="request :authority")
     explain.add_argument(
         "--offline", action="store_true", help="no network: remote keys and introspection skipped"
@@ -158,25 +171,65 @@ def _read_token(args: argparse.Namespace) -> str:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from .explain import ExplainRequest, UsageError, clean_token, explain, render_text, to_json
+    from .explain import (
+        ExplainRequest,
+        RequestError,
+        SentRequest,
+        UsageError,
+        clean_token,
+        explain,
+        read_request,
+        render_text,
+        replaying,
+        sent_headers,
+        to_json,
+    )
 
+    given_token = args.token is not None or args.token_file is not None
+    if not given_token and args.header is None and args.request is None:
+        print("give --token, --token-file, --header or --request", file=sys.stderr)
+        return EXIT_USAGE
+    if args.token_file == "-" and args.request == "-":
+        print("--token-file - and --request -: only one can read standard input", file=sys.stderr)
+        return EXIT_USAGE
+    sent: SentRequest | None = None
     try:
         config = load_config(args.config)
-        text = _read_token(args)
+        if args.request is not None:
+            sent = read_request(args.request)
+        elif args.header is not None:
+            sent = sent_headers(args.header)
+        text = _read_token(args) if given_token else None
     except ConfigError as exc:
         print("\n".join(exc.errors), file=sys.stderr)
+        return EXIT_USAGE
+    except RequestError as exc:
+        print(exc, file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:
         print(f"--token-file {args.token_file}: cannot read: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
-    token, note = clean_token(text)
-    if not token:
-        print("the token is empty", file=sys.stderr)
-        return EXIT_USAGE
-    if note:
-        print(note, file=sys.stderr)
+    token: str | None = None
+    if text is not None:
+        token, note = clean_token(text)
+        if not token:
+            print("the token is empty", file=sys.stderr)
+            return EXIT_USAGE
+        if note:
+            print(note, file=sys.stderr)
     where = (args.deployment, args.path, args.method, args.host)
-    request = ExplainRequest(token, *where, offline=args.offline)
+    if sent is None:
+        request = ExplainRequest(token, *where, offline=args.offline)
+    else:
+        request = replaying(
+            sent,
+            token=token,
+            deployment=args.deployment,
+            path=args.path,
+            method=args.method,
+            host=args.host,
+            offline=args.offline,
+        )
     try:
         result = asyncio.run(explain(config, request))
     except (UsageError, ConfigError) as exc:

@@ -4,12 +4,15 @@
 module turns its steps into :class:`CheckLine` values (a one-line ``detail`` with the values
 compared, and the facts for ``--json``) and formats the whole :class:`Explanation` as text or
 JSON. Every value read from a token is shown JSON-escaped and cut short; the token itself is
-never part of the report.
+never part of the report. Of a replayed request's headers only the names are: the values of the
+credential header, ``Authorization``, ``Cookie`` and ``DPoP`` are credentials, and the others are
+not needed to read the report.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -61,14 +64,17 @@ class Verdict:
     www_authenticate: str | None = None
     event: str = ""
     message: str = ""
-    log_fields: tuple[tuple[str, str], ...] = ()
+    log_fields: tuple[tuple[str, Any], ...] = ()
     upstream_headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Explanation:
-    token_id: str  # first 8 hex characters of the token's SHA-256
-    token_kind: Literal["jwt", "opaque"]
+    # The first 8 hex characters of the token's SHA-256, and its kind; None when the request
+    # replayed carries no token the server would use (none, another scheme, unusable) or no
+    # policy was selected to look for one.
+    token_id: str | None
+    token_kind: Literal["jwt", "opaque"] | None
     request: CheckInput = field(repr=False)  # its headers hold the token: never render them
     offline: bool
     selection: Selection | None
@@ -76,6 +82,9 @@ class Explanation:
     claims_verified: bool
     verdict: Verdict
     notes: tuple[str, ...] = ()
+    # A replayed request (--header, --request): the names of its headers, sorted; their values
+    # are never rendered. None: the request was built around a token.
+    header_names: tuple[str, ...] | None = None
 
     @property
     def exit_code(self) -> int:
@@ -88,6 +97,7 @@ class Explanation:
 # --------------------------------------------------------------------------------------------
 
 _MAX_VALUE_CHARS = 160
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")  # RFC 9110 §5.6.2 tchar, lower case
 
 
 def _j(value: Any) -> str:
@@ -402,15 +412,32 @@ def verdict_of(decision: Decision, config: Config, *, exact: bool, note: str) ->
 # --------------------------------------------------------------------------------------------
 
 
+def _token_text(e: Explanation) -> str:
+    if e.token_id is not None:
+        return f"token sha256:{e.token_id} ({e.token_kind})"
+    if e.selection is None:
+        return "no policy to read a token for"
+    return "no usable token in the request"
+
+
+def _name(name: str) -> str:
+    """A header name as given: a token (RFC 9110 §5.1) as it is, anything else JSON-escaped."""
+    return name if _HEADER_NAME.fullmatch(name) else _j(name)
+
+
 def render_text(e: Explanation) -> str:
     """The human report: one line per check, then the decision."""
     inp = e.request
-    path = inp.path
+    path = inp.path  # without the query string, where a token may be
     target = f"{inp.method} {inp.host or '(no host)'} {path}"
     if inp.context_extensions.get("deployment"):
         target += f" (deployment {_j(inp.context_extensions['deployment'])})"
     mode = " --offline" if e.offline else ""
-    lines = [f"extauthz explain{mode}: token sha256:{e.token_id} ({e.token_kind}), {target}", ""]
+    lines = [f"extauthz explain{mode}: {_token_text(e)}, {target}"]
+    if e.header_names is not None:
+        names = ", ".join(_name(n) for n in e.header_names) or "(none)"
+        lines.append(f"request headers (values not shown): {names}")
+    lines.append("")
     width = max([len(c.name) for c in e.checks] + [len("www-authenticate")])
     for c in e.checks:
         lines.append(f"{c.name:<{width}}  {c.result}  {c.detail}".rstrip())
@@ -433,8 +460,10 @@ def render_text(e: Explanation) -> str:
         lines.append(f"{'reason':<{width}}  {v.reason}")
         lines.append(f"{'error':<{width}}  {v.error}")
         lines.append(f"{'www-authenticate':<{width}}  {v.www_authenticate or '(none)'}")
-        extra = "".join(f" {k}={val}" for k, val in v.log_fields)
-        lines.append(f"{'log':<{width}}  {v.event}{extra}: {v.message}")
+        lines.append(f"{'log':<{width}}  {v.event}: {v.message}")
+        if v.log_fields:  # the fields of the server's line: what was compared
+            fields = " ".join(f"{k}={json.dumps(val, default=str)}" for k, val in v.log_fields)
+            lines.append(f"{'':<{width}}  {fields}")
     return "\n".join(lines) + "\n"
 
 
@@ -459,13 +488,15 @@ def to_json(e: Explanation) -> dict[str, Any]:
             wwwAuthenticate=v.www_authenticate,
             log={"event": v.event, "reason": v.reason, "message": v.message, **dict(v.log_fields)},
         )
+    token = {"sha256Prefix": e.token_id, "kind": e.token_kind} if e.token_id else None
     return {
-        "token": {"sha256Prefix": e.token_id, "kind": e.token_kind},
+        "token": token,
         "request": {
             "method": inp.method,
             "host": inp.host,
             "path": inp.path,
             "deployment": inp.context_extensions.get("deployment"),
+            "headers": None if e.header_names is None else list(e.header_names),
         },
         "offline": e.offline,
         "claimsVerified": e.claims_verified,

@@ -696,10 +696,21 @@ def test_cli_reads_the_token_from_stdin(
     assert "A leading 'Bearer ' was removed" in captured.err
 
 
-def test_cli_requires_exactly_one_token_source(config_file: Path) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(["explain", "--config", str(config_file)])
-    assert exc.value.code == 2
+def test_cli_requires_one_token_source_or_the_request(
+    config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A token, or the request as sent (tests/unit/test_explain_request.py): without either,
+    there is nothing to explain."""
+    assert main(["explain", "--config", str(config_file)]) == 2
+    assert "give --token, --token-file, --header or --request" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["explain", "--config", str(config_file), "--token", "a", "--token-file", "b"])
     assert exc.value.code == 2
+
+
+def test_a_token_already_in_the_path_is_not_sent_twice(rsa_key: SigningKey) -> None:
+    """--token and the policy's query parameter in --path: which one to check is unclear."""
+    config = make_config(static_keys(rsa_key), tokenQueryParam="access_token")
+    req = ExplainRequest(token="t", path="/orders/42?access_token=other")
+    with pytest.raises(UsageError, match="not both"):
+        build_input(config, req)
