@@ -24,7 +24,7 @@ from .config import Config
 from .engine import IDP_FAILED_EVENT, Engine, idp_log_fields
 from .errors import IdpError
 from .idp import Providers
-from .logs import JsonLogger, rfc3339
+from .logs import JsonLogger
 from .metrics import Metrics
 from .reload import ConfigWatcher
 from .server import SERVICE_NAME, AuthorizationService, add_to_server
@@ -62,22 +62,12 @@ class Runtime:
         self.engine = Engine(config, self.providers.by_deployment)
 
     def readiness(self) -> dict[str, Any]:
-        """What /readyz shows: the config and each IdP endpoint's last fetch, error and breaker."""
-        endpoints = []
-        for ep in self.providers.endpoints.values():
-            endpoints.append(
-                {
-                    "endpoint": ep.name,
-                    "uri": ep.uri,
-                    "breaker": ep.breaker.state,
-                    "lastSuccess": rfc3339(ep.last_success) if ep.last_success else None,
-                    "lastError": ep.last_error.message if ep.last_error else None,
-                }
-            )
+        """What /readyz shows: the config and each IdP endpoint's last success, last error (what,
+        when, why) and breaker (:meth:`IdpEndpoint.readiness`)."""
         return {
             "config": self.config.source,
             "deployments": len(self.config.deployments),
-            "providers": endpoints,
+            "providers": [ep.readiness() for ep in self.providers.endpoints.values()],
         }
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-__all__ = ["Metrics"]
+__all__ = ["IDP_OUTCOMES", "IDP_REFUSALS", "Metrics"]
 
 # Sub-millisecond checks to multi-second IdP timeouts.
 _LATENCY_BUCKETS = (
@@ -17,6 +17,33 @@ _LATENCY_BUCKETS = (
 
 
 _MAX_PENDING = 10_000
+
+# extauthz_idp_requests_total's `outcome` label: a fixed vocabulary (docs/metrics.md), never a
+# class name or a raw status, so that what an IdP sends cannot mint series. One per attempt that
+# went out (as the access line's idpCalls counts them), and one per call that ended before any.
+IDP_OUTCOMES = frozenset(
+    {
+        "ok",  # a usable answer
+        "timeout",  # no (whole) answer in time: connect, read or the check's deadline
+        "connection_refused",
+        "dns_failure",
+        "tls_error",
+        "1xx",  # a non-2xx answer, by status class (RFC 9110 §15)
+        "3xx",
+        "4xx",
+        "5xx",
+        "bad_status",  # a status outside 100-599
+        "bad_response",  # an answer that is not what the endpoint must send
+        "issuer_mismatch",  # a discovery document for another issuer
+        "cancelled",  # the check was cancelled while the request was out
+        # Calls that ended before any attempt went out:
+        "circuit_open",
+        "deadline_exceeded",
+        "queue_timeout",
+    }
+)
+# Calls refused at once, without going out or waiting: no duration to observe.
+IDP_REFUSALS = frozenset({"circuit_open", "deadline_exceeded"})
 
 
 class Metrics:
@@ -90,7 +117,7 @@ class Metrics:
     # IdpObserver: how the IdP layer reports without knowing about Prometheus.
     def idp_call(self, endpoint: str, outcome: str, seconds: float) -> None:
         self._child(self.idp_requests, endpoint, outcome).inc()
-        if outcome != "circuit_open":
+        if outcome not in IDP_REFUSALS:
             self._child(self.idp_duration, endpoint).observe(seconds)
 
     def cache(self, cache: str, result: str) -> None:

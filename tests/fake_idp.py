@@ -13,6 +13,7 @@ It serves a discovery document, a JWKS and an RFC 7662 introspection endpoint at
     idp.answer = {"active": True, "sub": "svc"}  # what every introspection answers
     idp.raw = b"<html>"                          # these bytes instead of JSON, from every endpoint
     idp.error = httpx.ConnectError("refused")    # no answer: the transport raises this
+    idp.errors = [httpx.ConnectError("refused")] # the next requests raise these, one each, in order
     await idp.until_called("/introspect")        # once a request has arrived there
 
 Without ``answer``, an introspected token is active when it was registered in ``active`` (with
@@ -69,6 +70,7 @@ class FakeIdp:
         self.answer: Any = None
         self.raw: bytes | None = None
         self.error: Exception | None = None
+        self.errors: list[Exception] = []
         self.active: dict[str, dict[str, Any]] = {}
         self.active_prefix: str | None = "good"
         self.active_claims: dict[str, Any] = dict(ACTIVE_CLAIMS)
@@ -88,6 +90,8 @@ class FakeIdp:
                 arrived.set_result(None)
         if self.delay:
             await asyncio.sleep(self.delay)  # a slow IdP
+        if self.errors:
+            raise self.errors.pop(0)
         if self.error is not None:
             raise self.error
         return self.respond(request)

@@ -210,6 +210,7 @@ class Providers:
                     wall_clock=self._wall_clock,
                 ),
                 observer=self._observer,
+                wall_clock=self._wall_clock,
             )
         return self.endpoints[key]
 

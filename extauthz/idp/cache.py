@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
 from ..errors import IdpError
+from .http import check_deadline, idp_call_counter
 
 __all__ = ["CacheResult", "CachedDocument"]
 
@@ -79,11 +80,19 @@ class CachedDocument(Generic[T]):
                     self._failed_at is not None and now - self._failed_at < RETRY_SECONDS
                 )
                 if self._inflight is None and not recently_failed:
-                    self._inflight = asyncio.ensure_future(self._fetch())
+                    self._inflight = asyncio.ensure_future(self._fetch_for_no_check())
                     self._inflight.add_done_callback(self._background_done)
                 return self._value
         self._on_result("miss")
         return await self.refresh()
+
+    async def _fetch_for_no_check(self) -> T:
+        # The check that started this refresh is answered from the cache and does not wait for
+        # it: its deadline does not bound the refresh (timeoutSeconds does), and its access line
+        # does not count the request (idpCalls). The task has its own copy of the context.
+        check_deadline.set(None)
+        idp_call_counter.set(None)
+        return await self._fetch()
 
     def _background_done(self, future: asyncio.Future[T]) -> None:
         if not future.cancelled() and isinstance(future.exception(), IdpError):

@@ -5,6 +5,11 @@ can pass ``httpx.MockTransport`` and production gets one pooled client per TLS s
 are built whole (parsed URL, headers, encoded body, timeout) and handed to ``client.send``: the
 client's request building merged defaults and parsed the URL again on every call, about a tenth
 of an introspection call's CPU.
+
+Each call is bounded by its endpoint's ``timeoutSeconds`` and by what is left of the check's own
+deadline (:data:`check_deadline`), whichever ends first; a failure says which bound ran out and
+in which phase (``detail``), and every attempt that goes out is counted once, alike in the
+access line's ``idpCalls`` (:data:`idp_call_counter`) and in the metric (:class:`IdpObserver`).
 """
 
 from __future__ import annotations
@@ -16,11 +21,11 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlencode
 
 import certifi
@@ -28,7 +33,11 @@ import httpx
 
 from .. import tracing
 from ..errors import (
+    CHECK_DEADLINE,
+    CONNECT_TIMEOUT,
+    READ_TIMEOUT,
     CircuitOpen,
+    DeadlinePassed,
     IdpBadResponse,
     IdpBadStatus,
     IdpError,
@@ -43,6 +52,7 @@ __all__ = [
     "IdpObserver",
     "IdpResponse",
     "TlsSettings",
+    "check_deadline",
     "fetch_json",
     "idp_call_counter",
     "json_nesting_exceeds",
@@ -61,8 +71,15 @@ MAX_OUTSTANDING_CALLS = 64  # per endpoint; the pooled client holds as many conn
 BASE_HEADERS = (("accept", "application/json"), ("user-agent", "extauthz"))
 _FORM = ("content-type", "application/x-www-form-urlencoded")
 
-# Counts the IdP calls made on behalf of the current check (access log field `idpCalls`).
+# Counts the IdP requests sent on behalf of the current check, a retry included (access log
+# field `idpCalls`): each attempt that goes out, as extauthz_idp_requests_total counts it.
 idp_call_counter: ContextVar[list[int] | None] = ContextVar("idp_call_counter", default=None)
+# The time.monotonic() value by which the current check must have answered (set by the server
+# for each check); None: no deadline but each endpoint's timeoutSeconds. An IdP call never
+# outlives its check: there is no one left to use its answer.
+check_deadline: ContextVar[float | None] = ContextVar("check_deadline", default=None)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +227,10 @@ def _count_call() -> None:
         counter[0] += 1
 
 
+# httpcore's `trace` extension: an async callback with each event's name and details.
+Tracer = Callable[[str, dict[str, Any]], Any]
+
+
 def _build_request(
     endpoint: str,
     url: httpx.URL,
@@ -218,23 +239,22 @@ def _build_request(
     method: str = "GET",
     data: Mapping[str, str] | None = None,
     headers: Mapping[str, str] | None = None,
+    trace: Tracer | None = None,
 ) -> httpx.Request:
-    """One whole IdP request: ``data`` form-encoded as the body, ``headers`` over the base ones."""
+    """One whole IdP request: ``data`` form-encoded as the body, ``headers`` over the base ones,
+    ``trace`` as httpcore's trace extension (it hears of each phase: connect, TLS, send, read)."""
     all_headers = [*BASE_HEADERS, *(headers or {}).items()]
     body = None
     if data is not None:
         all_headers.append(_FORM)
         body = urlencode(data).encode()
-    return httpx.Request(
-        method,
-        url,
-        headers=all_headers,
-        content=body,
-        extensions={
-            "timeout": httpx.Timeout(timeout).as_dict(),
-            tracing.ENDPOINT_EXTENSION: endpoint,
-        },
-    )
+    extensions: dict[str, Any] = {
+        "timeout": httpx.Timeout(timeout).as_dict(),
+        tracing.ENDPOINT_EXTENSION: endpoint,
+    }
+    if trace is not None:
+        extensions["trace"] = trace
+    return httpx.Request(method, url, headers=all_headers, content=body, extensions=extensions)
 
 
 async def fetch_json(
@@ -247,19 +267,22 @@ async def fetch_json(
     data: Mapping[str, str] | None = None,
     headers: Mapping[str, str] | None = None,
     url: httpx.URL | None = None,
+    trace: Tracer | None = None,
 ) -> IdpResponse:
     """Call an IdP endpoint and return its JSON, or raise an :class:`~extauthz.errors.IdpError`.
-    ``url`` is ``uri`` already parsed, when the caller keeps it."""
-    _count_call()
+    ``url`` is ``uri`` already parsed, when the caller keeps it; ``trace`` hears of the phases
+    of the request (httpcore's trace extension)."""
+    request = _build_request(
+        endpoint,
+        url if url is not None else httpx.URL(uri),
+        timeout=timeout,
+        method=method,
+        data=data,
+        headers=headers,
+        trace=trace,
+    )
+    _count_call()  # the request goes out now: one attempt, as the metric counts it
     try:
-        request = _build_request(
-            endpoint,
-            url if url is not None else httpx.URL(uri),
-            timeout=timeout,
-            method=method,
-            data=data,
-            headers=headers,
-        )
         resp = await client.send(request, stream=True)
         try:
             if not 200 <= resp.status_code < 300:
@@ -273,8 +296,14 @@ async def fetch_json(
             max_age = _max_age(resp.headers)
         finally:
             await resp.aclose()
-    except httpx.TimeoutException as exc:
-        raise IdpUnreachable(endpoint, uri, "TIMEOUT") from exc
+    except httpx.ConnectTimeout as exc:
+        raise IdpUnreachable(endpoint, uri, "TIMEOUT", detail=CONNECT_TIMEOUT) from exc
+    except httpx.PoolTimeout as exc:
+        # No connection came free in the client's pool: like a connect that did not complete,
+        # nothing was sent.
+        raise IdpUnreachable(endpoint, uri, "TIMEOUT", detail=CONNECT_TIMEOUT) from exc
+    except httpx.TimeoutException as exc:  # ReadTimeout, WriteTimeout: connected, then stalled
+        raise IdpUnreachable(endpoint, uri, "TIMEOUT", detail=READ_TIMEOUT) from exc
     except httpx.ConnectError as exc:
         raise IdpUnreachable(endpoint, uri, _unreachable_kind(exc), before_request=True) from exc
     except httpx.TransportError as exc:
@@ -284,7 +313,12 @@ async def fetch_json(
 
 
 class IdpObserver(Protocol):
-    """Where IdP call outcomes and cache lookups are reported (metrics; tests)."""
+    """Where IdP call outcomes and cache lookups are reported (metrics; tests).
+
+    ``idp_call`` is told of each attempt that went out, with how it ended, and of each call that
+    ended before any did (``circuit_open``, ``deadline_exceeded``, ``queue_timeout``); the
+    outcomes are the fixed vocabulary of docs/metrics.md (:attr:`IdpError.error_type`, ``ok``,
+    ``cancelled``)."""
 
     def idp_call(self, endpoint: str, outcome: str, seconds: float) -> None: ...
 
@@ -299,10 +333,45 @@ class NullObserver:
         pass
 
 
+def _the_response(resp: IdpResponse) -> IdpResponse:
+    return resp
+
+
+class _Progress:
+    """How far one call has got: the attempt under way (what the metric counts, and its time)
+    and whether its request has started to go out (what a timeout cut: the connection, or the
+    exchange)."""
+
+    __slots__ = ("attempts", "in_flight", "sending", "started")
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()  # of the call, then of each attempt
+        self.attempts = 0
+        self.in_flight = False  # an attempt went out and its outcome is not reported yet
+        self.sending = False  # connected (TCP, TLS): its request started to go out
+
+    def attempt(self) -> None:
+        self.started = time.perf_counter()
+        self.attempts += 1
+        self.in_flight = True
+        self.sending = False
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    async def trace(self, event: str, info: dict[str, Any]) -> None:
+        # httpcore names the phases `connection.connect_tcp`, `connection.start_tls`, then
+        # `http11.send_request_headers` (or http2's) once a connection is had, new or pooled.
+        if event.endswith("send_request_headers.started"):
+            self.sending = True
+
+
 class IdpEndpoint:
-    """One IdP URL with everything that keeps calling it safe: the pooled client, the timeout,
-    a circuit breaker, a cap on outstanding calls and one quick retry when the connection is
-    refused. Every IdP request in extauthz goes through :meth:`call`."""
+    """One IdP URL with everything that keeps calling it safe: the pooled client, the timeout
+    (and the check's deadline), a circuit breaker, a cap on outstanding calls and one quick
+    retry when the connection is refused. Every IdP request in extauthz goes through
+    :meth:`fetch` (or :meth:`call`), and what went wrong last stays on the endpoint for /readyz
+    and for the circuit-open message."""
 
     def __init__(
         self,
@@ -314,6 +383,7 @@ class IdpEndpoint:
         breaker: CircuitBreaker | None = None,
         max_outstanding: int = MAX_OUTSTANDING_CALLS,
         observer: IdpObserver | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.name = name
         self.uri = uri
@@ -326,8 +396,16 @@ class IdpEndpoint:
         self.breaker = breaker or CircuitBreaker()
         self._slots = asyncio.Semaphore(max_outstanding)
         self._observer = observer or NullObserver()
+        self._wall_clock = wall_clock
         self.last_success: float | None = None  # wall clock
+        # The last failure of a call that reached the IdP (never a CircuitOpen, a QueueTimeout or
+        # a DeadlinePassed: those say nothing about it) and when it happened; cleared by a
+        # success.
         self.last_error: IdpError | None = None
+        self.last_error_at = 0.0  # wall clock
+        # The cause of the last failure the breaker counted: while the circuit is open, the one
+        # that opened it (no call goes out to fail again), named by every CircuitOpen.
+        self._breaker_cause = ""
 
     async def call(
         self,
@@ -336,69 +414,171 @@ class IdpEndpoint:
         data: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> IdpResponse:
+        """The IdP's answer, or an IdpError; see :meth:`fetch`."""
+        return await self.fetch(_the_response, method=method, data=data, headers=headers)
+
+    async def fetch(
+        self,
+        read: Callable[[IdpResponse], T],
+        *,
+        method: str = "GET",
+        data: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> T:
+        """``read`` of the IdP's answer. ``read`` raises IdpBadResponse for an answer that is
+        JSON but not what the endpoint must send: that is a failure of this endpoint like any
+        other (the breaker counts it, the metric says so, /readyz shows it), not a success."""
+        budget, by_deadline = self._timeout, False
+        deadline = check_deadline.get()
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                # No time left: nothing goes out, and nothing is learnt about the IdP.
+                passed = DeadlinePassed(self.name, self.uri)
+                self._observer.idp_call(self.name, passed.error_type, 0.0)
+                raise passed
+            if left < budget:
+                budget, by_deadline = left, True
         if not self.breaker.allow():
-            exc: IdpError = CircuitOpen(self.name, self.uri, rfc3339(self.breaker.open_until()))
-            self._observer.idp_call(self.name, "circuit_open", 0.0)
+            until = rfc3339(self.breaker.open_until())
+            exc: IdpError = CircuitOpen(self.name, self.uri, until, self._breaker_cause)
+            self._observer.idp_call(self.name, exc.error_type, 0.0)
             raise exc
-        started = time.perf_counter()
+        progress = _Progress()
         try:
-            resp = await self._limited(method, data, headers)
+            value = read(await self._limited(budget, by_deadline, progress, method, data, headers))
         except QueueTimeout as exc:
             # Our own queue, not the IdP: no verdict on it (a flood of junk tokens waiting for a
             # slot must not open the circuit for every other check).
             self.breaker.abandon()
-            self._observer.idp_call(self.name, exc.error_type, time.perf_counter() - started)
+            self._report(progress, exc.error_type)
             raise
         except IdpError as exc:
-            self.breaker.failure()
-            self.last_error = exc
-            self._observer.idp_call(self.name, exc.error_type, time.perf_counter() - started)
+            if exc.idp_at_fault:
+                self.breaker.failure()
+                self._breaker_cause = exc.cause
+            else:
+                # The IdP answered as it should, though not as this deployment expects (a
+                # discovery document for another issuer): shown in /readyz, not held against it.
+                self.breaker.success()
+            self.last_error, self.last_error_at = exc, self._wall_clock()
+            self._report(progress, exc.error_type)
+            raise
+        except asyncio.CancelledError:
+            self.breaker.abandon()  # cancelled: no verdict on the IdP
+            if progress.in_flight:
+                self._report(progress, "cancelled")
             raise
         except BaseException:
-            self.breaker.abandon()  # cancelled: no verdict on the IdP
+            self.breaker.abandon()
             raise
         self.breaker.success()
-        self.last_success = time.time()
+        self.last_success = self._wall_clock()
         self.last_error = None
-        self._observer.idp_call(self.name, "ok", time.perf_counter() - started)
-        return resp
+        self._report(progress, "ok")
+        return value
+
+    def _report(self, progress: _Progress, outcome: str) -> None:
+        """The outcome of the attempt under way, or of a call that ended before its first one
+        (``queue_timeout``); nothing for a call cut between a reported attempt and its retry."""
+        if progress.in_flight or not progress.attempts:
+            progress.in_flight = False
+            self._observer.idp_call(self.name, outcome, progress.seconds())
+
+    def readiness(self) -> dict[str, Any]:
+        """This endpoint as /readyz shows it (docs/metrics.md): JSON strings and nulls only."""
+        error = self.last_error
+        last_error = None
+        if error is not None:
+            last_error = {
+                "message": error.message,
+                "at": rfc3339(self.last_error_at),
+                "outcome": error.error_type,
+                "detail": error.detail or None,
+            }
+        return {
+            "endpoint": self.name,
+            "uri": tracing.url_without_userinfo(self.uri),
+            "breaker": self.breaker.state,
+            "lastSuccess": rfc3339(self.last_success) if self.last_success else None,
+            "lastError": last_error,
+        }
 
     async def _limited(
-        self, method: str, data: Mapping[str, str] | None, headers: Mapping[str, str] | None
+        self,
+        budget: float,
+        by_deadline: bool,
+        progress: _Progress,
+        method: str,
+        data: Mapping[str, str] | None,
+        headers: Mapping[str, str] | None,
     ) -> IdpResponse:
         # One deadline for the whole call: waiting for a slot, connecting, a retry and reading
-        # together take at most timeoutSeconds, so a check never waits twice the timeout.
+        # together take at most `budget` (timeoutSeconds, or less when the check's deadline is
+        # nearer), so a check never waits twice the timeout.
         # A call that had to queue gave the IdP less than its timeout: when the deadline passes,
         # that is our queue's doing, not the IdP's (QueueTimeout, not counted by the breaker).
+        ends = time.monotonic() + budget
         queued = self._slots.locked()
         try:
-            async with asyncio.timeout(self._timeout), self._slots:
-                return await self._call_once_or_twice(method, data, headers)
+            async with asyncio.timeout(budget), self._slots:
+                return await self._call_once_or_twice(ends, progress, method, data, headers)
         except TimeoutError:
-            if queued:
-                raise QueueTimeout(self.name, self.uri) from None
-            raise IdpUnreachable(self.name, self.uri, "TIMEOUT") from None
+            raise self._timed_out(queued, by_deadline, progress) from None
+        except IdpUnreachable as exc:
+            if exc.kind != "TIMEOUT":
+                raise
+            raise self._timed_out(queued, by_deadline, progress, exc.detail) from exc
+
+    def _timed_out(
+        self, queued: bool, by_deadline: bool, progress: _Progress, detail: str = ""
+    ) -> IdpUnreachable:
+        """The TIMEOUT a call ends with, saying which bound ran out, and where."""
+        if queued:
+            return QueueTimeout(self.name, self.uri, sent=progress.in_flight)
+        if by_deadline:
+            detail = CHECK_DEADLINE  # counted by the breaker like any timeout: the IdP was slow
+        elif not detail:
+            detail = READ_TIMEOUT if progress.sending else CONNECT_TIMEOUT
+        return IdpUnreachable(self.name, self.uri, "TIMEOUT", detail=detail)
 
     async def _call_once_or_twice(
-        self, method: str, data: Mapping[str, str] | None, headers: Mapping[str, str] | None
+        self,
+        ends: float,
+        progress: _Progress,
+        method: str,
+        data: Mapping[str, str] | None,
+        headers: Mapping[str, str] | None,
     ) -> IdpResponse:
         for attempt in (1, 2):
+            progress.attempt()
             try:
                 return await fetch_json(
                     self._client,
                     self.name,
                     self.uri,
-                    timeout=self._timeout,
+                    # httpx's own timeouts end just before the call's: a connection cut by
+                    # one of them is closed by httpcore (one cut in its TLS handshake by a
+                    # cancellation is left to the garbage collector), and it names its phase.
+                    timeout=max(ends - time.monotonic() - _HTTPX_FIRST, _MIN_HTTPX_TIMEOUT),
                     method=method,
                     data=data,
                     headers=headers,
                     url=self._url,
+                    trace=progress.trace,
                 )
             except IdpUnreachable as exc:
                 refused = exc.before_request and exc.kind == "CONNECTION_REFUSED"
                 if attempt == 2 or not refused:
                     raise
+                # That attempt went out and ended: it is counted on its own, as idpCalls counts
+                # it, and the retry is another.
+                self._report(progress, exc.error_type)
             # A refused connection is often a restarting IdP or a stale pooled address: one quick
             # retry with jitter, so that many checks retrying do not arrive in lockstep.
             await asyncio.sleep(random.uniform(0.01, 0.05))
         raise AssertionError("unreachable")
+
+
+_HTTPX_FIRST = 0.01  # how much earlier httpx's timeouts end than the call's own
+_MIN_HTTPX_TIMEOUT = 0.001  # a retry that starts with nothing left still gets a valid timeout

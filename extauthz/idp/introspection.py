@@ -25,7 +25,7 @@ from urllib.parse import quote_plus
 from ..bounded import BoundedCache
 from ..config import ClientDetails
 from ..errors import IdpBadResponse
-from .http import IdpEndpoint, IdpObserver, NullObserver
+from .http import IdpEndpoint, IdpObserver, IdpResponse, NullObserver
 
 __all__ = ["ClientSecret", "IntrospectionClient"]
 
@@ -124,11 +124,15 @@ class IntrospectionClient:
             form.update(client_id=self._client.client_id, client_secret=self._secret.reveal())
         else:
             headers = {"authorization": self._basic.reveal()}
-        resp = await endpoint.call(method="POST", data=form, headers=headers)
-        body = resp.data
-        if not isinstance(body, dict) or not isinstance(body.get("active"), bool):
-            # RFC 7662 §2.2: `active` is REQUIRED and a boolean; "yes" or 1 is not an answer.
-            raise IdpBadResponse(endpoint.name, endpoint.uri, "no boolean 'active'")
+
+        def answer(resp: IdpResponse) -> dict[str, Any]:
+            body = resp.data
+            if not isinstance(body, dict) or not isinstance(body.get("active"), bool):
+                # RFC 7662 §2.2: `active` is REQUIRED and a boolean; "yes" or 1 is not an answer.
+                raise IdpBadResponse(endpoint.name, endpoint.uri, "no boolean 'active'")
+            return body
+
+        body = await endpoint.fetch(answer, method="POST", data=form, headers=headers)
         now = self._clock()
         if body["active"] is not True:
             self._store(key, now + NEGATIVE_TTL_SECONDS, _INACTIVE_ENTRY)

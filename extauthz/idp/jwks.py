@@ -6,7 +6,7 @@ from ..config import ASYMMETRIC_ALGORITHMS
 from ..errors import IdpBadResponse, IdpError
 from ..keys import KeySet, keyset_from_jwks
 from .cache import CachedDocument, CacheSettings
-from .http import IdpEndpoint
+from .http import IdpEndpoint, IdpResponse
 
 __all__ = ["JwksProvider", "cache_ttl"]
 
@@ -30,7 +30,10 @@ class JwksProvider:
         self.cache: CachedDocument[KeySet] = CachedDocument(self._load, settings)
 
     async def _load(self) -> tuple[KeySet, float]:
-        resp = await self.endpoint.call()
+        return await self.endpoint.fetch(self._read)
+
+    def _read(self, resp: IdpResponse) -> tuple[KeySet, float]:
+        """The keys and their lifetime; IdpBadResponse, the endpoint's failure, when none."""
         keys = resp.data.get("keys") if isinstance(resp.data, dict) else None
         if not isinstance(keys, list):
             raise IdpBadResponse(self.endpoint.name, self.endpoint.uri, "no 'keys' array")

@@ -19,6 +19,13 @@ HTML page, any JSON body (``{"active": "yes"}``, with response headers of the te
 any bytes with any status and reason phrase (``Fault.raw``), and a hold that answers normally once the test calls :meth:`FaultyIdp.release` (to gather
 concurrent callers). Every request is recorded with its headers and form, so a test can count
 calls and see how the client authenticated.
+
+:class:`SilentPort` is the one fault below HTTP: a port that accepts connections and never sends
+a byte. An ``https://`` URL on it never completes its TLS handshake (a connect timeout); an
+``http://`` one sends its request and never hears back (a read timeout)::
+
+    with SilentPort() as silent:
+        silent.url("https", "/jwks")                       # https://127.0.0.1:<port>/jwks
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import base64
 import ipaddress
 import json
 import secrets
+import socket
 import ssl
 import tempfile
 import threading
@@ -44,7 +52,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.conftest import self_signed
 
-__all__ = ["Fault", "FaultyIdp", "Recorded"]
+__all__ = ["Fault", "FaultyIdp", "Recorded", "SilentPort"]
 
 HANG_SECONDS = 30.0  # far past any timeoutSeconds a test uses; stop() ends it at once
 HOLD_SECONDS = 30.0
@@ -434,3 +442,54 @@ class FaultyIdp:
             client_id, secret = form.get("client_id", ""), form.get("client_secret", "")
         expected = (self.clients if clients is None else clients).get(client_id)
         return expected is not None and secrets.compare_digest(expected, secret)
+
+
+class SilentPort:
+    """A loopback port that accepts every connection, reads nothing and answers nothing, until
+    :meth:`stop` closes them all."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self._listener.settimeout(0.05)  # so that the accepting thread sees stop() soon
+        self.port = self._listener.getsockname()[1]
+        self._held: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def url(self, scheme: str, path: str) -> str:
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    def accepted(self) -> int:
+        """Connections accepted so far."""
+        with self._lock:
+            return len(self._held)
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self._held.append(conn)
+
+    def start(self) -> SilentPort:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=5)
+        self._listener.close()
+        with self._lock:
+            for conn in self._held:
+                conn.close()
+
+    def __enter__(self) -> SilentPort:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
