@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import urllib.request
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from extauthz.admin import AdminServer
+from tests.conftest import SigningKey, claims
 from tests.integration.serverproc import ExtauthzProcess, free_port
 
 HUGE_REQUEST_LINE = b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nhost: admin\r\n\r\n"
@@ -55,13 +57,16 @@ def healthz(port: int) -> int:
         return int(response.status)
 
 
+REFUSING_JWKS = f"http://127.0.0.1:{free_port()}/jwks"  # nothing listens there
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExtauthzProcess]:
     config: dict[str, Any] = {
         "deployments": [{
             "name": "orders", "pathPrefix": "/orders",
             "authentication": {"type": "TOKEN_AUTHENTICATION", "validationPolicy": {
-                "type": "REMOTE_JWKS", "uri": f"http://127.0.0.1:{free_port()}/jwks"}},
+                "type": "REMOTE_JWKS", "uri": REFUSING_JWKS}},
         }]
     }  # fmt: skip
     with ExtauthzProcess(config, tmp_path_factory.mktemp("admin"), separate_stderr=True) as proc:
@@ -138,6 +143,41 @@ def test_a_slow_request_is_cut_off_without_an_answer() -> None:
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {"status": "ok"}
     assert unhandled == []
+
+
+def readyz_providers(server: ExtauthzProcess) -> list[dict[str, Any]]:
+    status, body = server.admin("readyz")
+    assert status == 200
+    ready = json.loads(body)
+    assert ready["ready"] is True
+    return list(ready["providers"])
+
+
+def test_readyz_shows_each_endpoints_last_error_what_when_and_why(
+    server: ExtauthzProcess, rsa_key: SigningKey
+) -> None:
+    """Before any call the JWKS endpoint is listed without an error; after a refused one (and its
+    retry) lastError says what (the log line's message), when (RFC 3339) and how (the metric's
+    outcome, and a detail when there is one)."""
+    (before,) = readyz_providers(server)
+    assert before == {
+        "endpoint": "jwks_uri",
+        "uri": REFUSING_JWKS,
+        "breaker": "closed",
+        "lastSuccess": None,
+        "lastError": None,
+    }
+    checked = server.check(rsa_key.sign(claims()), path="/orders/1")
+    assert not checked.allowed
+    (after,) = readyz_providers(server)
+    error = after["lastError"]
+    assert error.keys() == {"message", "at", "outcome", "detail"}
+    assert error["message"] == server.line(checked.request_id, "authentication.idpCallFailed")["message"]
+    assert error["message"].endswith(", CONNECTION_REFUSED. Make sure that the URI is accessible "
+                                     "from the network of the authorization service.")
+    assert (error["outcome"], error["detail"]) == ("connection_refused", None)
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z", error["at"]), error
+    assert after["breaker"] == "closed" and after["lastSuccess"] is None
 
 
 def test_the_server_log_has_only_json_lines(server: ExtauthzProcess) -> None:

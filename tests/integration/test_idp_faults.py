@@ -8,6 +8,7 @@ The IdP is ``faulty_idp.FaultyIdp``: real sockets, real HTTP, a real self-signed
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import time
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import AUDIENCE, ISSUER, SigningKey, claims
-from tests.integration.faulty_idp import Fault, FaultyIdp
+from tests.integration.faulty_idp import Fault, FaultyIdp, SilentPort
 from tests.integration.serverproc import Checked, ExtauthzProcess, closed_port
 from tests.waiting import wait_until
 
@@ -173,9 +174,15 @@ class Env:
     secret: str
     post_secret: str
     refused_port: int
+    silent: SilentPort  # accepts, never answers: a TLS handshake or a request left hanging
 
     def jwt(self, **overrides: Any) -> str:
         return self.signer.sign(claims(**overrides))
+
+    def provider(self, uri: str) -> dict[str, Any]:
+        """The /readyz entry of the endpoint at ``uri``."""
+        (entry,) = [p for p in json.loads(self.server.admin("readyz")[1])["providers"] if p["uri"] == uri]
+        return dict(entry)
 
     def opaque(self, **overrides: Any) -> str:
         return self.idp.issue(claims(**overrides))
@@ -236,8 +243,8 @@ def env(rsa_key: SigningKey, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     secret_file, wrong_file = workdir / "client-secret", workdir / "wrong-secret"
     secret_file.write_text(secret + "\n")
     wrong_file.write_text("not-" + secret + "\n")
-    with idp:
-        e = Env(idp, None, rsa_key, secret, post_secret, closed_port())  # type: ignore[arg-type]
+    with idp, SilentPort() as silent:
+        e = Env(idp, None, rsa_key, secret, post_secret, closed_port(), silent)  # type: ignore[arg-type]
         deployments = []
         for case in CASES:
             # Every route of the case exists and works, except the failing one.
@@ -297,6 +304,9 @@ def env(rsa_key: SigningKey, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             issuer="https://elsewhere.example.com",
         )
         healthy["d-other-issuer"] = {"type": DISCOVERY, "uri": f"{idp.url}/d-other-issuer/.well-known/openid-configuration"}
+        # A TLS handshake that never completes, a request never answered (real sockets).
+        healthy["t-connect"] = {"type": JWKS, "uri": silent.url("https", "/t-connect/jwks"), "timeoutSeconds": HANG_TIMEOUT}
+        healthy["t-read"] = {"type": JWKS, "uri": silent.url("http", "/t-read/jwks"), "timeoutSeconds": HANG_TIMEOUT}
         deployments += [deployment(name, policy) for name, policy in healthy.items()]
         server = ExtauthzProcess({"deployments": deployments}, workdir / "server", env={SECRET_ENV: post_secret})
         with server:
@@ -314,16 +324,70 @@ def test_idp_failure_is_denied_with_the_contract_message(env: Env, case: Case) -
     message = env.expected_message(case)
     for _ in range(2):  # a failure is not cached as anything that could allow the next check
         checked = env.server.check(token, path=f"/{case.name}/orders/1")
-        assert_idp_denial(env.server, checked, deployment=case.name, endpoint=case.endpoint, message=message)
+        line = assert_idp_denial(env.server, checked, deployment=case.name, endpoint=case.endpoint, message=message)
+        assert line["uri"] == env.failing_uri(case), line
         if case.expect == "TIMEOUT":
             assert checked.seconds >= HANG_TIMEOUT * 0.9, checked.seconds
+            assert line["detail"] == "read timeout", line  # the IdP read the request, then hung
+        elif case.expect != PARSE:
+            assert "detail" not in line, line
+        # A refused connection is retried once: two requests went out. A discovery document
+        # came from the cache or was fetched (one more) before a named endpoint failed.
+        calls = env.server.line(checked.request_id, "access")["idpCalls"]
+        own = 2 if case.where == "refused" else 1
+        assert calls in ((own, own + 1) if case.policy == DISCOVERY and case.endpoint != "discovery" else (own,)), calls
 
 
 def test_discovery_naming_another_issuer_is_a_parse_failure(env: Env) -> None:
-    """A discovery document for another issuer is not this IdP's: 500 idp_call_failed, and the
-    line carries one of the contract's four messages (the unusable answer one)."""
-    checked = env.server.check(env.jwt(), path="/d-other-issuer/x")
-    assert_idp_denial(env.server, checked, deployment="d-other-issuer", endpoint="discovery", message=PARSE)
+    """A discovery document for another issuer is not this IdP's (OpenID Connect Discovery 1.0
+    §4.3): 500 idp_call_failed with the unusable-answer message, its own detail naming both
+    issuers, and /readyz shows it. The IdP answered as it should: the breaker stays closed."""
+    uri = f"{env.idp.url}/d-other-issuer/.well-known/openid-configuration"
+    detail = f"issuer in the discovery document is 'https://elsewhere.example.com', the configured issuer is '{ISSUER}'"
+    for _ in range(6):  # past the breaker's threshold (5)
+        checked = env.server.check(env.jwt(), path="/d-other-issuer/x")
+        line = assert_idp_denial(env.server, checked, deployment="d-other-issuer", endpoint="discovery", message=PARSE)
+        assert (line["uri"], line["detail"]) == (uri, detail), line
+    shown = env.provider(uri)
+    assert shown["breaker"] == "closed" and shown["lastSuccess"] is None
+    error = shown["lastError"]
+    assert (error["message"], error["outcome"], error["detail"]) == (PARSE, "issuer_mismatch", detail)
+    assert re.fullmatch(RFC3339, error["at"]), error
+
+
+@pytest.mark.parametrize(
+    ("name", "scheme", "detail"),
+    [("t-connect", "https", "connect timeout"), ("t-read", "http", "read timeout")],
+)
+def test_a_timeout_says_whether_it_was_connecting_or_reading(env: Env, name: str, scheme: str, detail: str) -> None:
+    """Real sockets: a port that accepts and never answers. Over https the TLS handshake never
+    completes (connect timeout); over http the request goes out and nothing comes back (read
+    timeout). The message is the same TIMEOUT one; the line, the access line and /readyz say more."""
+    uri = env.silent.url(scheme, f"/{name}/jwks")
+    checked = env.server.check(env.jwt(), path=f"/{name}/x")
+    line = assert_idp_denial(env.server, checked, deployment=name, endpoint="jwks_uri",
+                             message=UNREACHABLE.format(endpoint="jwks_uri", uri=uri, kind="TIMEOUT"))
+    assert (line["uri"], line["detail"]) == (uri, detail), line
+    assert HANG_TIMEOUT * 0.9 <= checked.seconds < HANG_TIMEOUT + 3.0, checked.seconds
+    assert env.server.line(checked.request_id, "access")["idpCalls"] == 1
+    error = env.provider(uri)["lastError"]
+    assert (error["outcome"], error["detail"]) == ("timeout", detail), error
+
+
+def test_a_refused_retry_is_two_requests_in_the_metric_as_in_idp_calls(env: Env) -> None:
+    """A refused connection is retried once: the access line's idpCalls and
+    extauthz_idp_requests_total both count the two attempts; /readyz shows the refusal."""
+
+    def refused() -> float:
+        return env.server.metric("extauthz_idp_requests_total", endpoint="jwks_uri", outcome="connection_refused")
+
+    before = refused()
+    checked = env.server.check(env.jwt(), path="/j-refused/x")
+    assert not checked.allowed
+    assert env.server.line(checked.request_id, "access")["idpCalls"] == 2
+    assert refused() - before == 2
+    error = env.provider(f"http://127.0.0.1:{env.refused_port}/j-refused/jwks")["lastError"]
+    assert (error["outcome"], error["detail"]) == ("connection_refused", None), error
 
 
 def test_a_hanging_idp_costs_the_timeout_not_more(env: Env) -> None:
@@ -579,6 +643,7 @@ def test_breaker_fails_fast_while_open_and_recovers_after_the_cool_down(
     def open_until(server: ExtauthzProcess, checked: Checked) -> float:
         """The check failed fast on the open circuit; when the circuit lets a probe through."""
         line = denial(server, checked, open_message)
+        assert line["lastCause"] == "TIMEOUT (read timeout)", line  # what opened it
         # Far below timeoutSeconds, by the server's clock and (more loosely, as a loaded machine
         # may delay the round trip) by the client's.
         assert server.line(checked.request_id, "access")["latencyMs"] < FAST_MS
@@ -715,8 +780,10 @@ def test_deeply_nested_or_oversized_json_is_unparseable_and_opens_the_circuit(
         assert len(line.get("detail", "")) < 100, line  # what was wrong, not the body
     checked = server.check(token(), path=f"/{name}/x")
     uri = f"{hostile.url}/{name}/{PATHS[endpoint]}"
-    assert_idp_denial(server, checked, deployment=name, endpoint=endpoint, detailed=True, message=re.compile(
+    line = assert_idp_denial(server, checked, deployment=name, endpoint=endpoint, detailed=True, message=re.compile(
         rf"Circuit open for the {endpoint} uri: {re.escape(uri)}; failing fast until {RFC3339}\."))
+    assert re.fullmatch(r"unusable response \((JSON nested deeper than 64 levels|response larger than 1 MiB)\)",
+                        line["lastCause"]), line
     assert "RecursionError" not in server.text() and "Traceback" not in server.text()
 
 
