@@ -77,8 +77,9 @@ class IdpError(ExtauthzError):
 
     def log_fields(self) -> tuple[tuple[str, str], ...]:
         """The fields its execution-log line carries beside the message: ``endpoint``, ``uri``
-        (configured or discovered, so no secret; userinfo taken out all the same) and, when
-        there is one, ``detail``."""
+        and, when there is one, ``detail``. A URI is configuration or named by a discovery
+        document, no secret; a discovered one could still hold ``user:password@`` (RFC 3986
+        §3.2.1), which no message or field shows."""
         fields = (("endpoint", self.endpoint), ("uri", url_without_userinfo(self.uri)))
         return (*fields, ("detail", self.detail)) if self.detail else fields
 
@@ -96,8 +97,8 @@ class IdpUnreachable(IdpError):
         super().__init__(
             endpoint,
             uri,
-            f"Unable to connect to the {endpoint} uri: {uri}, {kind}. Make sure that the URI is "
-            "accessible from the network of the authorization service.",
+            f"Unable to connect to the {endpoint} uri: {url_without_userinfo(uri)}, {kind}. Make "
+            "sure that the URI is accessible from the network of the authorization service.",
             detail,
         )
         self.kind = kind  # TIMEOUT | CONNECTION_REFUSED | DNS_FAILURE | TLS_ERROR
@@ -152,7 +153,8 @@ class IdpBadStatus(IdpError):
         super().__init__(
             endpoint,
             uri,
-            f"Unexpected response from the {endpoint} uri: {uri}, received ({status}, {phrase}).",
+            f"Unexpected response from the {endpoint} uri: {url_without_userinfo(uri)}, "
+            f"received ({status}, {phrase}).",
         )
         self.status = status
         self.phrase = phrase  # the standard phrase of the status (RFC 9110 §15), never the IdP's
@@ -186,7 +188,8 @@ class CircuitOpen(IdpError):
         super().__init__(
             endpoint,
             uri,
-            f"Circuit open for the {endpoint} uri: {uri}; failing fast until {until_rfc3339}.",
+            f"Circuit open for the {endpoint} uri: {url_without_userinfo(uri)}; failing fast "
+            f"until {until_rfc3339}.",
         )
         self.last_cause = last_cause
 

@@ -274,7 +274,10 @@ def test_userinfo_is_never_shown() -> None:
     ep = endpoint(idp, uri=uri)
     error = run_check(ep)[0]
     assert error is not None and dict(error.log_fields())["uri"] == JWKS
-    assert ep.readiness()["uri"] == JWKS and "pw" not in json.dumps(ep.readiness()["lastError"]["detail"])
+    assert error.message == f"Unexpected response from the jwks_uri uri: {JWKS}, received (500, Internal Server Error)."
+    assert ep.readiness()["uri"] == JWKS and "pw" not in json.dumps(ep.readiness())
+    for other in (IdpUnreachable("jwks_uri", uri, "TIMEOUT"), CircuitOpen("jwks_uri", uri, "2027-01-15T08:00:30.500Z")):
+        assert "pw" not in other.message and JWKS in other.message
 
 
 def remote_jwks_config(uri: str, **policy: Any) -> Config:
