@@ -106,10 +106,14 @@ class AnswerCache:
         # names, so entries are bounded by the token size and the config.
         self._allows: BoundedCache[AllowContent, Decision] = BoundedCache(_MAX_ALLOWS, 0)
 
-    def reuse(self, req: CheckInput) -> Answer | None:
+    def reuse(self, req: CheckInput, path: str | None = None) -> Answer | None:
         """The answer an earlier check gave the same credential on the same route, if it still
-        holds; None sends the check down the whole path."""
-        selection = self._routes.get(route_key(req))
+        holds; None sends the check down the whole path. ``path``: ``req.path``, when the caller
+        has it already (this is every remembered answer's path: each step counts)."""
+        extensions = req.context_extensions
+        frozen = frozenset(extensions.items()) if extensions else None
+        key = (req.host, req.path if path is None else path, req.method, frozen)  # route_key
+        selection = self._routes.get(key)
         if selection is None:
             return None
         # _credential_key, written out: this is every remembered answer's path.

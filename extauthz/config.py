@@ -488,6 +488,14 @@ class KeySource:
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
     client: ClientDetails | None = None
 
+    @property
+    def worst_case_seconds(self) -> float:
+        """The longest a check may wait for this source's IdP calls, each bounded by
+        ``timeoutSeconds``: discovery fetches its document first, then the JWKS or the
+        introspection endpoint it names, in series."""
+        calls = {"STATIC_KEYS": 0, "REMOTE_DISCOVERY": 2}.get(self.type, 1)
+        return calls * self.timeout_seconds
+
 
 @dataclass(frozen=True, slots=True)
 class AuthPolicy:

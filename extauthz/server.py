@@ -25,10 +25,11 @@ from .answers import Answer, AnswerCache
 from .config import ServerSettings
 from .decision import Decision, Reason, deny
 from .engine import CheckInput, Engine
-from .idp.http import idp_call_counter
+from .idp.http import check_deadline, idp_call_counter
 from .logs import JsonLogger, current_request_id, current_trace_id
 from .metrics import Metrics
 from .response import Renderer, http_status, to_check_response
+from .routing import Selection
 
 __all__ = ["SERVICE_NAME", "AuthorizationService", "add_to_server", "lift_request"]
 
@@ -42,6 +43,9 @@ _FALLBACK_DENIAL = to_check_response(
 )
 
 _new_tuple = tuple.__new__
+# Of Envoy's deadline, what is kept for answering: a tenth, within these bounds.
+_MIN_ANSWER_MARGIN = 0.05
+_MAX_ANSWER_MARGIN = 0.25
 _NO_CALLS: list[int] = [0]  # never written: only a fresh check's own counter is
 
 # What the Check handler answers on the wire: a CheckResponse, or one already serialized (an allow
@@ -144,6 +148,7 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
         self._log = logger
         self._metrics = metrics
         self._renderer = Renderer(self.answers.config.server)
+        self._deadline_seen_by: AnswerCache | None = None  # warned about its timeouts once
 
     async def Check(  # noqa: N802 (gRPC method name)
         self, request: ext.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -167,13 +172,14 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
             return await self._traced(request, context)
         started = time.perf_counter()
         calls = _NO_CALLS  # an answer given again calls no IdP
-        request_id = ""
+        request_id = path = ""
         inp: CheckInput | None = None
         answer: Answer | None = None
         answers = self.answers
         try:
             inp, request_id = lift_request(request)
-            answer = answers.reuse(inp) if span is None else None
+            path = inp.path
+            answer = answers.reuse(inp, path) if span is None else None
             if answer is not None:
                 self._metrics.answer_reused()
                 decision = answer.decision
@@ -181,22 +187,15 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
                 calls = [0]
                 idp_call_counter.set(calls)
                 current_request_id.set(request_id)
+                remaining = context.time_remaining() if context is not None else None
+                if remaining is not None:
+                    self._bound_by_envoy(remaining)
                 decision = await answers.check(inp)
         except asyncio.CancelledError:
             # Envoy gave up (its ext_authz timeout) and answered with its status_on_error: the
-            # check still gets its access line, so that the request id can be found.
-            self._log.access(
-                request_id,
-                "",
-                "",
-                inp.method if inp else "",
-                inp.path if inp else "",
-                0,
-                "deny",
-                "cancelled",
-                round((time.perf_counter() - started) * 1000, 3),
-                calls[0],
-            )
+            # check still gets its lines and its count, so that the request id can be found and
+            # the cause seen.
+            self._cancelled(inp, request_id, time.perf_counter() - started, calls[0])
             raise
         except Exception as exc:  # noqa: BLE001 (fail closed on any bug; never an RPC error)
             frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
@@ -209,18 +208,20 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
             )
             request_id = request_id or str(uuid.uuid4())
             answer = None
-        settings = answers.config.server
-        response: Wire
+        response: Wire | None
         try:
             if answer is not None and decision.allowed:
                 # An allow has no request id in it: rendered once, the same bytes every time.
-                if answer.wire is None:
-                    answer.wire = self._render(decision, request_id, settings).SerializeToString()
                 response = answer.wire
+                if response is None:
+                    rendered = self._render(decision, request_id, answers.config.server)
+                    response = answer.wire = rendered.SerializeToString()
+                status = 200
             else:
+                settings = answers.config.server
                 response = self._render(decision, request_id, settings)
-            status = 200 if decision.allowed else http_status(decision, settings)
-            method, path = (inp.method, inp.path) if inp else ("", "")
+                status = 200 if decision.allowed else http_status(decision, settings)
+            method = inp.method if inp else ""
             elapsed = time.perf_counter() - started
             reused = answer is not None
             self._record(decision, method, path, request_id, elapsed, calls[0], status, reused)
@@ -242,7 +243,7 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
                     "extauthz.reason": reason,
                     "extauthz.request_id": request_id,
                     "http.request.method": inp.method if inp else "",
-                    "url.path": inp.path if inp else "",
+                    "url.path": path,
                     "http.response.status_code": status,
                 }
             )
@@ -263,6 +264,84 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
         ) as span:
             current_trace_id.set(format(span.get_span_context().trace_id, "032x"))
             return await self.check_wire(request, context, span)
+
+    def _cancelled(
+        self, inp: CheckInput | None, request_id: str, elapsed: float, idp_calls: int
+    ) -> None:
+        """The lines and the count of a check Envoy cancelled: its deployment and route, the
+        IdP call it was waiting for, and how long it had run."""
+        deployment = route = ""
+        if inp is not None:
+            try:
+                selection = self.answers.engine.select(inp)
+            except Exception:  # noqa: BLE001 (the lines matter more than the names in them)
+                selection = None
+            if isinstance(selection, Selection):
+                deployment, route = selection.deployment.name, selection.route_name
+        method, path = (inp.method, inp.path) if inp is not None else ("", "")
+        waiting: tuple[str, str] | None = None  # the IdP call in flight: not tracked yet
+        elapsed_ms = int(elapsed * 1_000_000) / 1000
+        self._log.warning(
+            "server.checkCancelled",
+            requestId=request_id or None,
+            reason="cancelled",
+            message=(
+                f"Envoy cancelled the check after {elapsed_ms:g} ms"
+                + (f", waiting for the {waiting[0]} uri: {waiting[1]}." if waiting else ".")
+            ),
+            deployment=deployment or None,
+            route=route or None,
+            endpoint=waiting[0] if waiting else None,
+            uri=waiting[1] if waiting else None,
+            elapsedMs=elapsed_ms,
+        )
+        self._log.access(
+            request_id,
+            deployment,
+            route,
+            method,
+            path,
+            0,
+            "deny",
+            "cancelled",
+            elapsed_ms,
+            idp_calls,
+        )
+        self._metrics.check(deployment, "deny", "cancelled", elapsed)
+
+    def _bound_by_envoy(self, remaining: float) -> None:
+        """Envoy's deadline for this check (gRPC ``grpc-timeout``, ``remaining`` seconds from
+        now) bounds its IdP calls, so that extauthz answers ``idp_call_failed`` itself before
+        Envoy gives up and answers a bare ``status_on_error``. Once per config, a policy whose
+        IdP calls may take longer than that is worth a warning."""
+        margin = min(_MAX_ANSWER_MARGIN, max(_MIN_ANSWER_MARGIN, remaining * 0.1))
+        check_deadline.set(time.monotonic() + remaining - margin)
+        answers = self.answers
+        if self._deadline_seen_by is answers:
+            return
+        self._deadline_seen_by = answers
+        for deployment in answers.config.deployments:
+            source = deployment.auth.keys
+            worst = source.worst_case_seconds
+            if worst > remaining:
+                calls = (
+                    "a discovery document, then the keys or introspection"
+                    if source.type == "REMOTE_DISCOVERY"
+                    else "one call"
+                )
+                self._log.warning(
+                    "config.timeoutTooLong",
+                    message=(
+                        f"Envoy gives a check {remaining:.1f} s, but the identity-provider calls of"
+                        f" deployment '{deployment.name}' may take {worst:g} s ({source.type}:"
+                        f" {calls}, timeoutSeconds {source.timeout_seconds:g} each); extauthz"
+                        " cuts them short and answers idp_call_failed in time. Lower"
+                        " timeoutSeconds or raise Envoy's ext_authz timeout."
+                    ),
+                    deployment=deployment.name,
+                    envoyTimeoutSeconds=round(remaining, 1),
+                    worstCaseSeconds=worst,
+                )
 
     def _render(
         self, decision: Decision, request_id: str, settings: ServerSettings

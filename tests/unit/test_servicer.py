@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 from typing import Any
 
 import pytest
@@ -19,8 +20,16 @@ from tests.fake_idp import INTROSPECT, FakeIdp
 
 
 class _Context:
+    """The parts of grpc.aio's ServicerContext the servicer reads; no deadline, by default."""
+
+    def __init__(self, time_remaining: float | None = None) -> None:
+        self._time_remaining = time_remaining
+
     def invocation_metadata(self) -> tuple[()]:
         return ()
+
+    def time_remaining(self) -> float | None:
+        return self._time_remaining
 
 
 def _introspecting_service(
@@ -85,3 +94,50 @@ def test_the_fast_lane_finds_a_mixed_case_request_id_like_the_whole_path(monkeyp
     access = [json.loads(line) for line in out.getvalue().splitlines() if '"access"' in line]
     assert [a["requestId"] for a in access] == ["rid-0", "rid-1", "rid-2"]
     assert [a["idpCalls"] for a in access] == [1, 0, 0] and {a["decision"] for a in access} == {"allow"}
+
+
+def test_envoy_deadline_bounds_the_idp_call_and_extauthz_answers_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    idp = FakeIdp()
+    idp.delay = 60  # hangs, far past timeoutSeconds (5 s by default)
+    service, out = _introspecting_service(monkeypatch, idp)
+
+    async def run() -> tuple[ext.CheckResponse, float]:
+        started = time.monotonic()
+        responses = [
+            await service.Check(_http({"x-request-id": f"rid-{i}", "authorization": f"Bearer t{i}"}), _Context(0.6))
+            for i in range(2)
+        ]
+        return responses[0], (time.monotonic() - started) / 2
+
+    response, seconds = asyncio.run(run())
+    assert response.status.code == 14 and 0.3 < seconds < 0.6  # UNAVAILABLE, before Envoy's 0.6 s
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    failed = [line for line in lines if line["event"] == "authentication.idpCallFailed"]
+    assert failed[0]["requestId"] == "rid-0" and failed[0]["detail"] == "the check's deadline"
+    (warning,) = [line for line in lines if line["event"] == "config.timeoutTooLong"]  # once per config
+    assert warning["deployment"] == "o" and warning["envoyTimeoutSeconds"] == 0.6 and warning["worstCaseSeconds"] == 5
+
+
+def test_a_cancelled_check_names_its_deployment_and_route_and_is_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    idp = FakeIdp()
+    idp.delay = 60
+    service, out = _introspecting_service(monkeypatch, idp)
+
+    async def run() -> None:
+        task = asyncio.ensure_future(service.Check(_http({"x-request-id": "rid-c", "authorization": "Bearer o"}), _Context()))
+        await idp.until_called("/introspect")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    (cancelled,) = [line for line in lines if line["event"] == "server.checkCancelled"]
+    assert cancelled["requestId"] == "rid-c" and cancelled["deployment"] == "o" and cancelled["reason"] == "cancelled"
+    assert cancelled["elapsedMs"] > 0
+    (access,) = [line for line in lines if line["event"] == "access"]
+    assert access["deployment"] == "o" and access["reason"] == "cancelled"
+    metrics = service._metrics  # noqa: SLF001 (the servicer's own counters)
+    metrics.flush()
+    labels = {"deployment": "o", "decision": "deny", "reason": "cancelled"}
+    assert metrics.registry.get_sample_value("extauthz_checks_total", labels) == 1
