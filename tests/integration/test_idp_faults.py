@@ -307,6 +307,9 @@ def env(rsa_key: SigningKey, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         # A TLS handshake that never completes, a request never answered (real sockets).
         healthy["t-connect"] = {"type": JWKS, "uri": silent.url("https", "/t-connect/jwks"), "timeoutSeconds": HANG_TIMEOUT}
         healthy["t-read"] = {"type": JWKS, "uri": silent.url("http", "/t-read/jwks"), "timeoutSeconds": HANG_TIMEOUT}
+        # An IdP that hangs, with a timeout longer than the check's own deadline (DEADLINE_CHECK).
+        idp.jwks("/t-deadline/jwks", fault=Fault.hang())
+        healthy["t-deadline"] = {"type": JWKS, "uri": f"{idp.url}/t-deadline/jwks", "timeoutSeconds": 5}
         deployments += [deployment(name, policy) for name, policy in healthy.items()]
         server = ExtauthzProcess({"deployments": deployments}, workdir / "server", env={SECRET_ENV: post_secret})
         with server:
@@ -372,6 +375,23 @@ def test_a_timeout_says_whether_it_was_connecting_or_reading(env: Env, name: str
     assert env.server.line(checked.request_id, "access")["idpCalls"] == 1
     error = env.provider(uri)["lastError"]
     assert (error["outcome"], error["detail"]) == ("timeout", detail), error
+
+
+DEADLINE_CHECK = 1.0  # the gRPC deadline of the check, as Envoy's ext_authz timeout sets it
+
+
+def test_the_checks_deadline_cuts_an_idp_call_before_its_timeout(env: Env) -> None:
+    """Envoy gives the check 1 s, the IdP hangs and timeoutSeconds is 5: the server cuts the call
+    at the check's deadline and answers idp_call_failed itself, in time, and says why."""
+    uri = f"{env.idp.url}/t-deadline/jwks"
+    checked = env.server.check(env.jwt(), path="/t-deadline/x", timeout=DEADLINE_CHECK)
+    line = assert_idp_denial(env.server, checked, deployment="t-deadline", endpoint="jwks_uri",
+                             message=UNREACHABLE.format(endpoint="jwks_uri", uri=uri, kind="TIMEOUT"))
+    assert (line["uri"], line["detail"]) == (uri, "the check's deadline"), line
+    assert checked.seconds < DEADLINE_CHECK, checked.seconds
+    assert env.server.line(checked.request_id, "access")["idpCalls"] == 1
+    error = env.provider(uri)["lastError"]
+    assert (error["outcome"], error["detail"]) == ("timeout", "the check's deadline"), error
 
 
 def test_a_refused_retry_is_two_requests_in_the_metric_as_in_idp_calls(env: Env) -> None:
