@@ -4,6 +4,7 @@
     check_request("/x", headers={"X-Request-Id": "rid"}, host="h")   # headers sent as given
     check_request("/x", header_map=HeaderMap(...), raw_body=b"...")  # Envoy's raw header form
     check_input("/orders/42", token=token)                           # the engine's CheckInput
+    ServicerContext(time_remaining=0.6)                               # the gRPC context, a deadline
 
 ``headers`` go as given; ``request_id`` sends ``x-request-id`` (unless ``headers`` has one);
 ``token`` sends ``authorization: Bearer <token>`` (over an authorization header in ``headers``).
@@ -19,7 +20,7 @@ from extauthz._pb.envoy.service.auth.v3 import attribute_context_pb2 as ac
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
 from extauthz.engine import CheckInput
 
-__all__ = ["Request", "check_input", "check_request", "request_headers"]
+__all__ = ["Request", "ServicerContext", "check_input", "check_request", "request_headers"]
 
 HOST = "api.example.com"
 
@@ -89,3 +90,21 @@ def check_input(path: str = "/", **request: Unpack[Request]) -> CheckInput:
         headers={name.lower(): value for name, value in _headers(request).items()},
         context_extensions=dict(request.get("context_extensions") or {}),
     )
+
+
+class ServicerContext:
+    """The parts of grpc.aio's ServicerContext the servicer reads, for calling it in-process:
+    no metadata, a loopback peer, and no deadline unless ``time_remaining`` is given (what
+    Envoy's ``grpc-timeout`` leaves, in seconds)."""
+
+    def __init__(self, time_remaining: float | None = None) -> None:
+        self._time_remaining = time_remaining
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    def time_remaining(self) -> float | None:
+        return self._time_remaining

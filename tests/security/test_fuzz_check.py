@@ -41,7 +41,7 @@ from extauthz.engine import Engine
 from extauthz.logs import JsonLogger
 from extauthz.metrics import Metrics
 from extauthz.server import AuthorizationService
-from tests.check_requests import check_request
+from tests.check_requests import ServicerContext, check_request
 from tests.conftest import AUDIENCE, ISSUER, SigningKey, claims
 from tests.fake_idp import INTROSPECT, JWKS, FakeIdp
 from tests.integration.serverproc import ExtauthzProcess
@@ -143,16 +143,6 @@ def fuzz_config(rsa: SigningKey, ec: SigningKey, *, remote: bool) -> dict[str, A
     return {"server": {"exposeDetailedErrors": True}, "deployments": deployments}
 
 
-class DummyContext:
-    """The bits of grpc.aio.ServicerContext that Check may touch."""
-
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return ()
-
-    def peer(self) -> str:
-        return "ipv4:127.0.0.1:1"
-
-
 class Discard(io.StringIO):
     """A log stream that keeps nothing (a StringIO would grow with every check)."""
 
@@ -175,7 +165,7 @@ class World:
         return cache[make]
 
     def check(self, request: ext.CheckRequest) -> ext.CheckResponse:
-        return self.loop.run_until_complete(self.service.Check(request, DummyContext()))  # type: ignore[arg-type]
+        return self.loop.run_until_complete(self.service.Check(request, ServicerContext()))  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

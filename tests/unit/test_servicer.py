@@ -15,21 +15,8 @@ from extauthz.config import parse_config
 from extauthz.logs import JsonLogger
 from extauthz.metrics import Metrics
 from extauthz.server import AuthorizationService, lift_request
-from tests.check_requests import check_request
+from tests.check_requests import ServicerContext, check_request
 from tests.fake_idp import INTROSPECT, FakeIdp
-
-
-class _Context:
-    """The parts of grpc.aio's ServicerContext the servicer reads; no deadline, by default."""
-
-    def __init__(self, time_remaining: float | None = None) -> None:
-        self._time_remaining = time_remaining
-
-    def invocation_metadata(self) -> tuple[()]:
-        return ()
-
-    def time_remaining(self) -> float | None:
-        return self._time_remaining
 
 
 def _introspecting_service(
@@ -56,7 +43,7 @@ def test_a_check_envoy_abandons_still_gets_an_access_line(monkeypatch: pytest.Mo
     request = _http({"x-request-id": "rid-cancelled", "authorization": "Bearer opaque"}, path="/x?q=1")
 
     async def run() -> None:
-        task = asyncio.ensure_future(service.Check(request, _Context()))
+        task = asyncio.ensure_future(service.Check(request, ServicerContext()))
         await idp.until_called("/introspect")  # the check is waiting on the IdP: Envoy gives up
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -88,7 +75,7 @@ def test_the_fast_lane_finds_a_mixed_case_request_id_like_the_whole_path(monkeyp
 
     async def run() -> None:
         for i in range(3):
-            await service.Check(_http({"X-Request-Id": f"rid-{i}", "authorization": "Bearer opaque"}), _Context())
+            await service.Check(_http({"X-Request-Id": f"rid-{i}", "authorization": "Bearer opaque"}), ServicerContext())
 
     asyncio.run(run())
     access = [json.loads(line) for line in out.getvalue().splitlines() if '"access"' in line]
@@ -104,7 +91,7 @@ def test_envoy_deadline_bounds_the_idp_call_and_extauthz_answers_first(monkeypat
     async def run() -> tuple[ext.CheckResponse, float]:
         started = time.monotonic()
         responses = [
-            await service.Check(_http({"x-request-id": f"rid-{i}", "authorization": f"Bearer t{i}"}), _Context(0.6))
+            await service.Check(_http({"x-request-id": f"rid-{i}", "authorization": f"Bearer t{i}"}), ServicerContext(0.6))
             for i in range(2)
         ]
         return responses[0], (time.monotonic() - started) / 2
@@ -124,7 +111,7 @@ def test_a_cancelled_check_names_its_deployment_and_route_and_is_counted(monkeyp
     service, out = _introspecting_service(monkeypatch, idp)
 
     async def run() -> None:
-        task = asyncio.ensure_future(service.Check(_http({"x-request-id": "rid-c", "authorization": "Bearer o"}), _Context()))
+        task = asyncio.ensure_future(service.Check(_http({"x-request-id": "rid-c", "authorization": "Bearer o"}), ServicerContext()))
         await idp.until_called("/introspect")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
