@@ -8,7 +8,8 @@ Used by ``examples/demo.py`` (fixed demo ports) and by ``tests/e2e`` (free ports
 
 Config files are templates written for the demo ports: every ``127.0.0.1:3000`` (the IdP) in the
 extauthz config and every demo ``port_value`` in ``envoy/envoy.yaml`` is replaced by the port in
-use, and the rendered copies are written to ``workdir``. Envoy's trace collector (the
+use, and the rendered copies are written to ``workdir``; ``envoy_replacements`` then changes
+other text of the Envoy config (each key found there exactly once). Envoy's trace collector (the
 ``opentelemetry_collector`` cluster, demo ``127.0.0.1:4317``) is pointed at ``otlp_endpoint``, else
 at ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_ENDPOINT`` from the environment;
 an explicit ``otlp_endpoint`` is given to extauthz too, so both export to the same collector.
@@ -145,6 +146,19 @@ def render_envoy_config(
     )
 
 
+def replace_exactly_once(config: str, replacements: Mapping[str, str], what: str) -> str:
+    """``config`` with each key of ``replacements`` replaced by its value, in order. Each key must
+    occur exactly once in ``config`` as given: a key that is missing (the template changed) or
+    ambiguous would otherwise leave the setting the caller meant to change silently as it was."""
+    wrong = {old: config.count(old) for old in replacements if config.count(old) != 1}
+    if wrong:
+        found = ", ".join(f"{old!r} {count} times" for old, count in wrong.items())
+        raise StackError(f"{what}: each replacement must occur exactly once; found {found}")
+    for old, new in replacements.items():
+        config = config.replace(old, new)
+    return config
+
+
 def _port_replacements(ports: Ports) -> dict[int, int]:
     return {
         DEMO_PORTS.envoy: ports.envoy,
@@ -267,18 +281,23 @@ class Stack:
         otlp_endpoint: str | None = None,
         config_path: Path | None = None,
         config_replacements: Mapping[str, str] | None = None,
+        envoy_replacements: Mapping[str, str] | None = None,
     ) -> None:
         """``config_template`` is rendered (IdP port, ``config_replacements``) to
         ``workdir/extauthz.yaml``; or ``config_path`` is served as it is (e.g. a ConfigMap-style
         symlink the caller prepared and rewrites). ``otlp_endpoint`` (an OTLP/gRPC address)
         receives the traces of Envoy and of extauthz; without it Envoy exports to the endpoint
         the OTEL_* variables of ``env`` name, else to 127.0.0.1:4317, and extauthz traces only
-        if ``env`` says so."""
+        if ``env`` says so. ``envoy_replacements`` (text to text, e.g. ``{"timeout: 3s":
+        "timeout: 2s"}`` for the ext_authz deadline) is applied to the rendered Envoy config;
+        each key must occur there exactly once, else :meth:`start` raises StackError before any
+        process starts."""
         if (config_template is None) == (config_path is None):
             raise ValueError("give exactly one of config_template and config_path")
         self.config_template = config_template
         self.config_path = config_path
         self.config_replacements = dict(config_replacements or {})
+        self.envoy_replacements = dict(envoy_replacements or {})
         self.ports = ports
         self.workdir = workdir
         self.log_dir = workdir / "logs"
@@ -320,12 +339,14 @@ class Stack:
     def start(self) -> None:
         """Start every process and wait until each one is ready; on failure stop what started."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        # Rendered first: a replacement that does not fit the template fails before any start.
+        envoy_config = self._render_envoy_config()
         deadline = time.monotonic() + self.start_timeout
         try:
             self._start_idp(deadline)
             self._start_upstream(deadline)
             self._start_extauthz(deadline)
-            self._start_envoy(deadline)
+            self._start_envoy(deadline, envoy_config)
         except BaseException:
             self.stop()
             raise
@@ -407,13 +428,15 @@ class Stack:
 
         self._wait(process, serving, deadline, "extauthz gRPC and admin ports")
 
-    def _start_envoy(self, deadline: float) -> None:
-        config = self.workdir / "envoy.yaml"
-        config.write_text(
-            render_envoy_config(
-                ENVOY_TEMPLATE.read_text(), self.ports, self.listen_address, self.otlp_endpoint
-            )
+    def _render_envoy_config(self) -> str:
+        rendered = render_envoy_config(
+            ENVOY_TEMPLATE.read_text(), self.ports, self.listen_address, self.otlp_endpoint
         )
+        return replace_exactly_once(rendered, self.envoy_replacements, "envoy config")
+
+    def _start_envoy(self, deadline: float, rendered: str) -> None:
+        config = self.workdir / "envoy.yaml"
+        config.write_text(rendered)
         argv = [
             find_envoy(),
             "-c",
