@@ -12,7 +12,7 @@ import asyncio
 import time
 import traceback
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -24,8 +24,9 @@ from ._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from .answers import Answer, AnswerCache
 from .config import ServerSettings
 from .decision import Decision, Reason, deny
-from .engine import CheckInput, Engine
-from .idp.http import check_deadline, idp_call_counter
+from .engine import IDP_FAILED_EVENT, CheckInput, Engine
+from .errors import IdpError
+from .idp.http import CheckCalls, check_deadline, check_idp_calls
 from .logs import JsonLogger, current_request_id, current_trace_id
 from .metrics import Metrics
 from .response import Renderer, http_status, to_check_response
@@ -46,7 +47,7 @@ _new_tuple = tuple.__new__
 # Of Envoy's deadline, what is kept for answering: a tenth, within these bounds.
 _MIN_ANSWER_MARGIN = 0.05
 _MAX_ANSWER_MARGIN = 0.25
-_NO_CALLS: list[int] = [0]  # never written: only a fresh check's own counter is
+_NO_CALLS = CheckCalls()  # never written: only a fresh check's own calls are
 
 # What the Check handler answers on the wire: a CheckResponse, or one already serialized (an allow
 # the engine answers again is serialized once and kept with the answer; 171 bytes instead of a
@@ -184,8 +185,8 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
                 self._metrics.answer_reused()
                 decision = answer.decision
             else:
-                calls = [0]
-                idp_call_counter.set(calls)
+                calls = CheckCalls()
+                check_idp_calls.set(calls)
                 current_request_id.set(request_id)
                 remaining = context.time_remaining() if context is not None else None
                 if remaining is not None:
@@ -195,7 +196,7 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
             # Envoy gave up (its ext_authz timeout) and answered with its status_on_error: the
             # check still gets its lines and its count, so that the request id can be found and
             # the cause seen.
-            self._cancelled(inp, request_id, time.perf_counter() - started, calls[0])
+            self._cancelled(inp, request_id, time.perf_counter() - started, calls)
             raise
         except Exception as exc:  # noqa: BLE001 (fail closed on any bug; never an RPC error)
             frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
@@ -224,7 +225,7 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
             method = inp.method if inp else ""
             elapsed = time.perf_counter() - started
             reused = answer is not None
-            self._record(decision, method, path, request_id, elapsed, calls[0], status, reused)
+            self._record(decision, method, path, request_id, elapsed, calls.count, status, reused)
         except Exception as exc:  # noqa: BLE001 (the RPC itself must never fail: fail closed)
             response, status = _FALLBACK_DENIAL, 500
             decision = deny(Reason.INTERNAL_ERROR, "", deployment=decision.deployment)
@@ -266,10 +267,11 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
             return await self.check_wire(request, context, span)
 
     def _cancelled(
-        self, inp: CheckInput | None, request_id: str, elapsed: float, idp_calls: int
+        self, inp: CheckInput | None, request_id: str, elapsed: float, calls: CheckCalls
     ) -> None:
         """The lines and the count of a check Envoy cancelled: its deployment and route, the
-        IdP call it was waiting for, and how long it had run."""
+        IdP call it was waiting for, and how long it had run; and, once that call ends (it goes
+        on: other checks may share it), a line with its outcome."""
         deployment = route = ""
         if inp is not None:
             try:
@@ -279,7 +281,9 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
             if isinstance(selection, Selection):
                 deployment, route = selection.deployment.name, selection.route_name
         method, path = (inp.method, inp.path) if inp is not None else ("", "")
-        waiting: tuple[str, str] | None = None  # the IdP call in flight: not tracked yet
+        waiting = calls.in_flight
+        if waiting is not None and calls is not _NO_CALLS:
+            calls.when_abandoned = self._abandoned_call_logger(request_id, time.monotonic())
         elapsed_ms = int(elapsed * 1_000_000) / 1000
         self._log.warning(
             "server.checkCancelled",
@@ -305,9 +309,45 @@ class AuthorizationService(ext_grpc.AuthorizationServicer):
             "deny",
             "cancelled",
             elapsed_ms,
-            idp_calls,
+            calls.count,
         )
         self._metrics.check(deployment, "deny", "cancelled", elapsed)
+
+    def _abandoned_call_logger(
+        self, request_id: str, cancelled_at: float
+    ) -> Callable[[str, str, str, IdpError | None], None]:
+        """What logs the outcome of the IdP call a cancelled check was waiting for: a failure
+        as the ``authentication.idpCallFailed`` line the check would have written (marked
+        ``abandoned``), an answer as ``server.abandonedCallEnded``; both say how long after the
+        cancellation it came, which is what Envoy's timeout would have needed."""
+
+        def log(endpoint: str, uri: str, outcome: str, error: IdpError | None) -> None:
+            after_ms = int((time.monotonic() - cancelled_at) * 1_000_000) / 1000
+            if error is not None:
+                self._log.warning(
+                    IDP_FAILED_EVENT,
+                    requestId=request_id,
+                    reason="idp_call_failed",
+                    message=error.message,
+                    abandoned=True,
+                    afterCancelMs=after_ms,
+                    **dict(error.log_fields()),
+                )
+                return
+            self._log.info(
+                "server.abandonedCallEnded",
+                requestId=request_id,
+                message=(
+                    f"The {endpoint} uri: {uri} answered ({outcome}) {after_ms:g} ms after Envoy"
+                    " cancelled the check that was waiting for it."
+                ),
+                endpoint=endpoint,
+                uri=uri,
+                outcome=outcome,
+                afterCancelMs=after_ms,
+            )
+
+        return log
 
     def _bound_by_envoy(self, remaining: float) -> None:
         """Envoy's deadline for this check (gRPC ``grpc-timeout``, ``remaining`` seconds from

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
 from ..errors import IdpError
-from .http import check_deadline, idp_call_counter
+from .http import check_deadline, check_idp_calls
 
 __all__ = ["CacheResult", "CachedDocument"]
 
@@ -91,7 +91,7 @@ class CachedDocument(Generic[T]):
         # it: its deadline does not bound the refresh (timeoutSeconds does), and its access line
         # does not count the request (idpCalls). The task has its own copy of the context.
         check_deadline.set(None)
-        idp_call_counter.set(None)
+        check_idp_calls.set(None)
         return await self._fetch()
 
     def _background_done(self, future: asyncio.Future[T]) -> None:

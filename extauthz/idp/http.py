@@ -9,7 +9,7 @@ of an introspection call's CPU.
 Each call is bounded by its endpoint's ``timeoutSeconds`` and by what is left of the check's own
 deadline (:data:`check_deadline`), whichever ends first; a failure says which bound ran out and
 in which phase (``detail``), and every attempt that goes out is counted once, alike in the
-access line's ``idpCalls`` (:data:`idp_call_counter`) and in the metric (:class:`IdpObserver`).
+access line's ``idpCalls`` (:class:`CheckCalls`) and in the metric (:class:`IdpObserver`).
 """
 
 from __future__ import annotations
@@ -48,13 +48,14 @@ from ..logs import rfc3339
 from .resilience import CircuitBreaker
 
 __all__ = [
+    "CheckCalls",
     "IdpEndpoint",
     "IdpObserver",
     "IdpResponse",
     "TlsSettings",
     "check_deadline",
+    "check_idp_calls",
     "fetch_json",
-    "idp_call_counter",
     "json_nesting_exceeds",
     "make_client",
     "parse_idp_json",
@@ -71,9 +72,25 @@ MAX_OUTSTANDING_CALLS = 64  # per endpoint; the pooled client holds as many conn
 BASE_HEADERS = (("accept", "application/json"), ("user-agent", "extauthz"))
 _FORM = ("content-type", "application/x-www-form-urlencoded")
 
-# Counts the IdP requests sent on behalf of the current check, a retry included (access log
-# field `idpCalls`): each attempt that goes out, as extauthz_idp_requests_total counts it.
-idp_call_counter: ContextVar[list[int] | None] = ContextVar("idp_call_counter", default=None)
+
+class CheckCalls:
+    """The IdP calls made on behalf of one check: ``count``, each attempt that went out, a retry
+    included (the access line's ``idpCalls``, as extauthz_idp_requests_total counts them);
+    ``in_flight``, the endpoint and URI of the call under way (what a cancelled check was
+    waiting for); and ``when_abandoned``, told the outcome of that call once it ends, should the
+    check have been cancelled meanwhile (the call goes on: other checks may share it)."""
+
+    __slots__ = ("count", "in_flight", "when_abandoned")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.in_flight: tuple[str, str] | None = None
+        self.when_abandoned: Callable[[str, str, str, IdpError | None], None] | None = None
+
+
+# The current check's calls (set by the server for each check; None: no check's, e.g. a
+# background refresh).
+check_idp_calls: ContextVar[CheckCalls | None] = ContextVar("check_idp_calls", default=None)
 # The time.monotonic() value by which the current check must have answered (set by the server
 # for each check); None: no deadline but each endpoint's timeoutSeconds. An IdP call never
 # outlives its check: there is no one left to use its answer.
@@ -222,9 +239,9 @@ def parse_idp_json(endpoint: str, uri: str, body: bytes) -> Any:
 
 
 def _count_call() -> None:
-    counter = idp_call_counter.get()
-    if counter is not None:
-        counter[0] += 1
+    calls = check_idp_calls.get()
+    if calls is not None:
+        calls.count += 1
 
 
 # httpcore's `trace` extension: an async callback with each event's name and details.
@@ -387,6 +404,7 @@ class IdpEndpoint:
     ) -> None:
         self.name = name
         self.uri = uri
+        self.display_uri = tracing.url_without_userinfo(uri)  # as logs and /readyz show it
         try:
             self._url: httpx.URL | None = httpx.URL(uri)
         except httpx.InvalidURL:
@@ -445,6 +463,9 @@ class IdpEndpoint:
             self._observer.idp_call(self.name, exc.error_type, 0.0)
             raise exc
         progress = _Progress()
+        calls = check_idp_calls.get()
+        if calls is not None:
+            calls.in_flight = (self.name, self.display_uri)
         try:
             value = read(await self._limited(budget, by_deadline, progress, method, data, headers))
         except QueueTimeout as exc:
@@ -452,6 +473,7 @@ class IdpEndpoint:
             # slot must not open the circuit for every other check).
             self.breaker.abandon()
             self._report(progress, exc.error_type)
+            self._ended(calls, exc.error_type, exc)
             raise
         except IdpError as exc:
             if exc.idp_at_fault:
@@ -463,11 +485,14 @@ class IdpEndpoint:
                 self.breaker.success()
             self.last_error, self.last_error_at = exc, self._wall_clock()
             self._report(progress, exc.error_type)
+            self._ended(calls, exc.error_type, exc)
             raise
         except asyncio.CancelledError:
             self.breaker.abandon()  # cancelled: no verdict on the IdP
             if progress.in_flight:
                 self._report(progress, "cancelled")
+            # Still in flight as far as its check knows: the check is being cancelled too, and
+            # its server names the call it was waiting for.
             raise
         except BaseException:
             self.breaker.abandon()
@@ -476,7 +501,17 @@ class IdpEndpoint:
         self.last_success = self._wall_clock()
         self.last_error = None
         self._report(progress, "ok")
+        self._ended(calls, "ok", None)
         return value
+
+    def _ended(self, calls: CheckCalls | None, outcome: str, error: IdpError | None) -> None:
+        """The call of ``calls``'s check is over: no longer in flight, and its outcome told to
+        the check's server if the check was cancelled while it waited."""
+        if calls is None:
+            return
+        calls.in_flight = None
+        if calls.when_abandoned is not None:
+            calls.when_abandoned(self.name, self.display_uri, outcome, error)
 
     def _report(self, progress: _Progress, outcome: str) -> None:
         """The outcome of the attempt under way, or of a call that ended before its first one
@@ -498,7 +533,7 @@ class IdpEndpoint:
             }
         return {
             "endpoint": self.name,
-            "uri": tracing.url_without_userinfo(self.uri),
+            "uri": self.display_uri,
             "breaker": self.breaker.state,
             "lastSuccess": rfc3339(self.last_success) if self.last_success else None,
             "lastError": last_error,

@@ -33,11 +33,12 @@ from extauthz.errors import (
 from extauthz.idp import Providers
 from extauthz.idp.discovery import IssuerMismatch
 from extauthz.idp.http import (
+    CheckCalls,
     IdpEndpoint,
     IdpResponse,
     TlsSettings,
     check_deadline,
-    idp_call_counter,
+    check_idp_calls,
     make_client,
 )
 from extauthz.idp.resilience import CircuitBreaker
@@ -48,6 +49,7 @@ from tests.conftest import ISSUER, SigningKey
 from tests.fake_idp import DISCOVERY, JWKS, FakeIdp
 from tests.integration.faulty_idp import SilentPort
 from tests.integration.serverproc import closed_port
+from tests.waiting import wait_until_async
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 PARSE = "Unable to parse response from Identity Provider"
@@ -98,16 +100,16 @@ async def as_a_check(
     """``call()`` as a check makes it: with its own idpCalls counter and, when given, a deadline
     ``deadline_in`` seconds away. The IdpError it ended with (None: it answered), idpCalls, and
     the seconds it took."""
-    calls = [0]
-    idp_call_counter.set(calls)
+    calls = CheckCalls()
+    check_idp_calls.set(calls)
     if deadline_in is not None:
         check_deadline.set(time.monotonic() + deadline_in)
     started = time.monotonic()
     try:
         await call()
     except IdpError as exc:
-        return exc, calls[0], time.monotonic() - started
-    return None, calls[0], time.monotonic() - started
+        return exc, calls.count, time.monotonic() - started
+    return None, calls.count, time.monotonic() - started
 
 
 def run_check(ep: IdpEndpoint, *, deadline_in: float | None = None) -> tuple[IdpError | None, int, float]:
@@ -185,7 +187,9 @@ def test_a_call_that_waited_for_a_slot_says_so() -> None:
     async def run() -> list[tuple[IdpError | None, int, float]]:
         first = asyncio.ensure_future(as_a_check(ep.call))
         await idp.until_called("/jwks")
-        return [await as_a_check(ep.call), await first]
+        # The queued check's own deadline ends before the held call lets its slot go (0.2 s):
+        # it times out queued, whatever the machine's speed.
+        return [await as_a_check(ep.call, deadline_in=0.1), await first]
 
     (queued, queued_calls, _), (held, held_calls, _) = asyncio.run(run())
     assert isinstance(queued, QueueTimeout) and queued.message == unreachable("TIMEOUT")
@@ -509,6 +513,11 @@ def test_each_attempt_that_goes_out_is_counted_once_in_both(errors: list[Excepti
     assert observer.outcomes == outcomes and calls == len(outcomes) == len(idp.requests)
 
 
+def waiting_for_a_slot(ep: IdpEndpoint) -> bool:
+    """A call is queued for one of the endpoint's outstanding-call slots."""
+    return bool(ep._slots._waiters)  # noqa: SLF001 (asyncio.Semaphore keeps its waiters there)
+
+
 def test_a_cancelled_attempt_is_counted_cancelled_and_a_cancelled_wait_not_at_all() -> None:
     idp = FakeIdp()
     idp.delay = 5
@@ -516,21 +525,21 @@ def test_a_cancelled_attempt_is_counted_cancelled_and_a_cancelled_wait_not_at_al
     ep = endpoint(idp, max_outstanding=1, observer=observer)
 
     async def run() -> list[int]:
-        counters = [[0], [0]]
+        counters = [CheckCalls(), CheckCalls()]
 
-        async def check(counter: list[int]) -> IdpResponse:
-            idp_call_counter.set(counter)
+        async def check(calls: CheckCalls) -> IdpResponse:
+            check_idp_calls.set(calls)
             return await ep.call()
 
         out = asyncio.ensure_future(check(counters[0]))
         await idp.until_called("/jwks")
         waiting = asyncio.ensure_future(check(counters[1]))
-        await asyncio.sleep(0.01)  # it now waits for the one slot
+        await wait_until_async(lambda: waiting_for_a_slot(ep), what="the second call queued")
         for task in (waiting, out):
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-        return [c[0] for c in counters]
+        return [c.count for c in counters]
 
     assert asyncio.run(run()) == [1, 0]
     assert observer.outcomes == ["cancelled"]

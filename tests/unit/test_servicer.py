@@ -17,6 +17,7 @@ from extauthz.metrics import Metrics
 from extauthz.server import AuthorizationService, lift_request
 from tests.check_requests import ServicerContext, check_request
 from tests.fake_idp import INTROSPECT, FakeIdp
+from tests.waiting import wait_until_async
 
 
 def _introspecting_service(
@@ -128,3 +129,26 @@ def test_a_cancelled_check_names_its_deployment_and_route_and_is_counted(monkeyp
     metrics.flush()
     labels = {"deployment": "o", "decision": "deny", "reason": "cancelled"}
     assert metrics.registry.get_sample_value("extauthz_checks_total", labels) == 1
+
+
+def test_the_idp_call_a_cancelled_check_waited_for_is_logged_when_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    idp = FakeIdp()
+    idp.answer = {"active": True, "sub": "svc"}
+    idp.delay = 0.3  # answers, but after Envoy gave up
+    service, out = _introspecting_service(monkeypatch, idp)
+
+    async def run() -> None:
+        task = asyncio.ensure_future(service.Check(_http({"x-request-id": "rid-a", "authorization": "Bearer t0k3n-abandoned"}), ServicerContext()))
+        await idp.until_called("/introspect")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_until_async(lambda: "abandonedCallEnded" in out.getvalue(), what="the abandoned call's line")
+
+    asyncio.run(run())
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    (cancelled,) = [line for line in lines if line["event"] == "server.checkCancelled"]
+    assert cancelled["endpoint"] == "introspection_endpoint" and cancelled["uri"] == INTROSPECT
+    (ended,) = [line for line in lines if line["event"] == "server.abandonedCallEnded"]
+    assert ended["requestId"] == "rid-a" and ended["outcome"] == "ok" and 0 < ended["afterCancelMs"] < 5000
+    assert "t0k3n-abandoned" not in out.getvalue()
