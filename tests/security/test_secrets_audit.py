@@ -98,6 +98,10 @@ def audit(rsa_key: SigningKey, rsa_key2: SigningKey, tmp_path_factory: pytest.Te
             {"name": "legacy", "pathPrefix": "/legacy",
              "authentication": {"type": "JWT_AUTHENTICATION", "issuers": [ISSUER],
                                 "publicKeys": {"type": "REMOTE_JWKS", "uri": f"{idp.url}/jwks"}}},
+            # verifyClaims values may be personal data: compared, never logged (logClaimValues off).
+            {"name": "claims", "pathPrefix": "/claims",
+             "authentication": {"type": "TOKEN_AUTHENTICATION", "validationPolicy": {**static, "additionalValidationPolicy": {
+                 **checks_policy, "verifyClaims": [{"key": "email", "values": ["expected@example.com"], "isRequired": True}]}}}},
             {"name": "query", "pathPrefix": "/query",
              "authentication": {"type": "TOKEN_AUTHENTICATION", "tokenQueryParam": "access_token", "validationPolicy": static}},
             {"name": "intro-ok", "pathPrefix": "/intro-ok", "authentication": intro(f"{idp.url}/introspect", clientSecretEnv="AUDIT_CLIENT_SECRET")},
@@ -117,6 +121,8 @@ def audit(rsa_key: SigningKey, rsa_key2: SigningKey, tmp_path_factory: pytest.Te
     h, p, s = split(valid)
     tampered = f"{h}.{split(sign(rsa_key, scope='admin'))[1]}.{s}"
     alg_none = f"{h}.{p}."
+    personal = f"person-{secrets.token_hex(6)}@example.com"  # a claim value: personal data
+    claim_mismatch = sign(rsa_key, email=personal)
     basic = "Basic " + base64.b64encode(b"alice:alice-password-" + secrets.token_urlsafe(8).encode()).decode()
     plan: list[tuple[str, str | None, dict[str, str]]] = [
         ("/jwt/1", valid, {}), ("/jwt/1", expired, {}), ("/jwt/1", wrong_iss, {}), ("/jwt/1", forged, {}),
@@ -129,6 +135,7 @@ def audit(rsa_key: SigningKey, rsa_key2: SigningKey, tmp_path_factory: pytest.Te
         ("/intro-html/1", opaque_bad, {}),
         ("/disc-post/1", opaque_post, {}), ("/disc-post/1", valid, {}), ("/disc-post/1", opaque_bad, {}),
         ("/nowhere", valid, {}),
+        ("/claims/1", claim_mismatch, {}),
     ]  # fmt: skip
 
     with idp, OtlpReceiver() as receiver:  # the IdP stops listening at the end of the batch
@@ -155,7 +162,7 @@ def audit(rsa_key: SigningKey, rsa_key2: SigningKey, tmp_path_factory: pytest.Te
         assert spans is not None
 
     tokens = {"valid": valid, "valid2": valid2, "expired": expired, "wrong_iss": wrong_iss, "forged": forged,
-              "tampered": tampered, "alg_none": alg_none, "opaque_good": opaque_good, "opaque_bad": opaque_bad, "opaque_post": opaque_post}
+              "tampered": tampered, "alg_none": alg_none, "claim_mismatch": claim_mismatch, "opaque_good": opaque_good, "opaque_bad": opaque_bad, "opaque_post": opaque_post}
     needles: dict[str, str] = {}
     for name, tok in tokens.items():
         needles[f"token:{name}"] = tok
@@ -169,6 +176,7 @@ def audit(rsa_key: SigningKey, rsa_key2: SigningKey, tmp_path_factory: pytest.Te
         needles[f"secret:{name}:urlencoded"] = quote_plus(secret)
         needles[f"secret:{name}:basic"] = base64.b64encode(f"{CLIENT_ID}:{secret}".encode()).decode()
     needles["idp-body"] = MARKER  # in the IdP's 500, 401 and HTML answers
+    needles["claim-value"] = personal  # compared with verifyClaims, never logged
     yield Audit(needles, server, spans, responses, admin, idp, url_password)
 
 
@@ -191,6 +199,7 @@ def test_the_batch_allowed_denied_and_failed_as_planned(audit: Audit) -> None:
         "idp_call_failed",
         "allow", "allow", "token_inactive",
         "no_matching_policy",
+        "claim_value_mismatch",
     ]  # fmt: skip
 
 
@@ -272,3 +281,11 @@ def test_startup_does_not_echo_the_config_secrets(audit: Audit) -> None:
     assert scan(json.dumps(started), audit.needles) == []
 
 
+def test_the_failure_lines_carried_their_new_fields(audit: Audit) -> None:
+    """The audit covers what a failure line compares: the fields were there, the secrets not."""
+    failures = [line for line in audit.server.lines() if line.get("event", "").endswith("authenticationFailed")]
+    assert failures and all(len(line.get("tokenSha256", "")) == 8 for line in failures if line["reason"] != "token_missing")
+    (claim,) = [line for line in failures if line["reason"] == "claim_value_mismatch"]
+    assert claim["claim"] == "email" and "claimValue" not in claim and "expectedValues" not in claim
+    (issuer,) = [line for line in failures if line["reason"] == "issuer_mismatch"]
+    assert issuer["tokenIss"] == "https://evil.example.com" and issuer["issuers"] == [ISSUER]
