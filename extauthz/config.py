@@ -49,6 +49,7 @@ __all__ = [
     "KeySource",
     "Route",
     "ServerSettings",
+    "TlsFiles",
     "load_config",
     "parse_config",
 ]
@@ -63,6 +64,9 @@ ASYMMETRIC_ALGORITHMS = (
 DEFAULT_TIMEOUT_SECONDS = 5.0
 DEFAULT_MAX_CACHE_HOURS = 1.0
 DEFAULT_STALE_HOURS = 1.0
+# On SIGTERM, NOT_SERVING while still answering, for this long: two of Envoy's health checks at
+# the shipped 2 s interval notice it before the listener closes.
+DEFAULT_DRAIN_SECONDS = 5.0
 
 
 class ConfigError(ExtauthzError):
@@ -93,6 +97,12 @@ class _RawBreaker(_Raw):
     cool_down_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
 
 
+class _RawTls(_Raw):
+    cert_file: Annotated[str, Field(min_length=1)]
+    key_file: Annotated[str, Field(min_length=1)]
+    client_ca_file: Annotated[str, Field(min_length=1)] | None = None
+
+
 class _RawServer(_Raw):
     expose_detailed_errors: bool = False
     log_claim_values: bool = False
@@ -101,6 +111,8 @@ class _RawServer(_Raw):
     # REJECT: %2F in a path is request_ambiguous; KEEP: an ordinary character of a segment.
     encoded_slashes: Literal["REJECT", "KEEP"] = "REJECT"
     circuit_breaker: _RawBreaker = _RawBreaker()
+    tls: _RawTls | None = None
+    drain_seconds: Annotated[float, Field(ge=0, le=300)] = DEFAULT_DRAIN_SECONDS
 
 
 class _RawClaim(_Raw):
@@ -447,6 +459,16 @@ class _RawConfig(_Raw):
 
 
 @dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """``server.tls``: PEM files of the check listeners' certificate chain and key, and of the
+    CA whose client certificates are required (mTLS; None: no client certificate asked)."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ServerSettings:
     expose_detailed_errors: bool = False
     # A failure line carries the verifyClaims values compared only when asked: claim values
@@ -457,6 +479,8 @@ class ServerSettings:
     keep_encoded_slashes: bool = False  # server.encodedSlashes: KEEP
     breaker_failure_threshold: int = 5
     breaker_cool_down_seconds: float = 30.0
+    tls: TlsFiles | None = None  # server.tls: TLS (and mTLS) on the check listeners
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS  # on SIGTERM: NOT_SERVING, still answering
 
 
 @dataclass(frozen=True, slots=True)
@@ -773,6 +797,10 @@ def resolve(raw: _RawConfig, source: str = "") -> Config:
             keep_encoded_slashes=s.encoded_slashes == "KEEP",
             breaker_failure_threshold=s.circuit_breaker.failure_threshold,
             breaker_cool_down_seconds=s.circuit_breaker.cool_down_seconds,
+            tls=None
+            if s.tls is None
+            else TlsFiles(s.tls.cert_file, s.tls.key_file, s.tls.client_ca_file),
+            drain_seconds=s.drain_seconds,
         ),
         deployments=deployments,
         by_name=MappingProxyType({d.name: d for d in deployments}),
