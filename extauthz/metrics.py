@@ -51,7 +51,10 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.checks = Counter(
-            "extauthz_checks", "Checks answered", ["deployment", "decision", "reason"], registry=r
+            "extauthz_checks",
+            "Checks answered",
+            ["deployment", "decision", "reason", "wire"],
+            registry=r,
         )
         self.check_duration = Histogram(
             "extauthz_check_duration_seconds",
@@ -77,7 +80,7 @@ class Metrics:
         # Checks are tallied here and added to the series by flush() (every few milliseconds and
         # before each scrape): a check then costs a dict update, not a locked increment and a
         # histogram bucket search.
-        self._check_counts: dict[tuple[str, str, str], int] = {}
+        self._check_counts: dict[tuple[str, str, str, str], int] = {}
         self._check_seconds: list[float] = []
         self._answers_reused = 0
 
@@ -85,8 +88,10 @@ class Metrics:
         """A check answered from the engine's answer cache."""
         self._answers_reused += 1
 
-    def check(self, deployment: str, decision: str, reason: str, seconds: float) -> None:
-        key = (deployment, decision, reason)
+    def check(
+        self, deployment: str, decision: str, reason: str, seconds: float, wire: str = "grpc"
+    ) -> None:
+        key = (deployment, decision, reason, wire)
         counts = self._check_counts
         counts[key] = counts.get(key, 0) + 1
         pending = self._check_seconds

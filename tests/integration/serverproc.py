@@ -308,12 +308,14 @@ class ExtauthzProcess:
         return self.admin("metrics")[1]
 
     def metric(self, name: str, **labels: str) -> float:
-        """One sample's value (0 when the series does not exist yet)."""
+        """The sum of the samples of ``name`` whose labels include ``labels`` (0 when there is
+        none yet): a label the test does not name (``wire``) is summed over."""
+        total = 0.0
         for raw in self.metrics_text().splitlines():
             m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$", raw)
             if not m or m.group(1) != name:
                 continue
             found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
-            if found == labels:
-                return float(m.group(3))
-        return 0.0
+            if labels.items() <= found.items():
+                total += float(m.group(3))
+        return total

@@ -89,7 +89,7 @@ def test_health_and_admin(server: ExtauthzProcess) -> None:
     assert server.admin("healthz")[0] == 200
     server.check(None, path=ORDER)
     text = server.metrics_text()
-    assert 'extauthz_checks_total{decision="deny",deployment="orders",reason="token_missing"} 1.0' in text
+    assert 'extauthz_checks_total{decision="deny",deployment="orders",reason="token_missing",wire="grpc"} 1.0' in text
 
 
 def test_the_event_loop_is_uvloop_unless_asyncio_is_asked_for(

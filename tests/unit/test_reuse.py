@@ -241,7 +241,7 @@ def test_the_fast_lane_answers_logs_and_counts_like_the_whole_path(rsa_key: Any,
     assert token not in out.getvalue()
     metrics.flush()
     value = metrics.registry.get_sample_value(
-        "extauthz_checks_total", {"deployment": "orders", "decision": "allow", "reason": "none"})
+        "extauthz_checks_total", {"deployment": "orders", "decision": "allow", "reason": "none", "wire": "grpc"})
     assert value == 3
     assert metrics.registry.get_sample_value("extauthz_check_duration_seconds_count") == 3
     answered = metrics.registry.get_sample_value("extauthz_cache_events_total", {"cache": "answer", "result": "hit"})
@@ -317,7 +317,7 @@ def test_check_metrics_stay_bounded_without_a_flushing_loop() -> None:
     metrics = Metrics()
     for _ in range(25_000):
         metrics.check("orders", "allow", "none", 0.0002)
-    labels = {"deployment": "orders", "decision": "allow", "reason": "none"}
+    labels = {"deployment": "orders", "decision": "allow", "reason": "none", "wire": "grpc"}
     assert metrics.registry.get_sample_value("extauthz_checks_total", labels) == 20_000
     metrics.flush()
     assert metrics.registry.get_sample_value("extauthz_checks_total", labels) == 25_000

@@ -125,9 +125,9 @@ def test_a_cancelled_check_names_its_deployment_and_route_and_is_counted(monkeyp
     assert cancelled["elapsedMs"] > 0
     (access,) = [line for line in lines if line["event"] == "access"]
     assert access["deployment"] == "o" and access["reason"] == "cancelled"
-    metrics = service._metrics  # noqa: SLF001 (the servicer's own counters)
+    metrics = service.serving.metrics
     metrics.flush()
-    labels = {"deployment": "o", "decision": "deny", "reason": "cancelled"}
+    labels = {"deployment": "o", "decision": "deny", "reason": "cancelled", "wire": "grpc"}
     assert metrics.registry.get_sample_value("extauthz_checks_total", labels) == 1
 
 
