@@ -28,6 +28,7 @@ from .logs import JsonLogger
 from .metrics import Metrics
 from .reload import ConfigWatcher
 from .server import SERVICE_NAME, AuthorizationService, add_to_server
+from .tls import add_check_port
 from .workers import mark_ready
 
 __all__ = ["Runtime", "log_config_warnings", "run_server"]
@@ -123,7 +124,8 @@ async def run_server(
     add_to_server(service, server)
     health_service = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
-    if server.add_insecure_port(listen) == 0:
+    # Plain, or TLS/mTLS per server.tls; ConfigError (refuse to start) if its files are unusable.
+    if add_check_port(server, listen, config.server.tls, logger) == 0:
         logger.error("server.listenFailed", message=f"Cannot listen on {listen}.")
         return 1
     await server.start()
