@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import io
 import ipaddress
+import json
 import os
 import socket
 import ssl
@@ -37,8 +39,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
-from extauthz.config import ConfigError, TlsFiles
-from extauthz.tls import CertificateFiles, load_material
+from extauthz.config import ConfigError, TlsFiles, parse_config
+from extauthz.logs import JsonLogger
+from extauthz.tls import CertificateFiles, load_material, warn_if_tls_changed
 from tests.check_requests import check_request
 from tests.conftest import claims, self_signed
 from tests.integration.serverproc import ExtauthzProcess, free_port, run_extauthz
@@ -563,3 +566,28 @@ def test_load_material_never_quotes_the_key(pki: Pki, tmp_path: Path) -> None:
         load_material(TlsFiles(str(own.cert_file), str(own.key_file)))
     assert refused.value.errors == [f"server.tls.keyFile: {own.key_file} holds no unencrypted PEM private key"]
     assert damaged.decode()[40:80] not in str(refused.value)
+
+
+def test_workers_each_serve_tls_on_the_one_port(
+    pki: Pki, policy: dict[str, Any], rsa_key: Any, tmp_path: Path
+) -> None:
+    """`serve --workers 2`: each worker binds the port with the same TLS files (SO_REUSEPORT)."""
+    with ExtauthzProcess(tls_config(policy, pki.tls()), tmp_path / "server", workers=2) as server:
+        for _ in range(4):  # new connections, spread by the kernel over both workers
+            with tls_channel(server.port, pki.ca.cert_pem, pki.client) as channel:
+                assert check(channel, rsa_key.sign(claims())).status.code == 0
+        assert len(server.events("server.tlsLoaded")) == 2
+
+
+def test_a_reload_that_changes_server_tls_says_it_waits_for_a_restart(
+    pki: Pki, policy: dict[str, Any]
+) -> None:
+    mtls = parse_config(tls_config(policy, pki.tls()), source="a.yaml")
+    tls_only = parse_config(tls_config(policy, pki.tls(mtls=False)), source="a.yaml")
+    out = io.StringIO()
+    logger = JsonLogger(out)
+    warn_if_tls_changed(logger, mtls, mtls)
+    assert out.getvalue() == ""
+    warn_if_tls_changed(logger, mtls, tls_only)
+    [line] = [json.loads(raw) for raw in out.getvalue().splitlines()]
+    assert (line["event"], line["level"], line["config"]) == ("config.tlsNeedsRestart", "WARNING", "a.yaml")
