@@ -80,6 +80,8 @@ class Answer:
     # The wire's serialized response to a remembered allow, set the first time the answer is
     # given again (an allow has no request id in it: the same bytes answer every check).
     wire: bytes | None = None
+    # The same allow as the HTTP wire's response (extauthz.http_wire), likewise rendered once.
+    http_wire: bytes | None = None
 
     def holds(self, now: float) -> bool:
         return (

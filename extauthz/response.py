@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -15,7 +16,15 @@ from .bounded import BoundedCache
 from .config import ServerSettings
 from .decision import OUTCOMES, Decision, http_status, www_authenticate
 
-__all__ = ["Renderer", "http_status", "to_check_response", "www_authenticate"]
+__all__ = [
+    "HttpRenderer",
+    "Renderer",
+    "denial_body",
+    "denial_headers",
+    "http_status",
+    "to_check_response",
+    "www_authenticate",
+]
 
 # Set explicitly: Envoy's default for a HeaderValueOption is to append, which would let a
 # client-sent copy of an identity header survive next to ours.
@@ -35,6 +44,33 @@ def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
     return s
 
 
+def denial_headers(decision: Decision, request_id: str) -> list[tuple[str, str]]:
+    """The headers of a denial, in order, as every wire sends them to the client."""
+    assert decision.reason is not None
+    headers = [
+        ("content-type", "application/json"),
+        ("x-request-id", request_id),
+        ("x-extauthz-reason", decision.reason.value),
+    ]
+    challenge = www_authenticate(decision)
+    if challenge is not None:
+        headers.append(("www-authenticate", challenge))
+    return headers
+
+
+def denial_body(decision: Decision, request_id: str, settings: ServerSettings) -> str:
+    """The JSON body of a denial (docs/decisions.md), byte for byte the same on every wire."""
+    assert decision.reason is not None
+    body: dict[str, str] = {
+        "error": OUTCOMES[decision.reason].error,
+        "reason": decision.reason.value,
+        "request_id": request_id,
+    }
+    if settings.expose_detailed_errors and decision.message:
+        body["error_description"] = decision.message
+    return json.dumps(body, separators=(",", ":"))
+
+
 def to_check_response(
     decision: Decision, request_id: str, settings: ServerSettings
 ) -> ext.CheckResponse:
@@ -49,27 +85,13 @@ def to_check_response(
         )
     assert decision.reason is not None
     outcome = OUTCOMES[decision.reason]
-    body: dict[str, str] = {
-        "error": outcome.error,
-        "reason": decision.reason.value,
-        "request_id": request_id,
-    }
-    if settings.expose_detailed_errors and decision.message:
-        body["error_description"] = decision.message
-    headers = [
-        _header("content-type", "application/json"),
-        _header("x-request-id", request_id),
-        _header("x-extauthz-reason", decision.reason.value),
-    ]
-    challenge = www_authenticate(decision)
-    if challenge is not None:
-        headers.append(_header("www-authenticate", challenge))
+    headers = [_header(k, v) for k, v in denial_headers(decision, request_id)]
     return ext.CheckResponse(
         status=status_pb2.Status(code=outcome.grpc_code, message=decision.reason.value),
         denied_response=ext.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=http_status(decision, settings)),  # type: ignore[arg-type]
             headers=headers,
-            body=json.dumps(body, separators=(",", ":")),
+            body=denial_body(decision, request_id, settings),
         ),
         dynamic_metadata=_struct(
             {
@@ -136,3 +158,75 @@ class Renderer:
 
 
 _json_string = json.encoder.encode_basestring_ascii  # as json.dumps writes strings
+
+
+# -- the HTTP wire: the same decisions as an HTTP/1.1 response to Envoy's http_service ----------
+
+# Envoy's http_service copies the headers of a 200 that its allowed_upstream_headers name onto the
+# upstream request (overwriting), and removes the ones this header lists.
+HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
+
+
+def _status_line(status: int) -> str:
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Unknown"
+    return f"HTTP/1.1 {status} {phrase}\r\n"
+
+
+def http_allow(decision: Decision) -> bytes:
+    """An allow on the HTTP wire: 200, the identity headers, and the client-sent copies of the
+    ones that cannot be set removed (``x-envoy-auth-headers-to-remove``); no request id in it,
+    so the same bytes answer every check of a remembered answer."""
+    lines = [_status_line(200)]
+    lines.extend(f"{k}: {v}\r\n" for k, v in decision.upstream_headers)
+    if decision.remove_headers:
+        lines.append(f"{HEADERS_TO_REMOVE}: {', '.join(decision.remove_headers)}\r\n")
+    lines.append("content-length: 0\r\n\r\n")
+    return "".join(lines).encode()
+
+
+class HttpRenderer:
+    """Decisions as HTTP/1.1 responses for one config's settings: the status, headers and body
+    :func:`to_check_response` gives Envoy on the gRPC wire, so that the client sees the same
+    bytes whichever wire Envoy used. A denial's fixed parts are built once per reason,
+    deployment and route; only the request id is filled in."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self._templates: BoundedCache[tuple[object, ...], tuple[str, str, str, str]] = BoundedCache(
+            _MAX_TEMPLATES, _MAX_TEMPLATE_MESSAGE_CHARS
+        )
+
+    def render(self, decision: Decision, request_id: str, *, head_only: bool = False) -> bytes:
+        """The response; ``head_only`` for a HEAD request (RFC 9110 §9.3.2: no body)."""
+        if decision.allowed:
+            return http_allow(decision)
+        message = decision.message if self.settings.expose_detailed_errors else ""
+        key = (
+            decision.reason,
+            decision.deployment,
+            decision.route,
+            decision.required_scope,
+            message,
+        )
+        template = self._templates.get(key)
+        if template is None:
+            template = self._template(decision)
+            self._templates.put(key, template, len(message))
+        before_id, after_id, body_head, body_tail = template
+        body = f"{body_head}{_json_string(request_id)}{body_tail}".encode()
+        head = f"{before_id}{request_id}{after_id}content-length: {len(body)}\r\n\r\n".encode()
+        return head if head_only else head + body
+
+    def _template(self, decision: Decision) -> tuple[str, str, str, str]:
+        marker = "\x00request-id\x00"
+        lines = [_status_line(http_status(decision, self.settings))]
+        # x-request-id last, as the gRPC wire's Renderer appends it to its template.
+        headers = [(k, v) for k, v in denial_headers(decision, marker) if k != "x-request-id"]
+        lines.extend(f"{k}: {v}\r\n" for k, v in headers)
+        before_id, after_id = "".join(lines) + "x-request-id: ", "\r\n"
+        body = denial_body(decision, marker, self.settings)
+        body_head, _, body_tail = body.partition(_json_string(marker))
+        return before_id, after_id, body_head, body_tail
