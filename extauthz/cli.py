@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gRPC ext_authz server")
     serve.add_argument("--config", required=True, help="policy file (YAML)")
     serve.add_argument("--listen", default="0.0.0.0:9001", help="gRPC HOST:PORT")
+    serve.add_argument(
+        "--http-listen", help="also answer Envoy's HTTP ext_authz protocol on HOST:PORT"
+    )
     serve.add_argument("--admin-listen", default="0.0.0.0:9090", help="admin HTTP HOST:PORT")
     serve.add_argument("--workers", type=int, default=1, help="server processes")
     serve.add_argument("--grace-seconds", type=float, default=10.0, help="drain time on SIGTERM")
@@ -143,6 +146,7 @@ def _serve(args: argparse.Namespace) -> int:
                     admin_listen=args.admin_listen,
                     logger=logger,
                     grace_seconds=args.grace_seconds,
+                    http_listen=args.http_listen,
                 )
             )
     except ConfigError as exc:  # e.g. a client secret file that cannot be read

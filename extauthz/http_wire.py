@@ -27,6 +27,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Mapping
+from typing import cast
 
 import httptools
 from opentelemetry.trace import Span, SpanKind
@@ -197,8 +198,8 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport (uvloop's is not an asyncio.Transport subclass, but is one).
+        self._transport = cast(asyncio.Transport, transport)
         self._arm(IDLE_SECONDS, 408)
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -23,6 +23,7 @@ from .answers import AnswerCache
 from .config import Config
 from .engine import IDP_FAILED_EVENT, Engine, idp_log_fields
 from .errors import IdpError
+from .http_wire import HttpWire, serve_http
 from .idp import Providers
 from .logs import JsonLogger
 from .metrics import Metrics
@@ -94,6 +95,7 @@ async def run_server(
     logger: JsonLogger,
     grace_seconds: float = 10.0,
     reload_poll_seconds: float = 1.0,
+    http_listen: str | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT, then drain in-flight checks within ``grace_seconds``."""
     tracing.configure()
@@ -129,6 +131,16 @@ async def run_server(
         logger.error("server.listenFailed", message=f"Cannot listen on {listen}.")
         return 1
     await server.start()
+    http_server = None
+    if http_listen:  # the HTTP wire (docs/wires.md), over the same Serving as gRPC
+        http_host, http_port = _split_hostport(http_listen)
+        try:
+            http_server = await serve_http(HttpWire(service.serving), http_host, http_port)
+        except OSError as exc:
+            message = f"Cannot listen on {http_listen}: {exc.strerror}."
+            logger.error("server.listenFailed", message=message)
+            await server.stop(0)
+            return 1
     for name in ("", SERVICE_NAME):
         await health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
     mark_ready()  # under `--workers N`, the supervisor's /readyz counts listening workers
@@ -163,6 +175,7 @@ async def run_server(
     logger.info(
         "server.started",
         listen=listen,
+        httpListen=http_listen,
         adminListen=admin_listen,
         deployments=len(config.deployments),
         config=config.source,
@@ -175,6 +188,8 @@ async def run_server(
     logger.info("server.stopping", graceSeconds=grace_seconds)
     await watcher.stop()
     await health_service.enter_graceful_shutdown()
+    if http_server is not None:
+        http_server.close()  # no new connections; the checks under way finish below
     await server.stop(grace_seconds)
     await admin.stop()
     for task in list(retired):
