@@ -6,8 +6,8 @@ it travels over TLS (RFC 8446; gRPC negotiates TLS 1.2 or 1.3 and ALPN ``h2``, R
 certificate does not chain to that CA or is out of its validity period (RFC 5280 §6): only Envoy,
 holding such a certificate, may ask extauthz anything.
 
-Rotation: cert-manager and Kubernetes Secret volumes replace the files in place (an atomic
-symlink swap), often days before the old certificate expires. gRPC core calls the fetcher given
+Rotation: cert-manager and Kubernetes Secret volumes replace the files atomically (a symlink
+swap), days before the old certificate expires. gRPC core calls the fetcher given
 to ``grpc.dynamic_ssl_server_credentials`` before every new handshake; :class:`CertificateFiles`
 answers it with a ``stat`` of each file and reads them again only when one changed, so a new
 connection gets the new certificate without a restart, and connections already open keep the one
@@ -31,7 +31,7 @@ import functools
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import grpc
@@ -65,10 +65,10 @@ class TlsMaterial:
     """The bytes of ``server.tls``'s files, checked to be usable together."""
 
     chain: bytes
-    key: bytes
-    client_ca: bytes | None
-    serial_number: str  # the leaf certificate's, hex: what `openssl x509 -serial` prints
-    not_after: str  # RFC 3339
+    key: bytes = field(repr=False)  # a repr (a traceback, a debugger) must not show it
+    client_ca: bytes | None = None
+    serial_number: str = ""  # the leaf certificate's, in upper-case hex
+    not_after: str = ""  # RFC 3339
 
     def configuration(self) -> grpc.ServerCertificateConfiguration:
         return grpc.ssl_server_certificate_configuration([(self.key, self.chain)], self.client_ca)

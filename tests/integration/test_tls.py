@@ -591,3 +591,11 @@ def test_a_reload_that_changes_server_tls_says_it_waits_for_a_restart(
     warn_if_tls_changed(logger, mtls, tls_only)
     [line] = [json.loads(raw) for raw in out.getvalue().splitlines()]
     assert (line["event"], line["level"], line["config"]) == ("config.tlsNeedsRestart", "WARNING", "a.yaml")
+
+
+def test_the_key_is_not_in_the_material_repr(pki: Pki, tmp_path: Path) -> None:
+    own = dataclasses.replace(pki, directory=tmp_path)
+    own.serve(own.server)
+    material = load_material(TlsFiles(str(own.cert_file), str(own.key_file)))
+    assert material.key == own.server.key_pem
+    assert "PRIVATE KEY" not in repr(material) and own.server.key_pem.decode() not in repr(material)
