@@ -118,6 +118,15 @@ def _serve(args: argparse.Namespace) -> int:
         print("--workers must be at least 1", file=sys.stderr)
         return EXIT_USAGE
     logger.set_level(config.server.log_level)
+    if config.server.tls is not None:
+        # Unusable TLS files refuse the start here, before any worker (each would exit 2 and
+        # be restarted, forever); the listener reads them again when it binds.
+        from .tls import load_material
+
+        try:
+            load_material(config.server.tls)
+        except ConfigError as exc:
+            return _refuse_to_start(logger, exc)
     if args.workers > 1:
         from .workers import supervise
 

@@ -599,3 +599,12 @@ def test_the_key_is_not_in_the_material_repr(pki: Pki, tmp_path: Path) -> None:
     material = load_material(TlsFiles(str(own.cert_file), str(own.key_file)))
     assert material.key == own.server.key_pem
     assert "PRIVATE KEY" not in repr(material) and own.server.key_pem.decode() not in repr(material)
+
+
+def test_workers_refuse_to_start_on_unusable_tls_files_at_once(policy: dict[str, Any], tmp_path: Path) -> None:
+    """`serve --workers 2` checks the files before any worker starts: exit 2, the errors named."""
+    missing = {"certFile": str(tmp_path / "missing.crt"), "keyFile": str(tmp_path / "missing.key")}
+    path = tmp_path / "extauthz.yaml"
+    path.write_text(yaml.safe_dump(tls_config(policy, missing)))
+    done = run_extauthz("serve", "--config", str(path), "--workers", "2", "--listen", "127.0.0.1:0", timeout=30)
+    assert done.returncode == 2 and "server.tls.certFile" in done.stderr
