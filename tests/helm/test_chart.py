@@ -14,6 +14,9 @@ import hashlib
 import itertools
 import json
 import re
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,10 +28,16 @@ import pytest
 import yaml
 
 from extauthz.config import parse_config
+from tests.conftest import SigningKey
+from tests.integration.serverproc import ExtauthzProcess, extauthz_env
+from tests.integration.test_tls import Authority
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO / "helm" / "extauthz"
 RELEASE, NAMESPACE = "extauthz", "extauthz"  # as the Envoy and Istio examples assume
+# The chart's sample policy (values.yaml `config`).
+DEFAULT_CONFIG: dict[str, Any] = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["config"]
 
 Manifest = dict[str, Any]
 
@@ -78,6 +87,19 @@ class Rendered:
         containers = self.pod["containers"]
         assert [c["name"] for c in containers] == ["extauthz"]
         return dict(containers[0])
+
+    @property
+    def test_pod(self) -> Manifest:
+        """The `helm test` hook's Pod."""
+        [pod] = [
+            m for m in self.all("Pod")
+            if m["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"
+        ]  # fmt: skip
+        return pod
+
+    def policy(self) -> Any:
+        """The extauthz config the chart's ConfigMap serves."""
+        return yaml.safe_load(self.one("ConfigMap")["data"]["config.yaml"])
 
 
 def render(chart: helm.Chart, values: dict[str, Any] | None = None) -> Rendered:
@@ -138,6 +160,30 @@ EXISTING_SECRET: dict[str, Any] = {
     },
 }
 
+# TLS from a Secret you manage, with client certificates required (mTLS).
+TLS_SECRET: dict[str, Any] = {
+    "tls": {"enabled": True, "existingSecret": "extauthz-serving", "requireClientCert": True}
+}
+# TLS from cert-manager, the callers' CA in another Secret.
+TLS_CERT_MANAGER: dict[str, Any] = {
+    "tls": {
+        "enabled": True,
+        "certManager": {
+            "enabled": True,
+            "issuerRef": {"name": "internal-ca", "kind": "ClusterIssuer"},
+            "extraDnsNames": ["extauthz.internal.example.com"],
+        },
+        "requireClientCert": True,
+        "clientCaSecret": "gateway-client-ca",
+    },
+    "helmTest": {"clientCertSecret": "extauthz-test-client"},
+}
+GATEWAY_PRINCIPALS = [
+    "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account",
+    "cluster.local/ns/shop/sa/orders",
+]
+ISTIO: dict[str, Any] = {"istio": {"enabled": True, "principals": GATEWAY_PRINCIPALS}}
+
 MATRIX: dict[str, dict[str, Any]] = {
     "default": {},
     "hpa": {
@@ -188,8 +234,16 @@ MATRIX: dict[str, dict[str, Any]] = {
         "existingConfigMapKey": "policy.yaml",
     },
     "existing-secret": EXISTING_SECRET,
+    "no-networkpolicy": {"networkPolicy": {"enabled": False}, "helmTest": {"enabled": False}},
+    "tls-secret": TLS_SECRET,
+    "tls-cert-manager": TLS_CERT_MANAGER,
+    "istio": ISTIO,
+    "workers": {"workers": 4, "podDisruptionBudget": {"maxUnavailable": 0}},
     "everything": {
         **EXISTING_SECRET,
+        **TLS_CERT_MANAGER,
+        **ISTIO,
+        "workers": 2,
         "autoscaling": {"enabled": True},
         "serviceMonitor": {"enabled": True},
         "networkPolicy": {"enabled": True, "egress": {"enabled": True}},
@@ -299,9 +353,175 @@ SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
 }
 
 
+# cert-manager's Certificate (cert-manager.io/v1) and Istio's security resources
+# (security.istio.io/v1) are CRDs too: the fields the chart uses, as their API references define
+# them, closed to typos.
+def _custom_resource(api_version: str, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": api_version},
+            "kind": {"const": kind},
+            "metadata": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name", "namespace"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "namespace": {"type": "string"},
+                    "labels": _STRING_MAP,
+                },
+            },
+            "spec": {"type": "object", "additionalProperties": False, **spec},
+        },
+    }
+
+
+_STRINGS = {"type": "array", "items": {"type": "string"}, "minItems": 1}
+_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["matchLabels"],
+    "properties": {"matchLabels": _STRING_MAP},
+}
+_MTLS = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["mode"],
+    "properties": {"mode": {"enum": ["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]}},
+}
+_CERT_MANAGER_DURATION = {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(h|m|s))+$"}
+_KEY_USAGES = [
+    "signing", "digital signature", "content commitment", "key encipherment", "key agreement",
+    "data encipherment", "cert sign", "crl sign", "encipher only", "decipher only", "any",
+    "server auth", "client auth", "code signing", "email protection", "s/mime", "ipsec end system",
+    "ipsec tunnel", "ipsec user", "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc",
+]  # fmt: skip
+CUSTOM_RESOURCE_SCHEMAS: dict[str, dict[str, Any]] = {
+    "ServiceMonitor": SERVICE_MONITOR_SCHEMA,
+    "Certificate": _custom_resource(
+        "cert-manager.io/v1",
+        "Certificate",
+        {
+            "required": ["secretName", "issuerRef"],
+            "properties": {
+                "secretName": {"type": "string", "minLength": 1},
+                "issuerRef": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["name"],
+                    "properties": {
+                        "name": {"type": "string", "minLength": 1},
+                        "kind": {"type": "string"},
+                        "group": {"type": "string"},
+                    },
+                },
+                "dnsNames": _STRINGS,
+                "duration": _CERT_MANAGER_DURATION,
+                "renewBefore": _CERT_MANAGER_DURATION,
+                "privateKey": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                        "size": {"type": "integer"},
+                        "rotationPolicy": {"enum": ["Never", "Always"]},
+                        "encoding": {"enum": ["PKCS1", "PKCS8"]},
+                    },
+                },
+                "usages": {"type": "array", "items": {"enum": _KEY_USAGES}},
+            },
+        },
+    ),
+    "PeerAuthentication": _custom_resource(
+        "security.istio.io/v1",
+        "PeerAuthentication",
+        {
+            "properties": {
+                "selector": _SELECTOR,
+                "mtls": _MTLS,
+                # map<uint32, PortMutualTLS>: the keys are port numbers.
+                "portLevelMtls": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "patternProperties": {"^[1-9][0-9]{0,4}$": _MTLS},
+                },
+            },
+        },
+    ),
+    "AuthorizationPolicy": _custom_resource(
+        "security.istio.io/v1",
+        "AuthorizationPolicy",
+        {
+            "required": ["action"],
+            "properties": {
+                "selector": _SELECTOR,
+                "action": {"enum": ["ALLOW", "DENY", "AUDIT", "CUSTOM"]},
+                "rules": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "from": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["source"],
+                                    "properties": {
+                                        "source": {
+                                            "type": "object",
+                                            "additionalProperties": False,
+                                            "properties": {
+                                                "principals": _STRINGS,
+                                                "namespaces": _STRINGS,
+                                            },
+                                        }
+                                    },
+                                },
+                            },
+                            "to": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["operation"],
+                                    "properties": {
+                                        "operation": {
+                                            "type": "object",
+                                            "additionalProperties": False,
+                                            "properties": {
+                                                # Port numbers as strings, as the API has them.
+                                                "ports": {
+                                                    "type": "array",
+                                                    "items": {
+                                                        "type": "string",
+                                                        "pattern": "^[1-9][0-9]{0,4}$",
+                                                    },
+                                                    "minItems": 1,
+                                                },
+                                                "paths": _STRINGS,
+                                                "notPaths": _STRINGS,
+                                            },
+                                        }
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    ),
+}
+
+
 def validate_manifest(manifest: Manifest, version: str) -> None:
-    if manifest["kind"] == "ServiceMonitor":
-        jsonschema.validate(manifest, SERVICE_MONITOR_SCHEMA)
+    if manifest["kind"] in CUSTOM_RESOURCE_SCHEMAS:
+        jsonschema.validate(manifest, CUSTOM_RESOURCE_SCHEMAS[manifest["kind"]])
     else:
         kubernetes_validate.validate(manifest, version, strict=True)
 
@@ -333,8 +553,14 @@ def test_matrix_renders_the_expected_objects(case: tuple[str, dict[str, Any], Re
         expected.add("HorizontalPodAutoscaler")
     if values.get("serviceMonitor", {}).get("enabled"):
         expected.add("ServiceMonitor")
-    if values.get("networkPolicy", {}).get("enabled"):
+    if values.get("networkPolicy", {}).get("enabled", True):  # on by default
         expected.add("NetworkPolicy")
+    if values.get("helmTest", {}).get("enabled", True):  # on by default
+        expected.add("Pod")
+    if values.get("tls", {}).get("certManager", {}).get("enabled"):
+        expected.add("Certificate")
+    if values.get("istio", {}).get("enabled"):
+        expected |= {"PeerAuthentication", "AuthorizationPolicy"}
     assert set(rendered.kinds()) == expected, name
     assert len(rendered.all("Service")) == 2  # the ClusterIP and the -headless one
     for manifest in rendered.manifests:
@@ -368,6 +594,14 @@ def test_pod_runs_locked_down(case: tuple[str, dict[str, Any], Rendered]) -> Non
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     writable = [path for path, m in mounts.items() if not m.get("readOnly")]
     assert writable == ["/tmp"]
+    # The helm test Pod too, with nothing writable at all.
+    if rendered.all("Pod"):
+        test_pod = rendered.test_pod["spec"]
+        assert test_pod["securityContext"] == pod_sc
+        [check] = test_pod["containers"]
+        assert check["securityContext"] == sc
+        assert all(m["readOnly"] for m in check.get("volumeMounts", []))
+        assert all("hostPath" not in v for v in test_pod.get("volumes", []))
 
 
 def test_probes_are_native_grpc_health_checks(default: Rendered) -> None:
@@ -397,12 +631,69 @@ def test_container_serves_the_mounted_policy(default: Rendered) -> None:
     assert "items" not in volume["configMap"]
 
 
-def test_termination_grace_covers_prestop_and_drain(default: Rendered) -> None:
-    """The kubelet waits longer than preStop sleep + the server's drain before SIGKILL."""
-    container, pod = default.container, default.pod
+def shutdown_of(rendered: Rendered, drain_seconds: float) -> tuple[float, float, int]:
+    """The preStop sleep, --grace-seconds and terminationGracePeriodSeconds the pod runs with,
+    checked against the config's ``drain_seconds`` (from the ConfigMap when the chart renders it)."""
+    container, pod = rendered.container, rendered.pod
+    if rendered.all("ConfigMap"):
+        served = (rendered.policy().get("server") or {}).get("drainSeconds", 5)
+        assert served == drain_seconds
     grace = float(container["args"][container["args"].index("--grace-seconds") + 1])
-    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + grace
+    pre_stop = float(
+        container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    )
+    return pre_stop, grace, pod["terminationGracePeriodSeconds"]
+
+
+GRACE_CASES = {
+    # values, the config's drainSeconds, the expected terminationGracePeriodSeconds
+    "defaults: 0 + 5 + 10 + margin 5": ({}, 5, 20),
+    "drainSeconds from the config": (
+        {"config": {**DEFAULT_CONFIG, "server": {"drainSeconds": 30}}}, 30, 45
+    ),
+    "a preStop sleep and a fractional drain, rounded up": (
+        {"server": {"preStopSleepSeconds": 3}, "config": {**DEFAULT_CONFIG, "server": {"drainSeconds": 2.5}}},
+        2.5,
+        3 + 3 + 10 + 5,  # ceil(3 + 2.5 + 10) + 5
+    ),
+    "another margin and grace": (
+        {"server": {"graceSeconds": 20, "terminationMarginSeconds": 2}}, 5, 27
+    ),
+    "an existing ConfigMap's drainSeconds": (
+        {**MATRIX["existing-configmap"], "existingConfigMapDrainSeconds": 20}, 20, 35
+    ),
+    "a value given that exceeds the shutdown": ({"terminationGracePeriodSeconds": 16}, 5, 16),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("values,drain,expected", GRACE_CASES.values(), ids=GRACE_CASES.keys())
+def test_termination_grace_covers_prestop_drain_and_grace(
+    chart: helm.Chart, values: dict[str, Any], drain: float, expected: int
+) -> None:
+    """terminationGracePeriodSeconds > preStop sleep + the config's drainSeconds + graceSeconds:
+    after SIGTERM extauthz answers for drainSeconds while NOT_SERVING, then lets checks in flight
+    finish within graceSeconds; the kubelet's SIGKILL comes after all of it (and the margin)."""
+    pre_stop, grace, termination = shutdown_of(render(chart, values), drain)
+    assert termination == expected
+    assert termination > pre_stop + drain + grace
+
+
+def test_no_prestop_sleep_by_default(default: Rendered) -> None:
+    """extauthz drains by itself (NOT_SERVING while still answering), so the chart adds no preStop
+    sleep unless asked: during one, extauthz would still report SERVING."""
+    assert "lifecycle" not in default.container
+
+
+def test_termination_grace_too_short_is_refused(chart: helm.Chart) -> None:
+    """A terminationGracePeriodSeconds that does not exceed preStop + drain + grace fails the
+    render, naming the sum."""
+    with pytest.raises(helm.HelmRenderError, match=r"0 \+ 5 \+ 10 = 15"):
+        chart.render({"terminationGracePeriodSeconds": 15}, name=RELEASE, namespace=NAMESPACE)
+    drained = {"config": {**DEFAULT_CONFIG, "server": {"drainSeconds": 60}}}
+    with pytest.raises(helm.HelmRenderError, match="terminationGracePeriodSeconds"):
+        chart.render(
+            {**drained, "terminationGracePeriodSeconds": 60}, name=RELEASE, namespace=NAMESPACE
+        )
 
 
 def test_topology_spread_selects_the_chart_pods(default: Rendered) -> None:
@@ -474,25 +765,85 @@ def test_servicemonitor_scrapes_the_admin_port_once(chart: helm.Chart) -> None:
     assert monitor["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
 
 
+HELM_TEST_PEER = {
+    "podSelector": {
+        "matchLabels": {
+            "app.kubernetes.io/instance": RELEASE,
+            "app.kubernetes.io/component": "helm-test",
+        }
+    }
+}
+
+
+def ingress_by_port(policy: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each ingress rule by the one port it opens; every rule names its peers (a rule without
+    `from` would admit any source)."""
+    rules: dict[str, dict[str, Any]] = {}
+    for rule in policy["ingress"]:
+        [port] = rule["ports"]
+        assert port["protocol"] == "TCP"
+        assert rule["from"], rule
+        rules[port["port"]] = rule
+    return rules
+
+
+def test_networkpolicy_is_on_by_default_and_restricts_the_ports(default: Rendered) -> None:
+    """Without values, ingress to the pods is the gRPC port from the release namespace's pods
+    labelled as the gateway (and the helm test Pod), the admin port from Prometheus in
+    `monitoring`; nothing else. Egress stays open (the IdPs)."""
+    policy = default.one("NetworkPolicy")["spec"]
+    assert (
+        policy["podSelector"]["matchLabels"]
+        == default.one("Deployment")["spec"]["selector"]["matchLabels"]
+    )
+    assert policy["policyTypes"] == ["Ingress"] and "egress" not in policy
+    by_port = ingress_by_port(policy)
+    assert set(by_port) == {"grpc", "admin"}
+    gateway = {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}}}
+    assert by_port["grpc"]["from"] == [gateway, HELM_TEST_PEER]
+    # A podSelector alone selects pods in the policy's own namespace: the release namespace.
+    assert "namespaceSelector" not in by_port["grpc"]["from"][0]
+    assert by_port["admin"]["from"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+        }
+    ]
+    # The helm test Pod carries the labels the policy admits, and is no extauthz pod.
+    test_labels = default.test_pod["metadata"]["labels"]
+    assert HELM_TEST_PEER["podSelector"]["matchLabels"].items() <= test_labels.items()
+    assert not policy["podSelector"]["matchLabels"].items() <= test_labels.items()
+
+
 def test_networkpolicy_admits_the_named_peers(chart: helm.Chart) -> None:
     """Ingress only to the grpc and admin ports from the given peers; egress DNS + the rules."""
     rendered = render(chart, MATRIX["networkpolicy"])
     policy = rendered.one("NetworkPolicy")["spec"]
-    assert (
-        policy["podSelector"]["matchLabels"]
-        == rendered.one("Deployment")["spec"]["selector"]["matchLabels"]
-    )
     assert policy["policyTypes"] == ["Ingress", "Egress"]
-    by_port = {rule["ports"][0]["port"]: rule for rule in policy["ingress"]}
+    by_port = ingress_by_port(policy)
     assert set(by_port) == {"grpc", "admin"}
     values = MATRIX["networkpolicy"]["networkPolicy"]
-    assert by_port["grpc"]["from"] == values["grpcFrom"]
+    assert by_port["grpc"]["from"] == [*values["grpcFrom"], HELM_TEST_PEER]
     assert by_port["admin"]["from"] == values["adminFrom"]
     assert {p["port"] for p in policy["egress"][0]["ports"]} == {53}
     assert policy["egress"][1:] == values["egress"]["rules"]
-    # Without egress restriction only Ingress is governed.
-    open_egress = render(chart, {"networkPolicy": {"enabled": True}}).one("NetworkPolicy")["spec"]
-    assert open_egress["policyTypes"] == ["Ingress"] and "egress" not in open_egress
+
+
+def test_networkpolicy_without_scrapers_closes_the_admin_port(chart: helm.Chart) -> None:
+    """adminFrom empty: no rule for the admin port, so no pod reaches it (the kubelet's probes
+    come from the node, which NetworkPolicies let through)."""
+    rendered = render(chart, {"networkPolicy": {"adminFrom": []}, "helmTest": {"enabled": False}})
+    by_port = ingress_by_port(rendered.one("NetworkPolicy")["spec"])
+    assert set(by_port) == {"grpc"}
+    assert HELM_TEST_PEER not in by_port["grpc"]["from"]
+
+
+def test_networkpolicy_refuses_no_callers(chart: helm.Chart) -> None:
+    """An empty grpcFrom would let nothing call extauthz: the render says so."""
+    with pytest.raises(helm.HelmRenderError, match=r"networkPolicy\.grpcFrom is empty"):
+        chart.render({"networkPolicy": {"grpcFrom": []}}, name=RELEASE, namespace=NAMESPACE)
+    off = render(chart, {"networkPolicy": {"enabled": False, "grpcFrom": []}})
+    assert off.all("NetworkPolicy") == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,7 +852,7 @@ def test_networkpolicy_admits_the_named_peers(chart: helm.Chart) -> None:
 
 
 def policy_of(rendered: Rendered) -> Any:
-    return yaml.safe_load(rendered.one("ConfigMap")["data"]["config.yaml"])
+    return rendered.policy()
 
 
 def as_served(policy: dict[str, Any]) -> dict[str, Any]:
@@ -512,12 +863,19 @@ def as_served(policy: dict[str, Any]) -> dict[str, Any]:
     return served
 
 
-@pytest.mark.parametrize("name", ["default", "existing-secret", "everything"])
+@pytest.mark.parametrize("name", ["default", "existing-secret", "tls-secret", "everything"])
 def test_configmap_holds_a_valid_policy(chart: helm.Chart, name: str) -> None:
     """The ConfigMap's config.yaml passes extauthz's own config validator."""
     rendered = render(chart, MATRIX[name])
     config = parse_config(policy_of(rendered), source="configmap")
     expected = as_served(MATRIX[name].get("config") or DEFAULT_CONFIG)
+    if MATRIX[name].get("tls", {}).get("enabled"):
+        expected["server"]["tls"] = {
+            "certFile": "/etc/extauthz/tls/tls.crt",
+            "keyFile": "/etc/extauthz/tls/tls.key",
+            "clientCaFile": "/etc/extauthz/tls/ca.crt",
+        }
+        assert config.server.tls is not None
     assert [d.name for d in config.deployments] == [d["name"] for d in expected["deployments"]]
     assert policy_of(rendered) == expected
 
@@ -635,6 +993,479 @@ def test_no_secret_data_in_any_manifest(case: tuple[str, dict[str, Any], Rendere
 
 
 # ---------------------------------------------------------------------------------------------
+# TLS on the gRPC port
+# ---------------------------------------------------------------------------------------------
+
+TLS_DIR = "/etc/extauthz/tls"
+
+
+def mounted_files(rendered: Rendered) -> dict[str, tuple[str, str]]:
+    """Each file of the config volume, by its path in the container: (source kind, source
+    name:key). The volume is mounted whole at /etc/extauthz."""
+    [mount] = [m for m in rendered.container["volumeMounts"] if m["name"] == "config"]
+    assert mount == {"name": "config", "mountPath": "/etc/extauthz", "readOnly": True}
+    [volume] = [v for v in rendered.pod["volumes"] if v["name"] == "config"]
+    files: dict[str, tuple[str, str]] = {}
+    for source in volume["projected"]["sources"]:
+        [(kind, spec)] = source.items()
+        for item in spec.get("items", []):
+            files[f"/etc/extauthz/{item['path']}"] = (kind, f"{spec['name']}:{item['key']}")
+    return files
+
+
+def assert_no_subpath(manifest: Manifest) -> None:
+    """No mount anywhere uses subPath: a subPath mount never sees a renewed file."""
+    for node in walk(manifest):
+        assert "subPath" not in node and "subPathExpr" not in node, node
+
+
+def walk(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from walk(value)
+
+
+def test_tls_from_an_existing_secret(chart: helm.Chart) -> None:
+    """tls.existingSecret: its tls.crt, tls.key and ca.crt are projected under /etc/extauthz/tls
+    in the one directory volume with the config (read-only, never subPath, so a rotated Secret
+    reaches the files), and the served config's server.tls names exactly those files."""
+    rendered = render(chart, TLS_SECRET)
+    files = mounted_files(rendered)
+    assert files == {
+        f"{TLS_DIR}/tls.crt": ("secret", "extauthz-serving:tls.crt"),
+        f"{TLS_DIR}/tls.key": ("secret", "extauthz-serving:tls.key"),
+        f"{TLS_DIR}/ca.crt": ("secret", "extauthz-serving:ca.crt"),
+    }
+    [volume] = [v for v in rendered.pod["volumes"] if v["name"] == "config"]
+    config_source = volume["projected"]["sources"][0]["configMap"]
+    assert config_source == {"name": rendered.one("ConfigMap")["metadata"]["name"]}  # every key
+    tls = rendered.policy()["server"]["tls"]
+    assert tls == {
+        "certFile": f"{TLS_DIR}/tls.crt",
+        "keyFile": f"{TLS_DIR}/tls.key",
+        "clientCaFile": f"{TLS_DIR}/ca.crt",
+    }
+    assert set(tls.values()) == set(files)
+    key_item = next(
+        item
+        for source in volume["projected"]["sources"]
+        for item in source.get("secret", {}).get("items", [])
+        if item["key"] == "tls.key"
+    )
+    assert key_item["mode"] == 0o440  # the key: owner and the pod's fsGroup only
+    assert_no_subpath(rendered.one("Deployment"))
+    assert rendered.all("Certificate") == [] and rendered.all("Secret") == []
+
+
+def test_tls_without_client_certificates_serves_no_client_ca(chart: helm.Chart) -> None:
+    """Without requireClientCert neither ca.crt nor clientCaFile: any caller may connect."""
+    rendered = render(chart, {"tls": {"enabled": True, "existingSecret": "extauthz-serving"}})
+    assert set(mounted_files(rendered)) == {f"{TLS_DIR}/tls.crt", f"{TLS_DIR}/tls.key"}
+    assert rendered.policy()["server"]["tls"] == {
+        "certFile": f"{TLS_DIR}/tls.crt",
+        "keyFile": f"{TLS_DIR}/tls.key",
+    }
+
+
+def test_tls_from_cert_manager(chart: helm.Chart) -> None:
+    """tls.certManager: a Certificate for every name of the Services (ClusterIP and headless,
+    short to fully qualified) from the configured issuer, into the Secret the pods mount; the
+    callers' CA from clientCaSecret."""
+    rendered = render(chart, TLS_CERT_MANAGER)
+    certificate = rendered.one("Certificate")["spec"]
+    assert certificate["issuerRef"] == {
+        "name": "internal-ca",
+        "kind": "ClusterIssuer",
+        "group": "cert-manager.io",
+    }
+    services = [s["metadata"]["name"] for s in rendered.all("Service")]
+    assert sorted(services) == [RELEASE, f"{RELEASE}-headless"]
+    names = set(certificate["dnsNames"])
+    for service in services:
+        assert {
+            service,
+            f"{service}.{NAMESPACE}",
+            f"{service}.{NAMESPACE}.svc",
+            f"{service}.{NAMESPACE}.svc.cluster.local",
+        } <= names
+    assert "extauthz.internal.example.com" in names
+    assert certificate["privateKey"]["rotationPolicy"] == "Always"
+    assert {"server auth", "client auth"} <= set(certificate["usages"])
+    secret = certificate["secretName"]
+    assert mounted_files(rendered) == {
+        f"{TLS_DIR}/tls.crt": ("secret", f"{secret}:tls.crt"),
+        f"{TLS_DIR}/tls.key": ("secret", f"{secret}:tls.key"),
+        f"{TLS_DIR}/ca.crt": ("secret", "gateway-client-ca:ca.crt"),
+    }
+    assert rendered.policy()["server"]["tls"]["clientCaFile"] == f"{TLS_DIR}/ca.crt"
+    assert_no_subpath(rendered.one("Deployment"))
+    # The NOTES name the TLS Secret and the server name for the caller's transport_socket.
+    assert secret in rendered.notes and "transport_socket" in rendered.notes
+
+
+def test_tls_probes_ask_the_admin_port(chart: helm.Chart) -> None:
+    """The kubelet's gRPC probes cannot speak TLS: with TLS on, the probes are HTTP on the
+    admin port (/readyz for startup and readiness, /healthz for liveness)."""
+    container = render(chart, TLS_SECRET).container
+    assert_http_probes(container)
+
+
+def assert_http_probes(container: dict[str, Any]) -> None:
+    paths = {
+        probe: (container[probe]["httpGet"]["path"], container[probe]["httpGet"]["port"])
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe")
+    }
+    assert paths == {
+        "startupProbe": ("/readyz", "admin"),
+        "livenessProbe": ("/healthz", "admin"),
+        "readinessProbe": ("/readyz", "admin"),
+    }
+    assert all("grpc" not in container[probe] for probe in paths)
+
+
+TLS_MISTAKES = {
+    "no source": ({"tls": {"enabled": True}}, "exactly one of"),
+    "two sources": (
+        {"tls": {**TLS_CERT_MANAGER["tls"], "existingSecret": "extauthz-serving"}},
+        "exactly one of",
+    ),
+    "no issuer": (
+        {"tls": {"enabled": True, "certManager": {"enabled": True}}},
+        "issuerRef.name",
+    ),
+    "server.tls in config": (
+        {**TLS_SECRET, "config": {**DEFAULT_CONFIG, "server": {"tls": {"certFile": "/a", "keyFile": "/b"}}}},
+        "config.server.tls",
+    ),
+    "TLS settings while off": ({"tls": {"existingSecret": "extauthz-serving"}}, "tls.enabled"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("values,message", TLS_MISTAKES.values(), ids=TLS_MISTAKES.keys())
+def test_tls_settings_that_cannot_work_are_refused(
+    chart: helm.Chart, values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Istio
+# ---------------------------------------------------------------------------------------------
+
+
+def test_istio_strict_mtls_and_an_allow_policy_for_the_gateways(chart: helm.Chart) -> None:
+    """istio.enabled: STRICT PeerAuthentication on extauthz's pods (the admin port PERMISSIVE for
+    a Prometheus outside the mesh), and an ALLOW AuthorizationPolicy: the gRPC port for the
+    gateways' principals (and the helm test Pod's ServiceAccount), the admin port to be reached
+    as the NetworkPolicy allows."""
+    rendered = render(chart, ISTIO)
+    selector = rendered.one("Deployment")["spec"]["selector"]["matchLabels"]
+    peer = rendered.one("PeerAuthentication")["spec"]
+    assert peer["selector"]["matchLabels"] == selector
+    assert peer["mtls"] == {"mode": "STRICT"}
+    assert peer["portLevelMtls"] == {"9090": {"mode": "PERMISSIVE"}}
+
+    policy = rendered.one("AuthorizationPolicy")["spec"]
+    assert policy["selector"]["matchLabels"] == selector
+    assert policy["action"] == "ALLOW"
+    grpc_rule, admin_rule = policy["rules"]
+    service_account = rendered.test_pod["spec"]["serviceAccountName"]
+    [source] = grpc_rule["from"]
+    assert source["source"]["principals"] == [
+        *GATEWAY_PRINCIPALS,
+        f"cluster.local/ns/{NAMESPACE}/sa/{service_account}",
+    ]
+    assert grpc_rule["to"] == [{"operation": {"ports": ["9001"]}}]
+    assert admin_rule == {"to": [{"operation": {"ports": ["9090"]}}]}
+    # Every port the pod serves is covered by exactly one rule; nothing else is allowed.
+    container_ports = {str(p["containerPort"]) for p in rendered.container["ports"]}
+    assert container_ports == {"9001", "9090"}
+    # The helm test Pod gets a sidecar (STRICT refuses plain text) that lets it complete.
+    test_pod = rendered.test_pod
+    assert test_pod["metadata"]["labels"]["sidecar.istio.io/inject"] == "true"
+    env = {e["name"]: e.get("value") for e in test_pod["spec"]["containers"][0]["env"]}
+    assert env["EXTAUTHZ_TEST_ISTIO_QUIT"] == "true"
+
+
+def test_istio_admin_port_strict(chart: helm.Chart) -> None:
+    rendered = render(chart, {"istio": {"enabled": True, "adminPortMtls": "STRICT"}})
+    assert "portLevelMtls" not in rendered.one("PeerAuthentication")["spec"]
+
+
+def test_istio_needs_principals(chart: helm.Chart) -> None:
+    with pytest.raises(helm.HelmRenderError, match=r"istio\.principals is empty"):
+        chart.render(
+            {"istio": {"enabled": True, "principals": []}}, name=RELEASE, namespace=NAMESPACE
+        )
+    with pytest.raises(helm.HelmValuesError, match="principals"):
+        chart.render(
+            {"istio": {"enabled": True, "principals": ["istio-ingressgateway"]}},
+            name=RELEASE, namespace=NAMESPACE,
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Disruptions, workers, tracing
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "budget,expected",
+    [
+        ({}, {"maxUnavailable": 1}),
+        ({"maxUnavailable": 0}, {"maxUnavailable": 0}),
+        ({"maxUnavailable": "0%"}, {"maxUnavailable": "0%"}),
+        ({"maxUnavailable": 2}, {"maxUnavailable": 2}),
+        ({"minAvailable": 0}, {"minAvailable": 0}),
+        ({"minAvailable": "50%"}, {"minAvailable": "50%"}),
+    ],
+    ids=str,
+)
+def test_pdb_keeps_the_budget_as_given(
+    chart: helm.Chart, budget: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    """maxUnavailable: 0 stays 0 (a `default` would have made it 1); minAvailable replaces it."""
+    spec = render(chart, {"podDisruptionBudget": budget}).one("PodDisruptionBudget")["spec"]
+    assert {k: spec[k] for k in ("maxUnavailable", "minAvailable") if k in spec} == expected
+
+
+def memory_mi(quantity: str) -> int:
+    assert quantity.endswith("Mi"), quantity
+    return int(quantity[:-2])
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_workers_scale_memory(chart: helm.Chart, workers: int) -> None:
+    """`workers` runs `serve --workers N` and sizes memory as base + N x perWorker."""
+    rendered = render(chart, {"workers": workers})
+    args, resources = rendered.container["args"], rendered.container["resources"]
+    assert args[args.index("--workers") + 1] == str(workers)
+    assert args.count("--workers") == 1
+    assert memory_mi(resources["requests"]["memory"]) == 64 + workers * 64
+    assert memory_mi(resources["limits"]["memory"]) == 128 + workers * 128
+    assert resources["requests"]["cpu"] == "100m"
+    if workers > 1:  # the supervisor's /readyz waits for every worker; gRPC reaches just one
+        assert_http_probes(rendered.container)
+    else:
+        assert "grpc" in rendered.container["readinessProbe"]
+
+
+def test_workers_memory_from_values(chart: helm.Chart) -> None:
+    memory = {
+        "request": {"base": "100Mi", "perWorker": "50Mi"},
+        "limit": {"base": "200Mi", "perWorker": "150Mi"},
+    }
+    resources = render(chart, {"workers": 3, "memory": memory}).container["resources"]
+    assert (resources["requests"]["memory"], resources["limits"]["memory"]) == ("250Mi", "650Mi")
+
+
+WORKER_MISTAKES = {
+    "memory in resources": ({"resources": {"requests": {"memory": "1Gi"}}}, "memory.request"),
+    "--workers in extraArgs": ({"server": {"extraArgs": ["--workers", "4"]}}, "`workers`"),
+    "limit below request": (
+        {"memory": {"request": {"base": "64Mi", "perWorker": "64Mi"}, "limit": {"base": "32Mi", "perWorker": "64Mi"}}},
+        "memory.limit.base",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("values,message", WORKER_MISTAKES.values(), ids=WORKER_MISTAKES.keys())
+def test_workers_settings_that_would_not_follow_are_refused(
+    chart: helm.Chart, values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_otel_values_become_the_standard_variables(chart: helm.Chart, default: Rendered) -> None:
+    """otel.*: OTEL_EXPORTER_OTLP_ENDPOINT and _PROTOCOL, the sampler (parentbased_*, so extauthz
+    follows the sampling decision Envoy's traceparent carries), the service name and resource
+    attributes; without an endpoint no exporter is configured."""
+    env = {e["name"]: e for e in render(chart, EXISTING_SECRET).container["env"]}
+    otel = EXISTING_SECRET["otel"]
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == otel["endpoint"]
+    assert env["OTEL_EXPORTER_OTLP_PROTOCOL"]["value"] == "grpc"
+    assert env["OTEL_TRACES_SAMPLER"]["value"] == otel["sampler"]
+    assert env["OTEL_TRACES_SAMPLER_ARG"]["value"] == otel["samplerArg"]
+    assert env["OTEL_SERVICE_NAME"]["value"] == "extauthz"
+    attributes = env["OTEL_RESOURCE_ATTRIBUTES"]["value"].split(",")
+    assert attributes[:2] == ["k8s.namespace.name=$(POD_NAMESPACE)", "k8s.pod.name=$(POD_NAME)"]
+    assert "deployment.environment=production" in attributes
+    plain = {e["name"]: e for e in default.container["env"]}
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in plain
+    assert plain["OTEL_TRACES_SAMPLER"]["value"] == "parentbased_always_on"
+
+
+# ---------------------------------------------------------------------------------------------
+# `helm test`
+# ---------------------------------------------------------------------------------------------
+
+
+def test_helm_test_hook_pod(default: Rendered) -> None:
+    """A test hook Pod, removed once it passes, running files/helm_test.py in the release's own
+    image (so it is pinned with it) against the Service's gRPC port, as locked down as extauthz."""
+    pod = default.test_pod
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "test"
+    assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+    spec = pod["spec"]
+    assert spec["restartPolicy"] == "Never" and spec["activeDeadlineSeconds"] > 0
+    assert spec["automountServiceAccountToken"] is False
+    [container] = spec["containers"]
+    assert container["image"] == default.container["image"]
+    assert container["command"] == [
+        "python",
+        "-c",
+        (CHART_DIR / "files" / "helm_test.py").read_text(),
+    ]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    service = default.one("Service", RELEASE)
+    assert env["EXTAUTHZ_TEST_TARGET"] == f"{RELEASE}.{NAMESPACE}.svc.cluster.local:9001"
+    assert service["spec"]["ports"][0]["port"] == 9001
+    assert (env["EXTAUTHZ_TEST_HOST"], env["EXTAUTHZ_TEST_PATH"]) == (
+        "helm-test.invalid",
+        "/extauthz-helm-test",
+    )
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["runAsNonRoot"] is True
+    assert "volumeMounts" not in container  # nothing to write, nothing to read without TLS
+    # Not an extauthz pod: the Services, the PDB and the NetworkPolicy do not select it.
+    selector = default.one("Deployment")["spec"]["selector"]["matchLabels"]
+    assert not selector.items() <= pod["metadata"]["labels"].items()
+
+
+def test_helm_test_hook_with_tls_mounts_the_secrets(chart: helm.Chart) -> None:
+    """With TLS the hook trusts the serving Secret's CA and, under requireClientCert, presents a
+    client certificate: the serving one, or helmTest.clientCertSecret's."""
+    for values, client_secret in (
+        (TLS_SECRET, "extauthz-serving"),
+        (TLS_CERT_MANAGER, "extauthz-test-client"),
+    ):
+        rendered = render(chart, values)
+        pod = rendered.test_pod["spec"]
+        [container] = pod["containers"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        volumes = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"]}
+        serving = rendered.one("Deployment")["spec"]["template"]["spec"]["volumes"][0]
+        serving_secret = serving["projected"]["sources"][1]["secret"]["name"]
+        assert volumes[mounts[env["EXTAUTHZ_TEST_TLS_DIR"]]["name"]] == serving_secret
+        assert volumes[mounts[env["EXTAUTHZ_TEST_CLIENT_DIR"]]["name"]] == client_secret
+        assert all(m["readOnly"] for m in mounts.values())
+        assert_no_subpath(rendered.test_pod)
+
+
+def run_hook(
+    rendered: Rendered, target: str, mounts: dict[str, Path], **env: str | None
+) -> subprocess.CompletedProcess[str]:
+    """The hook Pod's command, here: its environment (``env`` overriding, None removing), the
+    target replaced and its mount paths mapped to ``mounts``."""
+    [container] = rendered.test_pod["spec"]["containers"]
+    program, flag, script = container["command"]
+    assert (program, flag) == ("python", "-c")
+    pod_env: dict[str, str | None] = {e["name"]: e["value"] for e in container["env"]}
+    pod_env["EXTAUTHZ_TEST_TARGET"] = target
+    for name, value in pod_env.items():
+        if value in mounts:
+            pod_env[name] = str(mounts[value])
+    pod_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        env=extauthz_env({k: v for k, v in pod_env.items() if v is not None}),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mtls_server(
+    chart: helm.Chart, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Rendered, ExtauthzProcess, dict[str, Path]]]:
+    """extauthz serving the chart's own ConfigMap config under tls.existingSecret with
+    requireClientCert, its Secret's files laid out as the pod mounts them; the hook's mounts."""
+    rendered = render(chart, TLS_SECRET)
+    root = tmp_path_factory.mktemp("pod")
+    authority = Authority("extauthz-helm-test CA")
+    # cert-manager's Certificate carries both usages when requireClientCert: the hook presents
+    # the serving certificate as its client certificate.
+    issued = authority.issue("extauthz", server=True, client=True)
+    secret = root / "secret"
+    issued.write(secret, "tls")
+    authority.write(secret, "ca")
+    tls_dir = root / "etc" / "extauthz" / "tls"
+    tls_dir.parent.mkdir(parents=True)
+    shutil.copytree(secret, tls_dir)
+    policy = rendered.policy()
+    policy["server"]["tls"] = {
+        key: str(root / path.lstrip("/")) for key, path in policy["server"]["tls"].items()
+    }
+    assert all(Path(path).is_file() for path in policy["server"]["tls"].values())
+    [container] = rendered.test_pod["spec"]["containers"]
+    mounts = {m["mountPath"]: secret for m in container["volumeMounts"]}
+    with ExtauthzProcess(policy, root / "extauthz") as server:
+        yield rendered, server, mounts
+
+
+def test_helm_test_hook_passes_against_the_chart_config_over_mtls(
+    mtls_server: tuple[Rendered, ExtauthzProcess, dict[str, Path]],
+) -> None:
+    """files/helm_test.py, with the hook Pod's environment and mounts, against a real extauthz
+    serving the chart's rendered config over mTLS: SERVING, and the anonymous check denied
+    (no_matching_policy: no deployment covers helm-test.invalid)."""
+    rendered, server, mounts = mtls_server
+    result = run_hook(rendered, f"localhost:{server.port}", mounts)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("ok: ") and "denied with 403" in result.stdout
+    [access] = wait_until(
+        lambda: [
+            line for line in server.events("access") if line["path"] == "/extauthz-helm-test"
+        ],
+        timeout=10, what="the hook's check in extauthz's access log",
+    )  # fmt: skip
+    assert (access["decision"], access["reason"]) == ("deny", "no_matching_policy")
+    assert access["requestId"].startswith("helm-test-")
+
+
+def test_helm_test_hook_fails_without_a_client_certificate(
+    mtls_server: tuple[Rendered, ExtauthzProcess, dict[str, Path]],
+) -> None:
+    """The same hook without its client certificate cannot get past extauthz's handshake: it
+    fails, saying so."""
+    rendered, server, mounts = mtls_server
+    result = run_hook(rendered, f"localhost:{server.port}", mounts, EXTAUTHZ_TEST_CLIENT_DIR=None)
+    assert result.returncode == 1
+    assert result.stderr.startswith("failed: ") and "UNAVAILABLE" in result.stderr
+
+
+def test_helm_test_hook_fails_when_the_check_is_allowed(
+    default: Rendered, rsa_key: SigningKey, tmp_path: Path
+) -> None:
+    """A policy that lets the hook's request through anonymously fails the test: it would let
+    any unauthenticated request through too."""
+    open_door = {
+        "name": "open",
+        "hosts": ["helm-test.invalid"],
+        "pathPrefix": "/",
+        "authentication": {
+            "type": "TOKEN_AUTHENTICATION",
+            "isAnonymousAccessAllowed": True,
+            "validationPolicy": {"type": "STATIC_KEYS", "keys": [rsa_key.public_jwk]},
+        },
+    }
+    policy = default.policy()
+    policy["deployments"].append(open_door)
+    with ExtauthzProcess(policy, tmp_path) as server:
+        result = run_hook(default, f"127.0.0.1:{server.port}", {})
+    assert result.returncode == 1
+    assert "without credentials was allowed" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
 # values.schema.json
 # ---------------------------------------------------------------------------------------------
 
@@ -653,8 +1484,6 @@ def with_value(path: str, value: Any, base: dict[str, Any] | None = None) -> dic
     node[parts[-1]] = value
     return values
 
-
-DEFAULT_CONFIG: dict[str, Any] = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["config"]
 
 TYPOS = {
     "top-level key": ({"replicaCont": 3}, "replicaCont"),
@@ -767,7 +1596,7 @@ def test_render_refuses_inconsistent_settings(chart: helm.Chart) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["default", "everything"])
+@pytest.mark.parametrize("name", ["default", "tls-secret", "istio", "everything"])
 def test_helm_lint_is_clean(name: str) -> None:
     """`helm lint` (strict: warnings count) finds nothing above info level."""
     report = helm.lint(CHART_DIR, MATRIX[name], strict=True, namespace=NAMESPACE)

@@ -82,12 +82,122 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
+The config's server.drainSeconds: how long extauthz keeps answering, NOT_SERVING, after SIGTERM.
+*/}}
+{{- define "extauthz.drainSeconds" -}}
+{{- if .Values.existingConfigMap }}
+{{- .Values.existingConfigMapDrainSeconds }}
+{{- else }}
+{{- dig "server" "drainSeconds" 5 (.Values.config | default dict) }}
+{{- end }}
+{{- end }}
+
+{{/*
+From the start of termination to the process's exit: the preStop sleep, then (after SIGTERM)
+the drain, then the grace for checks in flight. Not rounded.
+*/}}
+{{- define "extauthz.shutdownSeconds" -}}
+{{- addf .Values.server.preStopSleepSeconds (include "extauthz.drainSeconds" . | float64) .Values.server.graceSeconds }}
+{{- end }}
+
+{{/* The kubelet's deadline: the value given, else the shutdown rounded up plus the margin. */}}
+{{- define "extauthz.terminationGracePeriodSeconds" -}}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- add (include "extauthz.shutdownSeconds" . | float64 | ceil | int) .Values.server.terminationMarginSeconds }}
+{{- else }}
+{{- .Values.terminationGracePeriodSeconds }}
+{{- end }}
+{{- end }}
+
+{{/* Mi in a "<n>Mi" value, as an integer. */}}
+{{- define "extauthz.mebibytes" -}}
+{{- trimSuffix "Mi" . | int }}
+{{- end }}
+
+{{/*
+The container's resources: .Values.resources, with memory = base + workers x perWorker.
+*/}}
+{{- define "extauthz.resources" -}}
+{{- $workers := int .Values.workers }}
+{{- $memory := dict }}
+{{- range $part := list "request" "limit" }}
+{{- $spec := get $.Values.memory $part }}
+{{- $mi := add (include "extauthz.mebibytes" $spec.base | int) (mul $workers (include "extauthz.mebibytes" $spec.perWorker | int)) }}
+{{- $_ := set $memory $part $mi }}
+{{- end }}
+{{- $resources := deepCopy (.Values.resources | default dict) }}
+{{- $_ := set $resources "requests" (merge (dict "memory" (printf "%dMi" (int $memory.request))) ($resources.requests | default dict)) }}
+{{- $_ := set $resources "limits" (merge (dict "memory" (printf "%dMi" (int $memory.limit))) ($resources.limits | default dict)) }}
+{{- toYaml $resources }}
+{{- end }}
+
+{{/* Where the TLS files are, in the container. */}}
+{{- define "extauthz.tlsDir" -}}
+/etc/extauthz/tls
+{{- end }}
+
+{{/* The Secret holding the serving certificate and key. */}}
+{{- define "extauthz.tlsSecretName" -}}
+{{- if .Values.tls.certManager.enabled }}
+{{- printf "%s-tls" (include "extauthz.fullname" . | trunc 59 | trimSuffix "-") }}
+{{- else }}
+{{- .Values.tls.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{/* The policy as the ConfigMap serves it: .Values.config, with server.tls when tls.enabled. */}}
+{{- define "extauthz.policy" -}}
+{{- $config := deepCopy .Values.config }}
+{{- if .Values.tls.enabled }}
+{{- $dir := include "extauthz.tlsDir" . }}
+{{- $tls := dict "certFile" (printf "%s/tls.crt" $dir) "keyFile" (printf "%s/tls.key" $dir) }}
+{{- if .Values.tls.requireClientCert }}
+{{- $_ := set $tls "clientCaFile" (printf "%s/ca.crt" $dir) }}
+{{- end }}
+{{- $server := $config.server | default dict }}
+{{- $_ := set $server "tls" $tls }}
+{{- $_ := set $config "server" $server }}
+{{- end }}
+{{- toYaml $config }}
+{{- end }}
+
+{{/*
+Every Service name a caller may use: short to fully qualified, ClusterIP and headless.
+*/}}
+{{- define "extauthz.dnsNames" -}}
+{{- $names := list }}
+{{- $services := list (include "extauthz.fullname" .) }}
+{{- if .Values.service.headless }}
+{{- $services = append $services (include "extauthz.headlessName" .) }}
+{{- end }}
+{{- range $services }}
+{{- $names = concat $names (list . (printf "%s.%s" . $.Release.Namespace) (printf "%s.%s.svc" . $.Release.Namespace) (printf "%s.%s.svc.%s" . $.Release.Namespace $.Values.clusterDomain)) }}
+{{- end }}
+{{- toYaml (concat $names .Values.tls.certManager.extraDnsNames) }}
+{{- end }}
+
+{{/* Probes through the admin port's /readyz and /healthz instead of gRPC health: see values. */}}
+{{- define "extauthz.httpProbes" -}}
+{{- if or .Values.tls.enabled (gt (int .Values.workers) 1) }}true{{ end }}
+{{- end }}
+
+{{/* The labels of the `helm test` Pod: the release's, but never the Deployment's selector. */}}
+{{- define "extauthz.testLabels" -}}
+helm.sh/chart: {{ include "extauthz.chart" . }}
+app.kubernetes.io/name: {{ printf "%s-test" (include "extauthz.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: helm-test
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
 Settings that cannot be expressed in values.schema.json: fail the render with the reason.
 */}}
 {{- define "extauthz.validate" -}}
-{{- $drain := add .Values.server.preStopSleepSeconds .Values.server.graceSeconds }}
-{{- if le (int .Values.terminationGracePeriodSeconds) (int $drain) }}
-{{- fail (printf "terminationGracePeriodSeconds (%v) must exceed server.preStopSleepSeconds + server.graceSeconds (%v): the kubelet would kill extauthz while it drains" .Values.terminationGracePeriodSeconds $drain) }}
+{{- $shutdown := include "extauthz.shutdownSeconds" . | float64 }}
+{{- $grace := include "extauthz.terminationGracePeriodSeconds" . | float64 }}
+{{- if le $grace $shutdown }}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must exceed server.preStopSleepSeconds + drainSeconds + server.graceSeconds (%v + %v + %v = %v): the kubelet would kill extauthz while it drains" $grace .Values.server.preStopSleepSeconds (include "extauthz.drainSeconds" .) .Values.server.graceSeconds $shutdown) }}
 {{- end }}
 {{- if not (or .Values.existingConfigMap .Values.config) }}
 {{- fail "set `config` (the policy) or `existingConfigMap`: extauthz does not start without a policy" }}
@@ -97,5 +207,38 @@ Settings that cannot be expressed in values.schema.json: fail the render with th
 {{- end }}
 {{- if and .Values.autoscaling.enabled (lt (int .Values.autoscaling.maxReplicas) (int .Values.autoscaling.minReplicas)) }}
 {{- fail "autoscaling.maxReplicas must be >= autoscaling.minReplicas" }}
+{{- end }}
+{{- if or (dig "requests" "memory" "" .Values.resources) (dig "limits" "memory" "" .Values.resources) }}
+{{- fail "set memory with memory.request and memory.limit (base + perWorker), not resources.*.memory: it follows `workers`" }}
+{{- end }}
+{{- range .Values.server.extraArgs }}
+{{- if hasPrefix "--workers" . }}
+{{- fail "set the number of server processes with `workers`, not server.extraArgs: memory and probes follow it" }}
+{{- end }}
+{{- end }}
+{{- if lt (include "extauthz.mebibytes" .Values.memory.limit.base | int) (include "extauthz.mebibytes" .Values.memory.request.base | int) }}
+{{- fail "memory.limit.base must be >= memory.request.base" }}
+{{- end }}
+{{- if lt (include "extauthz.mebibytes" .Values.memory.limit.perWorker | int) (include "extauthz.mebibytes" .Values.memory.request.perWorker | int) }}
+{{- fail "memory.limit.perWorker must be >= memory.request.perWorker" }}
+{{- end }}
+{{- if .Values.tls.enabled }}
+{{- if eq (len (compact (list .Values.tls.existingSecret (ternary "certManager" "" .Values.tls.certManager.enabled)))) 1 | not }}
+{{- fail "tls.enabled needs exactly one of tls.existingSecret and tls.certManager.enabled" }}
+{{- end }}
+{{- if and .Values.tls.certManager.enabled (not .Values.tls.certManager.issuerRef.name) }}
+{{- fail "tls.certManager.enabled needs tls.certManager.issuerRef.name: the Issuer or ClusterIssuer that signs the certificate" }}
+{{- end }}
+{{- if and (not .Values.existingConfigMap) (dig "server" "tls" "" (.Values.config | default dict)) }}
+{{- fail "tls.enabled sets config.server.tls itself (the mounted files): leave config.server.tls out" }}
+{{- end }}
+{{- else if or .Values.tls.requireClientCert .Values.tls.existingSecret .Values.tls.certManager.enabled }}
+{{- fail "tls.requireClientCert, tls.existingSecret and tls.certManager take effect with tls.enabled: true" }}
+{{- end }}
+{{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.grpcFrom) }}
+{{- fail "networkPolicy.grpcFrom is empty: nothing could call extauthz. Name the callers (the gateways' pods), or allow every pod with [{namespaceSelector: {}}]" }}
+{{- end }}
+{{- if and .Values.istio.enabled (not .Values.istio.principals) }}
+{{- fail "istio.principals is empty: the ALLOW policy would let no gateway call extauthz. Name the gateways' service accounts" }}
 {{- end }}
 {{- end }}
