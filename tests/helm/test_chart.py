@@ -1658,6 +1658,17 @@ def test_istio_examples_point_at_the_chart(default: Rendered) -> None:
         )
         assert policy["spec"]["action"] == "CUSTOM"
         assert policy["spec"]["provider"]["name"] in providers
+        # Everything but the probes is checked: no positive `paths`, which other spellings of
+        # the same path (//orders/7, /orders%2F7, /ORDERS/7) would not match.
+        operations = [to["operation"] for rule in policy["spec"]["rules"] for to in rule["to"]]
+        assert all("paths" not in op and op["notPaths"] for op in operations), policy
+        assert all({"from", "when"}.isdisjoint(rule) for rule in policy["spec"]["rules"])
+
+    # The mesh merges slashes at least, and its README names the setting the file sets.
+    normalization = mesh["meshConfig"]["pathNormalization"]["normalization"]
+    assert normalization in {"MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES"}
+    readme = (istio / "README.md").read_text()
+    assert f"**Paths: `meshConfig.pathNormalization.normalization: {normalization}`**" in readme
 
     [entry] = load_all(istio / "service-entry.yaml")
     assert (entry["apiVersion"], entry["kind"]) == ("networking.istio.io/v1", "ServiceEntry")
