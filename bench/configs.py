@@ -155,6 +155,11 @@ def ext_authz_listener(name: str, port: int, cluster: str) -> dict[str, Any]:
     return _render("listener_ext_authz.yaml", name=name, port=port, cluster=cluster)
 
 
+def ext_authz_http_listener(name: str, port: int, cluster: str) -> dict[str, Any]:
+    """A listener whose ext_authz filter speaks the HTTP wire (``http_service``) to ``cluster``."""
+    return _render("listener_ext_authz_http.yaml", name=name, port=port, cluster=cluster)
+
+
 def jwt_authn_listener(name: str, port: int, jwks: dict[str, Any]) -> dict[str, Any]:
     listener = _render(
         "listener_jwt_authn.yaml", name=name, port=port, issuer=ISSUER, audience=AUDIENCE
@@ -184,15 +189,28 @@ def grpc_cluster(name: str, ports: list[int], max_streams: int = 0) -> dict[str,
     return cluster
 
 
+def http_cluster(name: str, ports: list[int]) -> dict[str, Any]:
+    """An HTTP/1.1 cluster with one endpoint per port, for the HTTP wire."""
+    cluster = _render("cluster_http.yaml", name=name)
+    cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}
+        for p in ports
+    ]
+    return cluster
+
+
 def envoy_bootstrap(
     admin_port: int,
     *,
     ext_authz: dict[str, tuple[int, list[int]]],
+    ext_authz_http: dict[str, tuple[int, list[int]]] | None = None,
     jwt_authn: tuple[int, dict[str, Any]] | None = None,
     max_streams: int = 0,
 ) -> dict[str, Any]:
     """The bench Envoy: for each ``name: (listen port, server ports)`` of ``ext_authz`` a listener
-    and its gRPC cluster; with ``jwt_authn=(port, jwks)`` a (c) listener too."""
+    and its gRPC cluster (``<name>_grpc``); for each of ``ext_authz_http`` a listener
+    ``<name>_http`` and its HTTP/1.1 cluster (``<name>_http_service``), on the HTTP wire; with
+    ``jwt_authn=(port, jwks)`` a (c) listener too."""
     boot = _render("bootstrap.yaml", admin_port=admin_port)
     listeners, clusters = (
         boot["static_resources"]["listeners"],
@@ -201,6 +219,9 @@ def envoy_bootstrap(
     for name, (port, server_ports) in ext_authz.items():
         listeners.append(ext_authz_listener(name, port, f"{name}_grpc"))
         clusters.append(grpc_cluster(f"{name}_grpc", server_ports, max_streams))
+    for name, (port, server_ports) in (ext_authz_http or {}).items():
+        listeners.append(ext_authz_http_listener(f"{name}_http", port, f"{name}_http_service"))
+        clusters.append(http_cluster(f"{name}_http_service", server_ports))
     if jwt_authn is not None:
         listeners.append(jwt_authn_listener("jwt_authn", *jwt_authn))
     return boot

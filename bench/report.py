@@ -12,7 +12,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-BACKENDS = {"a": "floor", "b": "extauthz", "c": "jwt_authn"}
+BACKENDS = {
+    "a": "floor",
+    "b": "extauthz",
+    "c": "jwt_authn",
+    "d": "extauthz HTTP",
+    "e": "floor HTTP",
+}
 
 
 def ratio(num: float | None, den: float | None) -> float | None:
@@ -48,6 +54,65 @@ def scenario_ratios(points: Mapping[str, Mapping[str, Any]]) -> dict[str, float 
     return out
 
 
+def http_ratios(points: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
+    """(d), extauthz on the HTTP wire, against (e) its floor, (c) jwt_authn and (b) extauthz on
+    the gRPC wire: the ratios of its row in the table. As for (b), the server CPU is compared
+    with the floor's, the total CPU (server + Envoy) with jwt_authn's."""
+    b, c, d, e = (points.get(k) for k in "bcde")
+    if d is None:
+        return {}
+    out: dict[str, float | None] = {}
+    if e is not None:
+        out["rate_vs_e"] = ratio(d["rate"], e["rate"])
+        out["cpu_vs_e"] = ratio(d["server_cpu_us"], e["server_cpu_us"])
+        out["total_cpu_vs_e"] = ratio(d["total_cpu_us"], e["total_cpu_us"])
+        out["p50_vs_e"] = ratio(d["p50_ms"], e["p50_ms"])
+        out["p99_vs_e"] = ratio(d["p99_ms"], e["p99_ms"])
+    if c is not None:
+        out["rate_vs_c"] = ratio(d["rate"], c["rate"])
+        out["total_cpu_vs_c"] = ratio(d["total_cpu_us"], c["total_cpu_us"])
+        out["p50_vs_c"] = ratio(d["p50_ms"], c["p50_ms"])
+        out["p99_vs_c"] = ratio(d["p99_ms"], c["p99_ms"])
+    if b is not None:
+        out["rate_vs_b"] = ratio(d["rate"], b["rate"])
+        out["cpu_vs_b"] = ratio(d["server_cpu_us"], b["server_cpu_us"])
+        out["total_cpu_vs_b"] = ratio(d["total_cpu_us"], b["total_cpu_us"])
+    return out
+
+
+# The ratios that compare the wires: (name, numerator, denominator, figure, title). Each is the
+# ratio of the medians and, per round, the ratio of that round's two points (taken seconds apart).
+WIRE_RATIOS = (
+    ("http_rate_vs_grpc", "d", "b", "rate", "checks/s, HTTP ÷ gRPC"),
+    ("http_cpu_vs_floor", "d", "e", "server_cpu_us", "server CPU, HTTP ÷ HTTP floor"),
+    ("grpc_cpu_vs_floor", "b", "a", "server_cpu_us", "server CPU, gRPC ÷ gRPC floor"),
+    ("http_total_cpu_vs_c", "d", "c", "total_cpu_us", "total CPU, HTTP ÷ jwt_authn"),
+    ("http_rate_vs_c", "d", "c", "rate", "checks/s, HTTP ÷ jwt_authn"),
+    ("http_total_cpu_vs_grpc", "d", "b", "total_cpu_us", "total CPU, HTTP ÷ gRPC"),
+)
+
+
+def rounds_of(p: Mapping[str, Any], key: str) -> list[Any]:
+    """Each round's value of ``key`` of a combined point (one round: the point's own)."""
+    values = p.get("round_rates" if key == "rate" else f"round_{key}")
+    return list(values) if values else [p.get(key)]
+
+
+def ratio_with_rounds(num: Mapping[str, Any], den: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """``num[key] ÷ den[key]``: the medians' ratio (``value``) and each round's (``rounds``)."""
+    pairs = zip(rounds_of(num, key), rounds_of(den, key), strict=False)
+    return {"value": ratio(num.get(key), den.get(key)), "rounds": [ratio(n, d) for n, d in pairs]}
+
+
+def wire_ratios(points: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The :data:`WIRE_RATIOS` whose two backends the scenario measured."""
+    out = {}
+    for name, num, den, key, _title in WIRE_RATIOS:
+        if num in points and den in points:
+            out[name] = ratio_with_rounds(points[num], points[den], key)
+    return out
+
+
 def fmt(value: Any, digits: int = 0) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
@@ -63,7 +128,9 @@ def fmt_ratio(value: float | None) -> str:
 
 
 def _row(label: str, backend: str, p: Mapping[str, Any], r: Mapping[str, Any]) -> str:
+    """One point's row; its floor is (a) for (b), (e) for (d)."""
     flag = "" if p.get("valid", True) else " ⚠"
+    floor = "e" if "rate_vs_e" in r or "cpu_vs_e" in r else "a"
     cells = [
         label,
         f"{backend} {p.get('label', BACKENDS.get(backend[:1], ''))}{flag}",
@@ -75,42 +142,73 @@ def _row(label: str, backend: str, p: Mapping[str, Any], r: Mapping[str, Any]) -
         fmt(p.get("envoy_cpu_us")),
         fmt(p.get("rss_mb"), 1),
         fmt(p.get("idp_calls")),
-        fmt_ratio(r.get("rate_vs_a")),
-        fmt_ratio(r.get("cpu_vs_a")),
+        fmt_ratio(r.get(f"rate_vs_{floor}")),
+        fmt_ratio(r.get(f"cpu_vs_{floor}")),
         fmt_ratio(r.get("rate_vs_c")),
         fmt_ratio(r.get("total_cpu_vs_c")),
+        fmt_ratio(r.get("rate_vs_b")),
     ]
     return "| " + " | ".join(cells) + " |"
 
 
 TABLE_HEADER = (
     "| scenario | backend | checks/s | p50 ms | p99 ms | p99.9 ms | server CPU µs/check "
-    "| Envoy CPU µs/check | RSS MB | IdP calls | checks/s ÷ (a) | CPU ÷ (a) | checks/s ÷ (c) "
-    "| total CPU ÷ (c) |\n"
-    "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+    "| Envoy CPU µs/check | RSS MB | IdP calls | checks/s ÷ floor | CPU ÷ floor | checks/s ÷ (c) "
+    "| total CPU ÷ (c) | checks/s ÷ (b) |\n"
+    "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
 )
 
 
 def results_table(scenarios: Sequence[Mapping[str, Any]]) -> str:
-    """One row per backend of each scenario; the ratio columns are filled on the (b) rows (a
-    point with ratios of its own, as the hostile paths' have, shows those)."""
+    """One row per backend of each scenario; the ratio columns are filled on the (b) rows
+    (against the gRPC floor (a)) and the (d) rows (against the HTTP floor (e), and (b)); a point
+    with ratios of its own, as the hostile paths' have, shows those."""
     lines = [TABLE_HEADER]
+    cells = TABLE_HEADER.splitlines()[0].count("|") - 1
     for s in scenarios:
         label = f"{s['id']}. {s['title']}"
-        ratios = s.get("ratios", {})
+        by_backend = {"b": s.get("ratios", {}), "d": s.get("http_ratios", {})}
         for backend, point in s["points"].items():
-            own = point.get("ratios") or (ratios if backend == "b" else {})
+            own = point.get("ratios") or by_backend.get(backend, {})
             lines.append(_row(label, backend, point, own))
             label = ""
         for name, point in s.get("extra_points", {}).items():
             lines.append(_row(label, name, point, point.get("ratios", {})))
             label = ""
         if s.get("skipped"):
-            lines.append(f"| {label} | skipped: {s['skipped']} |" + " |" * 12)
+            lines.append(f"| {label} | skipped: {s['skipped']} |" + " |" * (cells - 2))
+    return "\n".join(lines)
+
+
+def _with_rounds(r: Mapping[str, Any] | None) -> str:
+    """A ratio and, when there were several rounds, each round's: ``1.20× (1.1 / 1.2 / 1.3)``."""
+    if not r or r.get("value") is None:
+        return "–"
+    rounds = r.get("rounds") or []
+    if len(rounds) < 2:
+        return fmt_ratio(r["value"])
+    return f"{fmt_ratio(r['value'])} ({' / '.join(fmt(v, 2) for v in rounds)})"
+
+
+def wires_table(scenarios: Sequence[Mapping[str, Any]]) -> str:
+    """The two wires side by side, per scenario: the :data:`WIRE_RATIOS`, each with its
+    rounds."""
+    titles = [title for _n, _a, _b, _k, title in WIRE_RATIOS]
+    lines = [
+        "| scenario | " + " | ".join(titles) + " |",
+        "|---|" + "--:|" * len(titles),
+    ]
+    for s in scenarios:
+        wires = s.get("wires") or {}
+        if "http_rate_vs_grpc" not in wires:
+            continue
+        cells = [_with_rounds(wires.get(name)) for name, *_ in WIRE_RATIOS]
+        lines.append(f"| {s['id']}. {s['title']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def targets_table(targets: Sequence[Mapping[str, Any]]) -> str:
+    """One row per target; ``measured`` holds each round's value too where there were several."""
     lines = ["| target | measured | goal | met |", "|---|--:|---|:-:|"]
     for t in targets:
         met = {True: "yes", False: "**no**", None: "–"}[t.get("met")]
@@ -223,13 +321,26 @@ def markdown(results: Mapping[str, Any]) -> str:
     if results["scenarios"]:
         parts += [
             "",
-            "(a) do-nothing grpc.aio ext_authz server · (b) extauthz · (c) Envoy jwt_authn; all "
-            "behind the same Envoy (`--concurrency 1`, direct_response upstream). Ratios compare "
-            "points of this one run. server CPU: the ext_authz process(es), from /proc; total "
-            "CPU adds Envoy's.",
+            "(a) do-nothing grpc.aio ext_authz server · (b) extauthz over gRPC · (c) Envoy "
+            "jwt_authn · (d) extauthz over the HTTP wire (`--http-listen`, Envoy's http_service; "
+            "the same process as (b)) · (e) do-nothing HTTP ext_authz server (asyncio.Protocol "
+            "over httptools); (a), (b), (d) and (e) on uvloop, all behind the same Envoy "
+            "(`--concurrency 1`, direct_response upstream). Ratios compare points of this one "
+            "run: the floor of (b) is (a), of (d) is (e). server CPU: the ext_authz process(es), "
+            "from /proc; total CPU adds Envoy's.",
             "",
             results_table(results["scenarios"]),
         ]
+        if any("http_rate_vs_grpc" in (s.get("wires") or {}) for s in results["scenarios"]):
+            parts += [
+                "",
+                "## The two wires",
+                "",
+                "Medians' ratios, with each round's ratio (its two points taken seconds apart) "
+                "in parentheses.",
+                "",
+                wires_table(results["scenarios"]),
+            ]
     else:  # the flood alone (`make bench-flood`): only what was measured
         targets = [t for t in targets if t["value"] is not None]
     if targets:
@@ -294,7 +405,13 @@ def chart(curve: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
-    colours = {"a": "tab:gray", "b": "tab:blue", "c": "tab:green"}
+    colours = {
+        "a": "tab:gray",
+        "b": "tab:blue",
+        "c": "tab:green",
+        "d": "tab:orange",
+        "e": "tab:brown",
+    }
     fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
     for backend in sorted({p["backend"] for p in curve}):
         pts = sorted((p for p in curve if p["backend"] == backend), key=lambda p: p["connections"])

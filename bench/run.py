@@ -1,9 +1,11 @@
-"""The bench: (a) the floor, (b) extauthz and (c) Envoy jwt_authn, side by side.
+"""The bench: (a) the gRPC floor, (b) extauthz over gRPC, (c) Envoy jwt_authn, (d) extauthz over
+the HTTP wire and (e) the HTTP floor, side by side.
 
     python -m bench.run [--quick | --smoke] [--workers N] [--scenarios 1,2,...] [--profile]
 
 One Envoy (``--concurrency 1``) has a listener per backend; each route answers 200 itself, so
-the only work behind a request is the authorization. ``wrk`` loads one listener at a time on
+the only work behind a request is the authorization. One extauthz process serves (b) on its
+gRPC port and (d) on its ``--http-listen`` port. ``wrk`` loads one listener at a time on
 loopback. Around every run the harness reads ``/proc/<pid>/stat`` of the ext_authz server (and
 its children: ``--workers``) and of Envoy, so CPU per check is (CPU seconds) / (checks).
 Outputs go to ``bench/results/``: ``bench.json``, ``bench.md``, ``latency_vs_load.png``.
@@ -31,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -146,6 +148,14 @@ class Stack:
     b_workers: int
     worker_ports: str
     keep_logs: bool
+    floor_http: Proc | None = None  # (e); None: no HTTP backends in this run
+    d_port: int | None = None  # extauthz's --http-listen port, for (d)
+
+    @property
+    def http(self) -> bool:
+        """Whether this run has the HTTP wire's backends, (d) and (e): extauthz serves the HTTP
+        wire with one worker only (docs/cli.md: not yet with ``--workers N``)."""
+        return self.floor_http is not None and self.d_port is not None and self.b_workers == 1
 
     def url(self, backend: str, path: str = configs.TARGET_PATH) -> str:
         return f"http://127.0.0.1:{self.listen[backend]}{path}"
@@ -179,6 +189,9 @@ def stack(
     with Processes(workdir / "logs") as procs:
         idp_port, floor_port, envoy_admin, la, lb, lc = free_ports(6)
         b_port = free_port_run(workers if worker_ports == "consecutive" else 1)
+        # The HTTP wire's backends, where extauthz can serve it: one worker.
+        http = workers == 1
+        floor_http_port, d_port, ld, le = free_ports(4) if http else (0, 0, 0, 0)
         jwks = workdir / "jwks.json"
         jwks.write_text(json.dumps(keys.jwks), encoding="utf-8")
         env = {"PYTHONPATH": str(ROOT)}
@@ -204,16 +217,38 @@ def stack(
             env=env,
         )
         floor.wait_until(lambda: accepts_tcp(floor_port), 20, "floor listening")
+        floor_http = None
+        if http:
+            floor_http = procs.start(
+                "floor-http",
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.floor_server",
+                    "--wire",
+                    "http",
+                    "--listen",
+                    f"127.0.0.1:{floor_http_port}",
+                ],
+                env=env,
+            )
+            floor_http.wait_until(lambda: accepts_tcp(floor_http_port), 20, "HTTP floor listening")
         boot = configs.envoy_bootstrap(
             envoy_admin,
             ext_authz={
                 "floor": (la, [floor_port]),
                 "extauthz": (lb, _b_endpoints(b_port, workers, worker_ports)),
             },
+            ext_authz_http=(
+                {"floor": (le, [floor_http_port]), "extauthz": (ld, [d_port])} if http else None
+            ),
             jwt_authn=(lc, keys.jwks),
             max_streams=max_streams,
         )
         envoy = start_envoy(procs, workdir, "envoy", boot, envoy_admin)
+        listen = {"a": la, "b": lb, "c": lc}
+        if http:
+            listen.update(d=ld, e=le)
         yield Stack(
             procs,
             workdir,
@@ -222,11 +257,13 @@ def stack(
             floor,
             envoy,
             envoy_admin,
-            {"a": la, "b": lb, "c": lc},
+            listen,
             b_port,
             workers,
             worker_ports,
             keep_logs,
+            floor_http,
+            d_port if http else None,
         )
 
 
@@ -238,10 +275,14 @@ def extauthz(
     workers: int | None = None,
     *,
     files: bool = False,
+    http: bool = True,
 ) -> Iterator[Proc]:
-    """A fresh extauthz server for one scenario, on the stack's gRPC port(s); ``files`` adds
-    the hostile paths' deployment to the policy."""
+    """A fresh extauthz server for one scenario, on the stack's gRPC port(s) and, with ``http``
+    where the stack has (d), on its HTTP wire port too (``--http-listen``: (b) and (d) are one
+    process, one policy and one cache of answers); ``files`` adds the hostile paths' deployment
+    to the policy."""
     workers = st.b_workers if workers is None else workers
+    http = http and st.http and workers == 1
     cfg = st.workdir / f"extauthz-{policy}-{deployments}{'-files' if files else ''}.yaml"
     if not cfg.exists():
         cfg.write_text(
@@ -257,12 +298,16 @@ def extauthz(
     # Every worker must listen before the first check: Envoy's HTTP/2 connections are made
     # once and kept, so connections opened while only some workers listen stay on those.
     per_port = workers if st.worker_ports == "shared" else 1
+    options = ["--workers", str(workers)] if workers != 1 else []
+    if http:
+        options += ["--http-listen", f"127.0.0.1:{st.d_port}"]
+        ports = [*ports, cast(int, st.d_port)]
     proc = start_extauthz(
         st.procs,
         f"extauthz-{policy}-{deployments}-w{workers}",
         cfg,
         (st.b_port, free_ports(1)[0]),
-        options=["--workers", str(workers)] if workers != 1 else [],
+        options=options,
         env={"PYTHONPATH": str(ROOT), CLIENT_SECRET_ENV: "bench-secret"},
         stdout=None if st.keep_logs else os.devnull,
         timeout=180,
@@ -332,14 +377,15 @@ class Run:
         until: Callable[[], bool] | None = None,
     ) -> dict[str, Any]:
         """One wrk run against ``backend``'s listener, with CPU, RSS and IdP calls around it.
-        The server measured is the floor for (a), ``server`` (extauthz) for (b), none for (c);
-        (a) answers 200 whatever ``expect`` says. ``connections`` and ``seconds`` default to
-        the profile's, after ``warmup`` seconds of unmeasured load."""
+        The server measured is the gRPC floor for (a), the HTTP floor for (e), ``server``
+        (extauthz) for (b) and (d), none for (c); the floors answer 200 whatever ``expect``
+        says. ``connections`` and ``seconds`` default to the profile's, after ``warmup`` seconds
+        of unmeasured load."""
         st, threads = self.st, self.args.wrk_threads
         connections = connections or self.prof.connections
         seconds = seconds or self.prof.seconds
-        expect = expect if backend != "a" else 200
-        server = {"a": st.floor, "b": server}.get(backend)
+        expect = expect if backend not in FLOORS else 200
+        server = {"a": st.floor, "b": server, "d": server, "e": st.floor_http}.get(backend)
         url = st.url(backend)
 
         def wrk(load: Load, seconds: int, until: Callable[[], bool] | None = None) -> WrkResult:
@@ -536,30 +582,41 @@ def run_scenario(run: Run, sc: Scenario) -> dict[str, Any]:
         return sc.measure(run, sc, server)
 
 
+def backends_of(st: Stack, sc: Scenario) -> tuple[str, ...]:
+    """The scenario's backends this stack has: without the HTTP wire's (d) and (e) when extauthz
+    runs with several workers."""
+    return tuple(b for b in sc.backends if b in st.listen)
+
+
 def backend_rounds(run: Run, sc: Scenario, server: Proc) -> dict[str, Any]:
-    """The scenario's backends side by side: its ``before`` steps, then (a), (b), (c), (a),
-    (b), (c)... for the profile's rounds (slow drifts of the machine hit all), the medians, then
-    its ``after`` steps (and, with ``--profile``, a run of (b) under py-spy)."""
+    """The scenario's backends side by side: its ``before`` steps, then (a), (b), (c), (e),
+    (d), (a), (b)... for the profile's rounds (slow drifts of the machine hit all), the medians,
+    then its ``after`` steps (and, with ``--profile``, a run of (b) under py-spy)."""
     load = run.tokens.load(sc.tokens)
     out: dict[str, Any] = {"id": sc.id, "title": sc.title, "points": {}, "extra_points": {}}
+    backends = backends_of(run.st, sc)
+    if backends != sc.backends:
+        missing = ", ".join(f"({b})" for b in sc.backends if b not in backends)
+        out["note"] = f"without {missing}: extauthz serves the HTTP wire with one worker only"
+        run.results.setdefault("notes", []).append(f"scenario {sc.id}: {out['note']}")
     problems = {}
-    for backend in sc.backends:
-        expect = sc.expect if backend != "a" else 200
+    for backend in backends:
+        expect = sc.expect if backend not in FLOORS else 200
         problems[backend] = preflight(run.st.url(backend), load, expect)
         if problems[backend]:
             log(f"scenario {sc.id} ({backend}): preflight {problems[backend]}")
     for step in sc.before:
         step(run, sc, server, load, out)
-    rounds: dict[str, list[dict[str, Any]]] = {b: [] for b in sc.backends}
+    rounds: dict[str, list[dict[str, Any]]] = {b: [] for b in backends}
     for r in range(run.prof.rounds):
-        for backend in sc.backends:
+        for backend in backends:
             warmup = run.prof.warmup if r == 0 else 0
             p = run.measure(backend, load, server, expect=sc.expect, warmup=warmup)
             if problems[backend]:
                 p["valid"], p["preflight"] = False, problems[backend]
             rounds[backend].append(p)
             log(f"scenario {sc.id}: {_summary(p)}")
-    out["points"] = {b: combine_rounds(rounds[b]) for b in sc.backends}
+    out["points"] = {b: combine_rounds(rounds[b]) for b in backends}
     for extra in out["extra_points"].values():
         extra["ratios"] = report.scenario_ratios({**out["points"], "b": extra})
     for step in sc.after:
@@ -567,6 +624,9 @@ def backend_rounds(run: Run, sc: Scenario, server: Proc) -> dict[str, Any]:
     if run.args.profile and sc.id in run.args.profile_scenarios:
         profile(run, sc, server, load)
     out["ratios"] = report.scenario_ratios(out["points"])
+    if "d" in out["points"]:
+        out["http_ratios"] = report.http_ratios(out["points"])
+    out["wires"] = report.wire_ratios(out["points"])
     return out
 
 
@@ -607,7 +667,7 @@ def latency_curve(run: Run, sc: Scenario, server: Proc, load: Load, out: dict[st
     for each backend (the main point's figures where the count is the main point's)."""
     pts = []
     for conns in run.prof.curve:
-        for backend in sc.backends:
+        for backend in backends_of(run.st, sc):
             if conns == run.prof.connections and backend in out["points"]:
                 pts.append(dict(out["points"][backend]))
                 continue
@@ -679,13 +739,15 @@ _MEDIAN_FIELDS = (
     "server_cpu_cores",
     "envoy_cpu_cores",
 )
+# Each round's value of these is kept too (round_<field>; round_rates for rate): the spread.
+_ROUND_FIELDS = ("p99_ms", "server_cpu_us", "envoy_cpu_us", "total_cpu_us")
 _SUM_FIELDS = ("requests", "seconds", "idp_calls", "idp_distinct_tokens", "wrong_status")
 
 
 def combine_rounds(points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One point from the rounds of the same backend: the median of each rate, latency and CPU
-    figure, the sum of the counts, the last RSS; valid only if every round was. The rates of
-    the rounds are kept in ``round_rates``."""
+    figure, the sum of the counts, the last RSS; valid only if every round was. Each round's
+    rate is kept in ``round_rates``, its latency and CPU figures in ``round_<field>``."""
     if len(points) == 1:
         return dict(points[0])
     out = dict(points[-1])
@@ -696,8 +758,8 @@ def combine_rounds(points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         out[key] = sum(p.get(key) or 0 for p in points)
     out["valid"] = all(p.get("valid", True) for p in points)
     out["round_rates"] = [round(p["rate"], 1) for p in points]
-    out["round_p99_ms"] = [p["p99_ms"] for p in points]
-    out["round_server_cpu_us"] = [p.get("server_cpu_us") for p in points]
+    for key in _ROUND_FIELDS:
+        out[f"round_{key}"] = [p.get(key) for p in points]
     return out
 
 
@@ -996,7 +1058,7 @@ def workers_scaling(run: Run, sc: Scenario) -> dict[str, Any]:
             for n in counts:
                 with (
                     _stack_for_workers(run.st, n, run.args) as st,
-                    extauthz(st, sc.policy, sc.deployments, workers=n) as server,
+                    extauthz(st, sc.policy, sc.deployments, workers=n, http=False) as server,
                 ):
                     problem = preflight(st.url("b"), load, sc.expect)
                     p = replace(run, st=st).measure(
@@ -1029,7 +1091,7 @@ def flood(run: Run, seconds: int) -> dict[str, Any]:
     # flood would idle to its time cap. New tokens flow until the IdP has seen them all.
     load = run.tokens.load("unique")
     base = int(st.idp("/_bench/stats")["distinct"])
-    with extauthz(st, "introspection") as server:
+    with extauthz(st, "introspection", http=False) as server:
         rss0 = usage([server.pid]).rss_kb / 1024
         samples: list[tuple[int, float]] = []  # (tokens introspected, RSS MB), every second
         last = [0.0]  # when the last sample was taken
@@ -1075,8 +1137,11 @@ class Scenario:
     # What wrk sends, a kind of Tokens.load: rs256, es256, expired, opaque, distinct or unique
     tokens: str
     policy: str  # extauthz's policy (bench/configs.py): jwt | introspection
-    expect: int = 200  # HTTP status through Envoy for (b) and (c); the floor (a) allows all
-    backends: tuple[str, ...] = ("a", "b")  # with "c" where Envoy jwt_authn can verify the tokens
+    expect: int = 200  # HTTP status through Envoy for (b), (c) and (d); the floors allow all
+    # In the order measured: (a) and (b); (c) where Envoy jwt_authn can verify the tokens; (e)
+    # and (d) where nothing the scenario needs is gRPC's alone (docs/wires.md: mTLS client
+    # certificates, dynamic metadata, TLS on the listener); none of 1-7 needs those
+    backends: tuple[str, ...] = ("a", "b")
     deployments: int = 1  # in extauthz's policy (the target one near the end)
     idp_latency_ms: float = 0.0  # the bench IdP's introspection delay
     # Paths sent without a token to the `files` deployment, added to the policy
@@ -1089,8 +1154,17 @@ class Scenario:
     def with_c(self) -> bool:
         return "c" in self.backends
 
+    @property
+    def with_http(self) -> bool:
+        return "d" in self.backends
 
+
+FLOORS = ("a", "e")  # do-nothing servers: they allow every request
+HTTP_SCENARIOS = ("1", "2", "3", "4", "5", "6", "7")  # the HTTP checks/s target's scenarios
+HTTP = ("e", "d")  # the HTTP wire: its floor, then extauthz
 ABC = ("a", "b", "c")
+ALL = (*ABC, *HTTP)  # both wires and jwt_authn
+GRPC_HTTP = ("a", "b", *HTTP)  # both wires, where jwt_authn cannot verify the token
 
 
 def scenarios(profile: Profile) -> list[Scenario]:
@@ -1100,7 +1174,7 @@ def scenarios(profile: Profile) -> list[Scenario]:
             "JWT RS256, warm JWKS, same token",
             "rs256",
             "jwt",
-            backends=ABC,
+            backends=ALL,
             after=(latency_curve,),
         ),
         Scenario(
@@ -1108,27 +1182,37 @@ def scenarios(profile: Profile) -> list[Scenario]:
             f"JWT RS256, {profile.distinct:,} distinct tokens",
             "distinct",
             "jwt",
-            backends=ABC,
+            backends=ALL,
             before=(first_pass,),
         ),
-        Scenario("3", "JWT ES256, same token", "es256", "jwt", backends=ABC),
-        Scenario("4", "opaque token, warm introspection cache", "opaque", "introspection"),
+        Scenario("3", "JWT ES256, same token", "es256", "jwt", backends=ALL),
+        Scenario(
+            "4",
+            "opaque token, warm introspection cache",
+            "opaque",
+            "introspection",
+            backends=GRPC_HTTP,
+        ),
         Scenario(
             "5",
             f"opaque tokens, each new, IdP {IDP_LATENCY_MS:g} ms",
             "unique",
             "introspection",
+            backends=GRPC_HTTP,
             idp_latency_ms=IDP_LATENCY_MS,
             after=(saturation_fractions,),
         ),
-        Scenario("6", "denials (expired RS256 token)", "expired", "jwt", expect=401, backends=ABC),
+        Scenario("6", "denials (expired RS256 token)", "expired", "jwt", expect=401, backends=ALL),
         Scenario(
             "7",
             f"{profile.deployments:,} deployments, RS256 same token",
             "rs256",
             "jwt",
+            backends=GRPC_HTTP,
             deployments=profile.deployments,
         ),
+        # gRPC only: the hostile paths measure route selection, the same code on both wires,
+        # under a flood through one listener; the wires are compared by scenarios 1-7.
         Scenario(
             "8",
             "hostile paths; the innocent check (scenario 1's) under their flood",
@@ -1191,18 +1275,26 @@ def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
 
     def add(
-        name: str, value: float | None, goal: str, ok: Callable[[float], bool], unit: str = "×"
+        name: str,
+        value: float | None,
+        goal: str,
+        ok: Callable[[float], bool],
+        unit: str = "×",
+        rounds: Sequence[float | None] = (),
     ) -> None:
         measured = (
             "–"
             if value is None
             else (f"{value:.2f}{unit}" if unit == "×" else f"{value:,.1f} {unit}")
         )
+        if value is not None and len(rounds) > 1:  # each round's ratio: the spread
+            measured += f" ({' / '.join(report.fmt(v, 2) for v in rounds)})"
         out.append(
             {
                 "name": name,
                 "measured": measured,
                 "value": value,
+                "rounds": list(rounds),
                 "goal": goal,
                 "met": None if value is None else bool(ok(value)),
             }
@@ -1212,23 +1304,34 @@ def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         value: float | None = sc.get(sid, {}).get("ratios", {}).get(key)
         return value
 
+    def w(sid: str, name: str) -> tuple[float | None, list[float | None]]:
+        """A ratio of report.WIRE_RATIOS in scenario ``sid``, and each round's."""
+        got = sc.get(sid, {}).get("wires", {}).get(name, {})
+        return got.get("value"), list(got.get("rounds", []))
+
+    value, rounds = w("1", "grpc_cpu_vs_floor")
     add(
-        "CPU per allowed check, scenario 1, ÷ floor",
-        r("1", "cpu_vs_a"),
-        "≤ 1.10×",
-        lambda v: v <= 1.10,
+        "CPU per allowed check, scenario 1 (cached JWT), gRPC ÷ floor, both on uvloop",
+        value,
+        "≤ 1.25×",
+        lambda v: v <= 1.25,
+        rounds=rounds,
     )
+    value, rounds = w("2", "grpc_cpu_vs_floor")
     add(
         "CPU per allowed check, scenario 2, ÷ floor",
-        r("2", "cpu_vs_a"),
+        value,
         "≤ 1.30×",
         lambda v: v <= 1.30,
+        rounds=rounds,
     )
+    value, rounds = w("4", "grpc_cpu_vs_floor")
     add(
         "CPU per allowed check, scenario 4, ÷ floor",
-        r("4", "cpu_vs_a"),
+        value,
         "≤ 1.15×",
         lambda v: v <= 1.15,
+        rounds=rounds,
     )
     first = sc.get("2", {}).get("extra_points", {}).get("b first sight")
     if first:
@@ -1246,11 +1349,46 @@ def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         "≥ 0.3× (aim)",
         lambda v: v >= 0.3,
     )
-    w = results.get("workers_scaling", {}).get("points", {})
-    if "1" in w and "2" in w:
+    # The HTTP wire (d), against Envoy's jwt_authn (c), its floor (e) and the gRPC wire (b).
+    value, rounds = w("1", "http_total_cpu_vs_c")
+    add(
+        "HTTP wire, scenario 1 (cached JWT): total CPU (Envoy + extauthz) ÷ jwt_authn's",
+        value,
+        "≤ 1.5×",
+        lambda v: v <= 1.5,
+        rounds=rounds,
+    )
+    value, rounds = w("1", "http_cpu_vs_floor")
+    add(
+        "HTTP wire, scenario 1 (cached JWT): server CPU ÷ the HTTP floor's",
+        value,
+        "≤ 3×",
+        lambda v: v <= 3.0,
+        rounds=rounds,
+    )
+    value, rounds = w("1", "http_rate_vs_c")
+    add(
+        "HTTP wire, scenario 1 (cached JWT): checks/s ÷ jwt_authn's",
+        value,
+        "≥ 0.8×",
+        lambda v: v >= 0.8,
+        rounds=rounds,
+    )
+    for s in results["scenarios"]:
+        if s["id"] in HTTP_SCENARIOS and "http_rate_vs_grpc" in s.get("wires", {}):
+            value, rounds = w(s["id"], "http_rate_vs_grpc")
+            add(
+                f"HTTP wire, scenario {s['id']}: checks/s ÷ the gRPC wire's",
+                value,
+                "≥ 2.5×",
+                lambda v: v >= 2.5,
+                rounds=rounds,
+            )
+    workers = results.get("workers_scaling", {}).get("points", {})
+    if "1" in workers and "2" in workers:
         add(
             "checks/s, scenario 1, 2 workers ÷ 1 worker",
-            report.ratio(w["2"]["rate"], w["1"]["rate"]),
+            report.ratio(workers["2"]["rate"], workers["1"]["rate"]),
             "report (scaling)",
             lambda v: True,
         )
