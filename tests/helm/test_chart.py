@@ -1689,6 +1689,44 @@ def test_front_proxy_points_at_the_headless_service(default: Rendered) -> None:
     assert cluster["type"] == "STRICT_DNS"
 
 
+OTEL_TRACER = "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig"
+
+
+@pytest.mark.parametrize("name", ["envoy.yaml", "front-proxy.yaml", "sidecar.yaml"])
+def test_envoy_examples_trace_like_the_chart(chart: helm.Chart, name: str) -> None:
+    """Every shipped Envoy config traces the same way: the OpenTelemetry tracer exporting over
+    gRPC (HTTP/2) to its opentelemetry_collector cluster, which the front proxy finds where the
+    chart's otel.endpoint example points; the chart's sampler is parent-based, so extauthz follows
+    the sampling decision Envoy makes and passes in the check's traceparent."""
+    document = yaml.safe_load((REPO / "envoy" / name).read_text())
+    managers = [
+        n for n in walk(document)
+        if str(n.get("@type", "")).endswith("HttpConnectionManager")
+    ]  # fmt: skip
+    assert managers
+    for manager in managers:
+        provider = manager["tracing"]["provider"]
+        assert provider["name"] == "envoy.tracers.opentelemetry"
+        config = provider["typed_config"]
+        assert config["@type"] == OTEL_TRACER and config["service_name"].startswith("envoy")
+        assert config["grpc_service"]["envoy_grpc"]["cluster_name"] == "opentelemetry_collector"
+    clusters = {c["name"]: c for c in document["static_resources"]["clusters"]}
+    collector = clusters["opentelemetry_collector"]
+    options = collector["typed_extension_protocol_options"]
+    http = options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "http2_protocol_options" in http["explicit_http_config"]
+    [endpoint] = collector["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    address = endpoint["endpoint"]["address"]["socket_address"]
+    assert address["port_value"] == 4317  # OTLP/gRPC
+    if name == "front-proxy.yaml":
+        values = (CHART_DIR / "values.yaml").read_text()
+        example = re.search(r"e\.g\. (http://[^\s:]+):4317", values)
+        assert example, "values.yaml gives an otel.endpoint example"
+        service, namespace = example.group(1).removeprefix("http://").split(".")
+        assert address["address"] == f"{service}.{namespace}.svc.cluster.local"
+    assert chart.values["otel"]["sampler"].startswith("parentbased_")
+
+
 def test_image_reference(chart: helm.Chart, default: Rendered) -> None:
     """The image defaults to the chart's appVersion; a digest pins it instead of the tag."""
     assert default.container["image"] == f"extauthz:{chart.metadata['appVersion']}"
