@@ -1107,6 +1107,21 @@ def test_tls_from_cert_manager(chart: helm.Chart) -> None:
     assert secret in rendered.notes and "transport_socket" in rendered.notes
 
 
+def test_tls_with_an_existing_configmap(chart: helm.Chart) -> None:
+    """With existingConfigMap the chart cannot write server.tls, but mounts the files where the
+    values document them, beside that ConfigMap's keys."""
+    rendered = render(chart, {**MATRIX["existing-configmap"], **TLS_SECRET})
+    assert rendered.all("ConfigMap") == []
+    [volume] = [v for v in rendered.pod["volumes"] if v["name"] == "config"]
+    assert volume["projected"]["sources"][0] == {"configMap": {"name": "orders-policy"}}
+    assert set(mounted_files(rendered)) == {
+        f"{TLS_DIR}/tls.crt",
+        f"{TLS_DIR}/tls.key",
+        f"{TLS_DIR}/ca.crt",
+    }
+    assert rendered.container["args"][:3] == ["serve", "--config", "/etc/extauthz/policy.yaml"]
+
+
 def test_tls_probes_ask_the_admin_port(chart: helm.Chart) -> None:
     """The kubelet's gRPC probes cannot speak TLS: with TLS on, the probes are HTTP on the
     admin port (/readyz for startup and readiness, /healthz for liveness)."""
@@ -1675,6 +1690,24 @@ def test_istio_examples_point_at_the_chart(default: Rendered) -> None:
     namespace, _, host = providers["extauthz-external"]["service"].rpartition("/")
     assert host in entry["spec"]["hosts"] and namespace == entry["metadata"]["namespace"]
     assert {(p["number"], p["protocol"]) for p in entry["spec"]["ports"]} == {(grpc_port, "GRPC")}
+
+
+def test_readme_envoy_snippet_resolves_the_headless_service(default: Rendered) -> None:
+    """README's "Use with Envoy" cluster is STRICT_DNS on the headless Service (one address per
+    pod, so Envoy balances over them), not on the ClusterIP, which would hide the pods."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Use with Envoy", 1)[1].split("## Use with Istio", 1)[0]
+    essentials = yaml.safe_load(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+    [cluster] = [c for c in essentials["clusters"] if c["name"] == "extauthz"]
+    assert cluster["type"] == "STRICT_DNS"
+    [endpoint] = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    address = endpoint["endpoint"]["address"]["socket_address"]
+    headless = default.one("Service", f"{RELEASE}-headless")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert address == {
+        "address": f"{RELEASE}-headless.{NAMESPACE}.svc.cluster.local",
+        "port_value": headless["spec"]["ports"][0]["port"],
+    }
 
 
 def test_front_proxy_points_at_the_headless_service(default: Rendered) -> None:
