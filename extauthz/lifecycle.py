@@ -5,14 +5,29 @@ service, the admin listener, the config watcher and its atomic swap of the polic
 (:class:`Runtime`), the log and metric flushing, and the signals. The gRPC wire itself (one
 CheckRequest in, one CheckResponse out) is :mod:`extauthz.server`; worker processes are
 :mod:`extauthz.workers`.
+
+A life in three phases, as gRPC health and /readyz report it:
+
+* ``starting``: the ports are open (a probe gets NOT_SERVING, not a refused connection) while the
+  warm start fetches every JWKS and discovery document, for at most the warm-start budget
+  (:func:`~extauthz.idp.warm_start_budget`). An IdP that cannot be reached within it does not
+  keep the replica out for good: it reports SERVING anyway, logs ``server.warmStartIncomplete``,
+  and its checks answer ``idp_call_failed`` until the IdP is back.
+* ``serving``: SERVING, ready.
+* ``draining``, from SIGTERM or SIGINT: NOT_SERVING and /readyz 503 at once, while checks are
+  still answered for ``server.drainSeconds``, so that Envoy's health checks take the replica out
+  of rotation before it stops listening; then no new connection, checks in flight finish within
+  ``--grace-seconds``, every buffered log line is written, and the process exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import signal
-from typing import Any
+import time
+from typing import Any, Literal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,7 +39,7 @@ from .config import Config
 from .engine import IDP_FAILED_EVENT, Engine, idp_log_fields
 from .errors import IdpError
 from .http_wire import HttpWire, serve_http
-from .idp import Providers
+from .idp import Providers, warm_start_budget
 from .logs import JsonLogger
 from .metrics import Metrics
 from .reload import ConfigWatcher
@@ -47,9 +62,17 @@ def _split_hostport(value: str) -> tuple[str, int]:
 
 
 class Runtime:
-    """The policy being served: config, IdP providers and engine, replaced whole on reload."""
+    """The policy being served: config, IdP providers and engine, replaced on reload. The new
+    one takes over the IdP providers of ``previous`` whose settings did not change (their keys,
+    documents, introspection answers, breakers and connections), so a reload costs no refetch."""
 
-    def __init__(self, config: Config, logger: JsonLogger, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: Config,
+        logger: JsonLogger,
+        metrics: Metrics,
+        previous: Runtime | None = None,
+    ) -> None:
         def on_stale(exc: IdpError) -> None:
             # Cached keys keep serving; the failed refresh is still worth one line.
             logger.error(
@@ -59,8 +82,17 @@ class Runtime:
                 **dict(idp_log_fields(exc)),
             )
 
+        def report(level: str, event: str, fields: dict[str, Any]) -> None:
+            logger.log(level, event, **fields)  # a rotated client secret file: its path, never it
+
         self.config = config
-        self.providers = Providers(config, on_stale=on_stale, observer=metrics)
+        self.providers: Providers = Providers(
+            config,
+            on_stale=on_stale,
+            observer=metrics,
+            previous=previous.providers if previous is not None else None,
+            report=report,
+        )
         self.engine = Engine(config, self.providers.by_deployment)
 
     def readiness(self) -> dict[str, Any]:
@@ -86,6 +118,46 @@ async def _flush_every(logger: JsonLogger, metrics: Metrics, seconds: float) -> 
 # How long a replaced runtime's HTTP clients stay open for checks that started before the swap.
 _RETIRE_AFTER_SECONDS = 60.0
 
+Phase = Literal["starting", "serving", "draining"]
+
+
+class _Life:
+    """Where the process is (``phase``) and what its warm start did, as /readyz shows them."""
+
+    def __init__(self, budget: float) -> None:
+        self.phase: Phase = "starting"
+        self.warm_start: dict[str, Any] = {
+            "budgetSeconds": budget,
+            "seconds": None,  # how long it took, once done
+            "complete": None,  # every document fetched
+            "failed": [],  # what could not be had: endpoint, uri, message, detail
+        }
+
+    def readiness(self, runtime: Runtime) -> tuple[bool, dict[str, Any]]:
+        detail = {"phase": self.phase, **runtime.readiness(), "warmStart": self.warm_start}
+        return self.phase == "serving", detail
+
+    def worker_state(self, runtime: Runtime) -> dict[str, Any]:
+        """What a worker tells its supervisor (``--workers N``): its warm start, and how long it
+        drains (the config it serves may have been reloaded since the supervisor read it)."""
+        return {"warmStart": self.warm_start, "drainSeconds": runtime.config.server.drain_seconds}
+
+
+async def _warm_start(runtime: Runtime, budget: float, stop: asyncio.Event) -> list[Any] | None:
+    """The documents the warm start could not fetch within ``budget``; None when SIGTERM came
+    first (the warm start is then abandoned)."""
+    warm = asyncio.ensure_future(runtime.providers.warm_up(budget))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((warm, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not warm.done():
+            warm.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await warm
+    return None if warm.cancelled() else warm.result()
+
 
 async def run_server(
     config: Config,
@@ -103,10 +175,12 @@ async def run_server(
     runtime = Runtime(config, logger, metrics)
     service = AuthorizationService(AnswerCache(runtime.engine), logger, metrics)
     retired: set[asyncio.Task[None]] = set()
+    life = _Life(warm_start_budget(config))
 
     def apply(new_config: Config) -> None:
         nonlocal runtime
-        new_runtime = Runtime(new_config, logger, metrics)  # may raise ConfigError: keep the old
+        # May raise ConfigError (a new client secret file unreadable): the old one keeps serving.
+        new_runtime = Runtime(new_config, logger, metrics, previous=runtime)
         old, runtime = runtime, new_runtime
         # One assignment: a check sees the old policy or the new one, never both. The answers
         # start again empty: they rested on the old policy.
@@ -114,9 +188,12 @@ async def run_server(
         logger.set_level(new_config.server.log_level)
         log_config_warnings(logger, new_config)
 
+        if life.phase == "serving":
+            mark_ready(life.worker_state(new_runtime))  # its drainSeconds may have changed
+
         async def retire() -> None:
             await asyncio.sleep(_RETIRE_AFTER_SECONDS)
-            await old.providers.aclose()
+            await old.providers.aclose(keep=new_runtime.providers)  # what it took over stays
 
         task = asyncio.ensure_future(retire())
         retired.add(task)
@@ -126,6 +203,10 @@ async def run_server(
     add_to_server(service, server)
     health_service = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
+    # NOT_SERVING until the warm start is done: a health check finds the port open and the
+    # server not ready yet, rather than an unknown service.
+    for name in ("", SERVICE_NAME):
+        await health_service.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     # Plain, or TLS/mTLS per server.tls; ConfigError (refuse to start) if its files are unusable.
     if add_check_port(server, listen, config.server.tls, logger) == 0:
         logger.error("server.listenFailed", message=f"Cannot listen on {listen}.")
@@ -141,12 +222,8 @@ async def run_server(
             logger.error("server.listenFailed", message=message)
             await server.stop(0)
             return 1
-    for name in ("", SERVICE_NAME):
-        await health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
-    mark_ready()  # under `--workers N`, the supervisor's /readyz counts listening workers
-
     admin = AdminServer(
-        metrics.registry, lambda: (True, runtime.readiness()), before_scrape=metrics.flush
+        metrics.registry, lambda: life.readiness(runtime), before_scrape=metrics.flush
     )
     if admin_listen:  # a worker under `--workers N` leaves the admin port to its supervisor
         host, port = _split_hostport(admin_listen)
@@ -159,8 +236,8 @@ async def run_server(
             await server.stop(0)
             return 1
 
+    # Made now, started once serving: a change written during the warm start is applied then.
     watcher = ConfigWatcher(config.source, apply, logger, poll_seconds=reload_poll_seconds)
-    watcher.start()
     # Log lines are buffered and flushed every few milliseconds, not written one syscall each.
     logger.autoflush = False
     flusher = asyncio.ensure_future(_flush_every(logger, metrics, _FLUSH_SECONDS))
@@ -169,33 +246,95 @@ async def run_server(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, watcher.poke)
-    # Everything built so far lives as long as the process: keep it out of the cyclic GC's scans.
-    gc.collect()
-    gc.freeze()
-    logger.info(
-        "server.started",
-        listen=listen,
-        httpListen=http_listen,
-        adminListen=admin_listen,
-        deployments=len(config.deployments),
-        config=config.source,
-        eventLoop=type(loop).__module__.split(".")[0],  # "uvloop" or "asyncio"
-    )
-    log_config_warnings(logger, config)
-    await stop.wait()
-    logger.autoflush = True
-    flusher.cancel()
-    logger.info("server.stopping", graceSeconds=grace_seconds)
+
+    started = time.monotonic()
+    budget = life.warm_start["budgetSeconds"]
+    failed = await _warm_start(runtime, budget, stop)
+    if failed is not None:
+        await _serve(life, runtime, health_service, failed, time.monotonic() - started, logger)
+        watcher.start()
+        # Everything built so far lives as long as the process: out of the cyclic GC's scans.
+        gc.collect()
+        gc.freeze()
+        logger.info(
+            "server.started",
+            listen=listen,
+            httpListen=http_listen,
+            adminListen=admin_listen,
+            deployments=len(config.deployments),
+            config=config.source,
+            eventLoop=type(loop).__module__.split(".")[0],  # "uvloop" or "asyncio"
+        )
+        log_config_warnings(logger, config)
+        await stop.wait()
+
+    # Leaving: out of rotation at once, still answering while Envoy notices.
+    life.phase = "draining"  # /readyz 503
+    await health_service.enter_graceful_shutdown()  # NOT_SERVING for "" and the service, for good
     await watcher.stop()
-    await health_service.enter_graceful_shutdown()
+    drain = runtime.config.server.drain_seconds
+    logger.info(
+        "server.draining",
+        message="NOT_SERVING; checks are still answered until Envoy's health checks have seen it.",
+        drainSeconds=drain,
+    )
+    await asyncio.sleep(drain)  # a timed phase: Envoy's health checks run on their interval
+    logger.info("server.stopping", graceSeconds=grace_seconds)
     if http_server is not None:
         http_server.close()  # no new connections; the checks under way finish below
     await server.stop(grace_seconds)
+    await _lines_of_cut_checks(exclude={flusher, *retired})
     await admin.stop()
     for task in list(retired):
         task.cancel()
     await runtime.providers.aclose()
+    flusher.cancel()
     metrics.flush()
     tracing.shutdown()
     logger.info("server.stopped")
+    # One last write of every buffered line (the last checks' and these) before the process
+    # exits: nothing is left in the buffer nor in stdout's.
+    logger.flush()
+    logger.autoflush = True
     return 0
+
+
+async def _serve(
+    life: _Life,
+    runtime: Runtime,
+    health_service: health.aio.HealthServicer,
+    failed: list[Any],
+    seconds: float,
+    logger: JsonLogger,
+) -> None:
+    """The warm start is over: say what it could not fetch, then report SERVING."""
+    life.warm_start.update(seconds=round(seconds, 3), complete=not failed, failed=failed)
+    if failed:
+        logger.warning(
+            "server.warmStartIncomplete",
+            message=f"{len(failed)} identity-provider document(s) could not be fetched within the"
+            f" warm start's {life.warm_start['budgetSeconds']:g} s; serving anyway, and checks"
+            " that need them answer idp_call_failed until the IdP answers.",
+            budgetSeconds=life.warm_start["budgetSeconds"],
+            seconds=life.warm_start["seconds"],
+            failed=failed,
+        )
+    for name in ("", SERVICE_NAME):
+        await health_service.set(name, health_pb2.HealthCheckResponse.SERVING)
+    life.phase = "serving"
+    # Under `--workers N`, the supervisor's /readyz counts the workers that got here.
+    mark_ready(life.worker_state(runtime))
+
+
+# After grpc's grace, the checks still running are cancelled; their handlers log the cancelled
+# check (server.checkCancelled and the access line) as they unwind, a few loop turns later.
+_CUT_CHECKS_SECONDS = 1.0
+
+
+async def _lines_of_cut_checks(exclude: set[asyncio.Task[None]]) -> None:
+    """Wait, a bounded time, for the tasks still running but this process's own (``exclude``):
+    the handlers of checks cut at the end of the grace write their lines as they end."""
+    me = asyncio.current_task()
+    others = [t for t in asyncio.all_tasks() if t is not me and t not in exclude]
+    if others:
+        await asyncio.wait(others, timeout=_CUT_CHECKS_SECONDS)

@@ -12,18 +12,26 @@ only once every worker listens, or the connections Envoy opens first would all s
 This process is the supervisor: it validates the config, starts the workers, restarts one that
 dies, forwards SIGTERM/SIGINT/SIGHUP, and serves the admin port itself, with /metrics summed over
 the workers through prometheus_client's multiprocess mode.
+
+It leaves as one server does (:mod:`extauthz.lifecycle`): at SIGTERM its /readyz answers 503 at
+once, every worker gets the signal and reports NOT_SERVING while it keeps answering checks for
+``server.drainSeconds``, then stops accepting and finishes what is in flight within
+``--grace-seconds``; the supervisor waits for them (the admin port answering all along) and exits.
+A worker tells the supervisor it is ready (and what its warm start could not fetch, and how long
+it drains) in a file named by its pid: the supervisor is ready once every worker is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any
 
 from .admin import AdminServer
@@ -35,12 +43,26 @@ __all__ = ["READY_DIR_ENV", "mark_ready", "supervise"]
 READY_DIR_ENV = "EXTAUTHZ_READY_DIR"
 
 
-def mark_ready() -> None:
-    """In a worker: tell the supervisor this process listens (a file named by its pid)."""
+def mark_ready(state: dict[str, Any] | None = None) -> None:
+    """In a worker: tell the supervisor this process serves (a file named by its pid, holding
+    ``state`` as JSON: its warm start, its drainSeconds). Written whole under another name, then
+    renamed: the supervisor never reads half of it."""
     ready_dir = os.environ.get(READY_DIR_ENV)
     if ready_dir:
-        with open(os.path.join(ready_dir, str(os.getpid())), "w"):
-            pass
+        path = os.path.join(ready_dir, str(os.getpid()))
+        with open(path + ".tmp", "w") as f:
+            json.dump(state or {}, f, default=str)
+        os.replace(path + ".tmp", path)
+
+
+def _worker_state(ready_dir: str, pid: int) -> dict[str, Any] | None:
+    """What the worker ``pid`` said when it got ready; None while it has not."""
+    try:
+        with open(os.path.join(ready_dir, str(pid))) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else {}
 
 
 _RESTART_BACKOFF_SECONDS = 1.0
@@ -81,7 +103,7 @@ async def supervise(
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir, READY_DIR_ENV: ready_dir}
     argv = _worker_argv(config.source, listen, grace_seconds, event_loop)
     procs: list[subprocess.Popen[bytes]] = []
-    stopping = False
+    stopping = False  # SIGTERM received: /readyz 503 from then on
 
     def start_worker() -> subprocess.Popen[bytes]:
         return subprocess.Popen(argv, env=env)
@@ -92,17 +114,29 @@ async def supervise(
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
 
-    def readiness() -> tuple[bool, dict[str, Any]]:
-        # Ready only when every worker listens: Envoy keeps the connections it opens, so
-        # connections made while one worker is up would all stay on it.
+    def states() -> list[dict[str, Any]]:
         alive = [p for p in procs if p.poll() is None]
-        listening = sum(1 for p in alive if os.path.exists(os.path.join(ready_dir, str(p.pid))))
-        return listening == workers, {
+        return [s for p in alive if (s := _worker_state(ready_dir, p.pid)) is not None]
+
+    def readiness() -> tuple[bool, dict[str, Any]]:
+        # Ready only when every worker serves (warm started): Envoy keeps the connections it
+        # opens, so connections made while one worker is up would all stay on it. Never again
+        # once draining.
+        alive = [p for p in procs if p.poll() is None]
+        ready = states()
+        failed: dict[tuple[str, str], Any] = {}
+        for state in ready:
+            for entry in state.get("warmStart", {}).get("failed", []):
+                failed.setdefault((entry.get("endpoint"), entry.get("uri")), entry)
+        phase = "draining" if stopping else "serving" if len(ready) == workers else "starting"
+        return phase == "serving", {
+            "phase": phase,
             "config": config.source,
             "deployments": len(config.deployments),
             "workers": workers,
             "workersAlive": len(alive),
-            "workersListening": listening,
+            "workersListening": len(ready),
+            "warmStartFailed": list(failed.values()),
         }
 
     admin = AdminServer(registry, readiness)
@@ -144,19 +178,43 @@ async def supervise(
     await stop.wait()
     stopping = True
     watcher.cancel()
-    logger.info("server.stopping", graceSeconds=grace_seconds)
+    # The workers drain as long as the config they serve says (it may have been reloaded).
+    drain = max(
+        [float(s.get("drainSeconds", 0)) for s in states()],
+        default=config.server.drain_seconds,
+    )
+    logger.info(
+        "server.draining",
+        message="Not ready; the workers report NOT_SERVING and answer checks meanwhile.",
+        drainSeconds=drain,
+    )
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_seconds + 5
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(timeout=max(0.1, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            codes.append(p.wait())
+    # Waited for on the event loop, so that /readyz goes on answering (503) meanwhile.
+    exited = asyncio.ensure_future(asyncio.gather(*(_exit_of(p) for p in procs)))
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(exited), drain)
+    logger.info("server.stopping", graceSeconds=grace_seconds)
+    try:
+        # What a worker needs at most: its grace, then a few seconds to close and flush.
+        codes = await asyncio.wait_for(asyncio.shield(exited), grace_seconds + 5)
+    except TimeoutError:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        codes = await exited
     await admin.stop()
     shutil.rmtree(metrics_dir, ignore_errors=True)
     logger.info("server.stopped")
     return 0 if all(c == 0 for c in codes) else 1
+
+
+async def _exit_of(proc: subprocess.Popen[bytes]) -> int:
+    """The exit status of ``proc``, once it has exited."""
+    while (code := proc.poll()) is None:
+        await asyncio.sleep(_EXIT_POLL_SECONDS)
+    return code
+
+
+_EXIT_POLL_SECONDS = 0.05  # how soon an exited worker is noticed

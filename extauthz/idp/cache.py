@@ -64,6 +64,10 @@ class CachedDocument(Generic[T]):
         """The cached value while it is within its TTL, else None; no fetch, no metrics."""
         return self._value if self._clock() < self._expires_at else None
 
+    def latest(self) -> T | None:
+        """The last value fetched, fresh, stale or past its stale window; no fetch, no metrics."""
+        return self._value
+
     def past_ttl(self) -> bool:
         """A value is cached but its TTL has run out (it may still be served stale)."""
         return self._value is not None and self._clock() >= self._expires_at

@@ -9,6 +9,11 @@
   takes about a quarter of the memory of the parsed dict (510 against 1,947 bytes for an answer
   of 10 claims).
 * Concurrent checks of the same new token share one IdP call.
+* The client secret comes from a :class:`SecretSource`: ``clientSecretFile`` is read again when
+  the file changes (:class:`SecretFile`), ``clientSecretEnv`` is read once (:class:`FixedSecret`).
+* A reloaded config whose introspection settings did not change keeps the answers: the new
+  generation's client is :meth:`IntrospectionClient.rebound` to its own endpoint lookup and
+  shares the cache, the calls in flight and the secret with the old one.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import asyncio
 import base64
 import hashlib
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote_plus
 
 from ..bounded import BoundedCache
@@ -27,7 +33,24 @@ from ..config import ClientDetails
 from ..errors import IdpBadResponse
 from .http import IdpEndpoint, IdpObserver, IdpResponse, NullObserver
 
-__all__ = ["ClientSecret", "IntrospectionClient"]
+__all__ = [
+    "SECRET_RELOADED_EVENT",
+    "SECRET_RELOAD_FAILED_EVENT",
+    "ClientSecret",
+    "FixedSecret",
+    "IntrospectionClient",
+    "SecretFile",
+    "SecretSource",
+    "SecretUnusable",
+    "read_secret_file",
+]
+
+SECRET_RELOADED_EVENT = "idp.secretReloaded"
+SECRET_RELOAD_FAILED_EVENT = "idp.secretReloadFailed"
+
+# (level, event, fields): a log line about a secret file. Its fields name the file, never what
+# it holds.
+Report = Callable[[str, str, dict[str, Any]], None]
 
 NEGATIVE_TTL_SECONDS = 10.0
 MAX_ENTRIES = 20_000
@@ -56,36 +79,184 @@ class ClientSecret:
     __str__ = __repr__
 
 
+class SecretUnusable(Exception):
+    """A client secret file that cannot be used; the message says why, naming only the file."""
+
+
+class SecretSource(Protocol):
+    def current(self) -> ClientSecret:
+        """The secret to send now."""
+        ...
+
+
+class FixedSecret:
+    """``clientSecretEnv``: a process's environment cannot be changed from outside it, so the
+    value read at load is the value for the life of the process (a new one needs a restart)."""
+
+    __slots__ = ("_secret",)
+
+    def __init__(self, secret: ClientSecret) -> None:
+        self._secret = secret
+
+    def current(self) -> ClientSecret:
+        return self._secret
+
+
+def _file_state(path: str) -> tuple[int, int, int, int] | None:
+    """What tells a changed file apart, through symlinks (a Kubernetes Secret volume swaps its
+    ``..data`` link): device, inode, size and modification time; None when it cannot be had."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def read_secret_file(path: str) -> str:
+    """The secret in ``path``: the whole file less one trailing newline (``echo`` and editors
+    add one; it is never part of the secret). SecretUnusable when unreadable or empty."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise SecretUnusable(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SecretUnusable(f"{path} is not UTF-8 text") from None
+    if text.endswith("\n"):
+        text = text[:-2] if text.endswith("\r\n") else text[:-1]
+    if not text.strip():
+        raise SecretUnusable(f"{path} is empty")
+    return text
+
+
+class SecretFile:
+    """``clientSecretFile``, read again when it changes: a ``stat`` before each use (what an
+    introspection call costs is a network round trip; a ``stat`` is a few microseconds), and a
+    read of the whole file only when device, inode, size or mtime differ.
+
+    A check never sees half a rotation: the new secret replaces the old in one assignment, and
+    only once the file read whole is the file that was stat'ed (a file rewritten while being
+    read is read again at the next use). A new file that cannot be used (unreadable, empty)
+    leaves the old secret in use and is reported once, until the file changes again; the
+    report names the file, never its content. Kubernetes replaces a Secret volume's files
+    atomically; elsewhere, write a temporary file and rename it over the old one.
+    """
+
+    def __init__(self, path: str, report: Report | None = None) -> None:
+        self.path = path
+        self._report: Report = report or (lambda level, event, fields: None)
+        self._seen = _file_state(path)  # before reading: a change while reading is seen later
+        self._secret = ClientSecret(read_secret_file(path))  # SecretUnusable: refuse the config
+        self._failure: str | None = None  # the last problem reported, until the file works
+
+    def current(self) -> ClientSecret:
+        state = _file_state(self.path)
+        if state == self._seen:
+            return self._secret
+        try:
+            value = read_secret_file(self.path)
+        except SecretUnusable as exc:
+            if _file_state(self.path) == state:  # else it is being written: look again next time
+                self._seen = state
+                self._failed(str(exc))
+            return self._secret
+        if _file_state(self.path) != state:
+            return self._secret  # rewritten while it was read: what was read may be half of it
+        self._seen, self._failure = state, None
+        if value != self._secret.reveal():  # else touched, or written back as it was
+            self._secret = ClientSecret(value)
+            self._report(
+                "INFO",
+                SECRET_RELOADED_EVENT,
+                {
+                    "message": "The client secret file changed: introspection calls send the"
+                    " new secret from now on.",
+                    "clientSecretFile": self.path,
+                },
+            )
+        return self._secret
+
+    def _failed(self, reason: str) -> None:
+        if reason == self._failure:
+            return
+        self._failure = reason
+        self._report(
+            "ERROR",
+            SECRET_RELOAD_FAILED_EVENT,
+            {
+                "message": f"The client secret file changed but cannot be used ({reason}); the"
+                " previous secret is still sent.",
+                "clientSecretFile": self.path,
+            },
+        )
+
+
+class _Shared:
+    """What every generation of one introspection client shares: the answers, the calls in
+    flight, and the secret."""
+
+    __slots__ = ("cache", "inflight", "secret")
+
+    def __init__(self, secret: SecretSource, max_entries: int) -> None:
+        self.secret = secret
+        # SHA-256 of the token → (expires at, the claims as compact JSON or _INACTIVE_ENTRY). An
+        # answer larger than MAX_ENTRY_BYTES is used once and not kept.
+        self.cache: BoundedCache[bytes, tuple[float, bytes]] = BoundedCache(
+            max_entries, MAX_ENTRY_BYTES, lru=True
+        )
+        self.inflight: dict[bytes, asyncio.Future[dict[str, Any] | None]] = {}
+
+
 class IntrospectionClient:
     def __init__(
         self,
         endpoint: Callable[[], Awaitable[IdpEndpoint]],
         client: ClientDetails,
-        secret: ClientSecret,
+        secret: ClientSecret | SecretSource,
         *,
         max_cache_seconds: float,
         observer: IdpObserver | None = None,
         clock: Callable[[], float] = time.time,
         max_entries: int = MAX_ENTRIES,
+        shared: _Shared | None = None,
     ) -> None:
         self._endpoint = endpoint
         self._client = client
-        self._secret = secret
-        # client_secret_basic: the Authorization header, built once. RFC 6749 §2.3.1: both parts
-        # are form-urlencoded before Basic encoding.
-        self._basic: ClientSecret | None = None
-        if client.auth_method != "client_secret_post":
-            pair = f"{quote_plus(client.client_id)}:{quote_plus(secret.reveal())}"
-            self._basic = ClientSecret("Basic " + base64.b64encode(pair.encode()).decode("ascii"))
+        if shared is None:
+            source = FixedSecret(secret) if isinstance(secret, ClientSecret) else secret
+            shared = _Shared(source, max_entries)
+        self._shared = shared
+        self._cache = shared.cache
+        self._inflight = shared.inflight
+        # client_secret_basic: the Authorization header, built once per secret (a rotated file
+        # builds it again). RFC 6749 §2.3.1: both parts are form-urlencoded before Basic encoding.
+        self._basic: tuple[ClientSecret, ClientSecret] | None = None
         self._max_cache_seconds = max_cache_seconds
         self._observer = observer or NullObserver()
         self._clock = clock
-        # SHA-256 of the token → (expires at, the claims as compact JSON or _INACTIVE_ENTRY). An
-        # answer larger than MAX_ENTRY_BYTES is used once and not kept.
-        self._cache: BoundedCache[bytes, tuple[float, bytes]] = BoundedCache(
-            max_entries, MAX_ENTRY_BYTES, lru=True
+
+    def rebound(self, endpoint: Callable[[], Awaitable[IdpEndpoint]]) -> IntrospectionClient:
+        """The same client (its answers, calls in flight and secret) finding its endpoint with
+        ``endpoint``: what a reloaded config whose introspection settings did not change uses."""
+        return IntrospectionClient(
+            endpoint,
+            self._client,
+            self._shared.secret,
+            max_cache_seconds=self._max_cache_seconds,
+            observer=self._observer,
+            clock=self._clock,
+            shared=self._shared,
         )
-        self._inflight: dict[bytes, asyncio.Future[dict[str, Any] | None]] = {}
+
+    def _authorization(self, secret: ClientSecret) -> ClientSecret:
+        """The client_secret_basic header for ``secret``."""
+        if self._basic is None or self._basic[0] is not secret:
+            pair = f"{quote_plus(self._client.client_id)}:{quote_plus(secret.reveal())}"
+            header = ClientSecret("Basic " + base64.b64encode(pair.encode()).decode("ascii"))
+            self._basic = (secret, header)
+        return self._basic[1]
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -120,10 +291,11 @@ class IntrospectionClient:
         endpoint = await self._endpoint()
         form = {"token": token, "token_type_hint": "access_token"}
         headers: dict[str, str] | None = None
-        if self._basic is None:  # client_secret_post
-            form.update(client_id=self._client.client_id, client_secret=self._secret.reveal())
+        secret = self._shared.secret.current()  # a rotated file: the new secret, whole
+        if self._client.auth_method == "client_secret_post":
+            form.update(client_id=self._client.client_id, client_secret=secret.reveal())
         else:
-            headers = {"authorization": self._basic.reveal()}
+            headers = {"authorization": self._authorization(secret).reveal()}
 
         def answer(resp: IdpResponse) -> dict[str, Any]:
             body = resp.data

@@ -65,8 +65,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExtauthzProcess
     config: dict[str, Any] = {
         "deployments": [{
             "name": "orders", "pathPrefix": "/orders",
+            # timeoutSeconds 1: the warm start gives the refusing IdP 1 s before serving anyway.
             "authentication": {"type": "TOKEN_AUTHENTICATION", "validationPolicy": {
-                "type": "REMOTE_JWKS", "uri": REFUSING_JWKS}},
+                "type": "REMOTE_JWKS", "uri": REFUSING_JWKS, "timeoutSeconds": 1}},
         }]
     }  # fmt: skip
     with ExtauthzProcess(config, tmp_path_factory.mktemp("admin"), separate_stderr=True) as proc:
@@ -156,21 +157,19 @@ def readyz_providers(server: ExtauthzProcess) -> list[dict[str, Any]]:
 def test_readyz_shows_each_endpoints_last_error_what_when_and_why(
     server: ExtauthzProcess, rsa_key: SigningKey
 ) -> None:
-    """Before any call the JWKS endpoint is listed without an error; after a refused one (and its
-    retry) lastError says what (the log line's message), when (RFC 3339) and how (the metric's
-    outcome, and a detail when there is one)."""
+    """Before any check the JWKS endpoint is listed with the warm start's refused calls as its
+    lastError (the server serves anyway once the warm-start budget has passed, its breaker
+    closed); after a check's refused call (and its retry) lastError says what (the log line's
+    message), when (RFC 3339) and how (the metric's outcome, and a detail when there is one)."""
     (before,) = readyz_providers(server)
-    assert before == {
-        "endpoint": "jwks_uri",
-        "uri": REFUSING_JWKS,
-        "breaker": "closed",
-        "lastSuccess": None,
-        "lastError": None,
-    }
+    warm_start_error = before.pop("lastError")
+    assert before == {"endpoint": "jwks_uri", "uri": REFUSING_JWKS, "breaker": "closed", "lastSuccess": None}
+    assert warm_start_error["outcome"] == "connection_refused"
     checked = server.check(rsa_key.sign(claims()), path="/orders/1")
     assert not checked.allowed
     (after,) = readyz_providers(server)
     error = after["lastError"]
+    assert error["at"] >= warm_start_error["at"]  # the check's call, not the warm start's
     assert error.keys() == {"message", "at", "outcome", "detail"}
     assert error["message"] == server.line(checked.request_id, "authentication.idpCallFailed")["message"]
     assert error["message"].endswith(", CONNECTION_REFUSED. Make sure that the URI is accessible "

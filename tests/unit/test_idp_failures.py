@@ -447,7 +447,7 @@ def test_a_background_refresh_is_bound_by_no_check(rsa_key: SigningKey) -> None:
     now = [0.0]
     providers = idp.providers(remote_jwks_config(JWKS, maxCacheDurationInHours=0.01), clock=lambda: now[0])
     keys = providers.by_deployment["j"].keys
-    (jwks,) = providers._jwks.values()
+    (jwks,) = providers._held.jwks.values()
     assert keys is not None
 
     async def run() -> tuple[tuple[IdpError | None, int, float], Any]:
