@@ -1423,7 +1423,16 @@ def mtls_server(
     [container] = rendered.test_pod["spec"]["containers"]
     mounts = {m["mountPath"]: secret for m in container["volumeMounts"]}
     with ExtauthzProcess(policy, root / "extauthz") as server:
+        # `helm test` runs on a rolled-out release: the pod is ready (its warm start is over).
+        wait_until(lambda: ready(server), timeout=30, what="extauthz /readyz 200")
         yield rendered, server, mounts
+
+
+def ready(server: ExtauthzProcess) -> bool:
+    try:
+        return server.admin("readyz")[0] == 200
+    except OSError:  # urllib's HTTPError for a 503 included
+        return False
 
 
 def test_helm_test_hook_passes_against_the_chart_config_over_mtls(
@@ -1475,6 +1484,7 @@ def test_helm_test_hook_fails_when_the_check_is_allowed(
     policy = default.policy()
     policy["deployments"].append(open_door)
     with ExtauthzProcess(policy, tmp_path) as server:
+        wait_until(lambda: ready(server), timeout=30, what="extauthz /readyz 200")
         result = run_hook(default, f"127.0.0.1:{server.port}", {})
     assert result.returncode == 1
     assert "without credentials was allowed" in result.stderr
