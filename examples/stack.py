@@ -6,8 +6,14 @@ Used by ``examples/demo.py`` (fixed demo ports) and by ``tests/e2e`` (free ports
     with Stack(config_template=Path("examples/demo.yaml"), ports=ports, workdir=tmp) as stack:
         ...                                      # http://127.0.0.1:{ports.envoy}/orders/42
 
+``wire="http"`` has Envoy ask extauthz in Envoy's HTTP ext_authz protocol (docs/wires.md):
+extauthz also listens with ``--http-listen 127.0.0.1:{ports.extauthz_http}`` and Envoy runs
+``envoy/http-wire.yaml``; the default, ``"grpc"``, runs ``envoy/envoy.yaml``. ``start_idp=False``
+starts no IdP and uses the one already answering on ``ports.idp`` (another stack's, so that two
+stacks accept the same tokens).
+
 Config files are templates written for the demo ports: every ``127.0.0.1:3000`` (the IdP) in the
-extauthz config and every demo ``port_value`` in ``envoy/envoy.yaml`` is replaced by the port in
+extauthz config and every demo ``port_value`` in the Envoy config is replaced by the port in
 use, and the rendered copies are written to ``workdir``; ``envoy_replacements`` then changes
 other text of the Envoy config (each key found there exactly once). Envoy's trace collector (the
 ``opentelemetry_collector`` cluster, demo ``127.0.0.1:4317``) is pointed at ``otlp_endpoint``, else
@@ -41,6 +47,10 @@ from typing import IO, Any
 REPO = Path(__file__).resolve().parent.parent
 IDP_DIR = REPO / "examples" / "idp"
 ENVOY_TEMPLATE = REPO / "envoy" / "envoy.yaml"
+HTTP_WIRE_TEMPLATE = REPO / "envoy" / "http-wire.yaml"
+# The Envoy config of each wire: how Envoy asks extauthz (docs/wires.md).
+ENVOY_TEMPLATES = {"grpc": ENVOY_TEMPLATE, "http": HTTP_WIRE_TEMPLATE}
+WIRES = tuple(ENVOY_TEMPLATES)
 DEMO_IDP_ORIGIN = "127.0.0.1:3000"
 # Envoy's OTLP/gRPC collector in envoy/envoy.yaml, written there exactly like this, once.
 DEMO_OTLP_HOST, DEMO_OTLP_PORT = "127.0.0.1", 4317
@@ -61,11 +71,14 @@ class Ports:
     upstream: int
     envoy: int
     envoy_admin: int
+    # extauthz's HTTP wire (--http-listen), used by Stack(wire="http") only. Last and defaulted,
+    # so that Ports built with the six fields above keep working.
+    extauthz_http: int = 9002
 
     @classmethod
     def free(cls) -> Ports:
-        """Six ports the kernel reports free right now."""
-        return cls(*free_ports(6))
+        """Seven ports the kernel reports free right now."""
+        return cls(*free_ports(7))
 
 
 def free_ports(n: int) -> list[int]:
@@ -122,14 +135,19 @@ def render_envoy_config(
     ports: Ports,
     listen_address: str = "0.0.0.0",
     otlp_endpoint: str | None = None,
+    wire: str = "grpc",
 ) -> str:
-    """``envoy/envoy.yaml`` with each demo port value replaced by the one in ``ports``, and the
-    trace collector's address by ``otlp_endpoint`` (default: the demo's 127.0.0.1:4317)."""
+    """``envoy/envoy.yaml`` (``envoy/http-wire.yaml`` for ``wire="http"``) with each demo port
+    value replaced by the one in ``ports``, and the trace collector's address by
+    ``otlp_endpoint`` (default: the demo's 127.0.0.1:4317). The template names extauthz on its
+    wire's port only: the other wire's demo port in it would be a stale address."""
+    expected = _wire_port_counts(wire)
     for demo_port in _port_replacements(ports):
         found = len(re.findall(rf"\bport_value: {demo_port}\b", template))
-        if found != 1:
+        if found != expected.get(demo_port, 1):
             raise StackError(
-                f"envoy template: expected one 'port_value: {demo_port}', found {found}"
+                f"envoy template for the {wire} wire: expected {expected.get(demo_port, 1)} "
+                f"'port_value: {demo_port}', found {found}"
             )
     collector = list(_OTLP_SOCKET.finditer(template))
     if len(collector) != 1:
@@ -163,9 +181,18 @@ def _port_replacements(ports: Ports) -> dict[int, int]:
     return {
         DEMO_PORTS.envoy: ports.envoy,
         DEMO_PORTS.extauthz: ports.extauthz,
+        DEMO_PORTS.extauthz_http: ports.extauthz_http,
         DEMO_PORTS.upstream: ports.upstream,
         DEMO_PORTS.envoy_admin: ports.envoy_admin,
     }
+
+
+def _wire_port_counts(wire: str) -> dict[int, int]:
+    """How often each of extauthz's demo ports appears in the Envoy template of ``wire``."""
+    if wire not in ENVOY_TEMPLATES:
+        raise StackError(f"unknown wire {wire!r}: one of {', '.join(WIRES)}")
+    http = wire == "http"
+    return {DEMO_PORTS.extauthz: 0 if http else 1, DEMO_PORTS.extauthz_http: 1 if http else 0}
 
 
 def _render_ports(template: str, ports: Ports, listen_address: str) -> str:
@@ -190,9 +217,10 @@ def find_envoy() -> str:
     return found
 
 
-def serve_args(config: Path, port: int, admin_port: int) -> list[str]:
-    """``extauthz serve`` with ``config``, gRPC on loopback ``port`` and the admin listener
-    (health, metrics) on ``admin_port``."""
+def serve_args(config: Path, port: int, admin_port: int, http_port: int | None = None) -> list[str]:
+    """``extauthz serve`` with ``config``, gRPC on loopback ``port``, the admin listener (health,
+    metrics) on ``admin_port`` and, given ``http_port``, the HTTP wire on loopback too."""
+    http = ["--http-listen", f"127.0.0.1:{http_port}"] if http_port is not None else []
     return [
         "serve",
         "--config",
@@ -201,6 +229,7 @@ def serve_args(config: Path, port: int, admin_port: int) -> list[str]:
         f"127.0.0.1:{port}",
         "--admin-listen",
         f"127.0.0.1:{admin_port}",
+        *http,
     ]
 
 
@@ -282,6 +311,8 @@ class Stack:
         config_path: Path | None = None,
         config_replacements: Mapping[str, str] | None = None,
         envoy_replacements: Mapping[str, str] | None = None,
+        wire: str = "grpc",
+        start_idp: bool = True,
     ) -> None:
         """``config_template`` is rendered (IdP port, ``config_replacements``) to
         ``workdir/extauthz.yaml``; or ``config_path`` is served as it is (e.g. a ConfigMap-style
@@ -291,9 +322,16 @@ class Stack:
         if ``env`` says so. ``envoy_replacements`` (text to text, e.g. ``{"timeout: 3s":
         "timeout: 2s"}`` for the ext_authz deadline) is applied to the rendered Envoy config;
         each key must occur there exactly once, else :meth:`start` raises StackError before any
-        process starts."""
+        process starts. ``wire`` is how Envoy asks extauthz: ``"grpc"`` (envoy/envoy.yaml) or
+        ``"http"`` (envoy/http-wire.yaml, extauthz with ``--http-listen`` on
+        ``ports.extauthz_http``; gRPC stays on ``ports.extauthz``). ``start_idp=False``: the IdP
+        on ``ports.idp`` is another's, waited for but neither started nor stopped here."""
         if (config_template is None) == (config_path is None):
             raise ValueError("give exactly one of config_template and config_path")
+        if wire not in ENVOY_TEMPLATES:
+            raise ValueError(f"wire must be one of {', '.join(WIRES)}, not {wire!r}")
+        self.wire = wire
+        self.start_idp = start_idp
         self.config_template = config_template
         self.config_path = config_path
         self.config_replacements = dict(config_replacements or {})
@@ -374,13 +412,6 @@ class Stack:
     # -- the four processes ---------------------------------------------------------------
 
     def _start_idp(self, deadline: float) -> None:
-        node = shutil.which("node")
-        if node is None:
-            raise StackError("node is required to run the demo IdP (examples/idp)")
-        ensure_idp_dependencies()
-        env = {**self._env, "IDP_PORT": str(self.ports.idp)}
-        env.pop("IDP_ISSUER", None)  # the issuer must be the address the configs name
-        process = self._spawn("idp", [node, str(IDP_DIR / "server.mjs")], env=env, cwd=IDP_DIR)
         discovery = f"{self.issuer}/.well-known/openid-configuration"
 
         def discovery_answers() -> bool:
@@ -390,6 +421,17 @@ class Stack:
             except (OSError, ValueError):
                 return False
 
+        if not self.start_idp:  # another stack's IdP: it must answer already
+            if not discovery_answers():
+                raise StackError(f"start_idp=False, and no IdP discovery at {discovery}")
+            return
+        node = shutil.which("node")
+        if node is None:
+            raise StackError("node is required to run the demo IdP (examples/idp)")
+        ensure_idp_dependencies()
+        env = {**self._env, "IDP_PORT": str(self.ports.idp)}
+        env.pop("IDP_ISSUER", None)  # the issuer must be the address the configs name
+        process = self._spawn("idp", [node, str(IDP_DIR / "server.mjs")], env=env, cwd=IDP_DIR)
         self._wait(process, discovery_answers, deadline, f"IdP discovery at {discovery}")
 
     def _start_upstream(self, deadline: float) -> None:
@@ -412,25 +454,30 @@ class Stack:
         pythonpath = os.pathsep.join(p for p in (str(REPO), self._env.get("PYTHONPATH", "")) if p)
         # Unbuffered, so each JSON log line reaches the file (and the tests) when it is printed.
         env = {**self._env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath}
+        http_port = self.ports.extauthz_http if self.wire == "http" else None
         argv = [
             *self.extauthz_argv,
-            *serve_args(config, self.ports.extauthz, self.ports.extauthz_admin),
+            *serve_args(config, self.ports.extauthz, self.ports.extauthz_admin, http_port),
         ]
         process = self._spawn("extauthz", argv, env=env)
+        # The port Envoy asks on: gRPC's, or the HTTP wire's.
+        check_port = self.ports.extauthz if http_port is None else http_port
 
         def serving() -> bool:
             started = any(
                 r.get("event") == "server.started" for r in read_json_lines(process.stdout)
             )
-            return (started or accepts_tcp(self.ports.extauthz)) and accepts_tcp(
-                self.ports.extauthz_admin
-            )
+            return (started or accepts_tcp(check_port)) and accepts_tcp(self.ports.extauthz_admin)
 
-        self._wait(process, serving, deadline, "extauthz gRPC and admin ports")
+        self._wait(process, serving, deadline, f"extauthz {self.wire} and admin ports")
 
     def _render_envoy_config(self) -> str:
         rendered = render_envoy_config(
-            ENVOY_TEMPLATE.read_text(), self.ports, self.listen_address, self.otlp_endpoint
+            ENVOY_TEMPLATES[self.wire].read_text(),
+            self.ports,
+            self.listen_address,
+            self.otlp_endpoint,
+            self.wire,
         )
         return replace_exactly_once(rendered, self.envoy_replacements, "envoy config")
 

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from bench import configs
+from extauthz import http_wire
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "examples"))
@@ -196,3 +197,112 @@ def test_istio_normalizes_paths_and_refuses_underscores() -> None:
         assert value["common_http_protocol_options"] == {
             "headers_with_underscores_action": "REJECT_REQUEST"
         }
+
+
+# -- the HTTP wire's Envoy -----------------------------------------------------------------------
+# envoy/http-wire.yaml asks extauthz in Envoy's HTTP protocol (docs/wires.md): the same front as
+# envoy/envoy.yaml, with what extauthz needs of the http_service said explicitly.
+
+HTTP_WIRE = ENVOY_DIR / "http-wire.yaml"
+# What the check must carry besides Host, Authorization, method and path: the request id extauthz
+# logs and returns, and the trace context (W3C and B3) its span continues.
+FORWARDED = {
+    "x-request-id", "traceparent", "tracestate",
+    "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags",
+}  # fmt: skip
+# The policies the demo and the e2e stacks run through this config.
+POLICIES = [REPO / "examples" / "demo.yaml", REPO / "tests" / "e2e" / "policy.yaml"]
+
+
+def seconds(duration: str) -> float:
+    assert duration.endswith("s"), duration
+    return float(duration[:-1])
+
+
+def exact_patterns(matcher: dict[str, Any]) -> set[str]:
+    patterns = matcher["patterns"]
+    assert all(set(p) == {"exact"} for p in patterns), patterns
+    return {p["exact"] for p in patterns}
+
+
+def identity_headers() -> set[str]:
+    return {
+        name.lower()
+        for policy in POLICIES
+        for deployment in yaml.safe_load(policy.read_text())["deployments"]
+        for name in deployment.get("headersFromClaims", {})
+    }
+
+
+def test_http_wire_config_asks_extauthz_as_it_reads_the_http_protocol() -> None:
+    """Fail closed with 503 and envoy.yaml's 3 s, the request id and trace context forwarded and
+    x-extauthz-* never, no body and no path prefix, every identity header of the policies let
+    through to the upstream, a denial's headers all let through to the client."""
+    document = yaml.safe_load(HTTP_WIRE.read_text())
+    [ext_authz] = [n for n in walk(document) if n.get("@type") == EXT_AUTHZ]
+    [grpc_filter] = [
+        n
+        for n in walk(yaml.safe_load((ENVOY_DIR / "envoy.yaml").read_text()))
+        if n.get("@type") == EXT_AUTHZ
+    ]
+    assert "grpc_service" not in ext_authz
+    assert ext_authz["transport_api_version"] == "V3"
+    assert ext_authz["failure_mode_allow"] is False
+    assert ext_authz["status_on_error"] == {"code": "ServiceUnavailable"}
+    assert "with_request_body" not in ext_authz
+    service = ext_authz["http_service"]
+    assert service["server_uri"]["cluster"] == "extauthz"
+    assert service["server_uri"]["timeout"] == grpc_filter["grpc_service"]["timeout"] == "3s"
+    assert "path_prefix" not in service
+    allowed = exact_patterns(ext_authz["allowed_headers"])
+    assert allowed >= FORWARDED
+    assert not {name for name in allowed if name.startswith("x-extauthz-")}
+    assert "headers_to_add" not in service.get("authorization_request", {})
+    response = service["authorization_response"]
+    assert (
+        exact_patterns(response["allowed_upstream_headers"])
+        >= identity_headers()
+        >= {"x-auth-subject", "x-auth-tenant"}
+    )
+    assert "allowed_client_headers" not in response  # all of a denial's headers
+
+
+def test_http_wire_config_names_deployments_per_route_with_the_whole_service() -> None:
+    """A route names its deployment with x-extauthz-deployment in its own http_service, which
+    replaces the filter's whole: the same server and upstream headers, not a subset; and no
+    context_extensions, which Envoy applies to grpc_service only."""
+    document = yaml.safe_load(HTTP_WIRE.read_text())
+    [ext_authz] = [n for n in walk(document) if n.get("@type") == EXT_AUTHZ]
+    service = ext_authz["http_service"]
+    per_route = [n for n in walk(document) if n.get("@type") == PER_ROUTE]
+    assert any(n.get("disabled") is True for n in per_route), "a health route without ext_authz"
+    overrides = [n["check_settings"] for n in per_route if "check_settings" in n]
+    assert overrides
+    named = set()
+    for settings in overrides:
+        assert set(settings) == {"http_service"}, settings
+        override = settings["http_service"]
+        assert override["server_uri"] == service["server_uri"]
+        assert override["authorization_response"] == service["authorization_response"]
+        assert "path_prefix" not in override
+        [header] = override["authorization_request"]["headers_to_add"]
+        assert header["key"] == "x-extauthz-deployment"
+        named.add(header["value"])
+    deployments = {
+        d["name"]
+        for d in yaml.safe_load((REPO / "examples" / "demo.yaml").read_text())["deployments"]
+    }
+    assert named <= deployments
+
+
+def test_http_wire_cluster_is_http1_and_closes_idle_connections_before_extauthz() -> None:
+    """Envoy's idle timeout below extauthz's: Envoy never sends a check on a connection that
+    extauthz is closing."""
+    document = yaml.safe_load(HTTP_WIRE.read_text())
+    [cluster] = [c for c in document["static_resources"]["clusters"] if c["name"] == "extauthz"]
+    options = cluster["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    assert set(options["explicit_http_config"]) == {"http_protocol_options"}
+    idle = seconds(options["common_http_protocol_options"]["idle_timeout"])
+    assert 0 < idle < http_wire.IDLE_SECONDS
