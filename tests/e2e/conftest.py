@@ -4,6 +4,13 @@ Started once per session on free ports with ``tests/e2e/policy.yaml`` (examples/
 work). The tests skip, saying why, only when node or npm is missing; anything else that keeps
 the stack from starting is an error with the failing process's log tail.
 
+Envoy asks extauthz on the gRPC wire there. ``http_stack`` is the same stack on the HTTP wire
+(``envoy/http-wire.yaml``, docs/wires.md), sharing ``stack``'s IdP so that one token is good on
+both. A module marked ``both_wires`` runs each test that uses ``gateway`` or ``logs`` once per
+wire (ids ``[grpc]``, ``[http]``): the ``wire`` fixture picks the stack behind them. A test of
+such a module that asserts what only the gRPC wire has is marked ``grpc_only(reason)``: its HTTP
+run is skipped with that reason. Everything else runs on the gRPC wire, as before.
+
 Both Envoy and extauthz export their traces to a real OTLP/gRPC receiver (``otlp``) started
 before the stack, and the ``idp-down`` deployment introspects at a real misbehaving IdP
 (``faulty_idp``) whose endpoint answers 500. Every token the ``idp`` fixture issues and every
@@ -13,9 +20,11 @@ token sent through the ``gateway`` is recorded in ``secrets_registry``;
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,9 +37,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "examples"))
 
-from stack import Ports, Stack  # noqa: E402 (examples/ is not a package; needs the path above)
+from stack import WIRES, Ports, Stack  # noqa: E402 (examples/ is not a package; needs the path above)
 
-from tests.e2e.tokens import until_expired  # noqa: E402
+from tests.e2e.tokens import claims_of, until_expired  # noqa: E402
 from tests.integration.faulty_idp import Fault, FaultyIdp  # noqa: E402
 from tests.otlp_receiver import OtlpReceiver  # noqa: E402
 from tests.waiting import wait_until  # noqa: E402
@@ -39,6 +48,9 @@ POLICY_TEMPLATE = Path(__file__).with_name("policy.yaml")
 API = "https://api.example.com"
 OTHER_API = "https://other.example.com"
 LOG_WAIT_SECONDS = 5.0
+# How long after its exp an expired token is handed out again: well inside the skew deployment's
+# maxClockSkewInSeconds (60), where it must still pass.
+EXPIRED_REUSE_SECONDS = 30.0
 # policy.yaml's template origin of the misbehaving IdP (faulty_idp), replaced by its real address.
 FAULTY_IDP_ORIGIN = "http://127.0.0.1:3999"
 FAULTY_INTROSPECTION = "/introspect-500"  # answers 500 to every call
@@ -111,8 +123,11 @@ class Gateway:
         *,
         token: str | None = None,
         headers: dict[str, str] | None = None,
+        request_id: str | None = None,
     ) -> Call:
-        request_id = str(uuid.uuid4())  # a UUID: Envoy keeps it and extauthz logs it as requestId
+        """``request_id`` (a UUID: Envoy keeps it and extauthz logs it as requestId) is a new
+        one unless given: the same request sent on both wires carries the same id."""
+        request_id = request_id or str(uuid.uuid4())
         sent = {"x-request-id": request_id, **(headers or {})}
         if token is not None:
             sent["authorization"] = f"Bearer {token}"
@@ -174,6 +189,44 @@ def stack(
 
 
 @pytest.fixture(scope="session")
+def http_stack(
+    stack: Stack,
+    tmp_path_factory: pytest.TempPathFactory,
+    otlp: OtlpReceiver,
+    faulty_idp: FaultyIdp,
+) -> Iterator[Stack]:
+    """``stack`` on the HTTP wire: the same policy, environment and trace receiver, and
+    ``stack``'s IdP (not started again), so that the same token is good on both wires."""
+    ports = dataclasses.replace(Ports.free(), idp=stack.ports.idp)
+    with Stack(
+        config_template=POLICY_TEMPLATE,
+        ports=ports,
+        workdir=tmp_path_factory.mktemp("http-stack"),
+        listen_address="127.0.0.1",
+        env={**os.environ, **INTROSPECTION_ENV, **TRACING_ENV},
+        otlp_endpoint=otlp.endpoint,
+        config_replacements={FAULTY_IDP_ORIGIN: faulty_idp.url},
+        wire="http",
+        start_idp=False,
+    ) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def wire(request: pytest.FixtureRequest) -> str:
+    """The wire Envoy asks extauthz on, behind ``gateway`` and ``logs``: a ``both_wires``
+    module's tests get each in turn, every other test gRPC."""
+    return str(getattr(request, "param", "grpc"))
+
+
+@pytest.fixture(scope="session")
+def wire_stack(wire: str, request: pytest.FixtureRequest) -> Stack:
+    """The stack of ``wire``; the HTTP one starts only when a test asks for it."""
+    found: Stack = request.getfixturevalue("stack" if wire == "grpc" else "http_stack")
+    return found
+
+
+@pytest.fixture(scope="session")
 def http() -> Iterator[httpx.Client]:
     with httpx.Client(timeout=10.0) as client:
         yield client
@@ -185,19 +238,81 @@ def idp(stack: Stack, http: httpx.Client, secrets_registry: SecretsRegistry) -> 
 
 
 @pytest.fixture(scope="session")
-def gateway(stack: Stack, http: httpx.Client, secrets_registry: SecretsRegistry) -> Gateway:
-    return Gateway(stack.envoy_url, http, secrets_registry)
+def gateway(wire_stack: Stack, http: httpx.Client, secrets_registry: SecretsRegistry) -> Gateway:
+    return Gateway(wire_stack.envoy_url, http, secrets_registry)
 
 
 @pytest.fixture(scope="session")
-def logs(stack: Stack) -> Logs:
-    return Logs(stack)
+def logs(wire_stack: Stack) -> Logs:
+    return Logs(wire_stack)
+
+
+@pytest.fixture(scope="session")
+def gateways(
+    stack: Stack, http_stack: Stack, http: httpx.Client, secrets_registry: SecretsRegistry
+) -> dict[str, Gateway]:
+    """Envoy on each wire, for a test that sends the same request through both."""
+    return {
+        wire: Gateway(running.envoy_url, http, secrets_registry)
+        for wire, running in (("grpc", stack), ("http", http_stack))
+    }
+
+
+# -- both wires ------------------------------------------------------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "both_wires: run each test using the gateway or logs fixtures once per wire (gRPC, HTTP)",
+    )
+    config.addinivalue_line(
+        "markers",
+        "grpc_only(reason): in a both_wires module, a test of what only the gRPC wire has; "
+        "its HTTP run is skipped with the reason",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``wire`` parametrized (session scope: each stack started once) for the tests of a
+    ``both_wires`` module that reach a stack through ``gateway`` or ``logs``."""
+    if "wire" not in metafunc.fixturenames or not metafunc.definition.get_closest_marker(
+        "both_wires"
+    ):
+        return
+    grpc_only = metafunc.definition.get_closest_marker("grpc_only")
+    params: list[Any] = list(WIRES)
+    if grpc_only is not None:
+        reason = grpc_only.kwargs.get("reason") or (grpc_only.args or ("",))[0]
+        if not reason:
+            raise pytest.UsageError(f"{metafunc.definition.nodeid}: grpc_only needs a reason")
+        params = [
+            pytest.param(w, marks=pytest.mark.skip(reason=f"gRPC wire only: {reason}"))
+            if w != "grpc"
+            else w
+            for w in WIRES
+        ]
+    metafunc.parametrize("wire", params, indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def expired_tokens() -> list[str]:
+    """The expired tokens ``expired_token`` handed out, the newest last."""
+    return []
 
 
 @pytest.fixture
-def expired_token(idp: IdP) -> str:
-    """A valid acme token (2 s lifetime) whose ``exp`` passed more than a second ago."""
-    return until_expired(idp.token("short-lived", scope="orders.read"))
+def expired_token(idp: IdP, expired_tokens: list[str]) -> str:
+    """A valid acme token (2 s lifetime) whose ``exp`` passed more than a second ago, and at
+    most EXPIRED_REUSE_SECONDS ago: one is given to several tests (each wire's), since waiting
+    for one to expire takes seconds."""
+    if (
+        expired_tokens
+        and time.time() < claims_of(expired_tokens[-1])["exp"] + EXPIRED_REUSE_SECONDS
+    ):
+        return expired_tokens[-1]
+    expired_tokens.append(until_expired(idp.token("short-lived", scope="orders.read")))
+    return expired_tokens[-1]
 
 
 # -- tracing, the misbehaving IdP and the secrets audit ---------------------------------
@@ -244,6 +359,7 @@ def faulty_idp() -> Iterator[FaultyIdp]:
         yield idp
 
 
+@pytest.hookimpl(trylast=True)  # after pytest grouped the tests by wire
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The secrets audit runs after every other test, so that it sees the whole run."""
     audit = [item for item in items if item.path.name == "test_secrets_e2e.py"]

@@ -22,8 +22,12 @@ from tests.e2e.test_jwt_e2e import (
     upstream_echo,
 )
 
+# Every test through Envoy runs on both wires (tests/e2e/conftest.py): the decisions, the
+# denials as the client sees them and the identity headers the upstream gets must never drift.
+pytestmark = pytest.mark.both_wires
+
 if TYPE_CHECKING:  # the fixtures' types; conftest is never imported at run time
-    from tests.e2e.conftest import Gateway, IdP, Logs
+    from tests.e2e.conftest import Call, Gateway, IdP, Logs
 
 OPAQUE = "https://opaque.example.com"
 API = "https://api.example.com"
@@ -181,14 +185,8 @@ def test_opaque_token_without_the_route_scope_is_403(idp: IdP, gateway: Gateway,
 # -- 500: the IdP refuses extauthz -------------------------------------------------------------
 
 
-def test_wrong_introspection_credentials_are_500_with_the_401_message(
-    idp: IdP, gateway: Gateway, logs: Logs
-) -> None:
-    """The IdP rejects extauthz's client credentials: 500 idp_call_failed, never allowed, and the
-    log names the endpoint and the IdP's 401."""
-    token = opaque_token(idp)
-    call = gateway.request("GET", "/opaque-bad-client/1", token=token)
-    assert_denied(call, status=500, error="server_error", reason="idp_call_failed", www_authenticate=None)
+def assert_idp_refusal_logged(idp: IdP, logs: Logs, call: Call) -> None:
+    """One idpCallFailed line naming the endpoint and the IdP's 401, and the access line."""
     line = logs.find(call.request_id, IDP_FAILED)
     uri = f"{idp.issuer}/token/introspection"
     assert line["endpoint"] == "introspection_endpoint", line
@@ -203,8 +201,38 @@ def test_wrong_introspection_credentials_are_500_with_the_401_message(
         if record.get("requestId") == call.request_id and record.get("event") == IDP_FAILED
     ]
     assert len(failures) == 1, failures
+
+
+@pytest.mark.grpc_only(
+    "Envoy takes an http_service's 5xx for a failed call and answers its own status_on_error "
+    "(503, no body, none of extauthz's headers); test_jwt_e2e's "
+    "test_both_wires_answer_the_client_alike[idp_call_failed] asserts that"
+)
+def test_wrong_introspection_credentials_are_500_with_the_401_message(
+    idp: IdP, gateway: Gateway, logs: Logs
+) -> None:
+    """The IdP rejects extauthz's client credentials: 500 idp_call_failed, never allowed, and the
+    log names the endpoint and the IdP's 401."""
+    token = opaque_token(idp)
+    call = gateway.request("GET", "/opaque-bad-client/1", token=token)
+    assert_denied(call, status=500, error="server_error", reason="idp_call_failed", www_authenticate=None)
+    assert_idp_refusal_logged(idp, logs, call)
     # The same token is fine where the credentials are right: the failure was extauthz's client.
     assert upstream_echo(gateway.request("GET", "/opaque/1", token=token))["headers"]["x-auth-tenant"] == "acme"
+
+
+# What the client gets when extauthz answers 500: extauthz's denial on the gRPC wire, Envoy's
+# status_on_error on the HTTP wire (docs/wires.md, "Configuring Envoy").
+IDP_REFUSED_STATUS = {"grpc": 500, "http": 503}
+
+
+def test_wrong_introspection_credentials_are_never_allowed_and_logged_alike(
+    idp: IdP, gateway: Gateway, logs: Logs, wire: str
+) -> None:
+    """On either wire: refused, and the same lines, whatever Envoy then tells the client."""
+    call = gateway.request("GET", "/opaque-bad-client/2", token=opaque_token(idp))
+    assert call.response.status_code == IDP_REFUSED_STATUS[wire], call.response.text
+    assert_idp_refusal_logged(idp, logs, call)
 
 
 # -- what never leaves the server ----------------------------------------------------------------

@@ -1,20 +1,29 @@
 """JWT validation through the real Envoy, extauthz and oidc-provider, as a client sees it.
 
-Every denial is checked on all its surfaces: HTTP status, ``www-authenticate`` exactly as in the
-contract's table, ``x-extauthz-reason``, the JSON body, and the access and execution log lines
-that extauthz wrote for that request's ``x-request-id``.
+Every denial is checked on all its surfaces: HTTP status, ``www-authenticate`` exactly as in
+docs/decisions.md's table, ``x-extauthz-reason``, the JSON body, and the access and execution log
+lines that extauthz wrote for that request's ``x-request-id``.
+
+Each test through Envoy runs once per wire (gRPC, HTTP: tests/e2e/conftest.py), and
+``test_both_wires_answer_the_client_alike`` sends the same requests through both and compares
+what the client and the upstream get.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.e2e.tokens import tamper_signature
+from tests.e2e.tokens import tamper_signature, with_header
 from tests.integration.serverproc import run_extauthz
+
+# Every test through Envoy runs on both wires (tests/e2e/conftest.py): the decisions, the
+# denials as the client sees them and the identity headers the upstream gets must never drift.
+pytestmark = pytest.mark.both_wires
 
 if TYPE_CHECKING:  # the fixtures' types; conftest is never imported at run time
     from tests.e2e.conftest import Call, Gateway, IdP, Logs
@@ -31,7 +40,7 @@ CREATE_ORDER = {"deployment": "orders", "route": "create-order", "method": "POST
 def assert_denied(
     call: Call, *, status: int, error: str, reason: str, www_authenticate: str | None
 ) -> None:
-    """A denial as the contract's section 3 table describes it, on every surface the client sees."""
+    """A denial as docs/decisions.md's table describes it, on every surface the client sees."""
     response = call.response
     assert response.status_code == status, response.text
     assert response.headers.get("www-authenticate") == www_authenticate
@@ -77,7 +86,7 @@ def assert_failure_line(
     line = logs.find(call.request_id, event)
     assert line["reason"] == reason, line
     assert "ts" in line and "level" in line, line
-    if message is None:  # the contract only asks for a plain sentence for this reason
+    if message is None:  # no fixed wording for this reason: a plain sentence
         assert isinstance(line.get("message"), str) and line["message"].strip(), line
     else:
         assert line.get("message") == message, line
@@ -358,3 +367,125 @@ def test_demo_config_passes_check_config() -> None:
     """examples/demo.yaml, the file users copy, is a valid config."""
     result = run_extauthz("check-config", str(REPO / "examples" / "demo.yaml"))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+
+# -- both wires answer alike -------------------------------------------------------------------
+# The same request, with the same x-request-id and the same token, sent through the gRPC-wire
+# Envoy and the HTTP-wire Envoy: what the client gets must be the same bytes, and the upstream
+# the same identity headers. The tests above assert each wire against the expected decision;
+# this asserts the two wires against each other, so that nothing either wire adds or drops
+# (a header, a byte of the body) goes unnoticed. Where Envoy itself treats the HTTP wire's
+# answer differently (docs/wires.md, "Configuring Envoy"), the difference is asserted exactly.
+
+OPAQUE_API = "https://opaque.example.com"
+# What a client sees of a denial, compared header by header.
+DENIAL_HEADERS = ("www-authenticate", "x-extauthz-reason", "x-request-id", "content-type")
+# Envoy times its HTTP call to extauthz and says so on the denial it passes on; the gRPC call
+# has no such header. Nothing of extauthz's.
+HTTP_WIRE_ONLY = {"x-envoy-upstream-service-time"}
+# Headers that differ from one response to the next whatever the wire.
+PER_RESPONSE = {"date"}
+IDENTITY = ("x-auth-subject", "x-auth-tenant")
+FORGED = {"x-auth-subject": "attacker", "x-auth-tenant": "evil"}
+ACME = {"x-auth-subject": "acme-client", "x-auth-tenant": "acme"}
+# How the HTTP wire's answer reaches the client, next to the gRPC wire's:
+SAME = "same"  # byte for byte
+# HEAD: Envoy asks extauthz with HEAD, so the denial comes without a body, and Envoy's reply
+# then has no content-type or content-length (the gRPC wire's reply has both, and no body).
+HEAD = "head"
+# A 5xx from an http_service is a failed call to Envoy: the client gets status_on_error (503)
+# with an empty body and none of extauthz's headers.
+ENVOY_503 = "status_on_error"
+
+
+def opaque(idp: IdP, client_id: str = "acme-client", scope: str = "orders.read") -> str:
+    return idp.token(client_id, resource=OPAQUE_API, scope=scope)
+
+
+def revoked(idp: IdP) -> str:
+    token = opaque(idp)
+    response = idp.http.post(
+        f"{idp.issuer}/token/revocation",
+        auth=("acme-client", "acme-client-secret"),
+        data={"token": token, "token_type_hint": "access_token"},
+    )
+    assert response.status_code == 200, response.text
+    return token
+
+
+# (method, path, the credential or None, more request headers, the reason, or for an allow the
+# identity headers the upstream gets, and how the HTTP wire's answer compares). A credential is
+# made once and sent on both wires; the expired one only where it is used (it takes seconds).
+WIRE_CASES = [
+    pytest.param("GET", "/orders/42", lambda idp, request: idp.token("acme-client", scope="orders.read"), FORGED, ACME, SAME, id="allow-identity-replaces-forged"),
+    pytest.param("GET", "/public/hello", None, {"x-auth-subject": "attacker"}, {}, SAME, id="allow-anonymous-forged-removed"),
+    pytest.param("GET", "/opaque/1", lambda idp, request: opaque(idp), FORGED, ACME, SAME, id="allow-opaque"),
+    pytest.param("GET", "/orders/42", None, {}, "token_missing", SAME, id="token_missing"),
+    pytest.param("GET", "/orders/42", None, {"authorization": "Token abc"}, "token_missing", SAME, id="token_missing-other-scheme"),
+    pytest.param("GET", "/orders/42", lambda idp, request: "not-a-jwt", {}, "token_malformed", SAME, id="token_malformed"),
+    pytest.param("GET", "/orders/42", lambda idp, request: tamper_signature(idp.token("acme-client")), {}, "signature_invalid", SAME, id="signature_invalid"),
+    pytest.param("GET", "/orders/42", lambda idp, request: with_header(idp.token("acme-client"), kid="rotated-away"), {}, "key_not_found", SAME, id="key_not_found"),
+    pytest.param("GET", "/orders/42", lambda idp, request: with_header(idp.token("acme-client"), alg="HS256"), {}, "algorithm_not_allowed", SAME, id="algorithm_not_allowed"),
+    pytest.param("GET", "/orders/42", lambda idp, request: request.getfixturevalue("expired_token"), {}, "token_expired", SAME, id="token_expired"),
+    pytest.param("GET", "/wrong-issuer/x", lambda idp, request: idp.token("acme-client"), {}, "issuer_mismatch", SAME, id="issuer_mismatch"),
+    pytest.param("GET", "/orders/42", lambda idp, request: idp.token("acme-client", resource=OTHER_API), {}, "audience_mismatch", SAME, id="audience_mismatch"),
+    pytest.param("GET", "/orders/42", lambda idp, request: idp.token("plain-client"), {}, "claim_missing", SAME, id="claim_missing"),
+    pytest.param("GET", "/orders/42", lambda idp, request: idp.token("globex-client"), {}, "claim_value_mismatch", SAME, id="claim_value_mismatch"),
+    pytest.param("GET", "/opaque/1", lambda idp, request: revoked(idp), {}, "token_inactive", SAME, id="token_inactive"),
+    pytest.param("POST", "/orders", lambda idp, request: idp.token("acme-client", scope="orders.read"), {}, "insufficient_scope", SAME, id="insufficient_scope"),
+    pytest.param("GET", "/nowhere/1", lambda idp, request: idp.token("acme-client"), {}, "no_matching_policy", SAME, id="no_matching_policy"),
+    pytest.param("DELETE", "/orders/42", lambda idp, request: idp.token("acme-client"), {}, "no_matching_policy", SAME, id="no_matching_policy-method"),
+    # A client naming a deployment: the HTTP wire's x-extauthz-deployment is Envoy's to set.
+    pytest.param("GET", "/nowhere/1", None, {"x-extauthz-deployment": "public"}, "no_matching_policy", SAME, id="no_matching_policy-forged-deployment"),
+    pytest.param("HEAD", "/public/hello", lambda idp, request: "not-a-jwt", {}, "token_malformed", HEAD, id="head-token_malformed"),
+    pytest.param("GET", "/opaque-bad-client/1", lambda idp, request: opaque(idp), {}, "idp_call_failed", ENVOY_503, id="idp_call_failed"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "path", "credential", "headers", "expected", "on_http"), WIRE_CASES)
+def test_both_wires_answer_the_client_alike(
+    gateways: dict[str, Gateway],
+    idp: IdP,
+    request: pytest.FixtureRequest,
+    method: str,
+    path: str,
+    credential: Callable[[IdP, pytest.FixtureRequest], str] | None,
+    headers: dict[str, str],
+    expected: str | dict[str, str],
+    on_http: str,
+) -> None:
+    """Status, the denial's headers and body bytes as the client gets them, and the identity
+    headers the upstream gets, are the same through either wire."""
+    token = credential(idp, request) if credential is not None else None
+    request_id = str(uuid.uuid4())
+    calls = {
+        wire: gateway.request(method, path, token=token, headers=headers, request_id=request_id)
+        for wire, gateway in gateways.items()
+    }
+    grpc, over_http = calls["grpc"].response, calls["http"].response
+    if isinstance(expected, dict):  # allowed: what the upstream got, not Envoy's echo of it
+        for call in calls.values():
+            echo = upstream_echo(call)["headers"]
+            assert {k: echo[k] for k in IDENTITY if k in echo} == expected
+        return
+    assert grpc.headers["x-extauthz-reason"] == expected, grpc.text
+    assert grpc.headers["x-request-id"] == request_id
+    names = {wire: set(call.response.headers) - PER_RESPONSE for wire, call in calls.items()}
+    if on_http == SAME:
+        assert (over_http.status_code, over_http.content) == (grpc.status_code, grpc.content)
+        for name in DENIAL_HEADERS:
+            assert over_http.headers.get(name) == grpc.headers.get(name), name
+        assert names["http"] - HTTP_WIRE_ONLY == names["grpc"]
+    elif on_http == HEAD:
+        assert over_http.status_code == grpc.status_code
+        assert over_http.content == grpc.content == b""
+        for name in ("www-authenticate", "x-extauthz-reason", "x-request-id"):
+            assert over_http.headers.get(name) == grpc.headers.get(name), name
+        assert grpc.headers["content-type"] == "application/json"
+        assert "content-type" not in over_http.headers
+    else:
+        assert on_http == ENVOY_503
+        assert grpc.status_code >= 500 and grpc.headers["content-type"] == "application/json"
+        assert (over_http.status_code, over_http.content) == (503, b"")
+        assert not {"x-extauthz-reason", "www-authenticate", "content-type"} & names["http"]
