@@ -17,8 +17,10 @@ over the config, as Kubernetes does for ConfigMaps. A reader then sees the old f
 one, never a part of either, and settling only delays the reload.
 
 A new file that does not validate is logged with every error and ignored: the old policy keeps
-serving. A valid one builds a complete new engine (providers, caches) first and is then swapped in
-with one assignment, so every check runs entirely on the old policy or entirely on the new one.
+serving. A valid one builds a complete new engine first and is then swapped in with one
+assignment, so every check runs entirely on the old policy or entirely on the new one. The new
+engine takes over the IdP providers whose settings did not change, with their caches and
+breakers (:class:`extauthz.idp.Providers`, ``previous=``): a reload fetches no key again.
 The new file is read and validated in a thread: checks are answered on the old policy meanwhile.
 The file's digest is taken again after that read; if it changed meanwhile, the read is discarded
 and the new content has to settle in turn.
