@@ -574,8 +574,9 @@ def test_cached_keys_keep_serving_while_the_idp_is_down(
                 }),
             ]
         }
+        # Before the start: the warm start fetches both JWKS after this, before the first check.
+        fetched = time.monotonic()
         with ExtauthzProcess(config, tmp_path / "server") as server:
-            fetched = time.monotonic()
             assert_allowed(server.check(rsa_key.sign(claims()), path="/stale/x"))
             assert_allowed(server.check(rsa_key.sign(claims()), path="/bounded/x"))
             assert (idp.count("/stale/jwks"), idp.count("/bounded/jwks")) == (1, 1)
