@@ -7,6 +7,17 @@ IDP_STAMP := examples/idp/node_modules/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: install idp protos test unit lint run check-examples clean bench bench-smoke bench-flood chaos wrk
+.PHONY: image image-base container-host test-image print-image
+
+# The chart's default image (helm/extauthz: values.yaml image.repository, and image.tag or else
+# Chart.yaml appVersion), so that what `make image` builds is what `helm install` runs.
+CHART := helm/extauthz
+APP_VERSION := $(shell sed -n 's/^appVersion:[[:space:]]*"\{0,1\}\([^"[:space:]]*\).*/\1/p' $(CHART)/Chart.yaml)
+_chart_image = $(shell awk '/^image:/ {f = 1; next} /^[^[:space:]\#]/ {f = 0} \
+  f && $$1 == "$(1):" {gsub(/"/, "", $$2); print $$2}' $(CHART)/values.yaml)
+IMAGE_REPOSITORY ?= $(call _chart_image,repository)
+IMAGE_TAG ?= $(or $(call _chart_image,tag),$(APP_VERSION))
+IMAGE ?= $(IMAGE_REPOSITORY):$(IMAGE_TAG)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +36,7 @@ idp: $(IDP_STAMP)
 protos: install
 	$(PY) protos/build.py
 
-test: install idp
+test: install idp test-image
 	$(PY) -m pytest
 
 unit: install
@@ -41,6 +52,28 @@ run: install idp
 
 check-examples: install
 	for f in examples/*.yaml; do $(VENV)/bin/extauthz check-config $$f || exit 1; done
+
+# -- the container image (README.md, "Container image") ----------------------------------------
+# docker or podman, whichever is there (ENGINE=... chooses); BASE_IMAGE, CA_BUNDLE, BUILD_FLAGS:
+# container/build-image.sh.
+image:
+	IMAGE=$(IMAGE) VERSION=$(APP_VERSION) bash container/build-image.sh
+
+# The local Debian base again (Debian's security updates), for machines with no registry.
+image-base:
+	bash container/base-image.sh --force
+
+# As root on Debian: podman, runc, debootstrap and podman's settings for this kind of machine.
+container-host:
+	bash container/host-setup.sh
+
+# For tests/container: the engine where it can be installed, then the image; says what to
+# install when neither is possible.
+test-image:
+	IMAGE=$(IMAGE) VERSION=$(APP_VERSION) bash container/for-tests.sh
+
+print-image:
+	@echo $(IMAGE)
 
 clean:
 	rm -rf $(VENV) examples/idp/node_modules .pytest_cache
