@@ -15,7 +15,8 @@ on the gRPC wire, and written out by :class:`~extauthz.response.HttpRenderer`. A
 allow is answered without a task, from bytes rendered once.
 
 Bounded: the request head (64 KiB, 200 headers), a body (read and dropped, at most 1 MiB), the
-time a head may take to arrive (10 s: one byte a second gets nowhere), the requests pipelined
+time a request may take to arrive, head and body, from its first byte (10 s: one byte a second
+gets nowhere, in the head, in the body or as empty lines before it), the requests pipelined
 ahead of their answers (32: reading pauses beyond), and the idle time of a connection (5 min).
 A request that cannot be read is answered 400 (413, 431, 408) and the connection closed, with
 an ``http.badRequest`` line; nothing of the request is echoed.
@@ -69,6 +70,9 @@ _BAD_REQUEST = {
         b"content-length: 0\r\n\r\n"
     ),
 }
+# How long a connection being closed still reads (and drops) what the client sends after the
+# answer: closed with unread bytes, the kernel would reset it, and the client could lose the answer.
+_LINGER_SECONDS = 1.0
 # Answered if rendering a decision itself fails: a denial with nothing taken from the request.
 _FALLBACK_DENIAL = HttpRenderer(ServerSettings()).render(
     deny(Reason.INTERNAL_ERROR, ""), "unavailable"
@@ -192,8 +196,12 @@ class _Connection(asyncio.Protocol):
         self._head_bytes = 0
         self._body_bytes = 0
         self._reading_head = False
+        # From a request's first byte (an empty line before it counts) until it is read whole:
+        # it has HEAD_SECONDS, and bytes that keep coming do not give it more.
+        self._arriving = False
         self._bad: _BadRequest | None = None  # the limit a callback found exceeded
         self._last = False  # close once the queued requests are answered
+        self._refusal: bytes | None = None  # and then answer this, for a request not read
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -210,10 +218,10 @@ class _Connection(asyncio.Protocol):
             self._task.cancel()  # Envoy gave up on the check: Serving logs it as cancelled
 
     def data_received(self, data: bytes) -> None:
-        if self._closing:
+        if self._closing or self._refusal is not None:
             return
-        if not self._reading_head and not self._queue and self._task is None:
-            self._arm(HEAD_SECONDS, 408)  # a new request starts: its head has 10 s to arrive
+        if not self._arriving:
+            self._start_arriving()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -222,8 +230,10 @@ class _Connection(asyncio.Protocol):
             self._last = True
             if self._transport is not None:
                 self._transport.pause_reading()
-            if not self._queue and self._task is None:
-                self._refuse(400, "a CONNECT request")
+            if self._arriving:  # the upgrade came before a request was read whole
+                self._refuse(400, "an upgrade before its request was read")
+            elif not self._queue and self._task is None:
+                self._close()  # the request was answered already (a remembered allow)
         except httptools.HttpParserError:
             # httptools wraps what a callback raises (a limit reached) in its own error.
             bad = self._bad or _BadRequest(400, "not an HTTP/1.1 request")
@@ -232,6 +242,8 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks -----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if not self._arriving:  # pipelined after another in the same bytes: its own time
+            self._start_arriving()
         self._url.clear()
         self._headers = {}
         self._head_bytes = self._body_bytes = 0
@@ -254,7 +266,6 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._reading_head = False
-        self._arm(IDLE_SECONDS, 408)
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
@@ -262,6 +273,7 @@ class _Connection(asyncio.Protocol):
             self._fail(413, f"a body over {MAX_BODY_BYTES} bytes")
 
     def on_message_complete(self) -> None:
+        self._arriving = False
         headers = self._headers
         method = self._parser.get_method().decode("ascii", "replace")
         try:
@@ -309,12 +321,14 @@ class _Connection(asyncio.Protocol):
                 return
         self._task = None
         if self._last and not self._queue:
+            if self._refusal is not None and transport is not None and not self._closing:
+                transport.write(self._refusal)
             self._close()
             return
         if self._paused and transport is not None and not self._closing:
             self._paused = False
             transport.resume_reading()
-        if not self._queue and not self._reading_head:
+        if not self._queue and not self._arriving:
             self._arm(IDLE_SECONDS, 408)
 
     async def _answer_in_task(self, request: _Request) -> None:
@@ -340,6 +354,10 @@ class _Connection(asyncio.Protocol):
         self._bad = _BadRequest(status, why)
         raise self._bad
 
+    def _start_arriving(self) -> None:
+        self._arriving = True
+        self._arm(HEAD_SECONDS, 408)
+
     def _arm(self, seconds: float, status: int) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -347,25 +365,40 @@ class _Connection(asyncio.Protocol):
         self._timer = loop.call_later(seconds, self._expired, status)
 
     def _expired(self, status: int) -> None:
-        if self._reading_head:
-            self._refuse(status, "the request head did not arrive in time")
+        if self._arriving:
+            self._refuse(status, "the request did not arrive in time")
         elif not self._queue and self._task is None:
             self._close()  # idle: Envoy opens another when it needs one
 
     def _close(self) -> None:
+        """Close once what was written has gone: the end of the stream sent after it, and what
+        the client still sends read and dropped for _LINGER_SECONDS (a 413 cut in a body, say)."""
         self._closing = True
-        if self._transport is not None:
-            self._transport.close()
+        if self._timer is not None:
+            self._timer.cancel()
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        transport.resume_reading()  # data_received drops it: self._closing
+        asyncio.get_running_loop().call_later(_LINGER_SECONDS, transport.close)
 
     def _refuse(self, status: int, why: str) -> None:
-        """Answer a request that cannot be read and close: nothing of it is echoed."""
-        if self._closing or self._transport is None:
+        """Answer a request that cannot be read and close, once the requests read before it
+        have their answers (in order, as ever): nothing of it is echoed."""
+        if self._closing or self._transport is None or self._refusal is not None:
             return
-        self._closing = True
         self._wire.serving.log.warning("http.badRequest", message=f"Refused {why}.", status=status)
-        if self._task is None:
-            self._transport.write(_BAD_REQUEST[status])
-        self._transport.close()
+        self._refusal = _BAD_REQUEST[status]
+        self._last = True
+        if self._queue:
+            self._transport.pause_reading()  # _next writes the refusal after their answers
+            return
+        self._transport.write(self._refusal)
+        self._close()
 
 
 def _deadline_of(headers: Mapping[str, str]) -> float | None:
