@@ -141,7 +141,7 @@ class AnswerCache:
             selection = found
             self._routes.put(key, selection, _size(key))
         decision, validity = await self.engine.decide(req, selection)
-        if decision.allowed:
+        if decision.allowed and not decision.dry_run:  # a dry run keeps its would-be reason
             decision = self._intern(decision)
         if validity is not None and selection is not None:
             self._remember(selection, req.headers, decision, validity)

@@ -375,6 +375,8 @@ class _RawDeployment(_Raw):
     authentication: _RawAuthentication
     routes: tuple[_RawRoute, ...] = ()
     headers_from_claims: dict[str, str] = Field(default_factory=dict)
+    # DRY_RUN: decide and log as usual, but allow every request (docs/configuration.md).
+    enforcement: Literal["ENFORCE", "DRY_RUN"] = "ENFORCE"
 
     @field_validator("path_prefix")
     @classmethod
@@ -566,6 +568,7 @@ class Deployment:
     headers_from_claims: tuple[tuple[str, str], ...]  # (lower-case header, claim)
     # How many leading path segments the deepest route template looks at one by one.
     template_depth: int = 0
+    dry_run: bool = False  # enforcement: DRY_RUN
 
 
 @dataclass(frozen=True, slots=True)
@@ -699,6 +702,7 @@ def _resolve_deployment(raw: _RawDeployment) -> Deployment:
         routes=routes,
         headers_from_claims=tuple(raw.headers_from_claims.items()),
         template_depth=max((r.path.max_segments for r in routes), default=0),
+        dry_run=raw.enforcement == "DRY_RUN",
     )
 
 

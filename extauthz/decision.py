@@ -24,6 +24,7 @@ __all__ = [
     "Reason",
     "allow",
     "deny",
+    "dry_run",
     "http_status",
     "www_authenticate",
 ]
@@ -129,6 +130,8 @@ class Decision:
     remove_headers: tuple[str, ...] = ()
     metadata: tuple[tuple[str, Any], ...] = ()  # Envoy dynamic metadata on allow, as pairs
     required_scope: tuple[str, ...] = ()
+    # enforcement: DRY_RUN: allowed, though ``reason`` says why it would have been denied.
+    dry_run: bool = False
 
 
 def allow(
@@ -188,3 +191,21 @@ def http_status(decision: Decision, settings: ServerSettings) -> int:
     if decision.reason is Reason.IDP_CALL_FAILED:
         return settings.deny_status_on_idp_failure
     return OUTCOMES[decision.reason].http_status
+
+
+def dry_run(denial: Decision, remove_headers: tuple[str, ...]) -> Decision:
+    """A denial of a ``DRY_RUN`` deployment as what is answered: an allow that keeps the
+    denial's reason, execution line and fields for the logs, sets no identity header (removing
+    any client-sent copy: none was vouched for), and tells Envoy's metadata it was a dry run."""
+    return Decision(
+        True,
+        denial.reason,
+        denial.deployment,
+        denial.route,
+        denial.event,
+        denial.message,
+        denial.log_fields,
+        remove_headers=remove_headers,
+        metadata=(("deployment", denial.deployment), ("route", denial.route), ("dryRun", True)),
+        dry_run=True,
+    )

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from .config import AuthPolicy, Config, Deployment
-from .decision import Decision, Denial, Reason, allow, deny
+from .decision import Decision, Denial, Reason, allow, deny, dry_run
 from .errors import IdpError
 from .idp import DeploymentIdp
 from .logs import token_hash
@@ -229,7 +229,22 @@ class Engine:
     ) -> tuple[Decision, Validity | None]:
         """:meth:`check` for a request whose policy is already selected (``self.select(req)``),
         with how long the decision holds for the same credential on the same route (None: only
-        this once). A traced check holds only once: it may have gone on past a failure."""
+        this once). A traced check holds only once: it may have gone on past a failure.
+
+        A deployment with ``enforcement: DRY_RUN`` is decided exactly the same; a denial is then
+        answered as an allow that keeps its reason for the logs (:func:`.decision.dry_run`). A
+        request no deployment was selected for is denied whatever the deployments say."""
+        decision, validity = await self._decide(req, selection, trace)
+        if not decision.allowed and isinstance(selection, Selection):
+            deployment = selection.deployment
+            if deployment.dry_run:
+                names = tuple(name for name, _ in deployment.headers_from_claims)
+                decision = dry_run(decision, names)
+        return decision, validity
+
+    async def _decide(
+        self, req: CheckInput, selection: Selection | Denial | None, trace: Trace | None
+    ) -> tuple[Decision, Validity | None]:
         if isinstance(selection, Denial):
             if trace is not None:
                 trace.add(checked("policy", selection))

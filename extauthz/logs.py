@@ -19,6 +19,7 @@ from typing import IO, Any
 __all__ = ["JsonLogger", "current_request_id", "current_trace_id", "rfc3339", "token_hash"]
 
 LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
+_DRY_RUN = ',"dryRun":true'
 # The access line's path beyond this is cut and marked with its length.
 MAX_LOGGED_PATH_CHARS = 2048
 
@@ -107,8 +108,10 @@ class JsonLogger:
         reason: str,
         latency_ms: float,
         idp_calls: int,
+        dry_run: bool = False,
     ) -> None:
-        """The per-check access line, formatted without a dict: it is on every check's path."""
+        """The per-check access line, formatted without a dict: it is on every check's path.
+        ``dry_run``: allowed by a DRY_RUN deployment, ``reason`` being the would-be denial's."""
         if self.level > 20:
             return
         trace_id = current_trace_id.get()
@@ -121,7 +124,7 @@ class JsonLogger:
             f'{{"ts":"{rfc3339()}","level":"INFO","event":"access","requestId":{q(request_id)}'
             f'{trace},"deployment":{q(deployment)},"route":{q(route)},"method":{q(method)},'
             f'"path":{q(path)},"status":{status},"decision":"{decision}","reason":"{reason}",'
-            f'"latencyMs":{latency_ms},"idpCalls":{idp_calls}}}'
+            f'"latencyMs":{latency_ms},"idpCalls":{idp_calls}{_DRY_RUN if dry_run else ""}}}'
         )
 
     def info(self, event: str, /, **fields: Any) -> None:

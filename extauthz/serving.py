@@ -120,10 +120,10 @@ class Serving:
             reason,
             int(elapsed * 1_000_000) / 1000,  # ms to the microsecond: round() costs 4x more
             idp_calls,
+            decision.dry_run,
         )
-        self.metrics.check(
-            decision.deployment, "allow" if decision.allowed else "deny", reason, elapsed, wire
-        )
+        counted = "dry_run_deny" if decision.dry_run else "allow" if decision.allowed else "deny"
+        self.metrics.check(decision.deployment, counted, reason, elapsed, wire)
 
     @staticmethod
     def annotate(
@@ -143,7 +143,9 @@ class Serving:
                 "http.response.status_code": status,
             }
         )
-        if decision.reason in (Reason.IDP_CALL_FAILED, Reason.INTERNAL_ERROR):
+        if decision.dry_run:
+            span.set_attribute("extauthz.dry_run", True)  # allowed; reason is the would-be denial
+        elif decision.reason in (Reason.IDP_CALL_FAILED, Reason.INTERNAL_ERROR):
             span.set_status(StatusCode.ERROR, reason)
 
     def answer_failed(self, exc: BaseException, request_id: str, deployment: str) -> Decision:
