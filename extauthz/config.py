@@ -64,8 +64,8 @@ ASYMMETRIC_ALGORITHMS = (
 DEFAULT_TIMEOUT_SECONDS = 5.0
 DEFAULT_MAX_CACHE_HOURS = 1.0
 DEFAULT_STALE_HOURS = 1.0
-# On SIGTERM, NOT_SERVING while still answering, for this long: two of Envoy's health checks at
-# the shipped 2 s interval notice it before the listener closes.
+# On SIGTERM, NOT_SERVING while still answering, for this long: two failed health checks at the
+# shipped examples' 1 s interval (3 s with a timed-out one) notice it before the listener closes.
 DEFAULT_DRAIN_SECONDS = 5.0
 
 

@@ -44,7 +44,7 @@ from .logs import JsonLogger
 from .metrics import Metrics
 from .reload import ConfigWatcher
 from .server import SERVICE_NAME, AuthorizationService, add_to_server
-from .tls import add_check_port
+from .tls import add_check_port, warn_if_tls_changed
 from .workers import mark_ready
 
 __all__ = ["Runtime", "log_config_warnings", "run_server"]
@@ -187,6 +187,7 @@ async def run_server(
         service.answers = AnswerCache(new_runtime.engine)
         logger.set_level(new_config.server.log_level)
         log_config_warnings(logger, new_config)
+        warn_if_tls_changed(logger, old.config, new_config)  # the listener's files: at restart
 
         if life.phase == "serving":
             mark_ready(life.worker_state(new_runtime))  # its drainSeconds may have changed

@@ -154,7 +154,10 @@ class ExtauthzProcess:
         if config_file is None:
             assert config is not None, "a config to write, or a config_file to serve"
             config_file = workdir / "extauthz.yaml"
-            config_file.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+            # No drain unless the test asks for one: each stop would otherwise wait the default 5 s
+            # of NOT_SERVING that a fleet needs and a test of something else does not.
+            server = {"drainSeconds": 0, **dict(config.get("server") or {})}
+            config_file.write_text(yaml.safe_dump({**dict(config), "server": server}, sort_keys=False))
         self.config_path = config_file
         self.log_path = workdir / "extauthz.log"
         self.stderr_path = workdir / "extauthz.stderr.log" if separate_stderr else None
