@@ -25,6 +25,7 @@ an ``http.badRequest`` line; nothing of the request is echoed.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -409,7 +410,12 @@ def _deadline_of(headers: Mapping[str, str]) -> float | None:
     return int(value) / 1000
 
 
-async def serve_http(wire: HttpWire, host: str, port: int) -> asyncio.Server:
-    """Listen on ``host:port`` (SO_REUSEPORT, like the gRPC port under ``--workers N``)."""
+async def serve_http(
+    wire: HttpWire, host: str, port: int, tls: ssl.SSLContext | None = None
+) -> asyncio.Server:
+    """Listen on ``host:port`` (SO_REUSEPORT, like the gRPC port under ``--workers N``), over
+    ``tls`` when given (``server.tls``: :func:`extauthz.tls.http_ssl_context`)."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(wire.connection, host, port, reuse_port=True, backlog=1024)
+    return await loop.create_server(
+        wire.connection, host, port, reuse_port=True, backlog=1024, ssl=tls
+    )

@@ -44,7 +44,7 @@ from .logs import JsonLogger
 from .metrics import Metrics
 from .reload import ConfigWatcher
 from .server import SERVICE_NAME, AuthorizationService, add_to_server
-from .tls import add_check_port, warn_if_tls_changed
+from .tls import add_check_port, http_ssl_context, warn_if_tls_changed
 from .workers import mark_ready
 
 __all__ = ["Runtime", "log_config_warnings", "run_server"]
@@ -217,7 +217,8 @@ async def run_server(
     if http_listen:  # the HTTP wire (docs/wires.md), over the same Serving as gRPC
         http_host, http_port = _split_hostport(http_listen)
         try:
-            http_server = await serve_http(HttpWire(service.serving), http_host, http_port)
+            tls = None if config.server.tls is None else http_ssl_context(config.server.tls, logger)
+            http_server = await serve_http(HttpWire(service.serving), http_host, http_port, tls)
         except OSError as exc:
             message = f"Cannot listen on {http_listen}: {exc.strerror}."
             logger.error("server.listenFailed", message=message)

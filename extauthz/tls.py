@@ -29,6 +29,7 @@ import contextlib
 import datetime
 import functools
 import os
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ __all__ = [
     "CertificateFiles",
     "TlsMaterial",
     "add_check_port",
+    "http_ssl_context",
     "load_material",
     "warn_if_tls_changed",
 ]
@@ -313,6 +315,41 @@ def add_check_port(
         **certificates.material.describe(),
     )
     return port
+
+
+def _ssl_context(files: TlsFiles) -> ssl.SSLContext:
+    """A server context over ``files`` (TLS 1.2 or later; client certificates required and
+    verified against ``clientCaFile`` when it is set)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(files.cert_file, files.key_file)
+    if files.client_ca_file is not None:
+        context.load_verify_locations(cafile=files.client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def http_ssl_context(files: TlsFiles, logger: JsonLogger) -> ssl.SSLContext:
+    """``server.tls`` for the HTTP wire's listener, rotated as the gRPC listener's is: at each
+    new connection's ClientHello (the SNI callback, which OpenSSL calls with or without a server
+    name) the files are looked at, and a changed, usable set is served from that connection on.
+    ConfigError when the files are not usable at start."""
+    certificates = CertificateFiles(
+        files, _reporter(logger)
+    )  # its own: each listener sees a change
+    served = [_ssl_context(files)]
+
+    def on_hello(connection: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _: Any) -> None:
+        if certificates() is not None:  # changed, and checked to be usable together
+            # Replaced again while being read: the next connection tries again.
+            with contextlib.suppress(ssl.SSLError, OSError, ValueError):
+                served[0] = _ssl_context(files)
+        if connection.context is not served[0]:
+            connection.context = served[0]
+
+    listening = _ssl_context(files)
+    listening.sni_callback = on_hello
+    return listening
 
 
 def warn_if_tls_changed(logger: JsonLogger, old: Config, new: Config) -> None:
