@@ -139,6 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
                 logger=logger,
                 grace_seconds=args.grace_seconds,
                 event_loop=args.event_loop,
+                http_listen=args.http_listen,
             )
         )
     try:

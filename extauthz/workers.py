@@ -68,7 +68,16 @@ def _worker_state(ready_dir: str, pid: int) -> dict[str, Any] | None:
 _RESTART_BACKOFF_SECONDS = 1.0
 
 
-def _worker_argv(config_path: str, listen: str, grace_seconds: float, event_loop: str) -> list[str]:
+def _worker_argv(
+    config_path: str,
+    listen: str,
+    grace_seconds: float,
+    event_loop: str,
+    http_listen: str | None = None,
+) -> list[str]:
+    # Every worker binds the HTTP wire's port too (SO_REUSEPORT): the kernel spreads Envoy's
+    # connections over them as it does the gRPC port's.
+    http = ["--http-listen", http_listen] if http_listen else []
     return [
         sys.executable,
         "-m",
@@ -84,6 +93,7 @@ def _worker_argv(config_path: str, listen: str, grace_seconds: float, event_loop
         str(grace_seconds),
         "--event-loop",
         event_loop,
+        *http,
     ]
 
 
@@ -96,12 +106,13 @@ async def supervise(
     logger: JsonLogger,
     grace_seconds: float,
     event_loop: str = "auto",
+    http_listen: str | None = None,
 ) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="extauthz-metrics-")
     ready_dir = os.path.join(metrics_dir, "ready")
     os.mkdir(ready_dir)
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir, READY_DIR_ENV: ready_dir}
-    argv = _worker_argv(config.source, listen, grace_seconds, event_loop)
+    argv = _worker_argv(config.source, listen, grace_seconds, event_loop, http_listen)
     procs: list[subprocess.Popen[bytes]] = []
     stopping = False  # SIGTERM received: /readyz 503 from then on
 

@@ -36,3 +36,15 @@ def test_both_wires_answer_the_same_policy(rsa_key: Any, tmp_path: Path) -> None
         assert server.metric("extauthz_checks_total", deployment="orders", reason="token_missing", wire="grpc") == 1
         started = next(line for line in server.lines() if line["event"] == "server.started")
         assert started["httpListen"] == f"127.0.0.1:{port}"
+
+
+def test_workers_all_serve_the_http_wire(rsa_key: Any, tmp_path: Path) -> None:
+    static = {"type": "STATIC_KEYS", "keys": [rsa_key.public_jwk]}
+    port = free_port()
+    args = ["--http-listen", f"127.0.0.1:{port}"]
+    with ExtauthzProcess({"deployments": [orders(static)]}, tmp_path / "server", workers=2, args=args) as server:
+        for i in range(8):  # new connections, spread by the kernel over both workers
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+                assert http.get("/orders/1", headers={"host": "h", "x-request-id": f"w-{i}"}).status_code == 401
+        started = [line for line in server.lines() if line["event"] == "server.started" and "httpListen" in line]
+        assert len(started) == 2  # each worker serves the HTTP wire on the one port
