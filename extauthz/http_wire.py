@@ -35,14 +35,13 @@ import httptools
 from opentelemetry.trace import Span, SpanKind
 
 from . import tracing
-from .answers import Answer
 from .config import ServerSettings
 from .decision import Reason, deny
 from .engine import CheckInput
 from .idp.http import CheckCalls
 from .logs import current_trace_id
 from .response import HttpRenderer, http_status
-from .serving import NO_CALLS, Serving, request_id_of
+from .serving import Serving, request_id_of
 
 __all__ = ["WIRE", "HttpWire", "serve_http"]
 
@@ -118,20 +117,28 @@ class HttpWire:
         return _Connection(self)
 
     def answer_now(self, request: _Request) -> bytes | None:
-        """The response to a request whose allow is remembered, rendered once and given again
-        without a task; None: :meth:`answer` must run."""
+        """The response to a request whose answer is remembered, given again without a task:
+        an allow from bytes rendered once, a denial (an expired token's) from its template with
+        this request's id. None: :meth:`answer` must run."""
         serving = self.serving
         inp = request.inp
         path = inp.path
         answer = serving.again(inp, path) if not tracing.enabled() else None
-        if answer is None or not answer.decision.allowed:
+        if answer is None:
             return None
-        response = answer.http_wire
-        if response is None:
-            response = answer.http_wire = self.renderer().render(answer.decision, "")
+        decision = answer.decision
+        if decision.allowed:
+            response = answer.http_wire
+            if response is None:
+                response = answer.http_wire = self.renderer().render(decision, "")
+            status = 200
+        else:
+            renderer = self.renderer()
+            response = renderer.render(decision, request.request_id, head_only=request.head_only)
+            status = http_status(decision, renderer.settings)
         elapsed = time.perf_counter() - request.started
         serving.record(
-            answer.decision, inp.method, path, request.request_id, elapsed, 0, 200, WIRE, True
+            decision, inp.method, path, request.request_id, elapsed, 0, status, WIRE, True
         )
         return response
 
@@ -154,22 +161,16 @@ class HttpWire:
         serving = self.serving
         inp, request_id = request.inp, request.request_id
         path = inp.path
-        calls = NO_CALLS
-        answer: Answer | None = serving.again(inp, path) if span is None else None
-        if answer is not None:
-            decision = answer.decision
-        else:
-            calls = CheckCalls()
-            started = request.started
-            decision = await serving.decide(inp, request_id, started, remaining, calls, WIRE)
+        # answer_now found nothing to give again (or tracing is on): the engine decides.
+        calls = CheckCalls()
+        decision = await serving.decide(inp, request_id, request.started, remaining, calls, WIRE)
         try:
             settings = serving.answers.config.server
             response = self.renderer().render(decision, request_id, head_only=request.head_only)
             status = 200 if decision.allowed else http_status(decision, settings)
             elapsed = time.perf_counter() - request.started
-            reused = answer is not None
             serving.record(
-                decision, inp.method, path, request_id, elapsed, calls.count, status, WIRE, reused
+                decision, inp.method, path, request_id, elapsed, calls.count, status, WIRE
             )
         except Exception as exc:  # noqa: BLE001 (fail closed: a fixed denial, never a crash)
             response, status = _FALLBACK_DENIAL, 500
