@@ -46,6 +46,7 @@ from ..errors import (
 )
 from ..logs import rfc3339
 from .resilience import CircuitBreaker
+from .transport import AiohttpTransport
 
 __all__ = [
     "CheckCalls",
@@ -129,14 +130,12 @@ def tls_context(tls: TlsSettings) -> ssl.SSLContext:
 def make_client(
     tls: TlsSettings, max_connections: int = MAX_OUTSTANDING_CALLS
 ) -> httpx.AsyncClient:
-    """A pooled client over :func:`tls_context`."""
+    """A pooled client over :func:`tls_context`: httpx's API on aiohttp's connections
+    (:class:`~extauthz.idp.transport.AiohttpTransport`, about a fifth of httpcore's CPU)."""
     client = httpx.AsyncClient(
-        verify=tls_context(tls),
+        transport=AiohttpTransport(tls_context(tls), max_connections),
         follow_redirects=False,
         trust_env=False,
-        limits=httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        ),
         headers=dict(BASE_HEADERS),
     )
     tracing.instrument_client(client)
