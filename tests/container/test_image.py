@@ -254,7 +254,7 @@ def test_sigterm_drains_a_check_in_flight_within_the_grace(
     try:
         with grpc.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
             stub = ext_grpc.AuthorizationStub(channel)  # type: ignore[no-untyped-call]
-            in_flight = stub.Check.future(check_request("/slow/1", token=token), timeout=30)
+            in_flight = stub.Check.future(check_request("/slow/1", token=token), timeout=60)
             wait_until(
                 lambda: idp.count("/slow-introspect") >= 1,
                 timeout=10,
@@ -263,10 +263,10 @@ def test_sigterm_drains_a_check_in_flight_within_the_grace(
             wrapped = container.get_wrapped_container()
             signalled = time.monotonic()
             wrapped.kill(signal="SIGTERM")
-            wait_until(lambda: _readyz(ports.admin) == 503, timeout=5, what="/readyz 503")
+            wait_until(lambda: _readyz(ports.admin) == 503, timeout=15, what="/readyz 503")
             wait_until(
                 lambda: '"event":"server.stopping"' in logs(container)[0],
-                timeout=DRAIN_SECONDS + 10,
+                timeout=DRAIN_SECONDS + 20,
                 what="server.stopping (the drain over, the grace begun)",
             )
             assert not in_flight.done()
