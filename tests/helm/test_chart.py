@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import http.server
 import itertools
 import json
 import re
 import shutil
 import subprocess
 import sys
+import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,7 @@ import yaml
 
 from extauthz.config import parse_config
 from tests.conftest import SigningKey
-from tests.integration.serverproc import ExtauthzProcess, extauthz_env
+from tests.integration.serverproc import ExtauthzProcess, closed_port, extauthz_env, free_port
 from tests.integration.test_tls import Authority
 from tests.waiting import wait_until
 
@@ -183,6 +186,8 @@ GATEWAY_PRINCIPALS = [
     "cluster.local/ns/shop/sa/orders",
 ]
 ISTIO: dict[str, Any] = {"istio": {"enabled": True, "principals": GATEWAY_PRINCIPALS}}
+# Envoy's HTTP ext_authz protocol beside gRPC, on its default port.
+HTTP_WIRE: dict[str, Any] = {"httpWire": {"enabled": True}}
 
 MATRIX: dict[str, dict[str, Any]] = {
     "default": {},
@@ -239,10 +244,12 @@ MATRIX: dict[str, dict[str, Any]] = {
     "tls-cert-manager": TLS_CERT_MANAGER,
     "istio": ISTIO,
     "workers": {"workers": 4, "podDisruptionBudget": {"maxUnavailable": 0}},
+    "http-wire": HTTP_WIRE,
     "everything": {
         **EXISTING_SECRET,
         **TLS_CERT_MANAGER,
         **ISTIO,
+        **HTTP_WIRE,
         "workers": 2,
         "autoscaling": {"enabled": True},
         "serviceMonitor": {"enabled": True},
@@ -776,14 +783,15 @@ HELM_TEST_PEER = {
 
 
 def ingress_by_port(policy: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each ingress rule by the one port it opens; every rule names its peers (a rule without
-    `from` would admit any source)."""
+    """Each ingress rule by the ports it opens (the check ports share one rule); every rule names
+    its peers (a rule without `from` would admit any source), and no port is in two rules."""
     rules: dict[str, dict[str, Any]] = {}
     for rule in policy["ingress"]:
-        [port] = rule["ports"]
-        assert port["protocol"] == "TCP"
-        assert rule["from"], rule
-        rules[port["port"]] = rule
+        assert rule["ports"] and rule["from"], rule
+        for port in rule["ports"]:
+            assert port["protocol"] == "TCP"
+            assert port["port"] not in rules, port
+            rules[port["port"]] = rule
     return rules
 
 
@@ -1225,6 +1233,192 @@ def test_istio_needs_principals(chart: helm.Chart) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The HTTP wire (httpWire)
+# ---------------------------------------------------------------------------------------------
+
+
+def http_wire(port: Any) -> dict[str, Any]:
+    """The HTTP wire on, on ``port``."""
+    return {"httpWire": {"enabled": True, "port": port}}
+
+
+def http_wire_ports(rendered: Rendered) -> list[tuple[str, Any]]:
+    """Every place the rendered chart names the HTTP wire's port: (where, the entry)."""
+    found: list[tuple[str, Any]] = []
+    args = rendered.container["args"]
+    if "--http-listen" in args:
+        found.append(("args", args[args.index("--http-listen") + 1]))
+    found += [("container", p) for p in rendered.container["ports"] if p["name"] == "http-authz"]
+    for service in rendered.all("Service"):
+        name = service["metadata"]["name"]
+        found += [(name, p) for p in service["spec"]["ports"] if p["name"] == "http-authz"]
+    for policy in rendered.all("NetworkPolicy"):
+        found += [
+            ("NetworkPolicy", port)
+            for rule in policy["spec"]["ingress"]
+            for port in rule["ports"]
+            if port["port"] == "http-authz"
+        ]
+    return found
+
+
+def test_http_wire_is_off_by_default(chart: helm.Chart, default: Rendered) -> None:
+    """Without httpWire.enabled nothing of the HTTP wire is rendered: no --http-listen, no port
+    on the container, the Services or the NetworkPolicy, no Istio rule, no hook target."""
+    assert chart.values["httpWire"] == {"enabled": False, "port": 9002}
+    assert http_wire_ports(default) == []
+    assert "--http-listen" not in default.container["args"]
+    assert all("9002" not in json.dumps(m) for m in default.manifests if m["kind"] != "Pod")
+    env = {e["name"] for e in default.test_pod["spec"]["containers"][0]["env"]}
+    assert "EXTAUTHZ_TEST_HTTP_TARGET" not in env
+    istio = render(chart, ISTIO).one("AuthorizationPolicy")["spec"]["rules"][0]
+    assert istio["to"] == [{"operation": {"ports": ["9001"]}}]
+
+
+@pytest.mark.parametrize("port", [9002, 8443])
+def test_http_wire_serves_its_port(chart: helm.Chart, port: int) -> None:
+    """httpWire.enabled: `serve --http-listen 0.0.0.0:<port>` beside --listen, a container port
+    `http-authz`, and that port (appProtocol http) on the ClusterIP and the headless Service,
+    which keeps the admin port off (one scrape per pod)."""
+    values = http_wire(port)
+    rendered = render(chart, values)
+    args = rendered.container["args"]
+    assert args.count("--http-listen") == 1
+    assert args[args.index("--http-listen") + 1] == f"0.0.0.0:{port}"
+    assert args[args.index("--listen") + 1] == "0.0.0.0:9001"  # gRPC stays on
+    ports = {p["name"]: p["containerPort"] for p in rendered.container["ports"]}
+    assert ports == {"grpc": 9001, "admin": 9090, "http-authz": port}
+    expected = {
+        "name": "http-authz",
+        "port": port,
+        "targetPort": "http-authz",
+        "protocol": "TCP",
+        "appProtocol": "http",
+    }
+    service = rendered.one("Service", RELEASE)
+    assert [p["name"] for p in service["spec"]["ports"]] == ["grpc", "admin", "http-authz"]
+    assert service["spec"]["ports"][2] == expected
+    headless = rendered.one("Service", f"{RELEASE}-headless")
+    assert [p["name"] for p in headless["spec"]["ports"]] == ["grpc", "http-authz"]
+    assert headless["spec"]["ports"][1] == expected
+
+
+def test_http_wire_admits_the_grpc_callers(chart: helm.Chart) -> None:
+    """The NetworkPolicy opens the HTTP wire's port to exactly the gRPC port's callers (one rule
+    for both, so they cannot drift apart), the helm test Pod included; admin is unchanged."""
+    for values in (HTTP_WIRE, {**MATRIX["networkpolicy"], **HTTP_WIRE}):
+        rendered = render(chart, values)
+        by_port = ingress_by_port(rendered.one("NetworkPolicy")["spec"])
+        assert set(by_port) == {"grpc", "http-authz", "admin"}
+        assert by_port["http-authz"] is by_port["grpc"]
+        callers = values.get("networkPolicy", {}).get("grpcFrom") or [
+            {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "gateway"}}}
+        ]
+        assert by_port["http-authz"]["from"] == [*callers, HELM_TEST_PEER]
+        # The named port resolves to the container's.
+        assert "http-authz" in {p["name"] for p in rendered.container["ports"]}
+
+
+def test_http_wire_probes_are_unchanged(chart: helm.Chart, default: Rendered) -> None:
+    """No probe of the HTTP wire: extauthz opens both listeners before it reports ready (and
+    exits when it cannot open one), so gRPC health, or /readyz, covers both."""
+    for values, base in ((HTTP_WIRE, default), ({**TLS_SECRET, **HTTP_WIRE}, None)):
+        container = render(chart, values).container
+        baseline = (base or render(chart, TLS_SECRET)).container
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert container[probe] == baseline[probe], probe
+        assert "http-authz" not in json.dumps(
+            [container[p] for p in ("startupProbe", "livenessProbe", "readinessProbe")]
+        )
+
+
+def test_http_wire_under_tls_serves_the_same_certificate(chart: helm.Chart) -> None:
+    """With tls.enabled the one server.tls (the mounted Secret, client CA included) applies to
+    both listeners: nothing more is mounted or configured for the HTTP wire, and its Service
+    port says https. The certificate's names are the Services', whichever port is dialled."""
+    plain = render(chart, TLS_SECRET)
+    both = render(chart, {**TLS_SECRET, **HTTP_WIRE})
+    assert both.policy() == plain.policy()
+    assert both.policy()["server"]["tls"]["clientCaFile"] == f"{TLS_DIR}/ca.crt"
+    assert mounted_files(both) == mounted_files(plain)
+    for service in both.all("Service"):
+        [http] = [p for p in service["spec"]["ports"] if p["name"] == "http-authz"]
+        assert http["appProtocol"] == "https"
+    managed = render(chart, {**TLS_CERT_MANAGER, **HTTP_WIRE}).one("Certificate")["spec"]
+    assert managed == render(chart, TLS_CERT_MANAGER).one("Certificate")["spec"]
+
+
+def test_http_wire_under_istio_is_for_the_principals(chart: helm.Chart) -> None:
+    """istio.enabled: the ALLOW rule of the gateways' principals covers the HTTP wire's port
+    with the gRPC one, STRICT mTLS covers it (no port-level exception), and every container
+    port is in exactly one rule."""
+    rendered = render(chart, {**ISTIO, **HTTP_WIRE})
+    grpc_rule, admin_rule = rendered.one("AuthorizationPolicy")["spec"]["rules"]
+    assert grpc_rule["to"] == [{"operation": {"ports": ["9001", "9002"]}}]
+    assert (
+        grpc_rule["from"]
+        == render(chart, ISTIO).one("AuthorizationPolicy")["spec"]["rules"][0]["from"]
+    )
+    assert admin_rule == {"to": [{"operation": {"ports": ["9090"]}}]}
+    covered = [
+        port
+        for rule in (grpc_rule, admin_rule)
+        for to in rule["to"]
+        for port in to["operation"]["ports"]
+    ]
+    assert sorted(covered) == sorted(str(p["containerPort"]) for p in rendered.container["ports"])
+    peer = rendered.one("PeerAuthentication")["spec"]
+    assert peer["mtls"] == {"mode": "STRICT"} and set(peer["portLevelMtls"]) == {"9090"}
+
+
+def test_http_wire_in_the_helm_test(chart: helm.Chart) -> None:
+    """The hook also asks the HTTP wire, through the Service, on its port."""
+    [container] = render(chart, HTTP_WIRE).test_pod["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["EXTAUTHZ_TEST_HTTP_TARGET"] == f"{RELEASE}.{NAMESPACE}.svc.cluster.local:9002"
+
+
+HTTP_WIRE_MISTAKES = {
+    "the gRPC port": (http_wire(9001), "is also ports.grpc"),
+    "the admin port": (http_wire(9090), "is also ports.admin"),
+    "--http-listen in extraArgs": (
+        {"server": {"extraArgs": ["--http-listen=0.0.0.0:9002"]}},
+        "`httpWire.enabled`",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "values,message", HTTP_WIRE_MISTAKES.values(), ids=HTTP_WIRE_MISTAKES.keys()
+)
+def test_http_wire_settings_that_cannot_work_are_refused(
+    chart: helm.Chart, values: dict[str, Any], message: str
+) -> None:
+    """A port taken by another listener would stop extauthz at start; --http-listen by hand
+    would leave the port closed in the Services, the NetworkPolicy and Istio's policy."""
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    # A clash with a port the wire does not open is no clash.
+    render(chart, {"httpWire": {"port": 9001}})
+
+
+@pytest.mark.parametrize(
+    "values,key",
+    [
+        ({"httpWire": {"enable": True}}, "enable"),
+        ({"httpWire": {"enabled": "yes"}}, "enabled"),
+        (http_wire(0), "port"),
+        (http_wire(65536), "port"),
+        (http_wire("9002"), "port"),
+    ],
+    ids=["typo", "not a boolean", "port 0", "port too high", "port as a string"],
+)
+def test_http_wire_schema(chart: helm.Chart, values: dict[str, Any], key: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match=re.escape(key)):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+# ---------------------------------------------------------------------------------------------
 # Disruptions, workers, tracing
 # ---------------------------------------------------------------------------------------------
 
@@ -1397,13 +1591,19 @@ def run_hook(
     )  # fmt: skip
 
 
+# The rendered chart, extauthz, the hook's mounts, and the HTTP wire's address for the hook.
+MtlsServer = tuple[Rendered, ExtauthzProcess, dict[str, Path], str]
+
+
 @pytest.fixture(scope="module")
 def mtls_server(
     chart: helm.Chart, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Rendered, ExtauthzProcess, dict[str, Path]]]:
+) -> Iterator[MtlsServer]:
     """extauthz serving the chart's own ConfigMap config under tls.existingSecret with
-    requireClientCert, its Secret's files laid out as the pod mounts them; the hook's mounts."""
-    rendered = render(chart, TLS_SECRET)
+    requireClientCert, its Secret's files laid out as the pod mounts them, on both wires (the
+    HTTP one as the chart's container args open it, on a free loopback port); the hook's
+    mounts."""
+    rendered = render(chart, {**TLS_SECRET, **HTTP_WIRE})
     root = tmp_path_factory.mktemp("pod")
     authority = Authority("extauthz-helm-test CA")
     # cert-manager's Certificate carries both usages when requireClientCert: the hook presents
@@ -1422,10 +1622,14 @@ def mtls_server(
     assert all(Path(path).is_file() for path in policy["server"]["tls"].values())
     [container] = rendered.test_pod["spec"]["containers"]
     mounts = {m["mountPath"]: secret for m in container["volumeMounts"]}
-    with ExtauthzProcess(policy, root / "extauthz") as server:
+    args = rendered.container["args"]
+    assert args[args.index("--http-listen") + 1] == "0.0.0.0:9002"
+    http_port = free_port()
+    http_listen = ["--http-listen", f"127.0.0.1:{http_port}"]
+    with ExtauthzProcess(policy, root / "extauthz", args=http_listen) as server:
         # `helm test` runs on a rolled-out release: the pod is ready (its warm start is over).
         wait_until(lambda: ready(server), timeout=30, what="extauthz /readyz 200")
-        yield rendered, server, mounts
+        yield rendered, server, mounts, f"localhost:{http_port}"
 
 
 def ready(server: ExtauthzProcess) -> bool:
@@ -1436,32 +1640,44 @@ def ready(server: ExtauthzProcess) -> bool:
 
 
 def test_helm_test_hook_passes_against_the_chart_config_over_mtls(
-    mtls_server: tuple[Rendered, ExtauthzProcess, dict[str, Path]],
+    mtls_server: MtlsServer,
 ) -> None:
     """files/helm_test.py, with the hook Pod's environment and mounts, against a real extauthz
     serving the chart's rendered config over mTLS: SERVING, and the anonymous check denied
-    (no_matching_policy: no deployment covers helm-test.invalid)."""
-    rendered, server, mounts = mtls_server
-    result = run_hook(rendered, f"localhost:{server.port}", mounts)
+    (no_matching_policy: no deployment covers helm-test.invalid), on the gRPC wire and, with the
+    same client certificate, on the HTTP wire."""
+    rendered, server, mounts, http_target = mtls_server
+    result = run_hook(
+        rendered, f"localhost:{server.port}", mounts, EXTAUTHZ_TEST_HTTP_TARGET=http_target
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.startswith("ok: ") and "denied with 403" in result.stdout
-    [access] = wait_until(
+    grpc_line, http_line = result.stdout.splitlines()
+    assert grpc_line.startswith("ok: ") and "denied with 403" in grpc_line
+    assert http_line == (
+        f"ok: HTTP wire {http_target}: GET helm-test.invalid/extauthz-helm-test without"
+        " credentials denied with 403 (no_matching_policy)"
+    )
+    accesses = wait_until(
         lambda: [
             line for line in server.events("access") if line["path"] == "/extauthz-helm-test"
-        ],
-        timeout=10, what="the hook's check in extauthz's access log",
+        ][:2] if len(server.events("access")) >= 2 else None,
+        timeout=10, what="the hook's two checks in extauthz's access log",
     )  # fmt: skip
-    assert (access["decision"], access["reason"]) == ("deny", "no_matching_policy")
-    assert access["requestId"].startswith("helm-test-")
+    assert len(accesses) == 2
+    for access in accesses:
+        assert (access["decision"], access["reason"]) == ("deny", "no_matching_policy")
+        assert access["requestId"].startswith("helm-test-")
+    assert accesses[0]["requestId"] != accesses[1]["requestId"]
 
 
-def test_helm_test_hook_fails_without_a_client_certificate(
-    mtls_server: tuple[Rendered, ExtauthzProcess, dict[str, Path]],
-) -> None:
+def test_helm_test_hook_fails_without_a_client_certificate(mtls_server: MtlsServer) -> None:
     """The same hook without its client certificate cannot get past extauthz's handshake: it
     fails, saying so."""
-    rendered, server, mounts = mtls_server
-    result = run_hook(rendered, f"localhost:{server.port}", mounts, EXTAUTHZ_TEST_CLIENT_DIR=None)
+    rendered, server, mounts, http_target = mtls_server
+    result = run_hook(
+        rendered, f"localhost:{server.port}", mounts,
+        EXTAUTHZ_TEST_CLIENT_DIR=None, EXTAUTHZ_TEST_HTTP_TARGET=http_target,
+    )  # fmt: skip
     assert result.returncode == 1
     assert result.stderr.startswith("failed: ") and "UNAVAILABLE" in result.stderr
 
@@ -1488,6 +1704,48 @@ def test_helm_test_hook_fails_when_the_check_is_allowed(
         result = run_hook(default, f"127.0.0.1:{server.port}", {})
     assert result.returncode == 1
     assert "without credentials was allowed" in result.stderr
+
+
+class _NotExtauthz(http.server.BaseHTTPRequestHandler):
+    """A proxy's own refusal: 403 without extauthz's x-extauthz-reason."""
+
+    def do_GET(self) -> None:
+        self.send_response(403)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_helm_test_hook_fails_when_the_http_wire_is_not_extauthz(
+    chart: helm.Chart, default: Rendered, tmp_path: Path
+) -> None:
+    """With httpWire on, the gRPC half passing is not enough: the HTTP wire closed, or a 403
+    that extauthz did not write (an Istio RBAC denial, say), fails the hook, naming the wire."""
+    rendered = render(chart, HTTP_WIRE)
+    impostor = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotExtauthz)
+    thread = threading.Thread(target=impostor.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with ExtauthzProcess(default.policy(), tmp_path) as server:
+            wait_until(lambda: ready(server), timeout=30, what="extauthz /readyz 200")
+            grpc_target = f"127.0.0.1:{server.port}"
+            closed = run_hook(
+                rendered, grpc_target, {}, EXTAUTHZ_TEST_HTTP_TARGET=f"127.0.0.1:{closed_port()}"
+            )
+            forged = run_hook(
+                rendered, grpc_target, {},
+                EXTAUTHZ_TEST_HTTP_TARGET=f"127.0.0.1:{impostor.server_address[1]}",
+            )  # fmt: skip
+    finally:
+        impostor.shutdown()
+        impostor.server_close()
+    assert closed.returncode == 1 and closed.stdout.startswith("ok: ")  # gRPC passed
+    assert closed.stderr.startswith("failed: HTTP wire 127.0.0.1:")
+    assert "ConnectionRefusedError" in closed.stderr
+    assert forged.returncode == 1
+    assert "answered 403 without x-extauthz-reason, not by extauthz" in forged.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1665,9 +1923,11 @@ def test_istio_examples_point_at_the_chart(default: Rendered) -> None:
     declared provider with action CUSTOM, and the external provider is the ServiceEntry's host."""
     istio = REPO / "envoy" / "istio"
     [mesh] = load_all(istio / "mesh-config.yaml")
+    declared = {p["name"]: p for p in mesh["meshConfig"]["extensionProviders"]}
     providers = {
-        p["name"]: p["envoyExtAuthzGrpc"] for p in mesh["meshConfig"]["extensionProviders"]
+        name: p["envoyExtAuthzGrpc"] for name, p in declared.items() if "envoyExtAuthzGrpc" in p
     }
+    assert set(providers) == {"extauthz", "extauthz-external"}
     service = default.one("Service", RELEASE)
     grpc_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
     assert providers["extauthz"]["service"] == f"{RELEASE}.{NAMESPACE}.svc.cluster.local"
@@ -1682,7 +1942,7 @@ def test_istio_examples_point_at_the_chart(default: Rendered) -> None:
             "AuthorizationPolicy",
         )
         assert policy["spec"]["action"] == "CUSTOM"
-        assert policy["spec"]["provider"]["name"] in providers
+        assert policy["spec"]["provider"]["name"] in declared
         # Everything but the probes is checked: no positive `paths`, which other spellings of
         # the same path (//orders/7, /orders%2F7, /ORDERS/7) would not match.
         operations = [to["operation"] for rule in policy["spec"]["rules"] for to in rule["to"]]
@@ -1700,6 +1960,128 @@ def test_istio_examples_point_at_the_chart(default: Rendered) -> None:
     namespace, _, host = providers["extauthz-external"]["service"].rpartition("/")
     assert host in entry["spec"]["hosts"] and namespace == entry["metadata"]["namespace"]
     assert {(p["number"], p["protocol"]) for p in entry["spec"]["ports"]} == {(grpc_port, "GRPC")}
+
+
+# The fields of Istio's MeshConfig.ExtensionProvider.EnvoyExternalAuthorizationHttpProvider.
+ISTIO_HTTP_PROVIDER_FIELDS = {
+    "service", "port", "timeout", "pathPrefix", "failOpen", "statusOnError",
+    "includeHeadersInCheck", "includeRequestHeadersInCheck", "includeAdditionalHeadersInCheck",
+    "includeRequestBodyInCheck", "headersToUpstreamOnAllow", "headersToDownstreamOnDeny",
+    "headersToDownstreamOnAllow",
+}  # fmt: skip
+# What a denial carries to the client besides its status and body (docs/decisions.md).
+DENIAL_HEADERS = ["www-authenticate", "x-extauthz-reason", "x-request-id", "content-type"]
+
+
+def shipped_policies() -> list[dict[str, Any]]:
+    """examples/demo.yaml and the chart's sample policy."""
+    return [yaml.safe_load((REPO / "examples" / "demo.yaml").read_text()), DEFAULT_CONFIG]
+
+
+def http_provider() -> dict[str, Any]:
+    [mesh] = load_all(REPO / "envoy" / "istio" / "mesh-config.yaml")
+    [provider] = [
+        p["envoyExtAuthzHttp"]
+        for p in mesh["meshConfig"]["extensionProviders"]
+        if p["name"] == "extauthz-http"
+    ]
+    assert isinstance(provider, dict)
+    return provider
+
+
+def test_istio_http_provider_points_at_the_http_wire(chart: helm.Chart) -> None:
+    """mesh-config.yaml's extauthz-http: the chart's Service on its http-authz port, failing
+    closed like the gRPC providers; the check carries what extauthz reads (never a client's
+    x-extauthz-*), an allow passes the shipped policies' identity headers (those
+    envoy/http-wire.yaml lets through), a denial its headers, and a fixed header names a
+    deployment of those policies."""
+    provider = http_provider()
+    assert set(provider) <= ISTIO_HTTP_PROVIDER_FIELDS
+    # extauthz matches the client's path as it comes, and decides on the head alone.
+    assert {"pathPrefix", "includeRequestBodyInCheck", "includeHeadersInCheck"}.isdisjoint(provider)
+    rendered = render(chart, HTTP_WIRE)
+    service = rendered.one("Service", RELEASE)
+    [port] = [p for p in service["spec"]["ports"] if p["name"] == "http-authz"]
+    assert provider["service"] == f"{RELEASE}.{NAMESPACE}.svc.cluster.local"
+    assert provider["port"] == port["port"] == rendered.container["ports"][2]["containerPort"]
+    [mesh] = load_all(REPO / "envoy" / "istio" / "mesh-config.yaml")
+    grpc = mesh["meshConfig"]["extensionProviders"][0]["envoyExtAuthzGrpc"]
+    assert {k: provider[k] for k in ("timeout", "failOpen", "statusOnError")} == {
+        "timeout": grpc["timeout"], "failOpen": False, "statusOnError": "503"
+    }  # fmt: skip
+
+    forwarded = provider["includeRequestHeadersInCheck"]
+    assert forwarded == ["authorization", "x-request-id", "traceparent", "tracestate"]
+    assert not [h for h in forwarded if h.lower().startswith("x-extauthz-")]
+    policies = shipped_policies()
+    token_headers = {
+        d["authentication"].get("tokenHeader", "Authorization").lower()
+        for config in policies
+        for d in config["deployments"]
+    }
+    assert token_headers <= set(forwarded)
+
+    identity = {name for config in policies for d in config["deployments"] for name in d.get("headersFromClaims") or {}}  # fmt: skip
+    assert (
+        set(provider["headersToUpstreamOnAllow"]) == identity == {"x-auth-subject", "x-auth-tenant"}
+    )
+    envoy = yaml.safe_load((REPO / "envoy" / "http-wire.yaml").read_text())
+    allowed = {
+        pattern["exact"]
+        for node in walk(envoy)
+        for pattern in node.get("allowed_upstream_headers", {}).get("patterns", [])
+    }
+    assert allowed == identity
+    assert provider["headersToDownstreamOnDeny"] == DENIAL_HEADERS
+
+    # The deployment is named by Istio's fixed check header, which exists on this provider.
+    assert provider["includeAdditionalHeadersInCheck"] == {"x-extauthz-deployment": "orders"}
+    for config in policies:
+        assert "orders" in {d["name"] for d in config["deployments"]}
+    readme = (REPO / "envoy" / "istio" / "README.md").read_text()
+    assert "## The HTTP wire: `extauthz-http`" in readme
+    assert "includeAdditionalHeadersInCheck" in readme and "overwrites" in readme
+
+
+def notes_provider(notes: str, name: str) -> dict[str, Any]:
+    """The extension provider ``name`` of the NOTES' mesh config snippet."""
+    snippet = notes.split("    extensionProviders:\n", 1)[1].split("\n\n", 1)[0]
+    providers = yaml.safe_load(textwrap.dedent(snippet))
+    [provider] = [p for p in providers if p["name"] == name]
+    assert isinstance(provider, dict)
+    return provider
+
+
+def test_notes_print_the_http_wire(chart: helm.Chart, default: Rendered) -> None:
+    """With httpWire.enabled the NOTES name the HTTP wire's address, and print the Istio
+    provider for it: mesh-config.yaml's, without the fixed deployment (the snippet's policy is
+    on a gateway: host and path select), its identity headers those of the release's policy."""
+    assert "HTTP ext_authz" not in default.notes and "extauthz-http" not in default.notes
+    notes = render(chart, HTTP_WIRE).notes
+    assert f"HTTP ext_authz : {RELEASE}.{NAMESPACE}.svc.cluster.local:9002" in notes
+    assert "envoy/http-wire.yaml" in notes
+    printed = notes_provider(notes, "extauthz-http")["envoyExtAuthzHttp"]
+    shipped = http_provider()
+    expected = {k: v for k, v in shipped.items() if k != "includeAdditionalHeadersInCheck"}
+    expected["headersToUpstreamOnAllow"] = ["x-auth-subject"]  # the chart's sample policy
+    assert printed == expected
+    policy = {"deployments": [*INTROSPECTION_POLICY["deployments"]]}
+    policy["deployments"][0] = {
+        **policy["deployments"][0],
+        "headersFromClaims": {"X-User": "sub", "x-auth-tenant": "tenant"},
+        "authentication": {**policy["deployments"][0]["authentication"], "tokenHeader": "X-Token"},
+    }
+    printed = notes_provider(render(chart, {**HTTP_WIRE, "config": policy}).notes, "extauthz-http")
+    http = printed["envoyExtAuthzHttp"]
+    assert http["headersToUpstreamOnAllow"] == ["x-auth-tenant", "x-user"]
+    assert http["includeRequestHeadersInCheck"] == [
+        "authorization", "x-token", "x-request-id", "traceparent", "tracestate"
+    ]  # fmt: skip
+    existing = render(chart, {**HTTP_WIRE, **MATRIX["existing-configmap"]}).notes
+    assert (
+        notes_provider(existing, "extauthz-http")["envoyExtAuthzHttp"]["headersToUpstreamOnAllow"]
+        == []
+    )
 
 
 def test_readme_envoy_snippet_resolves_the_headless_service(default: Rendered) -> None:

@@ -5,18 +5,22 @@ Pod, against the release's Service:
 
 1. gRPC health of envoy.service.auth.v3.Authorization must be SERVING;
 2. one CheckRequest without credentials, for EXTAUTHZ_TEST_HOST and EXTAUTHZ_TEST_PATH, must be
-   denied with 401 or 403, as a gateway would receive it.
+   denied with 401 or 403, as a gateway would receive it;
+3. with EXTAUTHZ_TEST_HTTP_TARGET (the chart's httpWire), the same request on the HTTP wire must
+   be denied too, by extauthz (its x-extauthz-reason header: a proxy's own 403 does not count).
 
 The connection is the callers': TLS when EXTAUTHZ_TEST_TLS_DIR holds the serving Secret (its
 ca.crt, else the system's roots, verifies the server; with EXTAUTHZ_TEST_CLIENT_DIR, the tls.crt
-and tls.key there are the client certificate). Exit 0 when both hold, 1 otherwise, with one line
-saying why. Under Istio (EXTAUTHZ_TEST_ISTIO_QUIT), the sidecar is told to exit at the end, or
-the Pod would never complete.
+and tls.key there are the client certificate), on both wires. Exit 0 when all hold, 1 otherwise,
+with one line saying why. Under Istio (EXTAUTHZ_TEST_ISTIO_QUIT), the sidecar is told to exit at
+the end, or the Pod would never complete.
 """
 
 from __future__ import annotations
 
+import http.client
 import os
+import ssl
 import sys
 import urllib.request
 import uuid
@@ -53,8 +57,26 @@ def channel(target: str) -> grpc.Channel:
     return grpc.secure_channel(target, credentials)
 
 
+def http_connection(target: str) -> http.client.HTTPConnection:
+    """A connection to the HTTP wire, with the TLS of the gRPC channel: server.tls serves both."""
+    host, _, port = target.rpartition(":")
+    tls_dir = os.environ.get("EXTAUTHZ_TEST_TLS_DIR")
+    if not tls_dir:
+        return http.client.HTTPConnection(host, int(port), timeout=TIMEOUT_SECONDS)
+    ca = Path(tls_dir) / "ca.crt"
+    context = ssl.create_default_context(cafile=str(ca) if ca.exists() else None)
+    client_dir = os.environ.get("EXTAUTHZ_TEST_CLIENT_DIR")
+    if client_dir:
+        context.load_cert_chain(Path(client_dir) / "tls.crt", Path(client_dir) / "tls.key")
+    return http.client.HTTPSConnection(host, int(port), timeout=TIMEOUT_SECONDS, context=context)
+
+
+def new_request_id() -> str:
+    return f"helm-test-{uuid.uuid4()}"
+
+
 def check_request(host: str, path: str) -> ext.CheckRequest:
-    request_id = f"helm-test-{uuid.uuid4()}"
+    request_id = new_request_id()
     http = ac.AttributeContext.HttpRequest(
         id=request_id,
         method="GET",
@@ -96,6 +118,26 @@ def run(target: str, host: str, path: str) -> str | None:
     return None
 
 
+def run_http(target: str, host: str, path: str) -> str | None:
+    """None when the HTTP wire at ``target`` denies the request; else what went wrong."""
+    connection = http_connection(target)
+    try:
+        # The check as Envoy sends it: the client's method, path and Host, the request id.
+        connection.request("GET", path, headers={"Host": host, "x-request-id": new_request_id()})
+        response = connection.getresponse()
+        response.read()
+    finally:
+        connection.close()
+    where = f"HTTP wire {target}: GET {host}{path} without credentials"
+    if response.status == 200:
+        return f"{where} was allowed: no deployment should allow it"
+    reason = response.getheader("x-extauthz-reason")
+    if response.status not in DENIED or not reason:
+        return f"{where} was answered {response.status} without x-extauthz-reason, not by extauthz"
+    print(f"ok: {where} denied with {response.status} ({reason})")
+    return None
+
+
 def quit_sidecar() -> None:
     """Ask Istio's sidecar to exit, so that the Pod completes; nothing to do without one."""
     try:
@@ -107,10 +149,16 @@ def quit_sidecar() -> None:
 
 def main() -> int:
     target = os.environ["EXTAUTHZ_TEST_TARGET"]
+    http_target = os.environ.get("EXTAUTHZ_TEST_HTTP_TARGET")
+    host, path = os.environ["EXTAUTHZ_TEST_HOST"], os.environ["EXTAUTHZ_TEST_PATH"]
     try:
-        problem = run(target, os.environ["EXTAUTHZ_TEST_HOST"], os.environ["EXTAUTHZ_TEST_PATH"])
+        problem = run(target, host, path)
+        if problem is None and http_target:
+            problem = run_http(http_target, host, path)
     except grpc.RpcError as error:
         problem = f"{target}: {error.code().name}: {error.details()}"
+    except (OSError, http.client.HTTPException) as error:  # ssl.SSLError is an OSError
+        problem = f"HTTP wire {http_target}: {type(error).__name__}: {error}"
     finally:
         if os.environ.get("EXTAUTHZ_TEST_ISTIO_QUIT"):
             quit_sidecar()

@@ -176,6 +176,44 @@ Every Service name a caller may use: short to fully qualified, ClusterIP and hea
 {{- toYaml (concat $names .Values.tls.certManager.extraDnsNames) }}
 {{- end }}
 
+{{/*
+The HTTP wire's Service port, when httpWire.enabled: appProtocol tells Istio and Gateway API
+implementations it is HTTP/1.1, over TLS when tls.enabled (server.tls serves both listeners).
+*/}}
+{{- define "extauthz.httpWireServicePort" -}}
+- name: http-authz
+  port: {{ .Values.httpWire.port }}
+  targetPort: http-authz
+  protocol: TCP
+  appProtocol: {{ ternary "https" "http" .Values.tls.enabled }}
+{{- end }}
+
+{{/*
+For the HTTP wire's Istio provider in NOTES.txt, as YAML lists in lower case without
+duplicates: the client headers a check must carry (the policy's token headers, then the request
+id and the trace context), and the headersFromClaims names an allow sets (sorted). Envoy's
+http_service forwards and copies only the headers listed.
+*/}}
+{{- define "extauthz.checkHeaders" -}}
+{{- $headers := list "authorization" }}
+{{- range (.Values.config | default dict).deployments }}
+{{- with dig "authentication" "tokenHeader" "" . }}
+{{- $headers = append $headers (lower .) }}
+{{- end }}
+{{- end }}
+{{- toYaml (concat (uniq $headers) (list "x-request-id" "traceparent" "tracestate")) }}
+{{- end }}
+
+{{- define "extauthz.identityHeaders" -}}
+{{- $headers := list }}
+{{- range (.Values.config | default dict).deployments }}
+{{- range $name, $_ := .headersFromClaims }}
+{{- $headers = append $headers (lower $name) }}
+{{- end }}
+{{- end }}
+{{- toYaml ($headers | uniq | sortAlpha) }}
+{{- end }}
+
 {{/* Probes through the admin port's /readyz and /healthz instead of gRPC health: see values. */}}
 {{- define "extauthz.httpProbes" -}}
 {{- if or .Values.tls.enabled (gt (int .Values.workers) 1) }}true{{ end }}
@@ -215,6 +253,9 @@ Settings that cannot be expressed in values.schema.json: fail the render with th
 {{- if hasPrefix "--workers" . }}
 {{- fail "set the number of server processes with `workers`, not server.extraArgs: memory and probes follow it" }}
 {{- end }}
+{{- if hasPrefix "--http-listen" . }}
+{{- fail "turn the HTTP wire on with `httpWire.enabled`, not server.extraArgs: the container port, the Services, the NetworkPolicy and the Istio policy follow it" }}
+{{- end }}
 {{- end }}
 {{- if lt (include "extauthz.mebibytes" .Values.memory.limit.base | int) (include "extauthz.mebibytes" .Values.memory.request.base | int) }}
 {{- fail "memory.limit.base must be >= memory.request.base" }}
@@ -234,6 +275,13 @@ Settings that cannot be expressed in values.schema.json: fail the render with th
 {{- end }}
 {{- else if or .Values.tls.requireClientCert .Values.tls.existingSecret .Values.tls.certManager.enabled }}
 {{- fail "tls.requireClientCert, tls.existingSecret and tls.certManager take effect with tls.enabled: true" }}
+{{- end }}
+{{- if .Values.httpWire.enabled }}
+{{- range $name, $port := .Values.ports }}
+{{- if eq (int $port) (int $.Values.httpWire.port) }}
+{{- fail (printf "httpWire.port (%v) is also ports.%s: extauthz could not open both listeners" $.Values.httpWire.port $name) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.grpcFrom) }}
 {{- fail "networkPolicy.grpcFrom is empty: nothing could call extauthz. Name the callers (the gateways' pods), or allow every pod with [{namespaceSelector: {}}]" }}
