@@ -1,10 +1,12 @@
-"""Decision → CheckResponse, through the one table in ``decision.OUTCOMES`` (docs/decisions.md)."""
+"""Decision → the wire's response (a CheckResponse, or HTTP/1.1 bytes), through the one table in
+``decision.OUTCOMES`` (docs/decisions.md)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from google.protobuf import struct_pb2
 from google.rpc import status_pb2
@@ -108,6 +110,36 @@ _MAX_TEMPLATES = 4_096
 _MAX_TEMPLATE_MESSAGE_CHARS = 512
 
 
+T = TypeVar("T")
+
+
+class _DenialTemplates(Generic[T]):
+    """A renderer's denial templates: one per reason, deployment, route, required scope and
+    (with exposeDetailedErrors) message, built once; a denial differs from the previous one
+    with the same of these only by its request id."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self._detailed = settings.expose_detailed_errors
+        self._built: BoundedCache[tuple[object, ...], T] = BoundedCache(
+            _MAX_TEMPLATES, _MAX_TEMPLATE_MESSAGE_CHARS
+        )
+
+    def get(self, decision: Decision, build: Callable[[Decision], T]) -> T:
+        message = decision.message if self._detailed else ""
+        key = (
+            decision.reason,
+            decision.deployment,
+            decision.route,
+            decision.required_scope,
+            message,
+        )
+        template = self._built.get(key)
+        if template is None:
+            template = build(decision)
+            self._built.put(key, template, len(message))
+        return template
+
+
 class Renderer:
     """Renders decisions for one config's settings, building each denial's fixed parts once.
 
@@ -118,26 +150,14 @@ class Renderer:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self._templates: BoundedCache[tuple[object, ...], tuple[ext.CheckResponse, str, str]] = (
-            BoundedCache(_MAX_TEMPLATES, _MAX_TEMPLATE_MESSAGE_CHARS)
+        self._templates: _DenialTemplates[tuple[ext.CheckResponse, str, str]] = _DenialTemplates(
+            settings
         )
 
     def render(self, decision: Decision, request_id: str) -> ext.CheckResponse:
         if decision.allowed:
             return to_check_response(decision, request_id, self.settings)
-        message = decision.message if self.settings.expose_detailed_errors else ""
-        key = (
-            decision.reason,
-            decision.deployment,
-            decision.route,
-            decision.required_scope,
-            message,
-        )
-        template = self._templates.get(key)
-        if template is None:
-            template = self._template(decision)
-            self._templates.put(key, template, len(message))
-        fixed, body_head, body_tail = template
+        fixed, body_head, body_tail = self._templates.get(decision, self._template)
         response = ext.CheckResponse()
         response.CopyFrom(fixed)
         denied = response.denied_response
@@ -195,26 +215,13 @@ class HttpRenderer:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self._templates: BoundedCache[tuple[object, ...], tuple[str, str, str, str]] = BoundedCache(
-            _MAX_TEMPLATES, _MAX_TEMPLATE_MESSAGE_CHARS
-        )
+        self._templates: _DenialTemplates[tuple[str, str, str, str]] = _DenialTemplates(settings)
 
     def render(self, decision: Decision, request_id: str, *, head_only: bool = False) -> bytes:
         """The response; ``head_only`` for a HEAD request (RFC 9110 §9.3.2: no body)."""
         if decision.allowed:
             return http_allow(decision)
-        message = decision.message if self.settings.expose_detailed_errors else ""
-        key = (
-            decision.reason,
-            decision.deployment,
-            decision.route,
-            decision.required_scope,
-            message,
-        )
-        template = self._templates.get(key)
-        if template is None:
-            template = self._template(decision)
-            self._templates.put(key, template, len(message))
+        template = self._templates.get(decision, self._template)
         before_id, after_id, body_head, body_tail = template
         body = f"{body_head}{_json_string(request_id)}{body_tail}".encode()
         head = f"{before_id}{request_id}{after_id}content-length: {len(body)}\r\n\r\n".encode()
