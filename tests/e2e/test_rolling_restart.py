@@ -41,7 +41,7 @@ import yaml
 
 from tests.conftest import AUDIENCE, ISSUER, SigningKey, claims
 from tests.integration.faulty_idp import FaultyIdp
-from tests.integration.serverproc import ExtauthzProcess, free_port
+from tests.integration.serverproc import ExtauthzProcess, free_port, http_json
 from tests.policies import orders
 from tests.waiting import wait_until
 
@@ -107,16 +107,6 @@ function delay()
   return delay_ms
 end
 """
-
-
-def http_json(url: str) -> tuple[int, Any] | None:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return int(response.status), json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), json.loads(exc.read())
-    except OSError:
-        return None
 
 
 def text(url: str) -> str:

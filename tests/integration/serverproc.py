@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -322,3 +323,14 @@ class ExtauthzProcess:
             if labels.items() <= found.items():
                 total += float(m.group(3))
         return total
+
+
+def http_json(url: str) -> tuple[int, Any] | None:
+    """An admin page's status and JSON body (an error status too); None while nothing listens."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status), json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), json.loads(exc.read())
+    except OSError:
+        return None

@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import base64
 import copy
-import json
 import signal
 import socket
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,10 +35,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from tests.check_requests import check_request
-from tests.conftest import AUDIENCE, ISSUER, SigningKey, claims
 from tests.configmap import ConfigMapVolume
+from tests.conftest import AUDIENCE, ISSUER, SigningKey, claims
 from tests.integration.faulty_idp import Fault, FaultyIdp
-from tests.integration.serverproc import ExtauthzProcess, closed_port
+from tests.integration.serverproc import ExtauthzProcess, closed_port, http_json
 from tests.policies import orders
 from tests.waiting import wait_until
 
@@ -80,14 +77,7 @@ def health(port: int, service: str = "") -> int:
 
 def readyz(server: ExtauthzProcess) -> tuple[int, dict[str, Any]] | None:
     """The admin port's /readyz: status and body; None while nothing listens there."""
-    url = f"http://127.0.0.1:{server.admin_port}/readyz"
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return int(response.status), json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), json.loads(exc.read())
-    except OSError:
-        return None
+    return http_json(f"http://127.0.0.1:{server.admin_port}/readyz")
 
 
 def accepts(port: int) -> bool:
