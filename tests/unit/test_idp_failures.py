@@ -46,6 +46,7 @@ from extauthz.lifecycle import Runtime
 from extauthz.logs import JsonLogger
 from extauthz.metrics import IDP_OUTCOMES, Metrics
 from tests.conftest import ISSUER, SigningKey
+from tests.unit.test_idp_resilience import Outcomes
 from tests.fake_idp import DISCOVERY, JWKS, FakeIdp
 from tests.integration.faulty_idp import SilentPort
 from tests.integration.serverproc import closed_port
@@ -64,18 +65,6 @@ def unreachable(kind: str, uri: str = JWKS, endpoint: str = "jwks_uri") -> str:
         "Make sure that the URI is accessible from the network of the authorization service."
     )
 
-
-class Outcomes:
-    """An IdpObserver that keeps the outcome of every report."""
-
-    def __init__(self) -> None:
-        self.outcomes: list[str] = []
-
-    def idp_call(self, endpoint: str, outcome: str, seconds: float) -> None:
-        self.outcomes.append(outcome)
-
-    def cache(self, cache: str, result: str) -> None:
-        pass
 
 
 def endpoint(
