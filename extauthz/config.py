@@ -272,11 +272,16 @@ class _RawTokenSource(_Raw):
     token_auth_scheme: str | None = None
     is_anonymous_access_allowed: bool = False
     max_clock_skew_in_seconds: Annotated[float, Field(ge=0, le=3600)] = 0
+    # RFC 9449 (DPoP) and RFC 8705 §3 (certificate-bound tokens): the token must be bound.
+    sender_constraint: Literal["NONE", "DPOP", "MTLS", "DPOP_OR_MTLS"] = "NONE"
 
     @model_validator(mode="after")
     def _one_source(self) -> _RawTokenSource:
         if self.token_header is not None and self.token_query_param is not None:
             raise ValueError("set tokenHeader or tokenQueryParam, not both")
+        if "DPOP" in self.sender_constraint and self.token_query_param is not None:
+            # RFC 9449 §7.1: a DPoP-bound token travels in the Authorization header only.
+            raise ValueError("senderConstraint DPOP needs the Authorization header, not a query")
         return self
 
 
@@ -536,6 +541,8 @@ class AuthPolicy:
     issuers: tuple[str, ...]
     audiences: frozenset[str]
     claims: tuple[ClaimRule, ...]
+    # NONE, DPOP, MTLS or DPOP_OR_MTLS (RFC 9449, RFC 8705): what the token must be bound to.
+    sender_constraint: str = "NONE"
 
     @property
     def log_event(self) -> str:
@@ -682,6 +689,7 @@ def _resolve_deployment(raw: _RawDeployment) -> Deployment:
         issuers=issuers,
         audiences=frozenset(audiences),
         claims=tuple(ClaimRule(c.key, c.values or (), c.is_required) for c in claims),
+        sender_constraint=a.sender_constraint,
     )
     routes = tuple(
         Route(

@@ -47,6 +47,10 @@ class Reason(StrEnum):
     NO_MATCHING_POLICY = "no_matching_policy"
     REQUEST_AMBIGUOUS = "request_ambiguous"
     IDP_CALL_FAILED = "idp_call_failed"
+    # RFC 9449 §7.1: a DPoP proof that is missing, malformed, fails a check or was seen before.
+    DPOP_PROOF_INVALID = "dpop_proof_invalid"
+    # RFC 9449 §6 and RFC 8705 §3: the token's cnf is absent or names another key/certificate.
+    TOKEN_BINDING_MISMATCH = "token_binding_mismatch"
     # Not in the contract's table: a bug or an unexpected input in extauthz itself. Fail closed.
     INTERNAL_ERROR = "internal_error"
 
@@ -56,6 +60,7 @@ class Challenge(Enum):
     REALM_ONLY = 1  # RFC 6750 §3.1: no error code when no credentials were sent
     INVALID_TOKEN = 2
     INSUFFICIENT_SCOPE = 3
+    DPOP = 4  # RFC 9449 §7.1: the DPoP scheme with error="invalid_dpop_proof" and algs
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +93,10 @@ OUTCOMES: dict[Reason, Outcome] = {
             Reason.CLAIM_MISSING,
             Reason.CLAIM_VALUE_MISMATCH,
             Reason.TOKEN_INACTIVE,
+            Reason.TOKEN_BINDING_MISMATCH,
         )
     },
+    Reason.DPOP_PROOF_INVALID: Outcome(_UNAUTHENTICATED, 401, "invalid_dpop_proof", Challenge.DPOP),
     Reason.INSUFFICIENT_SCOPE: Outcome(
         _PERMISSION_DENIED, 403, "insufficient_scope", Challenge.INSUFFICIENT_SCOPE
     ),
@@ -130,6 +137,8 @@ class Decision:
     remove_headers: tuple[str, ...] = ()
     metadata: tuple[tuple[str, Any], ...] = ()  # Envoy dynamic metadata on allow, as pairs
     required_scope: tuple[str, ...] = ()
+    # For a DPoP challenge: the proof algorithms the policy accepts (RFC 9449 §7.1 algs).
+    dpop_algs: tuple[str, ...] = ()
     # enforcement: DRY_RUN: allowed, though ``reason`` says why it would have been denied.
     dry_run: bool = False
 
@@ -163,9 +172,18 @@ def deny(
     event: str = "",
     required_scope: tuple[str, ...] = (),
     log_fields: tuple[tuple[str, Any], ...] = (),
+    dpop_algs: tuple[str, ...] = (),
 ) -> Decision:
     return Decision(
-        False, reason, deployment, route, event, message, log_fields, required_scope=required_scope
+        False,
+        reason,
+        deployment,
+        route,
+        event,
+        message,
+        log_fields,
+        required_scope=required_scope,
+        dpop_algs=dpop_algs,
     )
 
 
@@ -175,6 +193,10 @@ def www_authenticate(decision: Decision) -> str | None:
     challenge = OUTCOMES[decision.reason].challenge
     if challenge is Challenge.NONE:
         return None
+    if challenge is Challenge.DPOP:
+        # RFC 9449 §7.1: the DPoP scheme, and the proof algorithms the server accepts.
+        algs = " ".join(decision.dpop_algs)
+        return f'DPoP realm="{decision.deployment}", error="invalid_dpop_proof", algs="{algs}"'
     realm = f'Bearer realm="{decision.deployment}"'
     if challenge is Challenge.REALM_ONLY:
         # RFC 6750 §3.1: no error code when the request carried no credentials.
