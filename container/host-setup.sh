@@ -1,27 +1,35 @@
 #!/usr/bin/env bash
 # Makes a Debian machine, as root, able to build the image and run the container tests with
-# podman: installs podman, runc and debootstrap when missing and gives podman the settings this
-# kind of machine needs. Run by .ci/run and by `make test` (through `make test-image`); safe to
-# run again. Elsewhere (not root, no apt-get) it changes nothing and says so.
+# podman: installs podman, runc and debootstrap when missing (and redis-server, for the
+# shared-cache tests) and gives podman the settings this kind of machine needs. Run by .ci/run
+# and by `make test` (through `make test-image`); safe to run again. Elsewhere (not root, no
+# apt-get) it changes nothing and says so.
 #
 #   container/host-setup.sh          # exit 0: ready (or nothing it may do); 1: an install failed
 set -euo pipefail
 # shellcheck source=container/common.sh
 source "$(dirname "$0")/common.sh"
 
-if [[ $(detect_engine) == docker ]]; then
-    say "a Docker engine answers: nothing to install"
-    exit 0
-fi
+docker=false
+[[ $(detect_engine) == docker ]] && docker=true
 if [[ $(id -u) != 0 ]] || ! command -v apt-get >/dev/null; then
-    say "not root on a Debian-like machine: installs nothing (a container engine must be there already)"
+    if $docker; then
+        say "a Docker engine answers: nothing to install"
+    else
+        say "not root on a Debian-like machine: installs nothing (a container engine must be there already)"
+    fi
     exit 0
 fi
 
 missing=()
-command -v podman >/dev/null || missing+=(podman)
-command -v runc >/dev/null || missing+=(runc)
-command -v debootstrap >/dev/null || missing+=(debootstrap)
+if ! $docker; then
+    command -v podman >/dev/null || missing+=(podman)
+    command -v runc >/dev/null || missing+=(runc)
+    command -v debootstrap >/dev/null || missing+=(debootstrap)
+fi
+# Not for the image: the shared-cache tests (tests/integration/test_shared_cache.py) start a real
+# redis-server, and CI must run them rather than skip them, with Docker as with podman.
+command -v redis-server >/dev/null || missing+=(redis-server)
 
 if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
@@ -40,6 +48,11 @@ if ((${#missing[@]})); then
         fi
         sleep $((try * 5)) # back off before asking the mirror again
     done
+fi
+
+if $docker; then
+    say "a Docker engine answers: podman is not needed"
+    exit 0
 fi
 
 # podman's defaults fail here: as root it raises nofile to 1048576, which this kernel refuses

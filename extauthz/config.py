@@ -49,6 +49,7 @@ __all__ = [
     "KeySource",
     "Route",
     "ServerSettings",
+    "SharedCacheSettings",
     "TlsFiles",
     "load_config",
     "parse_config",
@@ -103,6 +104,37 @@ class _RawTls(_Raw):
     client_ca_file: Annotated[str, Field(min_length=1)] | None = None
 
 
+class _RawSharedCache(_Raw):
+    uri: Annotated[str, Field(pattern=r"^rediss?://[^/?#]+")]
+    password_file: Annotated[str, Field(min_length=1)] | None = None
+    password_env: Annotated[str, Field(min_length=1)] | None = None
+    signing_key_file: Annotated[str, Field(min_length=1)] | None = None
+    signing_key_env: Annotated[str, Field(min_length=1)] | None = None
+    # Redis sits on the path of every local cache miss: a slow one must cost little.
+    timeout_milliseconds: Annotated[int, Field(ge=1, le=5000)] = 50
+    ca_file: Annotated[str, Field(min_length=1)] | None = None
+
+    @field_validator("uri")
+    @classmethod
+    def _no_inline_password(cls, v: str) -> str:
+        # The config file is not a secret store (it is printed, diffed, kept in Git): a password
+        # in the URI's userinfo would sit there in clear.
+        authority = v.split("://", 1)[1].split("/", 1)[0]
+        if ":" in authority.rpartition("@")[0]:
+            raise ValueError("a password in the uri is refused: use passwordFile or passwordEnv")
+        return v
+
+    @model_validator(mode="after")
+    def _sources(self) -> _RawSharedCache:
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("set at most one of passwordFile or passwordEnv")
+        if (self.signing_key_file is None) == (self.signing_key_env is None):
+            raise ValueError("set exactly one of signingKeyFile or signingKeyEnv")
+        if self.ca_file is not None and not self.uri.startswith("rediss://"):
+            raise ValueError("caFile needs a rediss:// uri")
+        return self
+
+
 class _RawServer(_Raw):
     expose_detailed_errors: bool = False
     log_claim_values: bool = False
@@ -113,6 +145,7 @@ class _RawServer(_Raw):
     circuit_breaker: _RawBreaker = _RawBreaker()
     tls: _RawTls | None = None
     drain_seconds: Annotated[float, Field(ge=0, le=300)] = DEFAULT_DRAIN_SECONDS
+    shared_cache: _RawSharedCache | None = None
 
 
 class _RawClaim(_Raw):
@@ -476,6 +509,21 @@ class TlsFiles:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedCacheSettings:
+    """``server.sharedCache``: the Redis (or Valkey) that the replicas of a fleet share their
+    introspection answers through. The password and the signing key are named, never held:
+    they are read when the cache is made (:mod:`extauthz.shared_cache`)."""
+
+    uri: str
+    signing_key_file: str | None
+    signing_key_env: str | None
+    password_file: str | None = None
+    password_env: str | None = None
+    timeout_seconds: float = 0.05
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ServerSettings:
     expose_detailed_errors: bool = False
     # A failure line carries the verifyClaims values compared only when asked: claim values
@@ -488,6 +536,7 @@ class ServerSettings:
     breaker_cool_down_seconds: float = 30.0
     tls: TlsFiles | None = None  # server.tls: TLS (and mTLS) on the check listeners
     drain_seconds: float = DEFAULT_DRAIN_SECONDS  # on SIGTERM: NOT_SERVING, still answering
+    shared_cache: SharedCacheSettings | None = None  # server.sharedCache
 
 
 @dataclass(frozen=True, slots=True)
@@ -813,12 +862,27 @@ def resolve(raw: _RawConfig, source: str = "") -> Config:
             if s.tls is None
             else TlsFiles(s.tls.cert_file, s.tls.key_file, s.tls.client_ca_file),
             drain_seconds=s.drain_seconds,
+            shared_cache=_resolve_shared_cache(s.shared_cache),
         ),
         deployments=deployments,
         by_name=MappingProxyType({d.name: d for d in deployments}),
         host_index=host_index,
         warnings=_shadowing_warnings(deployments),
         source=source,
+    )
+
+
+def _resolve_shared_cache(raw: _RawSharedCache | None) -> SharedCacheSettings | None:
+    if raw is None:
+        return None
+    return SharedCacheSettings(
+        raw.uri,
+        raw.signing_key_file,
+        raw.signing_key_env,
+        password_file=raw.password_file,
+        password_env=raw.password_env,
+        timeout_seconds=raw.timeout_milliseconds / 1000,
+        ca_file=raw.ca_file,
     )
 
 

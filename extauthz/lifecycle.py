@@ -44,6 +44,7 @@ from .logs import JsonLogger
 from .metrics import Metrics
 from .reload import ConfigWatcher
 from .server import SERVICE_NAME, AuthorizationService, add_to_server
+from .shared_cache import SharedCache, open_shared_cache
 from .tls import add_check_port, http_ssl_context, warn_if_tls_changed
 from .workers import mark_ready
 
@@ -72,6 +73,7 @@ class Runtime:
         logger: JsonLogger,
         metrics: Metrics,
         previous: Runtime | None = None,
+        shared_cache: SharedCache | None = None,
     ) -> None:
         def on_stale(exc: IdpError) -> None:
             # Cached keys keep serving; the failed refresh is still worth one line.
@@ -92,17 +94,23 @@ class Runtime:
             observer=metrics,
             previous=previous.providers if previous is not None else None,
             report=report,
+            shared_cache=shared_cache,
         )
+        self.shared_cache = shared_cache
         self.engine = Engine(config, self.providers.by_deployment)
 
     def readiness(self) -> dict[str, Any]:
         """What /readyz shows: the config and each IdP endpoint's last success, last error (what,
         when, why) and breaker (:meth:`IdpEndpoint.readiness`)."""
-        return {
+        detail = {
             "config": self.config.source,
             "deployments": len(self.config.deployments),
             "providers": [ep.readiness() for ep in self.providers.endpoints.values()],
         }
+        if self.shared_cache is not None:
+            # Shown, never a reason to be unready: without it, checks still have the IdP.
+            detail["sharedCache"] = self.shared_cache.readiness()
+        return detail
 
 
 _FLUSH_SECONDS = 0.05
@@ -172,7 +180,16 @@ async def run_server(
     """Serve until SIGTERM/SIGINT, then drain in-flight checks within ``grace_seconds``."""
     tracing.configure()
     metrics = Metrics()
-    runtime = Runtime(config, logger, metrics)
+    shared_cache = None
+    if config.server.shared_cache is not None:
+        # Made once, for the life of the process (a reloaded sharedCache applies at the next
+        # start); ConfigError when its password or signing key cannot be read.
+        shared_cache = open_shared_cache(
+            config.server.shared_cache,
+            lambda level, event, fields: logger.log(level, event, **fields),
+            metrics.cache,
+        )
+    runtime = Runtime(config, logger, metrics, shared_cache=shared_cache)
     service = AuthorizationService(AnswerCache(runtime.engine), logger, metrics)
     retired: set[asyncio.Task[None]] = set()
     life = _Life(warm_start_budget(config))
@@ -180,7 +197,9 @@ async def run_server(
     def apply(new_config: Config) -> None:
         nonlocal runtime
         # May raise ConfigError (a new client secret file unreadable): the old one keeps serving.
-        new_runtime = Runtime(new_config, logger, metrics, previous=runtime)
+        new_runtime = Runtime(
+            new_config, logger, metrics, previous=runtime, shared_cache=shared_cache
+        )
         old, runtime = runtime, new_runtime
         # One assignment: a check sees the old policy or the new one, never both. The answers
         # start again empty: they rested on the old policy.
@@ -290,6 +309,8 @@ async def run_server(
     for task in list(retired):
         task.cancel()
     await runtime.providers.aclose()
+    if shared_cache is not None:
+        await shared_cache.aclose()
     flusher.cancel()
     metrics.flush()
     tracing.shutdown()

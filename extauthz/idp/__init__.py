@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import httpx
 
@@ -55,6 +55,9 @@ from .introspection import (
 )
 from .jwks import JwksProvider
 from .resilience import CircuitBreaker
+
+if TYPE_CHECKING:
+    from ..shared_cache import SharedCache
 
 __all__ = [
     "MAX_WARM_START_SECONDS",
@@ -322,19 +325,22 @@ class Providers:
         deployments: Collection[Deployment] | None = None,
         previous: Providers | None = None,
         report: Report | None = None,
+        shared_cache: SharedCache | None = None,
     ) -> None:
         """The providers of ``deployments`` (default: every deployment of ``config``), under
         ``config``'s server settings. ``probe`` and ``explain`` build them for one deployment,
         or none and then :meth:`for_source`, so that only what they use must be readable.
         ``previous``: the providers serving so far, whose parts this config asks for again
         with the same settings are taken over rather than built. ``report`` writes the log
-        lines of rotated client secret files."""
+        lines of rotated client secret files. ``shared_cache``: the fleet's
+        (``server.sharedCache``), behind every new introspection client's own cache."""
         self._on_stale = on_stale
         self._client_factory = client_factory
         self._observer = observer or NullObserver()
         self._clock = clock
         self._wall_clock = wall_clock
         self._report = report
+        self._shared_cache = shared_cache
         self._breaker_threshold = config.server.breaker_failure_threshold
         self._breaker_cool_down = config.server.breaker_cool_down_seconds
         # Bumped whenever any JWKS or discovery document is (re)fetched: keys may have gone. One
@@ -501,6 +507,10 @@ class Providers:
                 max_cache_seconds=source.max_cache_seconds,
                 observer=self._observer,
                 clock=self._wall_clock,
+                shared_cache=self._shared_cache,
+                # The configured URI (introspection endpoint or discovery document) and the
+                # client: two policies share answers in the shared cache only when both match.
+                scope=f"{source.uri}\x00{source.client.client_id}",
             )
         self._held.introspection[key] = client
         return client

@@ -11,6 +11,11 @@
 * Concurrent checks of the same new token share one IdP call.
 * The client secret comes from a :class:`SecretSource`: ``clientSecretFile`` is read again when
   the file changes (:class:`SecretFile`), ``clientSecretEnv`` is read once (:class:`FixedSecret`).
+* With ``server.sharedCache``, the local cache stays in front of the fleet's shared one
+  (:mod:`extauthz.shared_cache`): a local miss reads the shared cache before calling the IdP,
+  within the same single flight, and an IdP answer, active or inactive, is written there for the
+  other replicas. What the shared cache says is never more than what this replica would have
+  kept: its expiry is cut to the local lifetimes.
 * A reloaded config whose introspection settings did not change keeps the answers: the new
   generation's client is :meth:`IntrospectionClient.rebound` to its own endpoint lookup and
   shares the cache, the calls in flight and the secret with the old one.
@@ -25,13 +30,16 @@ import json
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote_plus
 
 from ..bounded import BoundedCache
 from ..config import ClientDetails
 from ..errors import IdpBadResponse
 from .http import IdpEndpoint, IdpObserver, IdpResponse, NullObserver
+
+if TYPE_CHECKING:
+    from ..shared_cache import SharedCache
 
 __all__ = [
     "SECRET_RELOADED_EVENT",
@@ -195,12 +203,16 @@ class SecretFile:
 
 class _Shared:
     """What every generation of one introspection client shares: the answers, the calls in
-    flight, and the secret."""
+    flight, the secret, and the fleet's shared cache with this client's scope in it."""
 
-    __slots__ = ("cache", "inflight", "secret")
+    __slots__ = ("cache", "inflight", "remote", "scope", "secret")
 
-    def __init__(self, secret: SecretSource, max_entries: int) -> None:
+    def __init__(
+        self, secret: SecretSource, max_entries: int, remote: SharedCache | None, scope: str
+    ) -> None:
         self.secret = secret
+        self.remote = remote
+        self.scope = scope
         # SHA-256 of the token → (expires at, the claims as compact JSON or _INACTIVE_ENTRY). An
         # answer larger than MAX_ENTRY_BYTES is used once and not kept.
         self.cache: BoundedCache[bytes, tuple[float, bytes]] = BoundedCache(
@@ -221,12 +233,17 @@ class IntrospectionClient:
         clock: Callable[[], float] = time.time,
         max_entries: int = MAX_ENTRIES,
         shared: _Shared | None = None,
+        shared_cache: SharedCache | None = None,
+        scope: str = "",
     ) -> None:
+        """``shared_cache``: the fleet's, if any; ``scope`` names the IdP and client whose
+        answers these are (its URI and client id), so that in the shared cache a token's
+        answer from one IdP is never taken for another's."""
         self._endpoint = endpoint
         self._client = client
         if shared is None:
             source = FixedSecret(secret) if isinstance(secret, ClientSecret) else secret
-            shared = _Shared(source, max_entries)
+            shared = _Shared(source, max_entries, shared_cache, scope)
         self._shared = shared
         self._cache = shared.cache
         self._inflight = shared.inflight
@@ -288,6 +305,45 @@ class IntrospectionClient:
         return hit[0] if hit is not None else 0.0
 
     async def _fetch(self, key: bytes, token: str) -> dict[str, Any] | None:
+        remote = self._shared.remote
+        remote_key = ""
+        if remote is not None:
+            remote_key = remote.key("introspection", self._shared.scope, token)
+            entry = await remote.get("introspection", remote_key)  # None whatever Redis does
+            if entry is not None:
+                return self._from_remote(key, entry.expires_at, entry.claims)
+        claims, expires_at = await self._ask_idp(key, token)
+        if remote is not None:
+            # Awaited (within timeoutMilliseconds) rather than left running: the next replica
+            # asked about this token, perhaps by the client's very next request, finds it.
+            await remote.put(remote_key, expires_at, claims)
+        return claims
+
+    def _from_remote(
+        self, key: bytes, expires_at: float, claims: dict[str, Any] | None
+    ) -> dict[str, Any] | None:
+        """Keep what another replica learnt, for no longer than this one would have kept the
+        IdP's answer."""
+        now = self._clock()
+        if claims is None:
+            self._store(key, min(expires_at, now + NEGATIVE_TTL_SECONDS), _INACTIVE_ENTRY)
+            return None
+        expires_at = min(expires_at, self._expiry(claims, now))
+        if expires_at > now:
+            self._store(key, expires_at, _compact(claims).encode())
+        return claims
+
+    def _expiry(self, claims: dict[str, Any], now: float) -> float:
+        """Until when an active answer is kept: the earlier of ``exp`` and the cache's limit."""
+        expires_at = now + self._max_cache_seconds
+        exp = claims.get("exp")
+        if isinstance(exp, int | float) and not isinstance(exp, bool):
+            expires_at = min(expires_at, float(exp))
+        return expires_at
+
+    async def _ask_idp(self, key: bytes, token: str) -> tuple[dict[str, Any] | None, float]:
+        """The IdP's answer (claims, None when inactive), kept in the local cache, and until
+        when it may be kept."""
         endpoint = await self._endpoint()
         form = {"token": token, "token_type_hint": "access_token"}
         headers: dict[str, str] | None = None
@@ -308,15 +364,12 @@ class IntrospectionClient:
         now = self._clock()
         if body["active"] is not True:
             self._store(key, now + NEGATIVE_TTL_SECONDS, _INACTIVE_ENTRY)
-            return None
+            return None, now + NEGATIVE_TTL_SECONDS
         claims = {k: v for k, v in body.items() if k != "active"}
-        expires_at = now + self._max_cache_seconds
-        exp = claims.get("exp")
-        if isinstance(exp, int | float) and not isinstance(exp, bool):
-            expires_at = min(expires_at, float(exp))
+        expires_at = self._expiry(claims, now)
         if expires_at > now:
             self._store(key, expires_at, _compact(claims).encode())
-        return claims
+        return claims, expires_at
 
     def _store(self, key: bytes, expires_at: float, entry: bytes) -> None:
         self._cache.put(key, (expires_at, entry), len(entry))

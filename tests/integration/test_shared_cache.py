@@ -1,0 +1,288 @@
+"""The shared cache (``server.sharedCache``) with a real redis-server: two ``extauthz serve``
+replicas sharing one Redis and one IdP.
+
+* N distinct opaque tokens, each checked on both replicas: the IdP is asked N times, not 2N.
+* Entries written straight into Redis by someone without the signing key (a wrong MAC, active
+  for a token the IdP says is inactive), or a genuine entry copied under another token's key:
+  never an allow, and ``cache.entryRejected`` is logged.
+* Redis killed mid-run: checks keep their right answers (local cache and IdP), one
+  ``cache.sharedUnavailable`` line; restarted: ``cache.sharedRestored`` and shared hits again.
+
+redis-server must be installed (the Debian package ``redis-server``, which
+container/host-setup.sh installs as root on Debian): without it these tests skip, except
+under CI=true or as root on Debian, where they fail, since there they must run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from extauthz.shared_cache import SharedCache
+from tests.conftest import claims
+from tests.integration.faulty_idp import FaultyIdp
+from tests.integration.serverproc import ExtauthzProcess, free_port
+from tests.policies import orders
+from tests.waiting import wait_until
+
+ORDER = "/orders/1"
+CLIENT_ID = "extauthz"
+INTROSPECT = "/introspect"
+IN_CI = os.environ.get("CI") == "true"
+ROOT_ON_DEBIAN = os.geteuid() == 0 and shutil.which("apt-get") is not None
+
+
+class RedisServer:
+    """``redis-server`` on a free loopback port with a random password and no persistence;
+    :meth:`kill` and :meth:`start` again on the same port."""
+
+    def __init__(self, binary: str, workdir: Path) -> None:
+        self.binary, self.workdir = binary, workdir
+        self.port = free_port()
+        self.password = secrets.token_urlsafe(24)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        self.proc = subprocess.Popen(
+            [
+                self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                "--requirepass", self.password, "--save", "", "--appendonly", "no",
+                "--dir", str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_until(self._answers, timeout=10, what="redis-server answering PING")
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except redis.RedisError:
+            return False
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, password=self.password, socket_timeout=2)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        reason = "redis-server is not installed (Debian: apt-get install redis-server)"
+        if IN_CI or ROOT_ON_DEBIAN:
+            pytest.fail(f"{reason}; container/host-setup.sh installs it", pytrace=False)
+        pytest.skip(reason)
+    server = RedisServer(binary, tmp_path).start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+class Fleet:
+    """Two replicas, one Redis, one IdP, and the fleet's signing key (what the test needs to
+    find an entry's key, as an operator with the key could)."""
+
+    def __init__(self, idp: FaultyIdp, redis_server: RedisServer, tmp_path: Path) -> None:
+        self.idp, self.redis = idp, redis_server
+        self.uri = idp.introspection(INTROSPECT)
+        self.signing_key = secrets.token_hex(32)
+        key_file = tmp_path / "signing-key"
+        key_file.write_text(self.signing_key + "\n")
+        secret_file = tmp_path / "client-secret"
+        secret_file.write_text("s3cret\n")
+        policy = {
+            "type": "REMOTE_INTROSPECTION",
+            "uri": self.uri,
+            "clientDetails": {"clientId": CLIENT_ID, "clientSecretFile": str(secret_file)},
+        }
+        config = {
+            "server": {
+                "sharedCache": {
+                    "uri": f"redis://127.0.0.1:{redis_server.port}/0",
+                    "passwordEnv": "REDIS_PASSWORD",
+                    "signingKeyFile": str(key_file),
+                    # Generous for a loaded CI machine; the point here is sharing, not speed.
+                    "timeoutMilliseconds": 500,
+                }
+            },
+            "deployments": [orders(policy)],
+        }
+        env = {"REDIS_PASSWORD": redis_server.password}
+        self.replicas = [
+            ExtauthzProcess(config, tmp_path / name, env=env) for name in ("a", "b")
+        ]
+        self.keys = SharedCache(
+            None,
+            self.signing_key.encode(),
+            timeout_seconds=1,
+            display_uri="",
+            report=lambda *_: None,
+            count=lambda *_: None,
+        )
+
+    def redis_key(self, token: str) -> str:
+        return self.keys.key("introspection", f"{self.uri}\x00{CLIENT_ID}", token)
+
+    def introspections(self) -> int:
+        return self.idp.count(INTROSPECT)
+
+    def texts(self) -> str:
+        return "".join(replica.text() for replica in self.replicas)
+
+
+@pytest.fixture
+def fleet(redis_server: RedisServer, tmp_path: Path) -> Iterator[Fleet]:
+    with FaultyIdp(clients={CLIENT_ID: "s3cret"}, tls=False) as idp:
+        f = Fleet(idp, redis_server, tmp_path)
+        for replica in f.replicas:
+            replica.start()
+        try:
+            yield f
+        finally:
+            for replica in f.replicas:
+                replica.stop()
+        # Nothing secret in any line: not a token, nor the Redis password, nor the signing key.
+        text = f.texts()
+        assert redis_server.password not in text
+        assert f.signing_key not in text
+
+
+def events(replica: ExtauthzProcess, event: str, n: int) -> list[dict[str, Any]]:
+    """The ``event`` lines, once there are ``n`` (lines are written every few milliseconds)."""
+
+    def enough() -> list[dict[str, Any]] | None:
+        lines = replica.events(event)
+        return lines if len(lines) >= n else None
+
+    found = wait_until(enough, timeout=5, what=f"{n} {event} line(s)")
+    assert len(found) == n, found
+    return found
+
+
+def test_n_tokens_on_two_replicas_cost_n_introspections(fleet: Fleet) -> None:
+    a, b = fleet.replicas
+    tokens = [fleet.idp.issue(claims(sub=f"user-{i}")) for i in range(8)]
+    for token in tokens:
+        assert a.check(token, path=ORDER).allowed
+    for token in tokens:
+        checked = b.check(token, path=ORDER)
+        assert checked.allowed
+        assert b.line(checked.request_id, "access")["idpCalls"] == 0
+    assert fleet.introspections() == len(tokens)
+    assert a.metric("extauthz_cache_events_total", cache="shared", result="miss") == len(tokens)
+    assert b.metric("extauthz_cache_events_total", cache="shared", result="hit") == len(tokens)
+    # What Redis holds: HMAC'd keys, never a token.
+    stored = fleet.redis.client().keys("*")
+    assert sorted(k.decode() for k in stored) == sorted(fleet.redis_key(t) for t in tokens)
+    values = b"".join(fleet.redis.client().get(k) or b"" for k in stored)
+    assert not any(t.encode() in values for t in tokens)
+    # An inactive answer is shared too: the second replica does not ask again.
+    unknown = secrets.token_urlsafe(32)
+    assert not a.check(unknown, path=ORDER).allowed
+    assert not b.check(unknown, path=ORDER).allowed
+    assert fleet.introspections() == len(tokens) + 1
+    status, body = a.admin("readyz")
+    assert status == 200
+    assert json.loads(body)["sharedCache"]["available"] is True
+
+
+def test_forged_and_copied_entries_are_never_an_allow(fleet: Fleet) -> None:
+    a, b = fleet.replicas
+    r = fleet.redis.client()
+    later = time.time() + 300
+    forged_body = json.dumps(
+        {"expiresAt": later, "active": True, "claims": claims(sub="mallory")}
+    ).encode()
+
+    # 1. Written without the signing key: active, for a token the IdP says is inactive.
+    inactive = secrets.token_urlsafe(32)
+    r.set(fleet.redis_key(inactive), b"0" * 64 + b"." + forged_body, px=300_000)
+    checked = a.check(inactive, path=ORDER)
+    assert not checked.allowed and checked.http_status == 401
+    events(a, "cache.entryRejected", 1)
+
+    # 2. A genuine entry (an active token's, written by replica a) copied under the key of a
+    # token the IdP says is inactive.
+    good = fleet.idp.issue(claims())
+    assert a.check(good, path=ORDER).allowed
+    genuine = wait_until(lambda: r.get(fleet.redis_key(good)), timeout=5, what="the entry")
+    revoked = secrets.token_urlsafe(32)
+    r.set(fleet.redis_key(revoked), genuine, px=300_000)
+    checked = b.check(revoked, path=ORDER)
+    assert not checked.allowed and checked.http_status == 401
+    events(b, "cache.entryRejected", 1)
+    assert b.metric("extauthz_cache_events_total", cache="shared", result="rejected") == 1
+
+    # 3. A genuine entry altered.
+    altered_token = fleet.idp.issue(claims(scope="orders.read"))
+    assert a.check(altered_token, path=ORDER).allowed
+    genuine = wait_until(lambda: r.get(fleet.redis_key(altered_token)), timeout=5, what="entry")
+    fleet.idp.revoke(altered_token)
+    r.set(fleet.redis_key(altered_token), genuine.replace(b"orders.read", b"orders.admin"))
+    assert not b.check(altered_token, path=ORDER).allowed  # asked the IdP: revoked
+    events(b, "cache.entryRejected", 2)
+
+    rejected = json.dumps([*a.events("cache.entryRejected"), *b.events("cache.entryRejected")])
+    assert "mallory" not in rejected and "orders.admin" not in rejected
+    for token in (inactive, good, revoked, altered_token):
+        assert token not in fleet.texts()
+
+
+def test_redis_down_then_back(fleet: Fleet, redis_server: RedisServer) -> None:
+    a, b = fleet.replicas
+    before = fleet.idp.issue(claims())
+    assert a.check(before, path=ORDER).allowed
+    assert b.check(before, path=ORDER).allowed  # a shared hit
+    assert fleet.introspections() == 1
+
+    redis_server.kill()
+    revoked = secrets.token_urlsafe(32)
+    for i in range(6):
+        token = fleet.idp.issue(claims(sub=f"during-{i}"))
+        assert a.check(token, path=ORDER).allowed  # the IdP answers for the shared cache
+        assert b.check(token, path=ORDER).allowed
+        assert not a.check(revoked, path=ORDER).allowed
+        assert a.check(before, path=ORDER).allowed  # the local cache
+    for replica in (a, b):
+        (line,) = events(replica, "cache.sharedUnavailable", 1)
+        assert line["uri"] == f"redis://127.0.0.1:{redis_server.port}/0"
+        assert replica.events("cache.sharedRestored") == []
+        status, body = replica.admin("readyz")
+        assert status == 200  # never a reason to be unready
+        assert json.loads(body)["sharedCache"]["available"] is False
+    assert a.metric("extauthz_cache_events_total", cache="shared", result="error") >= 1
+
+    redis_server.start()  # same port and password, empty
+
+    def restored(replica: ExtauthzProcess) -> bool:
+        assert replica.check(fleet.idp.issue(claims()), path=ORDER).allowed
+        return bool(replica.events("cache.sharedRestored"))
+
+    for replica in (a, b):
+        wait_until(lambda: restored(replica), timeout=15, what="cache.sharedRestored")
+    calls = fleet.introspections()
+    tokens = [fleet.idp.issue(claims(sub=f"after-{i}")) for i in range(4)]
+    for token in tokens:
+        assert a.check(token, path=ORDER).allowed
+        assert b.check(token, path=ORDER).allowed
+    assert fleet.introspections() == calls + len(tokens)  # shared hits again
+    for replica in (a, b):
+        events(replica, "cache.sharedUnavailable", 1)
+        events(replica, "cache.sharedRestored", 1)
