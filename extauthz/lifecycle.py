@@ -187,7 +187,7 @@ async def run_server(
         shared_cache = open_shared_cache(
             config.server.shared_cache,
             lambda level, event, fields: logger.log(level, event, **fields),
-            metrics.cache,
+            metrics.shared_cache,
         )
     runtime = Runtime(config, logger, metrics, shared_cache=shared_cache)
     service = AuthorizationService(AnswerCache(runtime.engine), logger, metrics)

@@ -125,6 +125,11 @@ class Metrics:
         if outcome not in IDP_REFUSALS:
             self._child(self.idp_duration, endpoint).observe(seconds)
 
+    def shared_cache(self, cache: str, result: str) -> None:
+        """A shared-cache lookup: counted only. Not on the check's span, whose cache attribute
+        tells how the check's own (local) lookup went (docs/traces.md)."""
+        self._child(self.cache_events, cache, result).inc()
+
     def cache(self, cache: str, result: str) -> None:
         self._child(self.cache_events, cache, result).inc()
         # docs/traces.md: cache results are recorded on the check's span, never as spans.
