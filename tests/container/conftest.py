@@ -38,6 +38,10 @@ import docker
 from docker.types import Ulimit
 from testcontainers.core.container import DockerContainer
 
+# Before test modules import it: its checks' failures then say what was found (the same checks
+# fail on purpose in test_broken_images.py, and must say why).
+pytest.register_assert_rewrite("tests.container.checks")
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "examples"))
 
@@ -241,13 +245,16 @@ class ExtauthzPorts:
 
 
 def hardened(
-    config: Path, args: Sequence[str] = (), env: Mapping[str, str] | None = None
+    config: Path,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    image: str = IMAGE,
 ) -> DockerContainer:
-    """The image as the chart runs it (non-root, read-only, no capabilities), serving
+    """``image`` as the chart runs it (non-root, read-only, no capabilities), serving
     ``config`` mounted read-only; ``args`` follow ``serve --config``."""
     config.chmod(0o644)  # readable by UID 10001 through the bind mount
     return (
-        DockerContainer(IMAGE)
+        DockerContainer(image)
         .with_volume_mapping(str(config), CONFIG_IN_CONTAINER, "ro")
         .with_command(["serve", "--config", CONFIG_IN_CONTAINER, *args])
         .with_envs(**dict(env or {}))
@@ -285,7 +292,9 @@ def wait_ready(container: DockerContainer, admin_port: int) -> None:
         except OSError:
             return False
 
-    wait_until(ready, timeout=START_SECONDS, what=f"{IMAGE}'s /readyz on port {admin_port}")
+    wait_until(
+        ready, timeout=START_SECONDS, what=f"{container.image}'s /readyz on port {admin_port}"
+    )
 
 
 # -- the parts around it ---------------------------------------------------------------------
@@ -327,11 +336,12 @@ class Running:
 
 
 def start(
-    config: Path, env: Mapping[str, str], args: Sequence[str] = ()
+    config: Path, env: Mapping[str, str], args: Sequence[str] = (), image: str = IMAGE
 ) -> tuple[DockerContainer, ExtauthzPorts]:
-    """A started, ready container serving ``config`` on free ports."""
+    """A started, ready container of ``image`` serving ``config`` on free ports; an
+    AssertionError, with its output, if it exits first."""
     ports = ExtauthzPorts.free()
-    container = hardened(config, [*ports.serve_args(), *args], env).start()
+    container = hardened(config, [*ports.serve_args(), *args], env, image).start()
     try:
         wait_ready(container, ports.admin)
     except BaseException:

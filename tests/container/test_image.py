@@ -9,24 +9,24 @@ import hashlib
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from extauthz.server import SERVICE_NAME
-from tests.check_requests import check_request
 from tests.conftest import SigningKey, claims
+from tests.container.checks import (
+    GRACE_SECONDS,
+    check_image_config,
+    check_runs_hardened,
+    check_sigterm_drains,
+)
 from tests.container.conftest import (
-    CHART,
     IMAGE,
     REPO,
-    UID,
     ULIMITS,
     Engine,
     ExtauthzPorts,
@@ -38,8 +38,7 @@ from tests.container.conftest import (
     skip_module_without_an_engine,
     start,
 )
-from tests.integration.faulty_idp import Fault, FaultyIdp
-from tests.waiting import wait_until
+from tests.integration.faulty_idp import FaultyIdp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from stack import http_get
@@ -48,30 +47,6 @@ skip_module_without_an_engine()
 
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 HOST = "api.example.com"
-GRACE_SECONDS = 10.0
-DRAIN_SECONDS = 1.0  # policy.yaml server.drainSeconds
-
-# Inside the container, as the server's user: who PID 1 is, its capabilities, what the server
-# left in /tmp (podman mounts a tmpfs there under --read-only, as the chart mounts an emptyDir),
-# and whether the root filesystem takes a write.
-INSIDE = """
-import errno, json, os
-status = dict(line.split(":\\t", 1) for line in open("/proc/1/status").read().splitlines() if ":\\t" in line)
-in_tmp = sorted(os.listdir("/tmp")) if os.path.isdir("/tmp") else []
-writes = {}
-for path in ("/probe", "/opt/extauthz/probe", "/etc/extauthz/probe"):
-    try:
-        open(path, "w").close()
-        writes[path] = "written"
-    except OSError as exc:
-        writes[path] = errno.errorcode[exc.errno]
-print(json.dumps({
-    "cmdline": open("/proc/1/cmdline", "rb").read().replace(b"\\0", b" ").decode(),
-    "uid": status["Uid"].split(), "gid": status["Gid"].split(),
-    "capEff": status["CapEff"].strip(), "capPrm": status["CapPrm"].strip(),
-    "noNewPrivs": status["NoNewPrivs"].strip(), "writes": writes, "inTmp": in_tmp,
-}))
-"""
 
 
 # -- what the image is ------------------------------------------------------------------------
@@ -89,14 +64,7 @@ def test_make_image_tags_the_image_the_chart_deploys_by_default() -> None:
 
 
 def test_the_image_runs_extauthz_as_a_numeric_non_root_user(image: Any) -> None:
-    config = image.attrs["Config"]
-    assert config["User"] == f"{UID}:{UID}"  # numeric: runAsNonRoot needs no passwd lookup
-    assert config["Entrypoint"] == ["extauthz"]
-    assert config["Cmd"] == ["serve", "--config", "/etc/extauthz/config.yaml"]
-    assert {"9001/tcp", "9090/tcp"} <= set(config["ExposedPorts"])
-    assert config.get("StopSignal") in ("SIGTERM", "15", None)  # None: the engine's SIGTERM
-    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
-    assert config["Labels"]["org.opencontainers.image.version"] == chart["appVersion"]
+    check_image_config(image.attrs["Config"])
 
 
 def test_no_file_in_the_image_is_the_build_hosts_ca_bundle(engine: Engine, image: Any) -> None:
@@ -141,21 +109,7 @@ def test_no_file_in_the_image_is_the_build_hosts_ca_bundle(engine: Engine, image
 def test_it_runs_non_root_on_a_read_only_filesystem_without_capabilities(
     extauthz: Running,
 ) -> None:
-    wrapped = extauthz.container.get_wrapped_container()
-    wrapped.reload()
-    assert wrapped.attrs["HostConfig"]["ReadonlyRootfs"] is True
-    assert not wrapped.attrs["HostConfig"].get("CapAdd")
-    assert wrapped.attrs["Config"]["User"] == f"{UID}:{UID}"
-    code, output = extauthz.container.exec(["python3", "-c", INSIDE])
-    assert code == 0, output
-    inside = json.loads(output)
-    assert "/opt/extauthz/bin/extauthz serve" in inside["cmdline"]  # PID 1: SIGTERM reaches it
-    assert set(inside["uid"]) == {str(UID)} and set(inside["gid"]) == {str(UID)}
-    assert inside["capEff"] == inside["capPrm"] == "0000000000000000"
-    assert inside["noNewPrivs"] == "1"
-    assert set(inside["writes"].values()) == {"EROFS"}, inside["writes"]
-    # It has served since the fixture saw /readyz 200, and wrote nothing even where it could.
-    assert inside["inTmp"] == []
+    check_runs_hardened(extauthz.container)
 
 
 def health_check(engine: Engine) -> list[str]:
@@ -236,51 +190,16 @@ def test_the_http_wire_answers_on_its_port(extauthz: Running, rsa_key: SigningKe
     assert headers["x-extauthz-reason"] == "token_missing"
 
 
-def _readyz(port: int) -> int | None:
-    try:
-        return http_get(f"http://127.0.0.1:{port}/readyz", timeout=1.0)[0]
-    except OSError:
-        return None
-
-
 def test_sigterm_drains_a_check_in_flight_within_the_grace(
     image: Any, policy: Path, container_env: dict[str, str], idp: FaultyIdp
 ) -> None:
     """A check waiting on the IdP when SIGTERM comes is answered after the listener closed,
     and the container then exits 0 within drainSeconds + --grace-seconds."""
     container, ports = start(policy, container_env, ["--grace-seconds", str(GRACE_SECONDS)])
-    token = idp.issue(claims(sub="carol"))
-    idp.set_fault("/slow-introspect", Fault.hold())
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
-            stub = ext_grpc.AuthorizationStub(channel)  # type: ignore[no-untyped-call]
-            in_flight = stub.Check.future(check_request("/slow/1", token=token), timeout=60)
-            wait_until(
-                lambda: idp.count("/slow-introspect") >= 1,
-                timeout=10,
-                what="the check's introspection call held at the IdP",
-            )
-            wrapped = container.get_wrapped_container()
-            signalled = time.monotonic()
-            wrapped.kill(signal="SIGTERM")
-            wait_until(lambda: _readyz(ports.admin) == 503, timeout=15, what="/readyz 503")
-            wait_until(
-                lambda: '"event":"server.stopping"' in logs(container)[0],
-                timeout=DRAIN_SECONDS + 20,
-                what="server.stopping (the drain over, the grace begun)",
-            )
-            assert not in_flight.done()
-            idp.release()
-            answer = in_flight.result(timeout=10)
-            assert answer.status.code == grpc.StatusCode.OK.value[0], answer
-        exit_status = wrapped.wait(timeout=DRAIN_SECONDS + GRACE_SECONDS + 10)["StatusCode"]
-        stopped_after = time.monotonic() - signalled
+        check_sigterm_drains(container, ports, idp)
     finally:
-        idp.set_fault("/slow-introspect", None)
-        idp.release()
         container.stop()
-    assert exit_status == 0
-    assert stopped_after < DRAIN_SECONDS + GRACE_SECONDS
 
 
 INVALID = """\
