@@ -207,6 +207,15 @@ async def run_server(
         logger.set_level(new_config.server.log_level)
         log_config_warnings(logger, new_config)
         warn_if_tls_changed(logger, old.config, new_config)  # the listener's files: at restart
+        if new_config.server.shared_cache != config.server.shared_cache:
+            # The shared cache was made at start and serves on: say so, rather than let the
+            # operator believe the new settings are in use.
+            logger.warning(
+                "config.sharedCacheNeedsRestart",
+                message="server.sharedCache changed: the shared cache keeps the settings it was"
+                " started with until the next start.",
+                config=new_config.source,
+            )
 
         if life.phase == "serving":
             mark_ready(life.worker_state(new_runtime))  # its drainSeconds may have changed

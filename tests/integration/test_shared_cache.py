@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import redis
+import yaml
 
 from extauthz.shared_cache import SharedCache
 from tests.conftest import claims
@@ -286,3 +287,19 @@ def test_redis_down_then_back(fleet: Fleet, redis_server: RedisServer) -> None:
     for replica in (a, b):
         events(replica, "cache.sharedUnavailable", 1)
         events(replica, "cache.sharedRestored", 1)
+
+
+def test_a_reloaded_shared_cache_change_needs_a_restart(fleet: Fleet) -> None:
+    """The shared cache is made at start: a reload that changes it says so, and the one in
+    service goes on sharing."""
+    a, b = fleet.replicas
+    config = yaml.safe_load(a.config_path.read_text())
+    config["server"]["sharedCache"]["timeoutMilliseconds"] = 400
+    a.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    (line,) = events(a, "config.sharedCacheNeedsRestart", 1)
+    assert line["config"] == str(a.config_path)
+    events(a, "config.reloaded", 1)
+    token = fleet.idp.issue(claims())
+    assert a.check(token, path=ORDER).allowed
+    assert b.check(token, path=ORDER).allowed
+    assert fleet.introspections() == 1
