@@ -307,6 +307,7 @@ class Stack:
         listen_address: str = "0.0.0.0",
         start_timeout: float = 60.0,
         extauthz_argv: Sequence[str] = (sys.executable, "-m", "extauthz"),
+        extauthz_config_arg: str | None = None,
         otlp_endpoint: str | None = None,
         config_path: Path | None = None,
         config_replacements: Mapping[str, str] | None = None,
@@ -325,7 +326,10 @@ class Stack:
         process starts. ``wire`` is how Envoy asks extauthz: ``"grpc"`` (envoy/envoy.yaml) or
         ``"http"`` (envoy/http-wire.yaml, extauthz with ``--http-listen`` on
         ``ports.extauthz_http``; gRPC stays on ``ports.extauthz``). ``start_idp=False``: the IdP
-        on ``ports.idp`` is another's, waited for but neither started nor stopped here."""
+        on ``ports.idp`` is another's, waited for but neither started nor stopped here.
+        ``extauthz_config_arg`` is the ``--config`` value ``extauthz_argv`` is given, for an
+        extauthz that sees the config at another path (a container that mounts the rendered
+        ``workdir/extauthz.yaml`` or ``config_path``); default: that file's path."""
         if (config_template is None) == (config_path is None):
             raise ValueError("give exactly one of config_template and config_path")
         if wire not in ENVOY_TEMPLATES:
@@ -342,6 +346,7 @@ class Stack:
         self.listen_address = listen_address
         self.start_timeout = start_timeout
         self.extauthz_argv = list(extauthz_argv)  # e.g. an installed `extauthz` executable
+        self.extauthz_config_arg = extauthz_config_arg
         self._env = dict(os.environ if env is None else env)
         if otlp_endpoint is not None:
             self._env["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp_endpoint
@@ -457,7 +462,12 @@ class Stack:
         http_port = self.ports.extauthz_http if self.wire == "http" else None
         argv = [
             *self.extauthz_argv,
-            *serve_args(config, self.ports.extauthz, self.ports.extauthz_admin, http_port),
+            *serve_args(
+                Path(self.extauthz_config_arg) if self.extauthz_config_arg else config,
+                self.ports.extauthz,
+                self.ports.extauthz_admin,
+                http_port,
+            ),
         ]
         process = self._spawn("extauthz", argv, env=env)
         # The port Envoy asks on: gRPC's, or the HTTP wire's.

@@ -91,7 +91,7 @@ def started_and_hardened(image: str, policy: Path, env: dict[str, str]) -> None:
     """test_image.py's hardening check on ``image``, started as its fixture starts the real one."""
     container, _ = start(policy, env, image=image)
     try:
-        check_runs_hardened(container)
+        check_runs_hardened(container.get_wrapped_container())
     finally:
         container.stop()
 

@@ -109,7 +109,7 @@ def test_no_file_in_the_image_is_the_build_hosts_ca_bundle(engine: Engine, image
 def test_it_runs_non_root_on_a_read_only_filesystem_without_capabilities(
     extauthz: Running,
 ) -> None:
-    check_runs_hardened(extauthz.container)
+    check_runs_hardened(extauthz.container.get_wrapped_container())
 
 
 def health_check(engine: Engine) -> list[str]:
