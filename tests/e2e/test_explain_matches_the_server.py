@@ -56,8 +56,9 @@ EXPIRY_WAIT_SECONDS = 10
 # Reason codes of the decision table that no request of this corpus produces, and why.
 NOT_IN_THE_CORPUS: dict[Reason, str] = {
     Reason.TOKEN_MISSING: (
-        "explain diagnoses a token: it refuses an empty one (a usage error), so a request "
-        "without a token has no explain run to compare with"
+        "this corpus replays tokens; requests without one (another scheme, another header, "
+        "none) are replayed with explain --header and compared with the engine in "
+        "tests/unit/test_explain_request.py"
     ),
     Reason.TOKEN_NOT_YET_VALID: (
         "the demo IdP's access tokens carry no nbf, and every JWT deployment of the policy trusts "
