@@ -17,12 +17,20 @@ from typing import Any, NamedTuple
 
 from .config import AuthPolicy, Config, Deployment
 from .decision import Decision, Denial, Reason, allow, deny, dry_run
+from .dpop import (
+    Proof,
+    ReplayCache,
+    binding_step,
+    certificate_sha256,
+    proof_steps,
+    remember,
+)
 from .errors import IdpError
 from .idp import DeploymentIdp
 from .logs import token_hash
 from .routing import Selection, request_path, select, unmatched
 from .steps import Step, Trace, Unverifiable, checked, skipped
-from .tokens import extract_token, missing_token
+from .tokens import extract_token, missing_token, sent_as_dpop
 from .validation import (
     algorithm_step,
     claim_steps,
@@ -126,6 +134,9 @@ class _FirstFailure:
     def decision(self, selection: Selection) -> Decision:
         assert self.denial is not None
         fields: tuple[tuple[str, Any], ...] = (("tokenSha256", token_hash(self.token)),)
+        algs: tuple[str, ...] = ()
+        if self.denial.reason is Reason.DPOP_PROOF_INVALID:
+            algs = tuple(sorted(selection.deployment.auth.algorithms))
         if self.step is not None:
             fields += failure_fields(self.step, claim_values=self.claim_values)
             if self.step.name in ("kid", "signature") and self.jwks_uri is not None:
@@ -136,6 +147,7 @@ class _FirstFailure:
             event=self.event,
             log_fields=fields + self.log_fields,
             required_scope=self.required_scope,
+            dpop_algs=algs,
         )
 
 
@@ -148,6 +160,13 @@ class CheckInput(NamedTuple):
     raw_path: str  # as Envoy sent it, query string included
     headers: Mapping[str, str]  # lower-case names
     context_extensions: Mapping[str, str]
+    # For sender-constrained tokens: the scheme Envoy received the request with (for the DPoP
+    # proof's htu, RFC 9449 §4.3), and the client certificate it saw (RFC 8705 §3): the
+    # URL-encoded PEM of attributes.source.certificate (gRPC), or the SHA-256 of its DER from
+    # x-forwarded-client-cert's Hash (the HTTP wire).
+    scheme: str = ""
+    client_certificate: str = ""
+    client_certificate_sha256: bytes | None = None
 
     @property
     def path(self) -> str:
@@ -205,6 +224,7 @@ class Engine:
         self._providers = providers
         self.clock = clock
         self._verified = VerifiedTokens()
+        self._replay = ReplayCache()  # DPoP proofs' jti (RFC 9449 §11.1), per process
 
     def select(self, req: CheckInput) -> Selection | Denial | None:
         """The policy for a request: a Selection, None when none matches, or a
@@ -310,6 +330,9 @@ class Engine:
             return failure.decision(selection), None
         if trace is not None:
             trace.claims_read = True
+        constrained = policy.sender_constraint != "NONE"
+        if constrained and (failure.denial is None or failure.keep_going):
+            self._sender_constraint(req, token, claims, policy, failure, trace)
 
         issuers: tuple[str, ...] | Step
         try:
@@ -342,7 +365,8 @@ class Engine:
 
         skew = policy.clock_skew
         exp = numeric_date(claims.get("exp"))
-        holds = documents_version is not None and trace is None
+        # A sender-constrained decision holds once: every request carries a new proof.
+        holds = documents_version is not None and trace is None and not constrained
         if failure.denial is not None:
             decision = failure.decision(selection)
             if holds and exp is not None and failure.denial.reason is Reason.TOKEN_EXPIRED:
@@ -360,6 +384,65 @@ class Engine:
         not_before = -math.inf if nbf is None else nbf - skew
         not_after = min(cached_until, math.inf if exp is None else exp + skew)
         return decision, Validity(not_before, not_after, idp, documents_version)
+
+    def _sender_constraint(
+        self,
+        req: CheckInput,
+        token: str,
+        claims: Mapping[str, Any],
+        policy: AuthPolicy,
+        failure: _FirstFailure,
+        trace: Trace | None,
+    ) -> None:
+        """The DPoP proof (RFC 9449 §4.3) and the token's ``cnf`` binding (RFC 9449 §6, RFC 8705
+        §3), as steps, after the signature or introspection and before the claims."""
+        mode = policy.sender_constraint
+        steps: list[Step] = []
+        proof: Proof | None = None
+        cnf = claims.get("cnf")
+        dpop_bound = isinstance(cnf, dict) and "jkt" in cnf
+        if sent_as_dpop(policy, req.headers):
+            steps, proof = proof_steps(
+                req.headers.get("dpop"),
+                token=token,
+                method=req.method,
+                htu=_request_uri(req),
+                allowed=policy.algorithms,
+                skew=policy.clock_skew,
+                now=self.clock(),
+                replay=self._replay,
+            )
+            if proof is not None:
+                steps.append(binding_step(claims, proof=proof, certificate_sha256=None))
+        elif mode == "DPOP" or (mode == "DPOP_OR_MTLS" and dpop_bound):
+            # RFC 9449 §7.1: a DPoP-bound token is presented with the DPoP scheme, never as Bearer.
+            wrong = Denial(
+                Reason.TOKEN_BINDING_MISMATCH,
+                "The token was sent with another scheme than DPoP; this deployment requires DPoP."
+                if mode == "DPOP"
+                else "The token is DPoP-bound ('cnf' 'jkt') but was sent with another scheme.",
+            )
+            steps = [checked("cnf", wrong, facts=(("dpopBound", dpop_bound),))]
+        else:
+            digest = req.client_certificate_sha256
+            if digest is None:
+                digest = certificate_sha256(req.client_certificate)
+            steps = [binding_step(claims, proof=None, certificate_sha256=digest)]
+        for step in steps:
+            if trace is not None:
+                trace.add(step)
+            if step.denial is not None:
+                failure.fail(step.denial, step=step)
+                return
+        recorded = (
+            proof is None or trace is not None or remember(self._replay, proof, policy.clock_skew)
+        )
+        if not recorded:
+            # Seen meanwhile, or the memory filled: refuse rather than accept twice.
+            full = Denial(
+                Reason.DPOP_PROOF_INVALID, "The DPoP proof's 'jti' could not be recorded."
+            )
+            failure.fail(full, step=checked("dpop jti", full))
 
     async def _authenticate(
         self,
@@ -499,6 +582,15 @@ class Engine:
             trace.add(checked("introspection", None, actual=claims, expected=True))
             trace.claims_verified = True
         return claims, idp.introspection.cached_until(token)
+
+
+def _request_uri(req: CheckInput) -> str:
+    """The URI the client sent the request to, as Envoy saw it, without query and fragment
+    (RFC 9449 §4.3's htu); an unknown scheme makes no URI, so no proof matches it."""
+    scheme = req.scheme.lower()
+    if scheme not in ("http", "https") or not req.host:
+        return ""
+    return f"{scheme}://{req.host}{req.path}"
 
 
 def _jwks_uri(policy: AuthPolicy, idp: DeploymentIdp) -> str | None:

@@ -37,6 +37,7 @@ from opentelemetry.trace import Span, SpanKind
 from . import tracing
 from .config import ServerSettings
 from .decision import Reason, deny
+from .dpop import xfcc_sha256
 from .engine import CheckInput
 from .idp.http import CheckCalls
 from .logs import current_trace_id
@@ -290,7 +291,11 @@ class _Connection(asyncio.Protocol):
             if route is not None:
                 extensions["route"] = route
         host = headers.get("host", "")
-        inp = CheckInput(method, host, path, headers, extensions)
+        # For sender-constrained tokens, what Envoy set: the scheme it received the request with
+        # (RFC 9449 §4.3 htu) and the client certificate's SHA-256 (RFC 8705 §3), when forwarded.
+        scheme = headers.get("x-forwarded-proto", "")
+        certificate = xfcc_sha256(headers.get("x-forwarded-client-cert"))
+        inp = CheckInput(method, host, path, headers, extensions, scheme, "", certificate)
         keep_alive = self._parser.should_keep_alive()
         request = _Request(inp, request_id_of(headers), method == "HEAD", keep_alive)
         self._queue.append(request)

@@ -120,8 +120,15 @@ def lift_request(request: ext.CheckRequest) -> tuple[CheckInput, str]:
     host = http.host or headers.get(":authority", "") or headers.get("host", "")
     method = http.method or headers.get(":method", "")
     raw_path = http.path or headers.get(":path", "/")
+    # For sender-constrained tokens: the scheme (RFC 9449 §4.3 htu) and the client certificate
+    # Envoy saw (RFC 8705 §3; sent with include_peer_certificate: true), URL-encoded PEM.
+    scheme = http.scheme or headers.get(":scheme", "")
+    certificate = attrs.source.certificate
     # The tuple built directly: a named tuple's constructor is one more Python call per check.
-    lifted = _new_tuple(CheckInput, (method, host, raw_path, headers, attrs.context_extensions))
+    lifted = _new_tuple(
+        CheckInput,
+        (method, host, raw_path, headers, attrs.context_extensions, scheme, certificate, None),
+    )
     return lifted, request_id_of(headers)
 
 

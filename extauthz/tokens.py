@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl
 from .config import AuthPolicy
 from .decision import Denial, Reason
 
-__all__ = ["extract_token", "missing_token"]
+__all__ = ["extract_token", "missing_token", "sent_as_dpop"]
 
 # RFC 6750 §2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
@@ -41,11 +41,22 @@ def extract_token(
     if scheme is None:
         return _check_shape(value) if value else None
     prefix, _, rest = value.partition(" ")
+    if prefix.lower() == "dpop" and "DPOP" in policy.sender_constraint:
+        # RFC 9449 §7.1: Authorization: DPoP <token>, with a proof in the DPoP header.
+        return _check_shape(rest.strip())
     if prefix.lower() != scheme.lower():
         # Another scheme (Basic, DPoP, ...) is not a credential for this policy: RFC 6750 §3.1
         # treats that like a request without a token.
         return None
     return _check_shape(rest.strip())
+
+
+def sent_as_dpop(policy: AuthPolicy, headers: Mapping[str, str]) -> bool:
+    """Whether the token came with the DPoP scheme (RFC 9449 §7.1) under a policy accepting it."""
+    if "DPOP" not in policy.sender_constraint or policy.token_header is None:
+        return False
+    value = headers.get(policy.token_header, "").strip()
+    return value.partition(" ")[0].lower() == "dpop"
 
 
 def _check_shape(token: str) -> str | Denial:

@@ -558,6 +558,10 @@ def failure_fields(step: Step, *, claim_values: bool) -> tuple[tuple[str, Any], 
         fields = [("kid", _loggable(actual)), ("knownKids", _kids(step.fact("keys")))]
     elif name == "signature":
         fields = [("kid", _loggable(actual)), ("alg", expected)]
+    elif name.startswith(("dpop", "cnf")):
+        # The sender-constraint steps (extauthz.dpop) keep what they compared as facts, and
+        # never the proof or the token.
+        fields = [(k, _loggable(v)) for k, v in step.facts]
     elif name.startswith("claim "):
         fields = [("claim", name.removeprefix("claim "))]
         if claim_values:

@@ -31,7 +31,7 @@ import yaml
 
 from extauthz.shared_cache import SharedCache
 from tests.conftest import claims
-from tests.integration.faulty_idp import FaultyIdp
+from tests.integration.faulty_idp import FaultyIdp, self_signed_certificate
 from tests.integration.serverproc import ExtauthzProcess, free_port
 from tests.policies import orders
 from tests.waiting import wait_until
@@ -47,16 +47,29 @@ class RedisServer:
     """``redis-server`` on a free loopback port with a random password and no persistence;
     :meth:`kill` and :meth:`start` again on the same port."""
 
-    def __init__(self, binary: str, workdir: Path) -> None:
+    def __init__(self, binary: str, workdir: Path, *, tls: bool = False) -> None:
         self.binary, self.workdir = binary, workdir
         self.port = free_port()
         self.password = secrets.token_urlsafe(24)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.cert: Path | None = None
+        self.key: Path | None = None
+        if tls:  # a self-signed certificate for 127.0.0.1; TLS only, no plain port
+            self.cert, self.key = self_signed_certificate(workdir)
+
+    @property
+    def uri(self) -> str:
+        return f"{'rediss' if self.cert else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
+        if self.cert is not None:
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            ports += ["--tls-cert-file", str(self.cert), "--tls-key-file", str(self.key)]
+        else:
+            ports = ["--port", str(self.port)]
         self.proc = subprocess.Popen(
             [
-                self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                self.binary, *ports, "--bind", "127.0.0.1",
                 "--requirepass", self.password, "--save", "", "--appendonly", "no",
                 "--dir", str(self.workdir),
             ],
@@ -72,6 +85,11 @@ class RedisServer:
             return False
 
     def client(self) -> redis.Redis:
+        if self.cert is not None:
+            return redis.Redis(
+                port=self.port, password=self.password, socket_timeout=2,
+                ssl=True, ssl_ca_certs=str(self.cert),
+            )  # fmt: skip
         return redis.Redis(port=self.port, password=self.password, socket_timeout=2)
 
     def kill(self) -> None:
@@ -81,15 +99,28 @@ class RedisServer:
         self.proc = None
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+def redis_binary() -> str:
     binary = shutil.which("redis-server")
     if binary is None:
         reason = "redis-server is not installed (Debian: apt-get install redis-server)"
         if IN_CI or ROOT_ON_DEBIAN:
             pytest.fail(f"{reason}; container/host-setup.sh installs it", pytrace=False)
         pytest.skip(reason)
-    server = RedisServer(binary, tmp_path).start()
+    return binary
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(redis_binary(), tmp_path).start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def tls_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(redis_binary(), tmp_path, tls=True).start()
     try:
         yield server
     finally:
@@ -100,7 +131,14 @@ class Fleet:
     """Two replicas, one Redis, one IdP, and the fleet's signing key (what the test needs to
     find an entry's key, as an operator with the key could)."""
 
-    def __init__(self, idp: FaultyIdp, redis_server: RedisServer, tmp_path: Path) -> None:
+    def __init__(
+        self,
+        idp: FaultyIdp,
+        redis_server: RedisServer,
+        tmp_path: Path,
+        ca_files: tuple[Path | None, Path | None] = (None, None),
+    ) -> None:
+        """``ca_files``: each replica's ``caFile`` (with a rediss:// server)."""
         self.idp, self.redis = idp, redis_server
         self.uri = idp.introspection(INTROSPECT)
         self.signing_key = secrets.token_hex(32)
@@ -113,22 +151,19 @@ class Fleet:
             "uri": self.uri,
             "clientDetails": {"clientId": CLIENT_ID, "clientSecretFile": str(secret_file)},
         }
-        config = {
-            "server": {
-                "sharedCache": {
-                    "uri": f"redis://127.0.0.1:{redis_server.port}/0",
-                    "passwordEnv": "REDIS_PASSWORD",
-                    "signingKeyFile": str(key_file),
-                    # Generous for a loaded CI machine; the point here is sharing, not speed.
-                    "timeoutMilliseconds": 500,
-                }
-            },
-            "deployments": [orders(policy)],
+        shared: dict[str, Any] = {
+            "uri": redis_server.uri,
+            "passwordEnv": "REDIS_PASSWORD",
+            "signingKeyFile": str(key_file),
+            # Generous for a loaded CI machine; the point here is sharing, not speed.
+            "timeoutMilliseconds": 500,
         }
         env = {"REDIS_PASSWORD": redis_server.password}
-        self.replicas = [
-            ExtauthzProcess(config, tmp_path / name, env=env) for name in ("a", "b")
-        ]
+        self.replicas = []
+        for name, ca_file in zip(("a", "b"), ca_files, strict=True):
+            with_ca = shared if ca_file is None else {**shared, "caFile": str(ca_file)}
+            config = {"server": {"sharedCache": with_ca}, "deployments": [orders(policy)]}
+            self.replicas.append(ExtauthzProcess(config, tmp_path / name, env=env))
         self.keys = SharedCache(
             None,
             self.signing_key.encode(),
@@ -263,7 +298,7 @@ def test_redis_down_then_back(fleet: Fleet, redis_server: RedisServer) -> None:
         assert a.check(before, path=ORDER).allowed  # the local cache
     for replica in (a, b):
         (line,) = events(replica, "cache.sharedUnavailable", 1)
-        assert line["uri"] == f"redis://127.0.0.1:{redis_server.port}/0"
+        assert line["uri"] == redis_server.uri
         assert replica.events("cache.sharedRestored") == []
         status, body = replica.admin("readyz")
         assert status == 200  # never a reason to be unready
@@ -303,3 +338,27 @@ def test_a_reloaded_shared_cache_change_needs_a_restart(fleet: Fleet) -> None:
     assert a.check(token, path=ORDER).allowed
     assert b.check(token, path=ORDER).allowed
     assert fleet.introspections() == 1
+
+
+def test_rediss_with_ca_file(tls_redis_server: RedisServer, tmp_path: Path) -> None:
+    """rediss://: a replica trusting the server's CA (caFile) shares; one that does not
+    (the public roots) cannot reach the cache, says so once, and still answers every check
+    right through the IdP."""
+    assert tls_redis_server.cert is not None
+    with FaultyIdp(clients={CLIENT_ID: "s3cret"}, tls=False) as idp:
+        fleet = Fleet(idp, tls_redis_server, tmp_path, ca_files=(tls_redis_server.cert, None))
+        trusting, untrusting = fleet.replicas
+        with trusting, untrusting:
+            tokens = [idp.issue(claims(sub=f"tls-{i}")) for i in range(3)]
+            for token in tokens:
+                assert trusting.check(token, path=ORDER).allowed
+            assert fleet.introspections() == len(tokens)
+            assert len(tls_redis_server.client().keys("*")) == len(tokens)
+            for token in tokens:
+                assert untrusting.check(token, path=ORDER).allowed
+            assert not untrusting.check(secrets.token_urlsafe(32), path=ORDER).allowed
+            (line,) = events(untrusting, "cache.sharedUnavailable", 1)
+            assert line["uri"] == tls_redis_server.uri
+            assert line["detail"] != "timeout", line  # refused: the certificate, not slowness
+            assert fleet.introspections() == 2 * len(tokens) + 1
+            assert trusting.events("cache.sharedUnavailable") == []
