@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from extauthz.config import ConfigError, SharedCacheSettings, parse_config
+from extauthz.config import ClientDetails, ConfigError, SharedCacheSettings, parse_config
+from extauthz.idp.introspection import NEGATIVE_TTL_SECONDS, ClientSecret, IntrospectionClient
 from extauthz.shared_cache import (
     ENTRY_REJECTED_EVENT,
     RESTORED_EVENT,
@@ -272,3 +274,70 @@ def test_opening_refuses_a_short_or_missing_signing_key(
     good.write_text("a" * 64 + "\n")
     cache = open_shared_cache(SharedCacheSettings("redis://r:1", str(good), None), noop, noop)
     asyncio.run(cache.aclose())
+
+
+# -- the introspection client in front of it ----------------------------------------------------
+
+
+class FakeEndpoint:
+    """An introspection endpoint answering ``answers[token]`` (inactive for any other)."""
+
+    name, uri = "introspection_endpoint", "https://idp.example.com/introspect"
+
+    def __init__(self, answers: dict[str, dict[str, Any]]) -> None:
+        self.answers = answers
+        self.calls = 0
+
+    async def fetch(self, read: Any, *, method: str, data: Any, headers: Any = None) -> Any:
+        self.calls += 1
+        body = self.answers.get(data["token"], {"active": False})
+        return read(SimpleNamespace(data=body))
+
+
+def introspection(env: Env, endpoint: FakeEndpoint, max_cache_seconds: float = 3600) -> Any:
+    async def find() -> Any:
+        return endpoint
+
+    return IntrospectionClient(
+        find,
+        ClientDetails("extauthz", None, "S", "client_secret_basic"),
+        ClientSecret("s3cret"),
+        max_cache_seconds=max_cache_seconds,
+        clock=lambda: env.now,
+        shared_cache=env.cache,
+        scope=SCOPE,
+    )
+
+
+def test_replicas_share_answers_and_keep_them_no_longer_than_their_own_limits() -> None:
+    env = Env()
+    active = {"active": True, "sub": "alice", "exp": int(NOW) + 600}
+    idp = FakeEndpoint({TOKEN: active})
+    first, second = introspection(env, idp), introspection(env, idp, max_cache_seconds=60)
+    assert run(first.introspect(TOKEN)) == {"sub": "alice", "exp": int(NOW) + 600}
+    assert run(second.introspect(TOKEN)) == {"sub": "alice", "exp": int(NOW) + 600}
+    assert idp.calls == 1
+    assert first.cached_until(TOKEN) == NOW + 600  # exp
+    assert second.cached_until(TOKEN) == NOW + 60  # its own maxCacheDurationInHours
+    assert run(second.introspect(TOKEN)) is not None  # the local cache, in front
+    assert env.counts == ["shared:miss", "shared:hit"]
+    # An inactive answer is shared, for the negative TTL.
+    assert run(first.introspect("revoked")) is None
+    assert run(second.introspect("revoked")) is None
+    assert idp.calls == 2
+    assert second.cached_until("revoked") == NOW + NEGATIVE_TTL_SECONDS
+
+
+def test_a_rejected_or_unreachable_shared_cache_falls_back_to_the_idp() -> None:
+    env = Env()
+    idp = FakeEndpoint({})  # every token inactive
+    client = introspection(env, idp)
+    key = env.cache.key("introspection", SCOPE, TOKEN)
+    body = json.dumps({"expiresAt": NOW + 60, "active": True, "claims": {"sub": "x"}}).encode()
+    env.redis.data[key] = b"f" * 64 + b"." + body
+    assert run(client.introspect(TOKEN)) is None  # the IdP's word, not the forged entry's
+    assert idp.calls == 1
+    env.redis.mode = "error"
+    assert run(client.introspect("other")) is None
+    assert idp.calls == 2
+    assert env.counts == ["shared:rejected", "shared:error"]
