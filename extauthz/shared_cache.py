@@ -101,6 +101,7 @@ class SharedCache:
         count: Count,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        max_calls: int = MAX_CONNECTIONS,
     ) -> None:
         if len(signing_key) < MIN_SIGNING_KEY_BYTES:
             raise ValueError(f"the signing key must hold at least {MIN_SIGNING_KEY_BYTES} bytes")
@@ -123,6 +124,9 @@ class SharedCache:
         self._since = clock()
         self._last_error = ""
         self._next_try = 0.0  # monotonic: when an unavailable Redis may be tried again
+        # The pool refuses a call beyond its connections with an error; counted here first, a
+        # burst of new tokens skips the cache rather than passing for a Redis that went away.
+        self._calls = asyncio.Semaphore(max_calls)
 
     # -- keys and values: pure, what the tests check ------------------------------------------
 
@@ -178,11 +182,11 @@ class SharedCache:
     async def get(self, kind: str, key: str) -> SharedEntry | None:
         """The verified, unexpired entry under ``key``; None for anything else, whatever Redis
         does."""
-        if not self._may_try():
+        if not self._may_try() or self._calls.locked():
             self._count("shared", "error")
             return None
         try:
-            async with asyncio.timeout(self._timeout):
+            async with self._calls, asyncio.timeout(self._timeout):
                 value = await self._client.get(key)
         except Exception as exc:  # noqa: BLE001 - whatever Redis or its client does, never a reason to fail a check
             self._unavailable(exc)
@@ -213,13 +217,13 @@ class SharedCache:
         """Store an answer until ``expires_at`` (wall clock); nothing when it is already past
         or Redis cannot take it."""
         ttl_ms = int((expires_at - self._clock()) * 1000)
-        if ttl_ms <= 0 or not self._may_try():
+        if ttl_ms <= 0 or not self._may_try() or self._calls.locked():
             return
         value = self.seal(key, expires_at, claims)
         if len(value) > MAX_VALUE_BYTES:
             return  # a whole profile in an answer: not worth the other replicas' memory
         try:
-            async with asyncio.timeout(self._timeout):
+            async with self._calls, asyncio.timeout(self._timeout):
                 await self._client.set(key, value, px=ttl_ms)
         except Exception as exc:  # noqa: BLE001 - as in get(): logged once, never raised
             self._unavailable(exc)

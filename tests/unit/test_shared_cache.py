@@ -341,3 +341,37 @@ def test_a_rejected_or_unreachable_shared_cache_falls_back_to_the_idp() -> None:
     assert run(client.introspect("other")) is None
     assert idp.calls == 2
     assert env.counts == ["shared:rejected", "shared:error"]
+
+
+def test_calls_beyond_the_pool_skip_the_cache_without_calling_it_unavailable() -> None:
+    env = Env()
+    env.cache = SharedCache(
+        env.redis,
+        KEY,
+        timeout_seconds=1.0,
+        display_uri="redis://127.0.0.1:6379",
+        report=lambda level, event, fields: env.lines.append((level, event, fields)),
+        count=lambda cache, result: env.counts.append(f"{cache}:{result}"),
+        clock=lambda: env.now,
+        max_calls=2,
+    )
+    gate = asyncio.Event()
+    get = env.redis.get
+
+    async def slow_get(key: str) -> bytes | None:
+        await gate.wait()
+        return await get(key)
+
+    env.redis.get = slow_get  # type: ignore[method-assign]
+
+    async def burst() -> list[Any]:
+        calls = [asyncio.ensure_future(env.cache.get("introspection", f"k{i}")) for i in range(3)]
+        await asyncio.sleep(0.01)
+        assert calls[2].done()  # the third: skipped at once
+        gate.set()
+        return await asyncio.gather(*calls)
+
+    assert run(burst()) == [None, None, None]
+    assert sorted(env.counts) == ["shared:error", "shared:miss", "shared:miss"]
+    assert env.lines == []  # not unavailable
+    assert env.cache.readiness()["available"] is True
