@@ -156,8 +156,16 @@ def build_input(config: Config, req: ExplainRequest) -> CheckInput:
         )
         selection = found if isinstance(found, Selection) else None
         raw_path = _with_token(selection, path, headers, req.token)
+    # A DPoP proof's htu (RFC 9449 §4.3) names the scheme: the request's x-forwarded-proto when
+    # given, else https, what a client of a gateway uses.
+    scheme = headers.get("x-forwarded-proto", "https")
     return CheckInput(
-        method=method, host=host, raw_path=raw_path, headers=headers, context_extensions=context
+        method=method,
+        host=host,
+        raw_path=raw_path,
+        headers=headers,
+        context_extensions=context,
+        scheme=scheme,
     )
 
 
