@@ -296,3 +296,60 @@ def test_lift_request_keeps_the_scheme_and_certificate() -> None:
     lifted, _ = lift_request(request)
     assert lifted.scheme == "https" and lifted.client_certificate == "pem"
     assert lifted.client_certificate_sha256 is None
+
+
+# -- on the HTTP wire: x-forwarded-proto, Host and x-forwarded-client-cert as Envoy sets them ------
+
+
+def _wire_config(rsa_key: SigningKey, mode: str) -> Config:
+    static = {"type": "STATIC_KEYS", "keys": [rsa_key.public_jwk]}
+    return config(mode, static)
+
+
+def test_dpop_on_the_http_wire(rsa_key: SigningKey) -> None:
+    from tests.unit.test_http_wire import http_request, parsed, run
+
+    token = rsa_key.sign(claims(cnf={"jkt": JKT}))
+    answers: list[tuple[int, list[tuple[str, str]], bytes]] = []
+
+    async def test(wires: Any) -> None:
+        for headers in (
+            {"authorization": f"DPoP {token}", "dpop": proof(token), "x-forwarded-proto": "https"},
+            {"authorization": f"DPoP {token}", "dpop": proof(token)},  # no scheme: no htu
+            {"authorization": f"Bearer {token}", "x-forwarded-proto": "https"},
+        ):
+            (raw,) = await wires.send(http_request("/orders/42", headers))
+            answers.append(parsed(raw))
+
+    run(_wire_config(rsa_key, "DPOP"), test)
+    assert answers[0][0] == 200
+    status, headers, _ = answers[1]
+    assert status == 401 and ("x-extauthz-reason", "dpop_proof_invalid") in headers
+    challenge = dict(headers)["www-authenticate"]
+    assert challenge.startswith('DPoP realm="orders", error="invalid_dpop_proof", algs="')
+    status, headers, _ = answers[2]
+    assert status == 401 and ("x-extauthz-reason", "token_binding_mismatch") in headers
+
+
+def test_mtls_on_the_http_wire(rsa_key: SigningKey) -> None:
+    from tests.unit.test_http_wire import http_request, parsed, run
+
+    _, digest = _certificate()
+    token = rsa_key.sign(claims(cnf={"x5t#S256": b64(digest)}))
+    statuses: list[int] = []
+
+    async def test(wires: Any) -> None:
+        for xfcc in (
+            f'Hash={digest.hex()};Subject="CN=client"',
+            f"Hash={hashlib.sha256(b'x').hexdigest()}",
+            f"Hash={digest.hex()},Hash={digest.hex()}",
+            None,
+        ):
+            headers = {"authorization": f"Bearer {token}"}
+            if xfcc is not None:
+                headers["x-forwarded-client-cert"] = xfcc
+            (raw,) = await wires.send(http_request("/orders/42", headers))
+            statuses.append(parsed(raw)[0])
+
+    run(_wire_config(rsa_key, "MTLS"), test)
+    assert statuses == [200, 401, 401, 401]
