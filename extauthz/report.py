@@ -376,7 +376,23 @@ def render_step(step: Step, inp: CheckInput, trace: Trace) -> CheckLine:
         return _scope_line(step)
     if name.startswith("claim "):
         return _claim_line(step)
+    if name.startswith(("dpop", "cnf")):
+        return _sender_line(step)
     return _line(step, step.denial.message if step.denial else step.note)
+
+
+def _sender_line(step: Step) -> CheckLine:
+    """A DPoP proof or ``cnf`` binding step (RFC 9449, RFC 8705): what it compared, from its
+    facts (never the proof or the token)."""
+    facts = dict(step.facts)
+    shown = ", ".join(f"{k}: {_j(v)}" for k, v in facts.items())
+    if step.denial is not None:
+        detail = f"{step.denial.message} ({shown})" if shown else step.denial.message
+    elif step.expected is not None:
+        detail = f"{_j(step.actual)}, expected {_j(step.expected)}"
+    else:
+        detail = shown or (_j(step.actual) if step.actual is not None else "ok")
+    return _line(step, detail, **facts)
 
 
 # --------------------------------------------------------------------------------------------
