@@ -13,6 +13,7 @@ method, the URI without query, the clock difference), never a credential.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -394,6 +395,8 @@ def binding_step(
     return checked("cnf x5t#S256", None, actual=_b64url_encode(certificate_sha256))
 
 
+# A client presents the same certificate on every request: each PEM is parsed once (public data).
+@functools.lru_cache(maxsize=256)
 def certificate_sha256(url_encoded_pem: str) -> bytes | None:
     """SHA-256 of the DER of the client certificate Envoy sends in
     ``attributes.source.certificate`` (URL-encoded PEM); None when absent or unreadable."""
