@@ -587,7 +587,8 @@ class Engine:
 def _request_uri(req: CheckInput) -> str:
     """The URI the client sent the request to, as Envoy saw it, without query and fragment
     (RFC 9449 §4.3's htu); an unknown scheme makes no URI, so no proof matches it."""
-    scheme = req.scheme.lower()
+    # Envoy sets the CheckRequest's scheme; a client that does not may send :scheme instead.
+    scheme = (req.scheme or req.headers.get(":scheme", "")).lower()
     if scheme not in ("http", "https") or not req.host:
         return ""
     return f"{scheme}://{req.host}{req.path}"

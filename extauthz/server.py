@@ -122,7 +122,9 @@ def lift_request(request: ext.CheckRequest) -> tuple[CheckInput, str]:
     raw_path = http.path or headers.get(":path", "/")
     # For sender-constrained tokens: the scheme (RFC 9449 §4.3 htu) and the client certificate
     # Envoy saw (RFC 8705 §3; sent with include_peer_certificate: true), URL-encoded PEM.
-    scheme = http.scheme or headers.get(":scheme", "")
+    # Read as Envoy sent them: a header fallback costs every check and only a DPoP proof's htu
+    # needs it (the engine looks there then).
+    scheme = http.scheme
     certificate = attrs.source.certificate
     # The tuple built directly: a named tuple's constructor is one more Python call per check.
     lifted = _new_tuple(
