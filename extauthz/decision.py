@@ -197,6 +197,9 @@ def www_authenticate(decision: Decision) -> str | None:
         # RFC 9449 §7.1: the DPoP scheme, and the proof algorithms the server accepts.
         algs = " ".join(decision.dpop_algs)
         return f'DPoP realm="{decision.deployment}", error="invalid_dpop_proof", algs="{algs}"'
+    if challenge is Challenge.REALM_ONLY and decision.dpop_algs:
+        # RFC 9449 §7.1: a resource that takes DPoP-bound tokens only says so when none came.
+        return f'DPoP realm="{decision.deployment}", algs="{" ".join(decision.dpop_algs)}"'
     realm = f'Bearer realm="{decision.deployment}"'
     if challenge is Challenge.REALM_ONLY:
         # RFC 6750 §3.1: no error code when the request carried no credentials.

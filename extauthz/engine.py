@@ -312,7 +312,10 @@ class Engine:
             missing = Denial(Reason.TOKEN_MISSING, message)
             if trace is not None:
                 trace.add(checked("token", missing, facts=found))
-            return _denied(selection, missing, log_fields=found), None
+            # RFC 9449 §7.1: a DPoP-only resource challenges with the DPoP scheme and the
+            # proof algorithms it accepts (still no error code: no credential came).
+            algs = tuple(sorted(policy.algorithms)) if policy.sender_constraint == "DPOP" else ()
+            return _denied(selection, missing, log_fields=found, dpop_algs=algs), None
 
         idp = self._providers[selection.deployment.name]
         # Taken before any await: a document fetched meanwhile makes the answer unusable.

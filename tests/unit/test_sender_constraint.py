@@ -353,3 +353,17 @@ def test_mtls_on_the_http_wire(rsa_key: SigningKey) -> None:
 
     run(_wire_config(rsa_key, "MTLS"), test)
     assert statuses == [200, 401, 401, 401]
+
+
+@pytest.mark.parametrize(("mode", "challenge"), [
+    ("DPOP", 'DPoP realm="orders", algs="ES256 ES256K ES384 ES512 EdDSA PS256 PS384 PS512 RS256 RS384 RS512"'),
+    ("DPOP_OR_MTLS", 'Bearer realm="orders"'),  # a Bearer token over mTLS is as welcome
+])
+def test_a_request_without_a_token_is_challenged_with_the_scheme_the_resource_takes(
+    rsa_key: SigningKey, mode: str, challenge: str
+) -> None:
+    """RFC 9449 §7.1: a DPoP-only resource answers a request without credentials with the DPoP
+    scheme and the proof algorithms it accepts, without an error code (RFC 6750 §3.1)."""
+    decision = check(jwt_engine(rsa_key, mode), check_input("/orders/42", host=HOST, headers={"x-request-id": "r"}))
+    assert decision.reason is Reason.TOKEN_MISSING
+    assert www_authenticate(decision) == challenge
