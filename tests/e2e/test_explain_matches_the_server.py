@@ -66,6 +66,15 @@ NOT_IN_THE_CORPUS: dict[Reason, str] = {
         "(the 'signed by a key the IdP never published' case, key_not_found)"
     ),
     Reason.INTERNAL_ERROR: "a bug in extauthz, which no request is meant to produce",
+    Reason.DPOP_PROOF_INVALID: (
+        "the e2e policy has no sender-constrained deployment: the demo IdP issues no DPoP-bound "
+        "tokens in this setup; the proofs are checked through the real engine, the gRPC lift "
+        "and the HTTP wire in tests/unit/test_dpop.py and test_sender_constraint.py"
+    ),
+    Reason.TOKEN_BINDING_MISMATCH: (
+        "the same: no certificate- or DPoP-bound token in this corpus; the cnf bindings are "
+        "checked in tests/unit/test_sender_constraint.py"
+    ),
 }
 
 
