@@ -37,7 +37,14 @@ from extauthz.decision import Reason
 from tests.check_requests import check_request
 from tests.conftest import SigningKey
 from tests.e2e.conftest import INTROSPECTION_ENV
-from tests.e2e.tokens import header_of, tamper_signature, until_expired, with_header
+from tests.e2e.tokens import (
+    header_of,
+    opaque_token,
+    revoked_token,
+    tamper_signature,
+    until_expired,
+    with_header,
+)
 from tests.integration.serverproc import run_extauthz
 
 if TYPE_CHECKING:  # the fixtures' types
@@ -47,7 +54,6 @@ if TYPE_CHECKING:  # the fixtures' types
 
 API = "https://api.example.com"
 OTHER_API = "https://other.example.com"
-OPAQUE_API = "https://opaque.example.com"
 ALLOWED = "allowed"  # what a case built to be allowed is built for (an allow has no reason)
 EXPLAIN_WORKERS = 6
 EXPLAIN_TIMEOUT_SECONDS = 30
@@ -95,24 +101,6 @@ class Case:
     @property
     def request(self) -> str:
         return f"{self.method} {self.path}" + (" (gRPC)" if self.over_grpc else "")
-
-
-def opaque_token(idp: IdP, client_id: str = "acme-client", scope: str = "orders.read") -> str:
-    token = idp.token(client_id, resource=OPAQUE_API, scope=scope)
-    assert token.count(".") != 2, "expected an opaque token from the IdP, not a JWT"
-    return token
-
-
-def revoked_token(idp: IdP) -> str:
-    """An opaque token revoked at the IdP (RFC 7009) by the client it was issued to."""
-    token = opaque_token(idp)
-    response = idp.http.post(
-        f"{idp.issuer}/token/revocation",
-        auth=("acme-client", "acme-client-secret"),
-        data={"token": token, "token_type_hint": "access_token"},
-    )
-    assert response.status_code == 200, response.text
-    return token
 
 
 def corpus(idp: IdP, stranger_key: SigningKey) -> list[Case]:

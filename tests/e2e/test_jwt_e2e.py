@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.e2e.tokens import tamper_signature, with_header
+from tests.e2e.tokens import opaque_token, revoked_token, tamper_signature, with_header
 from tests.integration.serverproc import run_extauthz
 
 # Every test through Envoy runs on both wires (tests/e2e/conftest.py): the decisions, the
@@ -378,7 +378,6 @@ def test_demo_config_passes_check_config() -> None:
 # (a header, a byte of the body) goes unnoticed. Where Envoy itself treats the HTTP wire's
 # answer differently (docs/wires.md, "Configuring Envoy"), the difference is asserted exactly.
 
-OPAQUE_API = "https://opaque.example.com"
 # What a client sees of a denial, compared header by header.
 DENIAL_HEADERS = ("www-authenticate", "x-extauthz-reason", "x-request-id", "content-type")
 # Envoy times its HTTP call to extauthz and says so on the denial it passes on; the gRPC call
@@ -399,28 +398,13 @@ HEAD = "head"
 ENVOY_503 = "status_on_error"
 
 
-def opaque(idp: IdP, client_id: str = "acme-client", scope: str = "orders.read") -> str:
-    return idp.token(client_id, resource=OPAQUE_API, scope=scope)
-
-
-def revoked(idp: IdP) -> str:
-    token = opaque(idp)
-    response = idp.http.post(
-        f"{idp.issuer}/token/revocation",
-        auth=("acme-client", "acme-client-secret"),
-        data={"token": token, "token_type_hint": "access_token"},
-    )
-    assert response.status_code == 200, response.text
-    return token
-
-
 # (method, path, the credential or None, more request headers, the reason, or for an allow the
 # identity headers the upstream gets, and how the HTTP wire's answer compares). A credential is
 # made once and sent on both wires; the expired one only where it is used (it takes seconds).
 WIRE_CASES = [
     pytest.param("GET", "/orders/42", lambda idp, request: idp.token("acme-client", scope="orders.read"), FORGED, ACME, SAME, id="allow-identity-replaces-forged"),
     pytest.param("GET", "/public/hello", None, {"x-auth-subject": "attacker"}, {}, SAME, id="allow-anonymous-forged-removed"),
-    pytest.param("GET", "/opaque/1", lambda idp, request: opaque(idp), FORGED, ACME, SAME, id="allow-opaque"),
+    pytest.param("GET", "/opaque/1", lambda idp, request: opaque_token(idp), FORGED, ACME, SAME, id="allow-opaque"),
     pytest.param("GET", "/orders/42", None, {}, "token_missing", SAME, id="token_missing"),
     pytest.param("GET", "/orders/42", None, {"authorization": "Token abc"}, "token_missing", SAME, id="token_missing-other-scheme"),
     pytest.param("GET", "/orders/42", lambda idp, request: "not-a-jwt", {}, "token_malformed", SAME, id="token_malformed"),
@@ -432,14 +416,14 @@ WIRE_CASES = [
     pytest.param("GET", "/orders/42", lambda idp, request: idp.token("acme-client", resource=OTHER_API), {}, "audience_mismatch", SAME, id="audience_mismatch"),
     pytest.param("GET", "/orders/42", lambda idp, request: idp.token("plain-client"), {}, "claim_missing", SAME, id="claim_missing"),
     pytest.param("GET", "/orders/42", lambda idp, request: idp.token("globex-client"), {}, "claim_value_mismatch", SAME, id="claim_value_mismatch"),
-    pytest.param("GET", "/opaque/1", lambda idp, request: revoked(idp), {}, "token_inactive", SAME, id="token_inactive"),
+    pytest.param("GET", "/opaque/1", lambda idp, request: revoked_token(idp), {}, "token_inactive", SAME, id="token_inactive"),
     pytest.param("POST", "/orders", lambda idp, request: idp.token("acme-client", scope="orders.read"), {}, "insufficient_scope", SAME, id="insufficient_scope"),
     pytest.param("GET", "/nowhere/1", lambda idp, request: idp.token("acme-client"), {}, "no_matching_policy", SAME, id="no_matching_policy"),
     pytest.param("DELETE", "/orders/42", lambda idp, request: idp.token("acme-client"), {}, "no_matching_policy", SAME, id="no_matching_policy-method"),
     # A client naming a deployment: the HTTP wire's x-extauthz-deployment is Envoy's to set.
     pytest.param("GET", "/nowhere/1", None, {"x-extauthz-deployment": "public"}, "no_matching_policy", SAME, id="no_matching_policy-forged-deployment"),
     pytest.param("HEAD", "/public/hello", lambda idp, request: "not-a-jwt", {}, "token_malformed", HEAD, id="head-token_malformed"),
-    pytest.param("GET", "/opaque-bad-client/1", lambda idp, request: opaque(idp), {}, "idp_call_failed", ENVOY_503, id="idp_call_failed"),
+    pytest.param("GET", "/opaque-bad-client/1", lambda idp, request: opaque_token(idp), {}, "idp_call_failed", ENVOY_503, id="idp_call_failed"),
 ]  # fmt: skip
 
 
