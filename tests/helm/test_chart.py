@@ -32,6 +32,7 @@ import yaml
 
 from extauthz.config import parse_config
 from tests.conftest import SigningKey
+from tests.e2e.test_envoy_examples import walk
 from tests.integration.serverproc import ExtauthzProcess, closed_port, extauthz_env, free_port
 from tests.integration.test_tls import Authority
 from tests.waiting import wait_until
@@ -1027,14 +1028,6 @@ def assert_no_subpath(manifest: Manifest) -> None:
         assert "subPath" not in node and "subPathExpr" not in node, node
 
 
-def walk(node: Any) -> Iterator[dict[str, Any]]:
-    if isinstance(node, dict):
-        yield node
-        for value in node.values():
-            yield from walk(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from walk(value)
 
 
 def test_tls_from_an_existing_secret(chart: helm.Chart) -> None:

@@ -126,6 +126,16 @@ class Load:
                 self.answered.append(request_id)
 
 
+
+def under_load(port: int, token: str) -> tuple[Load, threading.Thread]:
+    """Checks sent without pause from a thread of their own, and that thread; returned once 20
+    are answered."""
+    load = Load(port, token)
+    sender = threading.Thread(target=load.run, daemon=True)
+    sender.start()
+    wait_until(lambda: len(load.answered) >= 20, timeout=10, what="checks under load")
+    return load, sender
+
 def assert_every_answered_check_is_logged(server: ExtauthzProcess, request_ids: list[str]) -> None:
     access = {line["requestId"] for line in server.events("access")}
     missing = [rid for rid in request_ids if rid not in access]
@@ -163,10 +173,7 @@ def test_sigterm_drains_then_stops_and_every_line_is_written(
     with ExtauthzProcess(config, tmp_path / "server", grace_seconds=GRACE) as server:
         assert health(server.port) == health(server.port, SERVICE) == SERVING
         assert (readyz(server) or (0, {}))[0] == 200
-        load = Load(server.port, token)
-        sender = threading.Thread(target=load.run, daemon=True)
-        sender.start()
-        wait_until(lambda: len(load.answered) >= 20, timeout=10, what="checks under load")
+        load, sender = under_load(server.port, token)
 
         assert server.proc is not None
         server.proc.send_signal(signal.SIGTERM)
@@ -220,16 +227,13 @@ def test_workers_leave_the_same_way(tmp_path: Path, rsa_key: SigningKey) -> None
     with ExtauthzProcess(config, tmp_path / "server", workers=2, grace_seconds=GRACE) as server:
         wait_until(lambda: (r := readyz(server)) is not None and r[0] == 200, timeout=15,
                    what="the supervisor ready")
-        load = Load(server.port, token)
-        sender = threading.Thread(target=load.run, daemon=True)
-        sender.start()
-        wait_until(lambda: len(load.answered) >= 20, timeout=10, what="checks under load")
+        load, sender = under_load(server.port, token)
         assert server.proc is not None
         server.proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         wait_until(lambda: (r := readyz(server)) is not None and r[0] == 503, timeout=1,
                    what="the supervisor's /readyz 503 at once")
-        status, body = readyz(server) or (0, {})
+        _, body = readyz(server) or (0, {})
         assert body["phase"] == "draining" and body["ready"] is False, body
 
         def both_not_serving() -> bool:
