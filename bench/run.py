@@ -1269,6 +1269,29 @@ def project_rss_peaks(
     return peak + max(0.0, slope) * (target - tokens)
 
 
+# Targets on a ratio of report.WIRE_RATIOS: (scenario, ratio, row label, goal, met?), in the
+# order the report lists them.
+WireTarget = tuple[str, str, str, str, Callable[[float], bool]]
+GRPC_WIRE_TARGETS: tuple[WireTarget, ...] = (
+    ("1", "grpc_cpu_vs_floor",
+     "CPU per allowed check, scenario 1 (cached JWT), gRPC ÷ floor, both on uvloop", "≤ 1.25×",
+     lambda v: v <= 1.25),
+    ("2", "grpc_cpu_vs_floor", "CPU per allowed check, scenario 2, ÷ floor", "≤ 1.30×",
+     lambda v: v <= 1.30),
+    ("4", "grpc_cpu_vs_floor", "CPU per allowed check, scenario 4, ÷ floor", "≤ 1.15×",
+     lambda v: v <= 1.15),
+)  # fmt: skip
+HTTP_WIRE_TARGETS: tuple[WireTarget, ...] = (
+    ("1", "http_total_cpu_vs_c",
+     "HTTP wire, scenario 1 (cached JWT): total CPU (Envoy + extauthz) ÷ jwt_authn's", "≤ 1.5×",
+     lambda v: v <= 1.5),
+    ("1", "http_cpu_vs_floor", "HTTP wire, scenario 1 (cached JWT): server CPU ÷ the HTTP floor's",
+     "≤ 3×", lambda v: v <= 3.0),
+    ("1", "http_rate_vs_c", "HTTP wire, scenario 1 (cached JWT): checks/s ÷ jwt_authn's", "≥ 0.8×",
+     lambda v: v >= 0.8),
+)  # fmt: skip
+
+
 def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Each performance target with the value this run measured."""
     sc = {s["id"]: s for s in results["scenarios"]}
@@ -1309,30 +1332,9 @@ def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         got = sc.get(sid, {}).get("wires", {}).get(name, {})
         return got.get("value"), list(got.get("rounds", []))
 
-    value, rounds = w("1", "grpc_cpu_vs_floor")
-    add(
-        "CPU per allowed check, scenario 1 (cached JWT), gRPC ÷ floor, both on uvloop",
-        value,
-        "≤ 1.25×",
-        lambda v: v <= 1.25,
-        rounds=rounds,
-    )
-    value, rounds = w("2", "grpc_cpu_vs_floor")
-    add(
-        "CPU per allowed check, scenario 2, ÷ floor",
-        value,
-        "≤ 1.30×",
-        lambda v: v <= 1.30,
-        rounds=rounds,
-    )
-    value, rounds = w("4", "grpc_cpu_vs_floor")
-    add(
-        "CPU per allowed check, scenario 4, ÷ floor",
-        value,
-        "≤ 1.15×",
-        lambda v: v <= 1.15,
-        rounds=rounds,
-    )
+    for sid, name, label, goal, met in GRPC_WIRE_TARGETS:
+        value, rounds = w(sid, name)
+        add(label, value, goal, met, rounds=rounds)
     first = sc.get("2", {}).get("extra_points", {}).get("b first sight")
     if first:
         add(
@@ -1350,30 +1352,9 @@ def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         lambda v: v >= 0.3,
     )
     # The HTTP wire (d), against Envoy's jwt_authn (c), its floor (e) and the gRPC wire (b).
-    value, rounds = w("1", "http_total_cpu_vs_c")
-    add(
-        "HTTP wire, scenario 1 (cached JWT): total CPU (Envoy + extauthz) ÷ jwt_authn's",
-        value,
-        "≤ 1.5×",
-        lambda v: v <= 1.5,
-        rounds=rounds,
-    )
-    value, rounds = w("1", "http_cpu_vs_floor")
-    add(
-        "HTTP wire, scenario 1 (cached JWT): server CPU ÷ the HTTP floor's",
-        value,
-        "≤ 3×",
-        lambda v: v <= 3.0,
-        rounds=rounds,
-    )
-    value, rounds = w("1", "http_rate_vs_c")
-    add(
-        "HTTP wire, scenario 1 (cached JWT): checks/s ÷ jwt_authn's",
-        value,
-        "≥ 0.8×",
-        lambda v: v >= 0.8,
-        rounds=rounds,
-    )
+    for sid, name, label, goal, met in HTTP_WIRE_TARGETS:
+        value, rounds = w(sid, name)
+        add(label, value, goal, met, rounds=rounds)
     for s in results["scenarios"]:
         if s["id"] in HTTP_SCENARIOS and "http_rate_vs_grpc" in s.get("wires", {}):
             value, rounds = w(s["id"], "http_rate_vs_grpc")
