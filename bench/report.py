@@ -30,54 +30,61 @@ def ratio(num: float | None, den: float | None) -> float | None:
     return num / den
 
 
+# The ratios of a row against another backend: (name, point field). Against a floor, the server
+# CPU; against jwt_authn, whose work happens inside Envoy, the total (server + Envoy) CPU.
+_VS_FLOOR = (
+    ("rate", "rate"),
+    ("cpu", "server_cpu_us"),
+    ("total_cpu", "total_cpu_us"),
+    ("p50", "p50_ms"),
+    ("p99", "p99_ms"),
+)
+_VS_JWT_AUTHN = (
+    ("rate", "rate"),
+    ("total_cpu", "total_cpu_us"),
+    ("p50", "p50_ms"),
+    ("p99", "p99_ms"),
+)
+_VS_OTHER_WIRE = (("rate", "rate"), ("cpu", "server_cpu_us"), ("total_cpu", "total_cpu_us"))
+
+
+def _against(
+    point: Mapping[str, Any],
+    points: Mapping[str, Mapping[str, Any]],
+    other: str,
+    fields: tuple[tuple[str, str], ...],
+) -> dict[str, float | None]:
+    """``point`` ÷ backend ``other``'s point, as ``<name>_vs_<other>``; nothing without it."""
+    base = points.get(other)
+    if base is None:
+        return {}
+    return {f"{name}_vs_{other}": ratio(point[field], base[field]) for name, field in fields}
+
+
 def scenario_ratios(points: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
     """(b) against (a) the floor and (c) jwt_authn, from the main point of each backend.
 
     CPU ÷ (a) compares the ext_authz server processes' CPU per check. Against (c), whose work
     happens inside Envoy, the fair cost is the total (server + Envoy) CPU per check.
     """
-    a, b, c = points.get("a"), points.get("b"), points.get("c")
+    b = points.get("b")
     if b is None:
         return {}
-    out: dict[str, float | None] = {}
-    if a is not None:
-        out["rate_vs_a"] = ratio(b["rate"], a["rate"])
-        out["cpu_vs_a"] = ratio(b["server_cpu_us"], a["server_cpu_us"])
-        out["total_cpu_vs_a"] = ratio(b["total_cpu_us"], a["total_cpu_us"])
-        out["p50_vs_a"] = ratio(b["p50_ms"], a["p50_ms"])
-        out["p99_vs_a"] = ratio(b["p99_ms"], a["p99_ms"])
-    if c is not None:
-        out["rate_vs_c"] = ratio(b["rate"], c["rate"])
-        out["total_cpu_vs_c"] = ratio(b["total_cpu_us"], c["total_cpu_us"])
-        out["p50_vs_c"] = ratio(b["p50_ms"], c["p50_ms"])
-        out["p99_vs_c"] = ratio(b["p99_ms"], c["p99_ms"])
-    return out
+    return {**_against(b, points, "a", _VS_FLOOR), **_against(b, points, "c", _VS_JWT_AUTHN)}
 
 
 def http_ratios(points: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
     """(d), extauthz on the HTTP wire, against (e) its floor, (c) jwt_authn and (b) extauthz on
     the gRPC wire: the ratios of its row in the table. As for (b), the server CPU is compared
     with the floor's, the total CPU (server + Envoy) with jwt_authn's."""
-    b, c, d, e = (points.get(k) for k in "bcde")
+    d = points.get("d")
     if d is None:
         return {}
-    out: dict[str, float | None] = {}
-    if e is not None:
-        out["rate_vs_e"] = ratio(d["rate"], e["rate"])
-        out["cpu_vs_e"] = ratio(d["server_cpu_us"], e["server_cpu_us"])
-        out["total_cpu_vs_e"] = ratio(d["total_cpu_us"], e["total_cpu_us"])
-        out["p50_vs_e"] = ratio(d["p50_ms"], e["p50_ms"])
-        out["p99_vs_e"] = ratio(d["p99_ms"], e["p99_ms"])
-    if c is not None:
-        out["rate_vs_c"] = ratio(d["rate"], c["rate"])
-        out["total_cpu_vs_c"] = ratio(d["total_cpu_us"], c["total_cpu_us"])
-        out["p50_vs_c"] = ratio(d["p50_ms"], c["p50_ms"])
-        out["p99_vs_c"] = ratio(d["p99_ms"], c["p99_ms"])
-    if b is not None:
-        out["rate_vs_b"] = ratio(d["rate"], b["rate"])
-        out["cpu_vs_b"] = ratio(d["server_cpu_us"], b["server_cpu_us"])
-        out["total_cpu_vs_b"] = ratio(d["total_cpu_us"], b["total_cpu_us"])
-    return out
+    return {
+        **_against(d, points, "e", _VS_FLOOR),
+        **_against(d, points, "c", _VS_JWT_AUTHN),
+        **_against(d, points, "b", _VS_OTHER_WIRE),
+    }
 
 
 # The ratios that compare the wires: (name, numerator, denominator, figure, title). Each is the
