@@ -334,10 +334,10 @@ def http_ssl_context(files: TlsFiles, logger: JsonLogger) -> ssl.SSLContext:
     new connection's ClientHello (the SNI callback, which OpenSSL calls with or without a server
     name) the files are looked at, and a changed, usable set is served from that connection on.
     ConfigError when the files are not usable at start."""
-    certificates = CertificateFiles(
-        files, _reporter(logger)
-    )  # its own: each listener sees a change
-    served = [_ssl_context(files)]
+    # Its own CertificateFiles: each listener must see a change for itself.
+    certificates = CertificateFiles(files, _reporter(logger))
+    listening = _ssl_context(files)
+    served = [listening]  # until the files change, the listening context serves
 
     def on_hello(connection: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _: Any) -> None:
         if certificates() is not None:  # changed, and checked to be usable together
@@ -347,7 +347,6 @@ def http_ssl_context(files: TlsFiles, logger: JsonLogger) -> ssl.SSLContext:
         if connection.context is not served[0]:
             connection.context = served[0]
 
-    listening = _ssl_context(files)
     listening.sni_callback = on_hello
     return listening
 
