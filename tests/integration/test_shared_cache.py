@@ -8,123 +8,36 @@ replicas sharing one Redis and one IdP.
 * Redis killed mid-run: checks keep their right answers (local cache and IdP), one
   ``cache.sharedUnavailable`` line; restarted: ``cache.sharedRestored`` and shared hits again.
 
-redis-server must be installed (the Debian package ``redis-server``, which
-container/host-setup.sh installs as root on Debian): without it these tests skip, except
-under CI=true or as root on Debian, where they fail, since there they must run.
+redis-server must be installed: see tests/redis_server.py, whose fixtures these tests use.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import yaml
 
 from extauthz.shared_cache import SharedCache
 from tests.conftest import claims
-from tests.integration.faulty_idp import FaultyIdp, self_signed_certificate
-from tests.integration.serverproc import ExtauthzProcess, free_port
+from tests.integration.faulty_idp import FaultyIdp
+from tests.integration.serverproc import ExtauthzProcess
 from tests.policies import orders
+from tests.redis_server import (  # noqa: F401 (the redis_server and tls_redis_server fixtures)
+    RedisServer,
+    redis_server_fixture,
+    tls_redis_server_fixture,
+)
 from tests.waiting import wait_until
 
 ORDER = "/orders/1"
 CLIENT_ID = "extauthz"
 INTROSPECT = "/introspect"
-IN_CI = os.environ.get("CI") == "true"
-ROOT_ON_DEBIAN = os.geteuid() == 0 and shutil.which("apt-get") is not None
-
-
-class RedisServer:
-    """``redis-server`` on a free loopback port with a random password and no persistence;
-    :meth:`kill` and :meth:`start` again on the same port."""
-
-    def __init__(self, binary: str, workdir: Path, *, tls: bool = False) -> None:
-        self.binary, self.workdir = binary, workdir
-        self.port = free_port()
-        self.password = secrets.token_urlsafe(24)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.cert: Path | None = None
-        self.key: Path | None = None
-        if tls:  # a self-signed certificate for 127.0.0.1; TLS only, no plain port
-            self.cert, self.key = self_signed_certificate(workdir)
-
-    @property
-    def uri(self) -> str:
-        return f"{'rediss' if self.cert else 'redis'}://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        if self.cert is not None:
-            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
-            ports += ["--tls-cert-file", str(self.cert), "--tls-key-file", str(self.key)]
-        else:
-            ports = ["--port", str(self.port)]
-        self.proc = subprocess.Popen(
-            [
-                self.binary, *ports, "--bind", "127.0.0.1",
-                "--requirepass", self.password, "--save", "", "--appendonly", "no",
-                "--dir", str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_until(self._answers, timeout=10, what="redis-server answering PING")
-        return self
-
-    def _answers(self) -> bool:
-        try:
-            return bool(self.client().ping())
-        except redis.RedisError:
-            return False
-
-    def client(self) -> redis.Redis:
-        if self.cert is not None:
-            return redis.Redis(
-                port=self.port, password=self.password, socket_timeout=2,
-                ssl=True, ssl_ca_certs=str(self.cert),
-            )  # fmt: skip
-        return redis.Redis(port=self.port, password=self.password, socket_timeout=2)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-
-def redis_binary() -> str:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        reason = "redis-server is not installed (Debian: apt-get install redis-server)"
-        if IN_CI or ROOT_ON_DEBIAN:
-            pytest.fail(f"{reason}; container/host-setup.sh installs it", pytrace=False)
-        pytest.skip(reason)
-    return binary
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(redis_binary(), tmp_path).start()
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
-@pytest.fixture
-def tls_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(redis_binary(), tmp_path, tls=True).start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 class Fleet:
