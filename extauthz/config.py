@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
@@ -353,8 +353,83 @@ class _RawJwtAuthentication(_RawTokenSource):
         return self
 
 
-_RawAuthentication = Annotated[
+_RawServerAuthentication = Annotated[
     _RawTokenAuthentication | _RawJwtAuthentication, Field(discriminator="type")
+]
+
+
+class _RawSelectBy(_Raw):
+    """How DYNAMIC_AUTHENTICATION picks a server: by one claim of the token, read before it is
+    verified (``iss`` most often), or by one request header."""
+
+    claim: Annotated[str, Field(min_length=1)] | None = None
+    header: Annotated[str, Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> _RawSelectBy:
+        if (self.claim is None) == (self.header is None):
+            raise ValueError("set claim or header, exactly one")
+        if self.header is not None and not _HEADER_NAME.match(self.header.lower()):
+            raise ValueError(f"{self.header!r} is not a valid header name")
+        return self
+
+
+class _RawAuthServer(_Raw):
+    values: tuple[Annotated[str, Field(min_length=1)], ...]
+    authentication: _RawServerAuthentication
+
+    @field_validator("values")
+    @classmethod
+    def _values(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("at least one value is needed")
+        if "*" in v and len(v) > 1:
+            raise ValueError("'*' (the default server) stands alone")
+        return v
+
+
+# Where a token is found: one place for every server of a DYNAMIC_AUTHENTICATION deployment, as
+# the token is read before a server is chosen.
+_TOKEN_PLACE = ("token_header", "token_query_param", "token_auth_scheme")
+
+
+class _RawDynamicAuthentication(_Raw):
+    """Several identity providers for one deployment: each server a whole policy; the token's
+    unverified claim (or a header) only chooses which one verifies it."""
+
+    type: Literal["DYNAMIC_AUTHENTICATION"]
+    select_by: _RawSelectBy
+    servers: tuple[_RawAuthServer, ...]
+
+    @model_validator(mode="after")
+    def _servers(self) -> _RawDynamicAuthentication:
+        if not self.servers:
+            raise ValueError("at least one server is needed")
+        seen: set[str] = set()
+        first = self.servers[0].authentication
+        for i, server in enumerate(self.servers):
+            for value in server.values:
+                if value in seen:
+                    raise ValueError(f"servers[{i}]: {value!r} is taken by an earlier server")
+                seen.add(value)
+            a = server.authentication
+            for field_name in (*_TOKEN_PLACE, "is_anonymous_access_allowed"):
+                if getattr(a, field_name) != getattr(first, field_name):
+                    alias = to_camel(field_name)
+                    raise ValueError(
+                        f"servers[{i}].authentication.{alias} differs from servers[0]'s: the"
+                        " token is found, and anonymous access decided, before a server is chosen"
+                    )
+        return self
+
+    @property
+    def is_anonymous_access_allowed(self) -> bool:
+        return self.servers[0].authentication.is_anonymous_access_allowed
+
+
+_RawAuthentication = Annotated[
+    _RawTokenAuthentication | _RawJwtAuthentication | _RawDynamicAuthentication,
+    Field(discriminator="type"),
 ]
 
 
@@ -625,6 +700,44 @@ class Deployment:
     # How many leading path segments the deepest route template looks at one by one.
     template_depth: int = 0
     dry_run: bool = False  # enforcement: DRY_RUN
+    # DYNAMIC_AUTHENTICATION: what chooses the server, ("claim", name) or ("header", lower-case
+    # name), and the servers by the values they take ("*": the default). ``auth`` is then the
+    # first server's, for what is decided before a server is chosen (where the token is, whether
+    # anonymous access is allowed).
+    select_by: tuple[Literal["claim", "header"], str] | None = None
+    servers: tuple[AuthServer, ...] = ()
+    server_by_value: Mapping[str, AuthServer] = field(repr=False, default_factory=dict)
+    # A server's own deployment (see AuthServer): the server's name, its first value.
+    auth_server: str = ""
+
+    @property
+    def policies(self) -> tuple[Deployment, ...]:
+        """What tokens are verified with: this deployment, or each of its servers'."""
+        return tuple(s.deployment for s in self.servers) or (self,)
+
+    @property
+    def idp_key(self) -> str:
+        """The key of this policy's IdP side (keys, introspection) among the providers."""
+        return f"{self.name} {self.auth_server}" if self.auth_server else self.name
+
+    @property
+    def label(self) -> str:
+        """How reports name this policy: the deployment, and the server when it is one."""
+        return f"{self.name} (server {self.auth_server})" if self.auth_server else self.name
+
+
+@dataclass(frozen=True, slots=True)
+class AuthServer:
+    """One identity provider of a DYNAMIC_AUTHENTICATION deployment: the values that choose it
+    and the deployment as it is checked with this server's policy (same name, routes and
+    headers; its own ``auth``), so that every check downstream reads one shape."""
+
+    values: tuple[str, ...]
+    deployment: Deployment
+
+    @property
+    def name(self) -> str:
+        return self.values[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -662,7 +775,7 @@ class Config:
 
     def summary(self) -> str:
         routes = sum(len(d.routes) or 1 for d in self.deployments)
-        kinds = sorted({d.auth.keys.type for d in self.deployments})
+        kinds = sorted({p.auth.keys.type for d in self.deployments for p in d.policies})
         return (
             f"{self.source or 'config'}: OK, {len(self.deployments)} deployment(s), "
             f"{routes} route(s), validation: {', '.join(kinds)}"
@@ -708,8 +821,7 @@ def _static_key_dict(k: _RawStaticKey) -> Mapping[str, Any]:
     return k.model_dump(exclude_none=True)
 
 
-def _resolve_deployment(raw: _RawDeployment) -> Deployment:
-    a = raw.authentication
+def _resolve_auth(a: _RawTokenAuthentication | _RawJwtAuthentication) -> AuthPolicy:
     if isinstance(a, _RawTokenAuthentication):
         vp = a.validation_policy
         extra = vp.additional_validation_policy
@@ -726,7 +838,7 @@ def _resolve_deployment(raw: _RawDeployment) -> Deployment:
         header = (a.token_header or "Authorization").lower()
         scheme = a.token_auth_scheme if a.token_auth_scheme is not None else "Bearer"
         scheme = scheme or None
-    auth = AuthPolicy(
+    return AuthPolicy(
         style=a.type,
         token_header=header,
         token_query_param=a.token_query_param,
@@ -740,6 +852,39 @@ def _resolve_deployment(raw: _RawDeployment) -> Deployment:
         claims=tuple(ClaimRule(c.key, c.values or (), c.is_required) for c in claims),
         sender_constraint=a.sender_constraint,
     )
+
+
+def _server_auth(
+    a: _RawTokenAuthentication | _RawJwtAuthentication,
+    values: tuple[str, ...],
+    select_by: tuple[str, str],
+) -> AuthPolicy:
+    """A server's policy. Chosen by the token's unverified ``iss``, a server that lists no
+    issuers of its own takes exactly the issuers that choose it: the claim only says where to
+    look, and the verified token must then say the same."""
+    auth = _resolve_auth(a)
+    if select_by == ("claim", "iss") and not auth.issuers:
+        named = tuple(v for v in values if v != "*")
+        if named:
+            auth = replace(auth, issuers=named)
+    return auth
+
+
+def _resolve_deployment(raw: _RawDeployment) -> Deployment:
+    a = raw.authentication
+    select_by: tuple[Literal["claim", "header"], str] | None = None
+    if isinstance(a, _RawDynamicAuthentication):
+        by = a.select_by
+        chosen_by: tuple[Literal["claim", "header"], str] = (
+            ("claim", by.claim) if by.claim is not None else ("header", _lower(by.header))
+        )
+        select_by = chosen_by
+        server_auths = [
+            (s.values, _server_auth(s.authentication, s.values, chosen_by)) for s in a.servers
+        ]
+        auth = server_auths[0][1]
+    else:
+        auth = _resolve_auth(a)
     routes = tuple(
         Route(
             name=r.name if r.name is not None else str(i),
@@ -751,7 +896,7 @@ def _resolve_deployment(raw: _RawDeployment) -> Deployment:
         )
         for i, r in enumerate(raw.routes)
     )
-    return Deployment(
+    deployment = Deployment(
         name=raw.name,
         hosts=raw.hosts,
         path_prefix=raw.path_prefix,
@@ -761,6 +906,24 @@ def _resolve_deployment(raw: _RawDeployment) -> Deployment:
         template_depth=max((r.path.max_segments for r in routes), default=0),
         dry_run=raw.enforcement == "DRY_RUN",
     )
+    if select_by is None:
+        return deployment
+    servers = tuple(
+        AuthServer(values, replace(deployment, auth=policy, auth_server=values[0]))
+        for values, policy in server_auths
+    )
+    by_value = {value: server for server in servers for value in server.values}
+    return replace(
+        deployment,
+        select_by=select_by,
+        servers=servers,
+        server_by_value=MappingProxyType(by_value),
+    )
+
+
+def _lower(header: str | None) -> str:
+    assert header is not None
+    return header.lower()
 
 
 def _host_group(members: Mapping[str, Deployment]) -> HostGroup:

@@ -141,6 +141,8 @@ class Decision:
     dpop_algs: tuple[str, ...] = ()
     # enforcement: DRY_RUN: allowed, though ``reason`` says why it would have been denied.
     dry_run: bool = False
+    # DYNAMIC_AUTHENTICATION: the server that verified (or refused) the token, by its name.
+    auth_server: str = ""
 
 
 def allow(
@@ -150,6 +152,7 @@ def allow(
     upstream_headers: tuple[tuple[str, str], ...] = (),
     remove_headers: tuple[str, ...] = (),
     metadata: Mapping[str, Any] | None = None,
+    auth_server: str = "",
 ) -> Decision:
     pairs = tuple(metadata.items()) if metadata else ()
     return Decision(
@@ -160,6 +163,7 @@ def allow(
         upstream_headers=upstream_headers,
         remove_headers=remove_headers,
         metadata=pairs,
+        auth_server=auth_server,
     )
 
 
@@ -173,6 +177,7 @@ def deny(
     required_scope: tuple[str, ...] = (),
     log_fields: tuple[tuple[str, Any], ...] = (),
     dpop_algs: tuple[str, ...] = (),
+    auth_server: str = "",
 ) -> Decision:
     return Decision(
         False,
@@ -184,6 +189,7 @@ def deny(
         log_fields,
         required_scope=required_scope,
         dpop_algs=dpop_algs,
+        auth_server=auth_server,
     )
 
 
@@ -233,4 +239,5 @@ def dry_run(denial: Decision, remove_headers: tuple[str, ...]) -> Decision:
         remove_headers=remove_headers,
         metadata=(("deployment", denial.deployment), ("route", denial.route), ("dryRun", True)),
         dry_run=True,
+        auth_server=denial.auth_server,
     )

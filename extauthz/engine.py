@@ -78,6 +78,7 @@ def _denied(selection: Selection, denial: Denial, **fields: Any) -> Decision:
         deployment=selection.deployment.name,
         route=selection.route_name,
         event=fields.pop("event", None) or policy.log_event,
+        auth_server=selection.deployment.auth_server,
         **fields,
     )
 
@@ -317,7 +318,22 @@ class Engine:
             algs = tuple(sorted(policy.algorithms)) if policy.sender_constraint == "DPOP" else ()
             return _denied(selection, missing, log_fields=found, dpop_algs=algs), None
 
-        idp = self._providers[selection.deployment.name]
+        by_header = False
+        if selection.deployment.servers:
+            server = auth_server(selection.deployment, req.headers, token)
+            if trace is not None:
+                trace.add(server)
+            if server.denial is not None:
+                found = (("tokenSha256", token_hash(token)), *server.facts)
+                return _denied(selection, server.denial, log_fields=found), None
+            by_header = selection.deployment.select_by is not None and (
+                selection.deployment.select_by[0] == "header"
+            )
+            # From here on, the server's policy is the deployment's: its keys, its issuers.
+            selection = Selection(server.actual.deployment, selection.route)
+            policy = selection.deployment.auth
+
+        idp = self._providers[selection.deployment.idp_key]
         # Taken before any await: a document fetched meanwhile makes the answer unusable.
         documents_version = idp.documents_version()
         claim_values = self.config.server.log_claim_values
@@ -368,8 +384,11 @@ class Engine:
 
         skew = policy.clock_skew
         exp = numeric_date(claims.get("exp"))
-        # A sender-constrained decision holds once: every request carries a new proof.
-        holds = documents_version is not None and trace is None and not constrained
+        # A sender-constrained decision holds once: every request carries a new proof. A server
+        # chosen by a header holds once too: the same token may come with another header.
+        holds = (
+            documents_version is not None and trace is None and not constrained and not by_header
+        )
         if failure.denial is not None:
             decision = failure.decision(selection)
             if holds and exp is not None and failure.denial.reason is Reason.TOKEN_EXPIRED:
@@ -587,6 +606,38 @@ class Engine:
         return claims, idp.introspection.cached_until(token)
 
 
+def auth_server(deployment: Deployment, headers: Mapping[str, str], token: str) -> Step:
+    """The ``server`` step of a DYNAMIC_AUTHENTICATION deployment: the server that takes the
+    value of the selecting claim (read from the token before it is verified: it only says which
+    policy verifies it) or header, else the ``"*"`` server; the step's ``actual`` is the
+    :class:`~extauthz.config.AuthServer`. None takes it: ``issuer_mismatch``."""
+    assert deployment.select_by is not None
+    kind, name = deployment.select_by
+    value: Any
+    if kind == "header":
+        value = headers.get(name)
+    else:
+        payload = parse_jws(token).payload
+        value = payload.get(name) if payload is not None else None
+    text = value if isinstance(value, str) else None
+    server = deployment.server_by_value.get(text) if text is not None else None
+    if server is None:
+        server = deployment.server_by_value.get("*")
+    by = (("selectBy", f"{kind} {name}"),)
+    if server is not None:
+        return checked("server", None, actual=server, expected=by[0][1], facts=by)
+    shown = _control_free(text or "")[:_MAX_MESSAGE_PATH_CHARS]
+    nobody = Denial(
+        Reason.ISSUER_MISMATCH, f"No authentication server is configured for '{shown}'."
+    )
+    facts = (*by, ("selectValue", shown), ("servers", [s.name for s in deployment.servers]))
+    return checked("server", nobody, actual=shown, facts=facts)
+
+
+def _control_free(text: str) -> str:
+    return _CONTROL_CHARS.sub("", text.replace("\t", " "))
+
+
 def _request_uri(req: CheckInput) -> str:
     """The URI the client sent the request to, as Envoy saw it, without query and fragment
     (RFC 9449 §4.3's htu); an unknown scheme makes no URI, so no proof matches it."""
@@ -621,6 +672,8 @@ def _allow(selection: Selection, claims: Mapping[str, Any]) -> Decision:
         else:
             headers.append((name, text))
     metadata: dict[str, Any] = {"deployment": deployment.name, "route": selection.route_name}
+    if deployment.auth_server:
+        metadata["authServer"] = deployment.auth_server
     if claims:
         for key in ("sub", "iss"):
             if isinstance(claims.get(key), str):
@@ -635,4 +688,5 @@ def _allow(selection: Selection, claims: Mapping[str, Any]) -> Decision:
         upstream_headers=tuple(headers),
         remove_headers=tuple(remove),
         metadata=metadata,
+        auth_server=deployment.auth_server,
     )

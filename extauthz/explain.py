@@ -568,11 +568,12 @@ async def explain(
     if selection is not None:
         deployment = selection.deployment
         if req.offline:
-            idps[deployment.name] = _offline_idp(deployment)
+            for policy in deployment.policies:  # each DYNAMIC_AUTHENTICATION server's own
+                idps[policy.idp_key] = _offline_idp(policy)
         else:
             # Only this deployment's: other deployments' client secrets need not be readable here.
             providers = Providers(config, client_factory=client_factory, deployments=(deployment,))
-            idps[deployment.name] = providers.by_deployment[deployment.name]
+            idps = dict(providers.by_deployment)
     trace = Trace(keep_going=True)
     decision: Decision | None
     try:

@@ -109,9 +109,11 @@ class JsonLogger:
         latency_ms: float,
         idp_calls: int,
         dry_run: bool = False,
+        auth_server: str = "",
     ) -> None:
         """The per-check access line, formatted without a dict: it is on every check's path.
-        ``dry_run``: allowed by a DRY_RUN deployment, ``reason`` being the would-be denial's."""
+        ``dry_run``: allowed by a DRY_RUN deployment, ``reason`` being the would-be denial's.
+        ``auth_server``: the DYNAMIC_AUTHENTICATION server that verified the token."""
         if self.level > 20:
             return
         trace_id = current_trace_id.get()
@@ -120,11 +122,14 @@ class JsonLogger:
         if len(path) > MAX_LOGGED_PATH_CHARS:
             # A client chooses the path: one request must not write 60 KB to the log.
             path = f"{path[:MAX_LOGGED_PATH_CHARS]}... ({len(path)} characters)"
+        tail = _DRY_RUN if dry_run else ""
+        if auth_server:
+            tail += f',"authServer":{q(auth_server)}'
         self._write(
             f'{{"ts":"{rfc3339()}","level":"INFO","event":"access","requestId":{q(request_id)}'
             f'{trace},"deployment":{q(deployment)},"route":{q(route)},"method":{q(method)},'
             f'"path":{q(path)},"status":{status},"decision":"{decision}","reason":"{reason}",'
-            f'"latencyMs":{latency_ms},"idpCalls":{idp_calls}{_DRY_RUN if dry_run else ""}}}'
+            f'"latencyMs":{latency_ms},"idpCalls":{idp_calls}{tail}}}'
         )
 
     def info(self, event: str, /, **fields: Any) -> None:

@@ -76,6 +76,12 @@ class Metrics:
         self.cache_events = Counter(
             "extauthz_cache_events", "Cache lookups", ["cache", "result"], registry=r
         )
+        self.auth_server_checks = Counter(
+            "extauthz_auth_server_checks",
+            "Checks of DYNAMIC_AUTHENTICATION deployments, by the server that took the token",
+            ["deployment", "server", "decision", "reason"],
+            registry=r,
+        )
 
         # Checks are tallied here and added to the series by flush() (every few milliseconds and
         # before each scrape): a check then costs a dict update, not a locked increment and a
@@ -98,6 +104,9 @@ class Metrics:
         pending.append(seconds)
         if len(pending) >= _MAX_PENDING:  # nobody flushed (no server loop): stay bounded
             self.flush()
+
+    def auth_server_check(self, deployment: str, server: str, decision: str, reason: str) -> None:
+        self._child(self.auth_server_checks, deployment, server, decision, reason).inc()
 
     def flush(self) -> None:
         counts, self._check_counts = self._check_counts, {}

@@ -114,10 +114,10 @@ def _targets(config: Config) -> tuple[list[_Target], list[str]]:
     """The endpoints the config names directly, each once, in config order."""
     found: dict[tuple[Any, ...], _Target] = {}
     static: list[str] = []
-    for d in config.deployments:
+    for d in (policy for deployment in config.deployments for policy in deployment.policies):
         keys = d.auth.keys
         if keys.type == "STATIC_KEYS" or keys.uri is None:
-            static.append(d.name)
+            static.append(d.label)
             continue
         endpoint = {
             "REMOTE_JWKS": "jwks_uri",
@@ -354,7 +354,7 @@ async def _discovery_steps(
     ]
     if mismatched:
         configured = sorted({i for d in mismatched for i in d.auth.issuers})
-        names = ", ".join(d.name for d in mismatched)
+        names = ", ".join(d.label for d in mismatched)
         detail = (
             f"document issuer: {_q(doc.issuer)}  configured issuers: {_q(configured)} "
             f"(deployments: {names})"
@@ -379,7 +379,7 @@ async def _discovery_steps(
                 f"{_q(doc.issuer)} (no issuers configured: tokens must come from it)",
             )
         )
-    wanting = [d.name for d in target.deployments if d.auth.keys.client is not None]
+    wanting = [d.label for d in target.deployments if d.auth.keys.client is not None]
     if wanting and doc.introspection_endpoint is None:
         message = IdpBadResponse("discovery", target.uri, "no introspection_endpoint").message
         detail = f"no introspection_endpoint, needed by clientDetails of {', '.join(wanting)}"
@@ -394,7 +394,7 @@ def _keys_steps(target: _Target, uri: str, keys: KeySet) -> list[Step]:
     steps = [Step("json", True, f"JWKS with {len(keys.keys)} signing key(s){skipped}")]
     by_algorithms: dict[frozenset[str], list[str]] = {}
     for d in target.deployments:
-        by_algorithms.setdefault(d.auth.algorithms, []).append(d.name)
+        by_algorithms.setdefault(d.auth.algorithms, []).append(d.label)
     offered = sorted({a for k in keys.keys for a in k.algorithms})
     for allowed, names in by_algorithms.items():
         usable = [k for k in keys.keys if k.algorithms & allowed]
@@ -509,7 +509,7 @@ async def _probe(
     report = EndpointReport(
         target.endpoint,
         uri,
-        tuple(d.name for d in target.deployments),
+        tuple(d.label for d in target.deployments),
         target.via,
         tuple(steps),
     )

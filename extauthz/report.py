@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from .config import Config, KeySource
+from .config import AuthServer, Config, KeySource
 from .decision import OUTCOMES, Decision, Reason, http_status, www_authenticate
 from .engine import CheckInput
 from .routing import Selection
@@ -181,6 +181,9 @@ def _policy_line(step: Step, inp: CheckInput) -> CheckLine:
     scope = f" {_jl(r.allowed_scope)}" if r and r.allowed_scope else ""
     keys = d.auth.keys
     source = keys.type + (f" {keys.uri}" if keys.uri else "")
+    if d.select_by is not None:
+        servers = ", ".join(s.name for s in d.servers)
+        source = f"DYNAMIC_AUTHENTICATION by {' '.join(d.select_by)} (servers {servers})"
     detail = (
         f"deployment {_j(d.name)}, route {_j(selection.route_name)} ({methods} {where}), "
         f"{authz}{scope}; {source}"
@@ -350,9 +353,14 @@ def render_step(step: Step, inp: CheckInput, trace: Trace) -> CheckLine:
     policy_step = trace.step("policy")
     selection = policy_step.actual if policy_step is not None else None
     policy = selection.deployment.auth if isinstance(selection, Selection) else None
+    server_step = trace.step("server")
+    if server_step is not None and isinstance(server_step.actual, AuthServer):
+        policy = server_step.actual.deployment.auth  # the chosen server's checks follow
     name = step.name
     if name == "policy":
         return _policy_line(step, inp)
+    if name == "server":
+        return _server_line(step)
     if name == "format":
         return _format_line(step)
     if name == "alg":
@@ -379,6 +387,19 @@ def render_step(step: Step, inp: CheckInput, trace: Trace) -> CheckLine:
     if name.startswith(("dpop", "cnf")):
         return _sender_line(step)
     return _line(step, step.denial.message if step.denial else step.note)
+
+
+def _server_line(step: Step) -> CheckLine:
+    """DYNAMIC_AUTHENTICATION: which server the selecting claim or header chose, and what that
+    server verifies with."""
+    facts = dict(step.facts)
+    if step.denial is not None:
+        return _line(step, step.denial.message, **facts)
+    server: AuthServer = step.actual
+    keys = server.deployment.auth.keys
+    source = keys.type + (f" {keys.uri}" if keys.uri else "")
+    detail = f"server {_j(server.name)} (by {step.expected}); {source}"
+    return _line(step, detail, server=server.name, validation=keys.type, uri=keys.uri, **facts)
 
 
 def _sender_line(step: Step) -> CheckLine:

@@ -107,6 +107,7 @@ class Serving:
                 message=decision.message,
                 deployment=decision.deployment or None,
                 route=decision.route or None,
+                authServer=decision.auth_server or None,
                 **fields,
             )
         verdict = "allow" if decision.allowed else "deny"
@@ -123,10 +124,14 @@ class Serving:
             int(elapsed * 1_000_000) / 1000,  # ms to the microsecond: round() costs 4x more
             idp_calls,
             dry_run,
+            decision.auth_server,
         )
-        self.metrics.check(
-            decision.deployment, "dry_run_deny" if dry_run else verdict, reason, elapsed, wire
-        )
+        outcome = "dry_run_deny" if dry_run else verdict
+        self.metrics.check(decision.deployment, outcome, reason, elapsed, wire)
+        if decision.auth_server:
+            self.metrics.auth_server_check(
+                decision.deployment, decision.auth_server, outcome, reason
+            )
 
     @staticmethod
     def annotate(
@@ -146,6 +151,8 @@ class Serving:
                 "http.response.status_code": status,
             }
         )
+        if decision.auth_server:
+            span.set_attribute("extauthz.auth_server", decision.auth_server)
         if decision.dry_run:
             span.set_attribute("extauthz.dry_run", True)  # allowed; reason is the would-be denial
         elif decision.reason in (Reason.IDP_CALL_FAILED, Reason.INTERNAL_ERROR):
@@ -251,7 +258,7 @@ class Serving:
         if self._deadline_seen_by is answers:
             return
         self._deadline_seen_by = answers
-        for deployment in answers.config.deployments:
+        for deployment in (p for d in answers.config.deployments for p in d.policies):
             source = deployment.auth.keys
             worst = source.worst_case_seconds
             if worst > remaining:
@@ -264,7 +271,7 @@ class Serving:
                     "config.timeoutTooLong",
                     message=(
                         f"Envoy gives a check {remaining:.1f} s, but the identity-provider calls of"
-                        f" deployment '{deployment.name}' may take {worst:g} s ({source.type}:"
+                        f" deployment '{deployment.label}' may take {worst:g} s ({source.type}:"
                         f" {calls}, timeoutSeconds {source.timeout_seconds:g} each); extauthz"
                         " cuts them short and answers idp_call_failed in time. Lower"
                         " timeoutSeconds or raise Envoy's ext_authz timeout."

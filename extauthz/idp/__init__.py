@@ -195,9 +195,10 @@ def warm_start_budget(config: Config) -> float:
     """How long the warm start may take for ``config``: the worst case of its JWKS and discovery
     policies' IdP calls, at most MAX_WARM_START_SECONDS; 0 when nothing is to be fetched."""
     worst = [
-        d.auth.keys.worst_case_seconds
+        p.auth.keys.worst_case_seconds
         for d in config.deployments
-        if d.auth.keys.type in ("REMOTE_JWKS", "REMOTE_DISCOVERY")
+        for p in d.policies
+        if p.auth.keys.type in ("REMOTE_JWKS", "REMOTE_DISCOVERY")
     ]
     return min(MAX_WARM_START_SECONDS, max(worst, default=0.0))
 
@@ -354,7 +355,8 @@ class Providers:
         try:
             for i, d in enumerate(config.deployments):
                 if deployments is None or d in deployments:
-                    self.by_deployment[d.name] = self.for_deployment(d, i)
+                    for j, policy in enumerate(d.policies):
+                        self.by_deployment[policy.idp_key] = self.for_deployment(d, i, j)
         finally:
             self._inherited = _Holdings()
 
@@ -515,10 +517,14 @@ class Providers:
         self._held.introspection[key] = client
         return client
 
-    def for_deployment(self, deployment: Deployment, index: int) -> DeploymentIdp:
-        """The IdP side of ``config.deployments[index]``."""
-        where = f"deployments[{index}].authentication.validationPolicy"
-        return self.for_source(deployment.auth.keys, deployment.auth.issuers, where)
+    def for_deployment(self, deployment: Deployment, index: int, server: int = 0) -> DeploymentIdp:
+        """The IdP side of ``config.deployments[index]`` (of its ``server``-th server, for
+        DYNAMIC_AUTHENTICATION): keyed by its ``idp_key``, each server with its own."""
+        where = f"deployments[{index}].authentication"
+        if deployment.servers:
+            where += f".servers[{server}].authentication"
+        policy = deployment.policies[server].auth
+        return self.for_source(policy.keys, policy.issuers, f"{where}.validationPolicy")
 
     def for_source(self, source: KeySource, issuers: tuple[str, ...], where: str) -> DeploymentIdp:
         """Keys, introspection and issuers from one validation policy; ``where`` is its YAML
