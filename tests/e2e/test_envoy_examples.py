@@ -3,6 +3,7 @@ repository's ext_authz conventions (fail closed with 503, V3, HTTP/2 to extauthz
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import yaml
 
 from bench import configs
 from extauthz import http_wire
+from tests.integration.test_tls import Authority
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "examples"))
@@ -24,7 +26,14 @@ from stack import find_envoy  # noqa: E402 (examples/ is not a package; needs th
 ENVOY_DIR = REPO / "envoy"
 # Envoy bootstrap files only: envoy/istio/ holds Istio resources, not Envoy configs.
 CONFIGS = sorted(ENVOY_DIR.glob("*.yaml"))
-EXAMPLES = [ENVOY_DIR / "front-proxy.yaml", ENVOY_DIR / "sidecar.yaml"]
+EXAMPLES = [ENVOY_DIR / "front-proxy.yaml", ENVOY_DIR / "sidecar.yaml", ENVOY_DIR / "mtls.yaml"]
+# The PEM files the examples name (envoy/mtls.yaml's TLS listener), as the deployment's paths:
+# Envoy reads them even to validate, so the test writes test files and points the copy at them.
+EXAMPLE_FILES = {
+    "/etc/envoy/tls/tls.crt": "server.crt",
+    "/etc/envoy/tls/tls.key": "server.key",
+    "/etc/envoy/client-ca/ca.crt": "ca.crt",
+}
 
 EXT_AUTHZ = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
 PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"
@@ -39,11 +48,33 @@ def test_the_examples_are_found() -> None:
     assert {ENVOY_DIR / "envoy.yaml", *EXAMPLES} <= set(CONFIGS)
 
 
+def with_test_files(config: Path, directory: Path) -> Path:
+    """``config`` itself when it names no file, else a copy whose EXAMPLE_FILES paths are test
+    files written to ``directory`` (a CA, and a server certificate and key from it)."""
+    text = config.read_text()
+    named = set(re.findall(r"filename: ([^\s}]+)", text))
+    if not named:
+        return config
+    assert named <= set(EXAMPLE_FILES), f"files without a test copy: {named - set(EXAMPLE_FILES)}"
+    ca = Authority("envoy example CA")
+    ca.write(directory)
+    ca.issue("envoy", server=True).write(directory, "server")
+    for path in named:
+        text = text.replace(path, str(directory / EXAMPLE_FILES[path]))
+    copy = directory / config.name
+    copy.write_text(text)
+    return copy
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=relative)
-def test_envoy_validates(config: Path) -> None:
-    """`envoy --mode validate` accepts the file, without deprecated fields."""
+def test_envoy_validates(config: Path, tmp_path: Path) -> None:
+    """`envoy --mode validate` accepts the file, without deprecated fields (its certificate files
+    replaced by test ones: Envoy reads them)."""
     result = subprocess.run(
-        [find_envoy(), "--mode", "validate", "-c", str(config), "--log-level", "warn"],
+        [
+            find_envoy(), "--mode", "validate", "-c", str(with_test_files(config, tmp_path)),
+            "--log-level", "warn",
+        ],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     output = result.stdout + result.stderr
