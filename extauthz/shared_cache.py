@@ -1,12 +1,34 @@
-"""The shared cache (``server.sharedCache``): introspection answers shared by a fleet through
-Redis or Valkey, so that N replicas ask the IdP about a token once rather than N times.
+"""The shared cache (``server.sharedCache``): what a fleet of replicas learns about tokens,
+shared through Redis or Valkey, so that N replicas ask the IdP about a token once rather than N
+times. Three kinds of entries:
+
+* ``introspection``: RFC 7662 answers, read after a local miss (:mod:`extauthz.idp.introspection`).
+* ``jwt``: the claims of a JWT whose signature a replica verified with its keys. Written in the
+  background once a replica has verified a token itself (never awaited by the check, and skipped
+  when every connection is busy, as any call). Read **only when this replica cannot verify the
+  token without the IdP**: no keys can be had (the JWKS or discovery document is not loaded and
+  cannot be fetched), or the token's ``kid`` is not among the keys it holds (a fetch would be
+  needed, or failed). A replica that never saw the JWKS can then still answer for a token the
+  fleet verified while the IdP is down, and the common case (keys at hand) costs no Redis round
+  trip: a local signature check is cheaper than one. The entry's scope is the policy's key
+  source (the JWKS or discovery URI, or the static keys' SHA-256), so that another deployment's
+  keys never vouch for a token; the algorithm, ``iss``, ``aud``, ``exp``/``nbf``, claim and scope
+  checks all run again on the claims read back, against this replica's policy and clock. It
+  lives until the earlier of the token's ``exp`` and ``maxCacheDurationInHours``.
+* ``dpop``: the ``jti`` of each DPoP proof accepted (RFC 9449 §11.1), under the proof key's
+  thumbprint, recorded with ``SET NX PX``: a ``jti`` another replica recorded is a replay. While
+  Redis is unavailable, each replica's own memory alone decides (a proof replayed to another
+  replica within the window is then not caught: the price of not failing every DPoP check when
+  Redis is down).
 
 What is stored, and why it can be trusted no more than it must:
 
-* **Keys** are ``extauthz:v1:<kind>:<hex HMAC-SHA256>`` of the token (with the scope of the
-  policy that asked, so that two IdPs never answer for each other), under a key derived from the
-  fleet's signing key. Anyone who can read Redis sees no token, nor a plain hash of one that a
-  guessed token could be tested against.
+* **Keys** are ``extauthz:v1:<kind>:<hex HMAC-SHA256>`` of the token's SHA-256 (with the scope
+  of the policy that asked, so that two IdPs never answer for each other), under a key derived
+  from the fleet's signing key. The HMAC is over the token's SHA-256 rather than the token so
+  that whoever holds the signing key can find a token's entries from its SHA-256 alone
+  (``POST /cache/evict``, ``extauthz evict``); without the key, nobody can: anyone who can read
+  Redis sees no token, nor a plain hash of one that a guessed token could be tested against.
 * **Values** are ``<hex MAC>.<JSON>``: the answer with its own expiry, and an HMAC-SHA256 over
   the Redis key and the JSON together, under a second derived key. An entry that does not verify
   (written by someone without the key, altered, or copied under another token's key) is ignored,
@@ -22,19 +44,31 @@ caller, so it can neither allow, deny nor fail a check. It going away is logged 
 (``cache.sharedUnavailable``), and its return once (``cache.sharedRestored``); while it is away
 it is tried again at most once a second, so that a dead Redis does not add its timeout to every
 check.
+
+**Eviction** (``POST /cache/evict``, ``extauthz evict``): the token's ``introspection`` and
+``jwt`` entries are deleted (never the DPoP ``jti`` values: forgetting one would let a proof be
+replayed; evicting can only ever cost an IdP call), and its SHA-256 is published on the channel
+``extauthz:v1:evict``, with a MAC under a third key derived from the signing key, so that nobody
+without the key can make replicas drop their caches. Every replica subscribes (a background
+task, reconnecting a second after Redis goes away) and drops the token from its local caches
+(introspection answers, verified tokens, remembered answers) and deletes its own scopes' entries
+too (a replica whose config differs from the evicter's). A message published while a replica
+was not subscribed is lost: so a replica that subscribes again after an outage drops every
+local answer, rather than keep one that was evicted meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import os
 import ssl
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -43,18 +77,36 @@ from redis.backoff import NoBackoff
 from .config import ConfigError, SharedCacheSettings
 from .logs import rfc3339
 
+if TYPE_CHECKING:
+    from .config import Config, KeySource
+
 __all__ = [
     "ENTRY_REJECTED_EVENT",
+    "EVICTED_EVENT",
+    "EVICT_CHANNEL",
     "RESTORED_EVENT",
+    "TOKEN_KINDS",
     "UNAVAILABLE_EVENT",
     "SharedCache",
     "SharedEntry",
+    "check_secrets",
+    "introspection_scope",
+    "jwt_scope",
     "open_shared_cache",
+    "read_signing_key",
+    "token_scopes",
+    "token_sha256",
 ]
 
 UNAVAILABLE_EVENT = "cache.sharedUnavailable"
 RESTORED_EVENT = "cache.sharedRestored"
 ENTRY_REJECTED_EVENT = "cache.entryRejected"
+EVICTED_EVENT = "cache.evicted"
+
+EVICT_CHANNEL = "extauthz:v1:evict"
+# The kinds whose entries answer for a token: what an eviction deletes. Never "dpop": a jti
+# forgotten would let its proof be replayed.
+TOKEN_KINDS = ("introspection", "jwt")
 
 KEY_PREFIX = "extauthz:v1:"
 # A signing key shorter than SHA-256's output would weaken every MAC made with it.
@@ -69,8 +121,48 @@ MAX_CONNECTIONS = 64
 Report = Callable[[str, str, dict[str, Any]], None]
 # (cache, result): extauthz_cache_events_total{cache="shared"}.
 Count = Callable[[str, str], None]
+# (operation, seconds): extauthz_shared_cache_duration_seconds{operation}.
+Observe = Callable[[str, float], None]
+# What a replica does with an eviction: the token's SHA-256, or None for every token (after a
+# gap in the subscription, when evictions may have been missed).
+OnEvict = Callable[[bytes | None], Awaitable[None]]
 
 _compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def token_sha256(token: str) -> bytes:
+    """What a token's entries are found by: its SHA-256 (``tokenSha256`` in hex)."""
+    return hashlib.sha256(token.encode()).digest()
+
+
+def introspection_scope(source: KeySource) -> str:
+    """An introspection answer's scope: the configured URI (introspection endpoint or discovery
+    document) and the client. Two policies share answers only when both match."""
+    assert source.client is not None
+    return f"{source.uri}\x00{source.client.client_id}"
+
+
+def jwt_scope(source: KeySource) -> str:
+    """A verified JWT's scope: where its keys come from (the JWKS or discovery URI, or the
+    static keys themselves, by SHA-256), so that only keys from the same source vouch for it."""
+    if source.type == "STATIC_KEYS":
+        keys = json.dumps(list(source.static_keys), sort_keys=True, separators=(",", ":"))
+        return f"STATIC_KEYS\x00{hashlib.sha256(keys.encode()).hexdigest()}"
+    return f"{source.type}\x00{source.uri}"
+
+
+def token_scopes(config: Config) -> list[tuple[str, str]]:
+    """Every (kind, scope) under which ``config``'s policies keep a token's entries: what an
+    eviction deletes."""
+    found: dict[tuple[str, str], None] = {}
+    for deployment in config.deployments:
+        for policy in deployment.policies:
+            source = policy.auth.keys
+            if source.client is not None:
+                found[("introspection", introspection_scope(source))] = None
+            if source.type != "REMOTE_INTROSPECTION":
+                found[("jwt", jwt_scope(source))] = None
+    return list(found)
 
 
 class SharedEntry:
@@ -87,8 +179,13 @@ class _Rejected(Exception):
     """An entry that does not verify; the message says why, never what it held."""
 
 
+class _Unavailable(Exception):
+    """A Redis call that failed or took too long (already logged, if it is news)."""
+
+
 class SharedCache:
-    """Get and put introspection answers in Redis; see the module's docstring."""
+    """Get and put the fleet's entries in Redis, evict a token's, and hear of evictions; see the
+    module's docstring."""
 
     def __init__(
         self,
@@ -102,7 +199,11 @@ class SharedCache:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         max_calls: int = MAX_CONNECTIONS,
+        observe: Observe = lambda _operation, _seconds: None,
+        subscriber: Any = None,
     ) -> None:
+        """``subscriber``: a second client, without a read timeout, for the eviction channel
+        (a subscription waits for messages as long as there are none)."""
         if len(signing_key) < MIN_SIGNING_KEY_BYTES:
             raise ValueError(f"the signing key must hold at least {MIN_SIGNING_KEY_BYTES} bytes")
         # Two keys derived from the one the fleet shares: a value's MAC can then never be
@@ -113,7 +214,13 @@ class SharedCache:
         self._mac_key = hmac.new(
             signing_key, b"extauthz shared cache: MACs", hashlib.sha256
         ).digest()
+        self._evict_key = hmac.new(
+            signing_key, b"extauthz shared cache: evictions", hashlib.sha256
+        ).digest()
         self._client = client
+        self._subscriber = subscriber
+        self._observe = observe
+        self._writes: set[asyncio.Task[None]] = set()  # background writes, until done
         self._timeout = timeout_seconds
         self.display_uri = display_uri
         self._report = report
@@ -132,9 +239,34 @@ class SharedCache:
 
     def key(self, kind: str, scope: str, token: str) -> str:
         """The Redis key of ``token``'s answer from the policy ``scope``."""
-        message = scope.encode() + b"\x00" + token.encode()
-        digest = hmac.new(self._key_key, message, hashlib.sha256).hexdigest()
-        return f"{KEY_PREFIX}{kind}:{digest}"
+        return self.key_for_digest(kind, scope, token_sha256(token))
+
+    def key_for_digest(self, kind: str, scope: str, digest: bytes) -> str:
+        """The Redis key of the entry of kind ``kind`` for the token (or DPoP ``jti``) whose
+        SHA-256 is ``digest``, from the policy ``scope``: keyed, so that only the fleet can
+        find a token's entry from its SHA-256."""
+        message = scope.encode() + b"\x00" + digest
+        name = hmac.new(self._key_key, message, hashlib.sha256).hexdigest()
+        return f"{KEY_PREFIX}{kind}:{name}"
+
+    def eviction_message(self, digest: bytes) -> bytes:
+        """What is published on EVICT_CHANNEL to evict the token whose SHA-256 is ``digest``:
+        ``<hex SHA-256>.<hex MAC>``."""
+        text = digest.hex().encode()
+        return text + b"." + hmac.new(self._evict_key, text, hashlib.sha256).hexdigest().encode()
+
+    def read_eviction(self, message: bytes) -> bytes | None:
+        """The SHA-256 an eviction message names, if this fleet's key made it; else None."""
+        text, dot, mac = message.partition(b".")
+        if not dot or len(text) != 64 or len(mac) != 64:
+            return None
+        expected = hmac.new(self._evict_key, text, hashlib.sha256).hexdigest().encode()
+        if not hmac.compare_digest(mac, expected):
+            return None
+        try:
+            return bytes.fromhex(text.decode("ascii"))
+        except ValueError:
+            return None
 
     def _mac(self, key: str, body: bytes) -> str:
         # The key is ASCII without a newline: key and body cannot be split two ways.
@@ -186,49 +318,170 @@ class SharedCache:
             self._count("shared", "error")
             return None
         try:
-            async with self._calls, asyncio.timeout(self._timeout):
-                value = await self._client.get(key)
-        except Exception as exc:  # noqa: BLE001 - whatever Redis or its client does, never a reason to fail a check
-            self._unavailable(exc)
+            value = await self._call("get", self._client.get, key)
+        except _Unavailable:
             self._count("shared", "error")
             return None
-        self._restored()
         if value is None:
             self._count("shared", "miss")
             return None
         try:
             entry = self.unseal(key, bytes(value))
         except _Rejected as why:
-            self._count("shared", "rejected")
-            self._report(
-                "WARNING",
-                ENTRY_REJECTED_EVENT,
-                {
-                    "message": f"A shared cache entry was ignored: {why}. The IdP is asked"
-                    " instead; someone who is not this fleet may be writing to the cache.",
-                    "kind": kind,
-                },
-            )
+            self._rejected(kind, why)
             return None
         self._count("shared", "miss" if entry is None else "hit")
         return entry
+
+    def _rejected(self, kind: str, why: _Rejected) -> None:
+        """An entry that does not verify: counted, logged (why, never what) and ignored."""
+        self._count("shared", "rejected")
+        self._report(
+            "WARNING",
+            ENTRY_REJECTED_EVENT,
+            {
+                "message": f"A shared cache entry was ignored: {why}. It is answered as if"
+                " nothing were there; someone who is not this fleet may be writing to the"
+                " cache.",
+                "kind": kind,
+            },
+        )
+
+    async def _call(
+        self, operation: str, method: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
+    ) -> Any:
+        """One Redis call within the timeout, timed; _Unavailable (logged once) whatever goes
+        wrong. The caller has checked :meth:`_may_try` and the free connections."""
+        started = self._monotonic()
+        try:
+            async with self._calls, asyncio.timeout(self._timeout):
+                result = await method(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - whatever Redis or its client does, never a reason to fail a check
+            self._unavailable(exc)
+            raise _Unavailable from None
+        finally:
+            self._observe(operation, self._monotonic() - started)
+        self._restored()
+        return result
+
+    def _busy(self) -> bool:
+        """Redis is not to be called now: unavailable (and not yet to be tried again), or every
+        connection busy (a burst skips the cache rather than pass for a Redis gone away)."""
+        return not self._may_try() or self._calls.locked()
 
     async def put(self, key: str, expires_at: float, claims: dict[str, Any] | None) -> None:
         """Store an answer until ``expires_at`` (wall clock); nothing when it is already past
         or Redis cannot take it."""
         ttl_ms = int((expires_at - self._clock()) * 1000)
-        if ttl_ms <= 0 or not self._may_try() or self._calls.locked():
+        if ttl_ms <= 0 or self._busy():
             return
         value = self.seal(key, expires_at, claims)
         if len(value) > MAX_VALUE_BYTES:
             return  # a whole profile in an answer: not worth the other replicas' memory
-        try:
-            async with self._calls, asyncio.timeout(self._timeout):
-                await self._client.set(key, value, px=ttl_ms)
-        except Exception as exc:  # noqa: BLE001 - as in get(): logged once, never raised
-            self._unavailable(exc)
+        with contextlib.suppress(_Unavailable):  # logged once, never raised
+            await self._call("set", self._client.set, key, value, px=ttl_ms)
+
+    def put_later(self, key: str, expires_at: float, claims: dict[str, Any]) -> None:
+        """:meth:`put` in the background: the check that learnt the answer does not wait for
+        it. Bounded as every call is (the connections), and skipped when all are busy."""
+        if self._busy():
             return
-        self._restored()
+        task = asyncio.ensure_future(self.put(key, expires_at, claims))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def add(self, kind: str, key: str, expires_at: float) -> bool | None:
+        """Record ``key`` until ``expires_at`` unless it is there already (``SET NX PX``):
+        True when recorded, False when an entry this fleet wrote is there (a DPoP ``jti``
+        seen by another replica), None when Redis cannot say (the caller decides alone)."""
+        ttl_ms = int((expires_at - self._clock()) * 1000)
+        if ttl_ms <= 0 or self._busy():
+            return None
+        value = self.seal(key, expires_at, {})
+        try:
+            if await self._call("add", self._client.set, key, value, px=ttl_ms, nx=True):
+                return True
+            existing = await self._call("get", self._client.get, key)
+            if existing is not None:
+                try:
+                    if self.unseal(key, bytes(existing)) is not None:
+                        return False
+                except _Rejected as why:
+                    self._rejected(kind, why)
+            # Gone meanwhile, or not this fleet's: it is no record of ours, so write ours over.
+            await self._call("set", self._client.set, key, value, px=ttl_ms)
+        except _Unavailable:
+            return None
+        return True
+
+    async def evict(self, digest: bytes, scopes: Iterable[tuple[str, str]]) -> int | None:
+        """Delete the entries of the token whose SHA-256 is ``digest`` under each (kind, scope)
+        and publish the eviction to every replica: the number of entries deleted, None when
+        Redis could not be told (then no replica heard of it)."""
+        keys = [self.key_for_digest(kind, scope, digest) for kind, scope in scopes]
+        if not self._may_try():
+            return None
+        try:
+            deleted = await self._call("delete", self._client.delete, *keys) if keys else 0
+            message = self.eviction_message(digest)
+            await self._call("publish", self._client.publish, EVICT_CHANNEL, message)
+        except _Unavailable:
+            return None
+        return int(deleted)
+
+    async def delete(self, digest: bytes, scopes: Iterable[tuple[str, str]]) -> None:
+        """Delete the token's entries under each (kind, scope), as a replica does on hearing of
+        an eviction; nothing when Redis cannot."""
+        keys = [self.key_for_digest(kind, scope, digest) for kind, scope in scopes]
+        if keys and not self._busy():
+            with contextlib.suppress(_Unavailable):
+                await self._call("delete", self._client.delete, *keys)
+
+    async def subscribe(self, on_evict: OnEvict) -> None:
+        """Hear evictions until cancelled: each message that verifies is ``on_evict(digest)``;
+        one that does not is ignored and logged ``cache.entryRejected`` (kind ``eviction``).
+        Redis gone: tried again every second; subscribed again after a gap, ``on_evict(None)``
+        (every token), since evictions published meanwhile were missed."""
+        if self._subscriber is None:
+            return
+        subscribed_before = False
+        while True:
+            pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
+            try:
+                async with asyncio.timeout(max(self._timeout, 1.0)):
+                    await pubsub.subscribe(EVICT_CHANNEL)
+                self._restored()
+                if subscribed_before:
+                    await on_evict(None)
+                subscribed_before = True
+                while True:
+                    message = await pubsub.get_message(timeout=RETRY_SECONDS * 5)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    data = message.get("data")
+                    digest = self.read_eviction(data) if isinstance(data, bytes) else None
+                    if digest is None:
+                        self._report(
+                            "WARNING",
+                            ENTRY_REJECTED_EVENT,
+                            {
+                                "message": "An eviction message was ignored: its MAC does not"
+                                " verify under this key; someone who is not this fleet may be"
+                                " publishing on the channel.",
+                                "kind": "eviction",
+                            },
+                        )
+                        continue
+                    await on_evict(digest)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis went away: try again in a second
+                self._unavailable(exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1.0):
+                        await pubsub.aclose()
+            await asyncio.sleep(RETRY_SECONDS)
 
     def _may_try(self) -> bool:
         if self._available:
@@ -279,11 +532,16 @@ class SharedCache:
         return state
 
     async def aclose(self) -> None:
-        try:
-            async with asyncio.timeout(1.0):
-                await self._client.aclose()
-        except Exception:  # noqa: BLE001 - leaving: a Redis that is gone has nothing to close
-            pass
+        for task in list(self._writes):
+            task.cancel()
+        for client in (self._client, self._subscriber):
+            if client is None:
+                continue
+            try:
+                async with asyncio.timeout(1.0):
+                    await client.aclose()
+            except Exception:  # noqa: BLE001 - leaving: a Redis that is gone has nothing to close
+                pass
 
 
 def _read_secret(path: str | None, env: str | None, what: str) -> bytes | None:
@@ -315,10 +573,9 @@ def display_uri(uri: str) -> str:
     return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
 
 
-def open_shared_cache(settings: SharedCacheSettings, report: Report, count: Count) -> SharedCache:
-    """The shared cache of ``settings``: its secrets read, its connection pool made (it connects
-    at the first call, so an unreachable Redis does not hold the start). ConfigError when a
-    secret cannot be read or the signing key is too short."""
+def read_signing_key(settings: SharedCacheSettings) -> bytes:
+    """The fleet's signing key; ConfigError (naming the YAML path and the file or variable,
+    never the value) when it cannot be read or is shorter than MIN_SIGNING_KEY_BYTES."""
     signing_key = _read_secret(settings.signing_key_file, settings.signing_key_env, "signingKey")
     assert signing_key is not None  # the config requires one of the two
     if len(signing_key) < MIN_SIGNING_KEY_BYTES:
@@ -329,6 +586,37 @@ def open_shared_cache(settings: SharedCacheSettings, report: Report, count: Coun
                 f" {MIN_SIGNING_KEY_BYTES} bytes (openssl rand -hex 32)"
             ]
         )
+    return signing_key
+
+
+def check_secrets(settings: SharedCacheSettings) -> list[str]:
+    """What ``check-config`` reports about the shared cache's secrets: each source that cannot
+    be read (or a signing key too short), by its YAML path; empty when all can."""
+    errors: list[str] = []
+    try:
+        read_signing_key(settings)
+    except ConfigError as exc:
+        errors.extend(exc.errors)
+    try:
+        _read_secret(settings.password_file, settings.password_env, "password")
+    except ConfigError as exc:
+        errors.extend(exc.errors)
+    return errors
+
+
+def open_shared_cache(
+    settings: SharedCacheSettings,
+    report: Report,
+    count: Count,
+    observe: Observe = lambda _operation, _seconds: None,
+    *,
+    subscribe: bool = True,
+) -> SharedCache:
+    """The shared cache of ``settings``: its secrets read, its connection pool made (it connects
+    at the first call, so an unreachable Redis does not hold the start), and with ``subscribe``
+    a second client for the eviction channel. ConfigError when a secret cannot be read or the
+    signing key is too short."""
+    signing_key = read_signing_key(settings)
     password = _read_secret(settings.password_file, settings.password_env, "password")
     options: dict[str, Any] = {
         "password": password.decode() if password is not None else None,
@@ -344,6 +632,12 @@ def open_shared_cache(settings: SharedCacheSettings, report: Report, count: Coun
         if settings.ca_file is not None:
             options["ssl_ca_certs"] = settings.ca_file
     client = aioredis.Redis.from_url(settings.uri, **options)
+    subscriber = None
+    if subscribe:
+        # No read timeout: a subscription waits for messages as long as there are none; a PING
+        # every few seconds tells a dead connection from a quiet channel.
+        quiet = {**options, "socket_timeout": None, "max_connections": 2}
+        subscriber = aioredis.Redis.from_url(settings.uri, **quiet, health_check_interval=5)
     return SharedCache(
         client,
         signing_key,
@@ -351,4 +645,6 @@ def open_shared_cache(settings: SharedCacheSettings, report: Report, count: Coun
         display_uri=display_uri(settings.uri),
         report=report,
         count=count,
+        observe=observe,
+        subscriber=subscriber,
     )

@@ -40,6 +40,7 @@ from ..config import (
 )
 from ..errors import IdpBadResponse, IdpError
 from ..keys import KeySet, keyset_from_static
+from ..shared_cache import introspection_scope
 from ..tracing import url_without_userinfo
 from .cache import CachedDocument, CacheSettings
 from .discovery import DiscoveryDocument, DiscoveryProvider
@@ -510,9 +511,7 @@ class Providers:
                 observer=self._observer,
                 clock=self._wall_clock,
                 shared_cache=self._shared_cache,
-                # The configured URI (introspection endpoint or discovery document) and the
-                # client: two policies share answers in the shared cache only when both match.
-                scope=f"{source.uri}\x00{source.client.client_id}",
+                scope=introspection_scope(source),
             )
         self._held.introspection[key] = client
         return client
