@@ -27,6 +27,12 @@ FILES_DEPLOYMENT = "files"
 FILES_PREFIX = "/files"
 FILES_SCOPE = "files.read"
 
+# The DPoP scenario's deployment: scenario 1's policy with senderConstraint DPOP (RFC 9449), so
+# the same server answers the cached bearer check on TARGET_PATH and the DPoP one on DPOP_PATH.
+DPOP_DEPLOYMENT = "dpop"
+DPOP_PREFIX = "/dpop"
+DPOP_PATH = DPOP_PREFIX + "/items"
+
 
 @dataclass(frozen=True)
 class HostilePath:
@@ -125,13 +131,22 @@ def files_deployment(policy: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def dpop_deployment(policy: dict[str, Any]) -> dict[str, Any]:
+    """The DPoP scenario's deployment: tokens bound to a proof key (``cnf.jkt``), sent as
+    ``Authorization: DPoP <token>`` with a new proof each time."""
+    deployment = _deployment(DPOP_DEPLOYMENT, DPOP_PREFIX, policy)
+    deployment["authentication"]["senderConstraint"] = "DPOP"
+    return deployment
+
+
 def extauthz_config(
-    kind: str, idp_url: str, deployments: int = 1, *, files: bool = False
+    kind: str, idp_url: str, deployments: int = 1, *, files: bool = False, dpop: bool = False
 ) -> dict[str, Any]:
     """A policy with ``deployments`` deployments; requests to TARGET_PATH hit the one named
     ``api``, which sits near the end (10th from last) when there are many, so a linear scan
     over deployments would pay for nearly all of them. ``files`` adds the deployment of the
-    hostile paths (:func:`files_deployment`) after them."""
+    hostile paths (:func:`files_deployment`) after them, ``dpop`` the DPoP one
+    (:func:`dpop_deployment`), and no drain on SIGTERM: that scenario restarts its server."""
     if deployments < 1:
         raise ValueError("deployments must be >= 1")
     policy = _policy(kind, idp_url)
@@ -139,10 +154,12 @@ def extauthz_config(
     at = max(0, len(fillers) - 9)
     target = _deployment(TARGET_DEPLOYMENT, "/api", policy)
     extra = [files_deployment(policy)] if files else []
-    return {
-        "server": {"logLevel": "INFO"},
-        "deployments": [*fillers[:at], target, *fillers[at:], *extra],
-    }
+    if dpop:
+        extra.append(dpop_deployment(policy))
+    server: dict[str, Any] = {"logLevel": "INFO"}
+    if dpop:
+        server["drainSeconds"] = 0
+    return {"server": server, "deployments": [*fillers[:at], target, *fillers[at:], *extra]}
 
 
 def _render(template: str, **values: Any) -> dict[str, Any]:

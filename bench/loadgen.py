@@ -62,6 +62,7 @@ class Load:
     token: str = ""
     token_file: str | None = None
     path_file: str | None = None  # mode paths: the paths asked for, one per line, rotated
+    proof_file: str | None = None  # mode dpop: DPoP proofs, one per line, each sent once
     delay_ms: float = 0.0
     stop_after: int = 0  # per wrk thread
 
@@ -77,6 +78,8 @@ class Load:
             env["BENCH_TOKEN_FILE"] = self.token_file
         if self.path_file:
             env["BENCH_PATH_FILE"] = self.path_file
+        if self.proof_file:
+            env["BENCH_PROOF_FILE"] = self.proof_file
         return env
 
 
@@ -233,6 +236,8 @@ def start_wrk(
         "r", suffix=".json", dir=workdir, delete=False, encoding="utf-8"
     ) as out:
         out_path = Path(out.name)
-    env = {**os.environ, **load.env(), "BENCH_OUT": str(out_path)}
     cmd = wrk_command(url, connections=connections, seconds=seconds, threads=threads)
+    # Mode dpop shares its proofs out among wrk's threads (as wrk_command clamps them).
+    used = max(1, min(threads, connections))
+    env = {**os.environ, **load.env(), "BENCH_OUT": str(out_path), "BENCH_THREADS": str(used)}
     return RunningWrk(cmd, env, out_path, seconds, log)

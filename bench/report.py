@@ -120,6 +120,92 @@ def wire_ratios(points: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, 
     return out
 
 
+# The DPoP scenario: each wire's DPoP check (a new proof per request) against the cached bearer
+# check (scenario 1's request) on the same server, seconds apart.
+WIRE_NAMES = {"b": "gRPC", "d": "HTTP"}
+
+
+def dpop_ratios(dpop: Mapping[str, Any], bearer: Mapping[str, Any]) -> dict[str, float | None]:
+    """A DPoP point ÷ the bearer point of its wire: ``<name>_vs_bearer``."""
+    return _against(dpop, {"bearer": bearer}, "bearer", _VS_OTHER_WIRE)
+
+
+def dpop_summary(
+    points: Mapping[str, Mapping[str, Any]],
+    wires: Sequence[str],
+    jti_bound: int,
+    jti_lifetime_s: float,
+) -> dict[str, Any]:
+    """What the DPoP scenario's table and targets read, per wire: the two checks' CPU and rate,
+    the CPU ratios with each round's, the most proofs one server remembered; and the rate a
+    process can sustain before its jti memory (``jti_bound`` entries, each kept
+    ``jti_lifetime_s``) is full."""
+    out: dict[str, Any] = {
+        "jti_bound": jti_bound,
+        "jti_lifetime_s": jti_lifetime_s,
+        "sustained_rate_bound": jti_bound / jti_lifetime_s,
+        "wires": [],
+    }
+    for backend in wires:
+        dpop, bearer = points.get(backend), points.get(f"{backend} bearer")
+        if dpop is None or bearer is None:
+            continue
+        out["wires"].append(
+            {
+                "backend": backend,
+                "wire": WIRE_NAMES.get(backend, backend),
+                "bearer_rate": bearer["rate"],
+                "dpop_rate": dpop["rate"],
+                "bearer_cpu_us": bearer["server_cpu_us"],
+                "dpop_cpu_us": dpop["server_cpu_us"],
+                "round_bearer_cpu_us": rounds_of(bearer, "server_cpu_us"),
+                "round_dpop_cpu_us": rounds_of(dpop, "server_cpu_us"),
+                "bearer_envoy_cpu_us": bearer["envoy_cpu_us"],
+                "dpop_envoy_cpu_us": dpop["envoy_cpu_us"],
+                "dpop_p99_ms": dpop["p99_ms"],
+                "cpu_ratio": ratio_with_rounds(dpop, bearer, "server_cpu_us"),
+                "total_cpu_ratio": ratio_with_rounds(dpop, bearer, "total_cpu_us"),
+                "jtis_remembered": dpop.get("jtis_remembered"),
+                "dpop_denied": dpop.get("dpop_denied", 0),
+                "proofs_ran_out": bool(dpop.get("proofs_ran_out")),
+                "valid": bool(dpop.get("valid", True) and bearer.get("valid", True)),
+            }
+        )
+    return out
+
+
+def dpop_table(dpop: Mapping[str, Any]) -> str:
+    """The DPoP scenario: per wire, the cached bearer check and the DPoP check on one server."""
+    lines = [
+        "| wire | bearer checks/s | DPoP checks/s | bearer server CPU µs/check (rounds) "
+        "| DPoP server CPU µs/check (rounds) | DPoP ÷ bearer, server CPU (rounds) "
+        "| DPoP ÷ bearer, total CPU | DPoP p99 ms | most jtis one server remembered |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for w in dpop.get("wires", []):
+        flag = "" if w["valid"] else " ⚠"
+        if w["proofs_ran_out"]:
+            flag += " (proofs ran out)"
+        if w["dpop_denied"]:
+            flag += f" ({w['dpop_denied']:,} DPoP denials)"
+        lines.append(
+            f"| {w['wire']}{flag} | {fmt(w['bearer_rate'])} | {fmt(w['dpop_rate'])} "
+            f"| {fmt(w['bearer_cpu_us'])} ({_spread(w['round_bearer_cpu_us'], 0)}) "
+            f"| {fmt(w['dpop_cpu_us'])} ({_spread(w['round_dpop_cpu_us'], 0)}) "
+            f"| {_with_rounds(w['cpu_ratio'])} | {fmt_ratio(w['total_cpu_ratio']['value'])} "
+            f"| {fmt(w['dpop_p99_ms'], 2)} | {fmt(w['jtis_remembered'])} |"
+        )
+    lines += [
+        "",
+        f"A process remembers at most {dpop['jti_bound']:,} proofs, each for "
+        f"{dpop['jti_lifetime_s']:g} s (2 × (maxClockSkewInSeconds + 60 s), skew 0 here); full, "
+        "it refuses new proofs. So one process sustains at most "
+        f"{dpop['sustained_rate_bound']:,.0f} DPoP checks/s over a lifetime's length; each "
+        "block of this scenario runs on a fresh server and sends it fewer proofs than that bound.",
+    ]
+    return "\n".join(lines)
+
+
 def fmt(value: Any, digits: int = 0) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
@@ -353,6 +439,8 @@ def markdown(results: Mapping[str, Any]) -> str:
     if targets:
         parts += ["", "## Targets", "", targets_table(targets)]
     for s in results["scenarios"]:
+        if s.get("dpop"):
+            parts += ["", f"## DPoP (scenario {s['id']})", "", dpop_table(s["dpop"])]
         if s.get("hostile"):
             parts += [
                 "",

@@ -29,16 +29,17 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
 import yaml
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench import configs, report
-from bench.keys import CLIENT_SECRET_ENV, BenchKeys
+from bench.keys import CLIENT_SECRET_ENV, BenchKeys, claims
 from bench.loadgen import Load, WrkResult, start_wrk
 from bench.procs import (
     RESULTS,
@@ -58,7 +59,9 @@ from bench.procs import (
     start_extauthz,
     usage,
 )
+from bench.signing import ProofKey
 from examples.stack import accepts_tcp, free_ports, http_get
+from extauthz.dpop import IAT_WINDOW_SECONDS, MAX_REMEMBERED_JTIS
 
 IDP_LATENCY_MS = 5.0
 # The hostile-path scenario: the innocent check on a few connections at a modest paced rate,
@@ -72,6 +75,16 @@ FLOOD_LEAD_SECONDS = 1.0  # the flood runs this long before the innocent check i
 SETTLE_SECONDS = 0.5
 HOSTILE_CPU_GOAL_US = 5_000.0
 FLOOD_P99_GOAL = 2.0  # innocent check's p99 under the flood ÷ quiet
+# The DPoP scenario. The Host bench.lua sends and the scheme Envoy sees: the proofs' htu.
+DPOP_HTU = f"http://api.bench.example{configs.DPOP_PATH}"
+# extauthz remembers each accepted proof's jti for 2 × (maxClockSkewInSeconds + 60 s), the
+# bench policies' skew being 0, and at most MAX_REMEMBERED_JTIS of them per process; when full it
+# refuses new proofs (fail closed). Each server of the scenario is sent at most this many proofs
+# (all within that lifetime), so the memory is never what limits a point.
+DPOP_JTI_LIFETIME_S = 2 * (0 + IAT_WINDOW_SECONDS)
+DPOP_JTI_BUDGET = MAX_REMEMBERED_JTIS - 1_000
+DPOP_PROOF_MARGIN = 1.3  # proofs made per point: the expected checks × this
+DPOP_CPU_GOAL = 2.0  # HTTP wire: server CPU per DPoP check ÷ per cached bearer check
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,9 @@ class Tokens:
     expired: str
     distinct_file: str  # RS256 tokens that differ in ``sub``, one a line
     opaque: str = field(default_factory=lambda: f"opaque-warm-{uuid.uuid4().hex}")
+    # The DPoP scenario's: an RS256 token bound (cnf.jkt) to this proof key
+    proof_key: ProofKey | None = None
+    dpop: str = ""
 
     def load(self, kind: str) -> Load:
         """What wrk sends for ``kind``: one token over and over (rs256, es256, expired, opaque),
@@ -120,6 +136,8 @@ class Tokens:
             return Load(mode="rotate", token_file=self.distinct_file)
         if kind == "unique":
             return Load(mode="unique")
+        if kind == "dpop":  # the proofs are made for each point (dpop_rounds)
+            return Load(mode="dpop", token=self.dpop)
         token = {
             "rs256": self.rs256,
             "es256": self.es256,
@@ -276,18 +294,20 @@ def extauthz(
     *,
     files: bool = False,
     http: bool = True,
+    dpop: bool = False,
 ) -> Iterator[Proc]:
     """A fresh extauthz server for one scenario, on the stack's gRPC port(s) and, with ``http``
     where the stack has (d), on its HTTP wire port too (``--http-listen``: (b) and (d) are one
     process, one policy and one cache of answers); ``files`` adds the hostile paths' deployment
-    to the policy."""
+    to the policy, ``dpop`` the DPoP one."""
     workers = st.b_workers if workers is None else workers
     http = http and st.http and workers == 1
-    cfg = st.workdir / f"extauthz-{policy}-{deployments}{'-files' if files else ''}.yaml"
+    extra = ("-files" if files else "") + ("-dpop" if dpop else "")
+    cfg = st.workdir / f"extauthz-{policy}-{deployments}{extra}.yaml"
     if not cfg.exists():
         cfg.write_text(
             yaml.safe_dump(
-                configs.extauthz_config(policy, st.idp_url, deployments, files=files),
+                configs.extauthz_config(policy, st.idp_url, deployments, files=files, dpop=dpop),
                 sort_keys=False,
             ),
             encoding="utf-8",
@@ -375,8 +395,10 @@ class Run:
         label: str | None = None,
         profile_to: Path | None = None,
         until: Callable[[], bool] | None = None,
+        path: str = configs.TARGET_PATH,
     ) -> dict[str, Any]:
-        """One wrk run against ``backend``'s listener, with CPU, RSS and IdP calls around it.
+        """One wrk run against ``backend``'s listener (``path`` on it), with CPU, RSS and IdP
+        calls around it.
         The server measured is the gRPC floor for (a), the HTTP floor for (e), ``server``
         (extauthz) for (b) and (d), none for (c); the floors answer 200 whatever ``expect``
         says. ``connections`` and ``seconds`` default to the profile's, after ``warmup`` seconds
@@ -386,7 +408,7 @@ class Run:
         seconds = seconds or self.prof.seconds
         expect = expect if backend not in FLOORS else 200
         server = {"a": st.floor, "b": server, "d": server, "e": st.floor_http}.get(backend)
-        url = st.url(backend)
+        url = st.url(backend, path)
 
         def wrk(load: Load, seconds: int, until: Callable[[], bool] | None = None) -> WrkResult:
             return start_wrk(
@@ -578,7 +600,8 @@ Step = Callable[["Run", "Scenario", Proc, Load, dict[str, Any]], None]
 def run_scenario(run: Run, sc: Scenario) -> dict[str, Any]:
     """The scenario's IdP latency and a fresh extauthz with its policy, then its ``measure``."""
     run.st.idp(f"/_bench/latency?ms={sc.idp_latency_ms:g}")
-    with extauthz(run.st, sc.policy, sc.deployments, files=bool(sc.hostile_paths)) as server:
+    files = bool(sc.hostile_paths)
+    with extauthz(run.st, sc.policy, sc.deployments, files=files, dpop=sc.dpop) as server:
         return sc.measure(run, sc, server)
 
 
@@ -1017,6 +1040,159 @@ def hostile_summary(
     return out
 
 
+# --- DPoP (scenario 9) -------------------------------------------------------------------------
+
+
+def dpop_proofs_needed(rate: float, seconds: float) -> int:
+    """Proofs for ``seconds`` of load at up to ``rate`` checks/s, with a margin: wrk sends each
+    once and stops its thread when they run out."""
+    if seconds <= 0 or rate <= 0:
+        return 0
+    return math.ceil(rate * seconds * DPOP_PROOF_MARGIN) + 200
+
+
+def dpop_proof_counts(rate: float, warmup: float, seconds: float) -> tuple[int, int]:
+    """(warm-up, measured) proofs for one point, within what one server may remember
+    (DPOP_JTI_BUDGET, less one for the preflight): the measured run first."""
+    measured = min(dpop_proofs_needed(rate, seconds), DPOP_JTI_BUDGET - 1)
+    warm = min(dpop_proofs_needed(rate, warmup), DPOP_JTI_BUDGET - 1 - measured)
+    return warm, measured
+
+
+def dpop_preflight(url: str, tokens: Tokens) -> str | None:
+    """One DPoP request with its own proof: None when it is allowed, or what came back."""
+    assert tokens.proof_key is not None
+    (proof,) = tokens.proof_key.proofs(tokens.dpop, "GET", DPOP_HTU, 1, iat=int(time.time()))
+    headers = {
+        "Host": "api.bench.example",
+        "Authorization": f"DPoP {tokens.dpop}",
+        "DPoP": proof,
+    }
+    try:
+        status, hdrs, _ = http_get(url, headers)
+    except OSError as exc:
+        return f"expected HTTP 200, got {exc}"
+    if status == 200:
+        return None
+    return f"expected HTTP 200, got {status} {hdrs.get('x-extauthz-reason', '')}".strip()
+
+
+def _proof_file(run: Run, name: str, n: int) -> str:
+    assert run.tokens.proof_key is not None
+    proofs = run.tokens.proof_key.proofs(run.tokens.dpop, "GET", DPOP_HTU, n, iat=int(time.time()))
+    path = run.st.workdir / f"proofs-{name}.txt"
+    path.write_text("\n".join(proofs) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def dpop_block(
+    run: Run, sc: Scenario, server: Proc, backend: str, dpop_rate: float | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """On one fresh server and one wire: scenario 1's request (the cached bearer check), then
+    the DPoP one, a new proof per request, each after the profile's warm-up (the DPoP one's with
+    proofs of its own). The proofs are made
+    just before each run (``iat`` now), as many as the bearer point's rate (or the last DPoP
+    point's, with a margin) says the run can send; a run that used them all is marked invalid,
+    as is one where extauthz denied a DPoP check (a replay, or the jti memory full)."""
+    st, prof = run.st, run.prof
+    warmup = prof.warmup
+    bearer_load = run.tokens.load("rs256")
+    why = preflight(st.url(backend), bearer_load, 200)
+    bearer = run.measure(
+        backend, bearer_load, server, warmup=warmup, label="extauthz, cached bearer (scenario 1's)"
+    )
+    if why:
+        bearer["valid"], bearer["preflight"] = False, why
+    log(f"scenario {sc.id}: {_summary(bearer)}")
+    rate = bearer["rate"] if dpop_rate is None else min(bearer["rate"], 1.5 * dpop_rate)
+    n_warm, n_measured = dpop_proof_counts(rate, warmup, prof.seconds)
+    url = st.url(backend, configs.DPOP_PATH)
+    why = dpop_preflight(url, run.tokens)
+    allowed0 = checks_answered(server, deployment=configs.DPOP_DEPLOYMENT, decision="allow")
+    denied0 = checks_answered(server, deployment=configs.DPOP_DEPLOYMENT, decision="deny")
+    t = time.monotonic()
+    if n_warm:
+        warm_load = replace(run.tokens.load("dpop"), proof_file=_proof_file(run, "warm", n_warm))
+        start_wrk(
+            url,
+            warm_load,
+            connections=prof.connections,
+            seconds=warmup,
+            threads=run.args.wrk_threads,
+            workdir=st.workdir,
+        ).result()
+    load = replace(run.tokens.load("dpop"), proof_file=_proof_file(run, backend, n_measured))
+    made = time.monotonic() - t
+    p = run.measure(
+        backend,
+        load,
+        server,
+        path=configs.DPOP_PATH,
+        label="extauthz, DPoP: a new proof per request",
+    )
+    allowed = checks_answered(server, deployment=configs.DPOP_DEPLOYMENT, decision="allow")
+    denied = checks_answered(server, deployment=configs.DPOP_DEPLOYMENT, decision="deny")
+    p["proofs"] = n_measured
+    p["dpop_denied"] = denied - denied0
+    # Every proof this server accepted is still remembered: the block is shorter than a jti's
+    # lifetime in the memory.
+    p["jtis_remembered"] = allowed
+    p["dpop_allowed"] = allowed - allowed0
+    if p["requests"] >= n_measured:
+        p["valid"], p["proofs_ran_out"] = False, True
+    if p["dpop_denied"] or why:
+        p["valid"] = False
+        if why:
+            p["preflight"] = why
+    log(
+        f"scenario {sc.id}: {_summary(p)}; {n_warm:,} + {n_measured:,} proofs (made and warm-up "
+        f"in {made:.1f} s), {p['jtis_remembered']:,} jtis remembered, "
+        f"{p['dpop_denied']:,} DPoP denials"
+    )
+    return bearer, p
+
+
+def dpop_rounds(run: Run, sc: Scenario, server: Proc) -> dict[str, Any]:
+    """For each round and wire, a server of its own (the first is ``server``): the cached bearer
+    check, then the DPoP check with a new proof per request (:func:`dpop_block`). A fresh
+    server per block keeps the proofs any one has remembered below its bound; the medians of the
+    rounds, and the DPoP check's CPU ÷ the bearer check's on each wire (:func:`dpop_summary`)."""
+    st = run.st
+    wires = backends_of(st, sc)
+    rounds: dict[str, list[dict[str, Any]]] = {}
+    dpop_rate: dict[str, float] = {}
+    current = server
+    with ExitStack() as fresh:
+        for r in range(run.prof.rounds):
+            for i, backend in enumerate(wires):
+                if r or i:
+                    st.procs.stop(current)
+                    current = fresh.enter_context(
+                        extauthz(st, sc.policy, sc.deployments, dpop=True)
+                    )
+                bearer, p = dpop_block(run, sc, current, backend, dpop_rate.get(backend))
+                dpop_rate[backend] = p["rate"]
+                rounds.setdefault(f"{backend} bearer", []).append(bearer)
+                rounds.setdefault(backend, []).append(p)
+    points = {}
+    for key, pts in rounds.items():
+        points[key] = combine_rounds(pts)
+        if "jtis_remembered" in pts[0]:
+            points[key]["jtis_remembered"] = max(q["jtis_remembered"] for q in pts)
+            points[key]["dpop_denied"] = sum(q["dpop_denied"] for q in pts)
+            points[key]["proofs_ran_out"] = any(q.get("proofs_ran_out") for q in pts)
+    for backend in wires:
+        points[backend]["ratios"] = report.dpop_ratios(points[backend], points[f"{backend} bearer"])
+    return {
+        "id": sc.id,
+        "title": sc.title,
+        "points": points,
+        "extra_points": {},
+        "ratios": {},
+        "dpop": report.dpop_summary(points, wires, MAX_REMEMBERED_JTIS, DPOP_JTI_LIFETIME_S),
+    }
+
+
 @contextmanager
 def _stack_for_workers(st: Stack, workers: int, args: argparse.Namespace) -> Iterator[Stack]:
     """The stack to reach ``workers`` extauthz processes: on one shared port, the main Envoy
@@ -1146,9 +1322,10 @@ class Scenario:
     idp_latency_ms: float = 0.0  # the bench IdP's introspection delay
     # Paths sent without a token to the `files` deployment, added to the policy
     hostile_paths: tuple[configs.HostilePath, ...] = ()
-    measure: Measure = backend_rounds  # the points: backend_rounds | hostile_rounds
+    measure: Measure = backend_rounds  # the points: backend_rounds | hostile_rounds | dpop_rounds
     before: tuple[Step, ...] = ()  # steps before the rounds: first_pass
     after: tuple[Step, ...] = ()  # steps after them: latency_curve, saturation_fractions
+    dpop: bool = False  # the policy has the DPoP deployment too (configs.dpop_deployment)
 
     @property
     def with_c(self) -> bool:
@@ -1220,6 +1397,17 @@ def scenarios(profile: Profile) -> list[Scenario]:
             "jwt",
             hostile_paths=configs.HOSTILE_PATHS,
             measure=hostile_rounds,
+        ),
+        # Not in the default run (its 3 rounds would take the RSS flood's share of the budget):
+        # --scenarios 9. Each wire's DPoP check against the cached bearer check on one server.
+        Scenario(
+            "9",
+            "DPoP: a cached RS256 token bound to a proof key, a new ES256 proof per request",
+            "dpop",
+            "jwt",
+            backends=("b", "d"),
+            measure=dpop_rounds,
+            dpop=True,
         ),
     ]
 
@@ -1437,6 +1625,16 @@ def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
             "report",
             lambda v: True,
         )
+    for wire in sc.get("9", {}).get("dpop", {}).get("wires", []):
+        http = wire["backend"] == "d"
+        add(
+            f"DPoP, {wire['wire']} wire: server CPU per check with a new proof ÷ the cached "
+            "bearer check's (scenario 1's request, same server)",
+            wire["cpu_ratio"]["value"],
+            f"≤ {DPOP_CPU_GOAL:g}×" if http else "report",
+            (lambda v: v <= DPOP_CPU_GOAL) if http else (lambda v: True),
+            rounds=wire["cpu_ratio"]["rounds"],
+        )
     fl = results.get("flood")
     if fl:
         n, goal = fl["idp_distinct_tokens"], fl["tokens_target"]
@@ -1578,7 +1776,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     t = time.monotonic()
     distinct_file = workdir / "distinct-tokens.txt"
     distinct_file.write_text("\n".join(keys.distinct_rs256(prof.distinct)) + "\n", encoding="utf-8")
-    tokens = Tokens(keys.rs256(), keys.es256(), keys.expired_rs256(), str(distinct_file))
+    proof_key = ProofKey(ec.generate_private_key(ec.SECP256R1()))
+    bound = keys.rsa.sign({**claims("user-dpop"), "cnf": {"jkt": proof_key.jkt}})
+    tokens = Tokens(
+        keys.rs256(),
+        keys.es256(),
+        keys.expired_rs256(),
+        str(distinct_file),
+        proof_key=proof_key,
+        dpop=bound,
+    )
     log(f"signed {prof.distinct:,} RS256 tokens in {time.monotonic() - t:.1f} s")
 
     results: dict[str, Any] = {

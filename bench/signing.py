@@ -1,5 +1,5 @@
 """A JWT signing key and its public JWK, for the bench (bench/keys.py) and the tests' fixtures
-(tests/conftest.py).
+(tests/conftest.py); a DPoP proof key, for the bench's DPoP scenario.
 
 Only PyJWT and cryptography: nothing of extauthz and nothing else of the bench, so the tests
 that sign tokens depend on this class alone.
@@ -7,7 +7,10 @@ that sign tokens depend on this class alone.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,3 +36,37 @@ class SigningKey:
         return jwt.encode(
             claims, self.private, algorithm=self.alg, headers={"kid": self.kid, **header}
         )
+
+
+@dataclass(frozen=True)
+class ProofKey:
+    """A DPoP proof key (RFC 9449): EC P-256, proofs signed ES256 with the public ``jwk`` in
+    their header; :attr:`jkt` is what a token bound to it carries as ``cnf.jkt``."""
+
+    private: Any
+
+    @property
+    def public_jwk(self) -> dict[str, str]:
+        jwk: dict[str, str] = json.loads(ECAlgorithm.to_jwk(self.private.public_key()))
+        return {m: jwk[m] for m in ("kty", "crv", "x", "y")}
+
+    @property
+    def jkt(self) -> str:
+        """RFC 7638 thumbprint: SHA-256 over the required members, sorted, no whitespace."""
+        canonical = json.dumps(self.public_jwk, separators=(",", ":"), sort_keys=True)
+        return _b64url(hashlib.sha256(canonical.encode("utf-8")).digest())
+
+    def proofs(self, token: str, method: str, htu: str, n: int, *, iat: int) -> list[str]:
+        """``n`` proofs for requests ``method`` ``htu`` carrying ``token``, each with its own
+        ``jti`` (RFC 9449 §4.2), all issued at ``iat``."""
+        header = {"typ": "dpop+jwt", "jwk": self.public_jwk}
+        ath = _b64url(hashlib.sha256(token.encode("ascii")).digest())
+        claims = {"htm": method, "htu": htu, "iat": iat, "ath": ath}
+        return [
+            jwt.encode({**claims, "jti": uuid.uuid4().hex}, self.private, "ES256", header)
+            for _ in range(n)
+        ]
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")

@@ -154,7 +154,8 @@ def _hcm(listener: dict[str, Any]) -> dict[str, Any]:
 
 def test_the_http_wire_listeners_ask_the_http_service(keys: BenchKeys) -> None:
     """(d) and (e): a listener each whose ext_authz filter speaks Envoy's http_service protocol
-    to an HTTP/1.1 cluster, forwarding authorization and x-request-id, copying the identity
+    to an HTTP/1.1 cluster, forwarding authorization and x-request-id (and the DPoP proof with
+    the scheme, for scenario 9's htu), copying the identity
     headers the bench policies set, failing closed like the gRPC listeners."""
     boot = _bootstrap_with_every_kind(keys)
     listeners = {lst["name"]: lst for lst in boot["static_resources"]["listeners"]}
@@ -174,7 +175,7 @@ def test_the_http_wire_listeners_ask_the_http_service(keys: BenchKeys) -> None:
         # Envoy 1.40 deprecates authorization_request.allowed_headers: the filter's own is used
         assert "authorization_request" not in service
         forwarded = {m["exact"] for m in ext["allowed_headers"]["patterns"]}
-        assert forwarded == {"authorization", "x-request-id"}
+        assert forwarded == {"authorization", "x-request-id", "dpop", "x-forwarded-proto"}
         copied = {
             m["exact"]
             for m in service["authorization_response"]["allowed_upstream_headers"]["patterns"]
@@ -804,8 +805,8 @@ def test_profiles_and_arguments() -> None:
     for prof in run.PROFILES.values():
         assert prof.seconds >= 1 and 1 in prof.curve and prof.connections in prof.curve
     ids = [s.id for s in run.scenarios(run.PROFILES["full"])]
-    assert ids == ["1", "2", "3", "4", "5", "6", "7", "8"]
-    assert run.parse_args([]).scenarios.split(",") == ids
+    assert ids == ["1", "2", "3", "4", "5", "6", "7", "8", "9"]
+    assert run.parse_args([]).scenarios.split(",") == ids[:-1]  # 9 (DPoP) on demand
     (hostile,) = [s for s in run.scenarios(run.PROFILES["smoke"]) if s.hostile_paths]
     assert hostile.id == "8" and hostile.hostile_paths == configs.HOSTILE_PATHS
     with_c = {s.id for s in run.scenarios(run.PROFILES["full"]) if s.with_c}
@@ -817,8 +818,9 @@ def test_profiles_and_arguments() -> None:
 
 def test_both_wires_in_every_scenario_but_the_hostile_paths() -> None:
     """Scenarios 1-7 measure the HTTP wire (d) beside its floor (e), measured just before it,
-    after the gRPC backends; 8 stays on gRPC. Each has its floor with it."""
-    catalogue = run.scenarios(run.PROFILES["full"])
+    after the gRPC backends; 8 stays on gRPC. Each has its floor with it. (9, DPoP, compares
+    each wire's DPoP check with the bearer check on one server: bench/tests/test_dpop.py.)"""
+    catalogue = [s for s in run.scenarios(run.PROFILES["full"]) if not s.dpop]
     assert {s.id for s in catalogue if s.with_http} == set(run.HTTP_SCENARIOS)
     assert run.HTTP_SCENARIOS == ("1", "2", "3", "4", "5", "6", "7")
     for sc in catalogue:

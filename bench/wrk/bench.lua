@@ -4,9 +4,14 @@
 --                    unique : a new opaque token per request ("op-<nonce>-<thread>-<n>")
 --                    paths  : paths from BENCH_PATH_FILE, one per line, rotated per request,
 --                             each with BENCH_TOKEN (when set), each request built once
+--                    dpop   : "Authorization: DPoP BENCH_TOKEN" with a DPoP proof from
+--                             BENCH_PROOF_FILE, one per line, each sent once (a proof sent again
+--                             is a replay, RFC 9449 §11.1): thread k of BENCH_THREADS sends lines
+--                             k, k + BENCH_THREADS, ...; out of proofs, the thread stops
 --   BENCH_TOKEN      the token of modes fixed and paths ("" = no Authorization header)
 --   BENCH_TOKEN_FILE the tokens of mode rotate
 --   BENCH_PATH_FILE  the paths of mode paths (a path may be tens of kilobytes long)
+--   BENCH_PROOF_FILE the proofs of mode dpop; BENCH_THREADS: wrk's thread count
 --   BENCH_NONCE      makes mode unique's tokens differ from one run to the next
 --   BENCH_DELAY_MS   > 0: wait this long before each request on a connection (paced load)
 --   BENCH_STOP_AFTER > 0: each thread stops after sending this many requests
@@ -15,6 +20,8 @@ local mode = os.getenv("BENCH_MODE") or "fixed"
 local token = os.getenv("BENCH_TOKEN") or ""
 local token_file = os.getenv("BENCH_TOKEN_FILE")
 local path_file = os.getenv("BENCH_PATH_FILE")
+local proof_file = os.getenv("BENCH_PROOF_FILE")
+local thread_total = tonumber(os.getenv("BENCH_THREADS") or "1")
 local nonce = os.getenv("BENCH_NONCE") or "n"
 local delay_ms = tonumber(os.getenv("BENCH_DELAY_MS") or "0")
 local stop_after = tonumber(os.getenv("BENCH_STOP_AFTER") or "0")
@@ -57,6 +64,20 @@ function init(args)
     end
     -- threads start at different places in the list
     i = ((id - 1) * 7919) % n
+  elseif mode == "dpop" then
+    local k = 0
+    for line in io.lines(proof_file) do
+      if line ~= "" then
+        if k % thread_total == id - 1 then
+          n = n + 1
+          -- headers given replace wrk.headers: the Host (the proof's htu has it) is set again
+          reqs[n] = wrk.format(nil, nil, {
+            ["Host"] = wrk.headers["Host"], ["Authorization"] = "DPoP " .. token, ["DPoP"] = line,
+          })
+        end
+        k = k + 1
+      end
+    end
   end
 end
 
@@ -72,6 +93,17 @@ if mode == "rotate" or mode == "paths" then
     i = i + 1
     if i > n then i = 1 end
     count()
+    return reqs[i]
+  end
+elseif mode == "dpop" then
+  function request()
+    i = i + 1
+    count()
+    if i >= n then
+      -- the last proof: nothing may be sent again (the harness marks the point as run out)
+      wrk.thread:stop()
+      if i > n then i = n end
+    end
     return reqs[i]
   end
 elseif mode == "unique" then
