@@ -14,6 +14,7 @@ its rendered bytes with each answer (:attr:`Answer.wire`).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from .decision import Decision, Denial
 from .engine import CheckInput, Engine, Validity
 from .idp import DeploymentIdp
 from .routing import Selection
+from .tokens import extract_token
 
 __all__ = ["MAX_ANSWERS", "Answer", "AnswerCache"]
 
@@ -82,6 +84,8 @@ class Answer:
     wire: bytes | None = None
     # The same allow as the HTTP wire's response (extauthz.http_wire), likewise rendered once.
     http_wire: bytes | None = None
+    # The SHA-256 of the token in the credential: what an eviction names it by.
+    token_sha256: bytes = b""
 
     def holds(self, now: float) -> bool:
         return (
@@ -174,4 +178,23 @@ class AnswerCache:
             validity.idp,
             validity.documents_version,
         )
+        token = extract_token(selection.deployment.auth, headers, "")
+        if isinstance(token, str):
+            answer.token_sha256 = hashlib.sha256(token.encode()).digest()
         self._answers.put(credential, answer, 0)
+
+    def evict(self, digest: bytes | None) -> int:
+        """Stop giving again the answers remembered for the token whose SHA-256 is ``digest``
+        (every answer, for None): its next check goes down the whole path. The number of answers
+        dropped. (Answers are keyed by the credential header's SHA-256, which the token's does
+        not give: each answer keeps its token's.)"""
+        if digest is None:
+            dropped = len(self._answers)
+            self._answers.clear()
+            return dropped
+        dropped = 0
+        for answer in self._answers.values():
+            if answer.token_sha256 == digest and answer.not_after != -math.inf:
+                answer.not_after = -math.inf  # never holds again; replaced at the next check
+                dropped += 1
+        return dropped

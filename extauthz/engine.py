@@ -227,6 +227,11 @@ class Engine:
         self._verified = VerifiedTokens()
         self._replay = ReplayCache()  # DPoP proofs' jti (RFC 9449 §11.1), per process
 
+    def evict(self, digest: bytes | None) -> int:
+        """Forget the verified token whose SHA-256 is ``digest`` (every one, for None): its next
+        check verifies it again. The number of entries dropped."""
+        return self._verified.evict(digest)
+
     def select(self, req: CheckInput) -> Selection | Denial | None:
         """The policy for a request: a Selection, None when none matches, or a
         ``request_ambiguous`` Denial when the path or authority is not in normal form."""

@@ -60,3 +60,14 @@ class VerifiedTokens:
     def put(self, digest: bytes, entry: Verified, size: int) -> None:
         """Remember ``entry`` for a token of ``size`` characters."""
         self._entries.put(digest, entry, size)
+
+    def evict(self, digest: bytes | None) -> int:
+        """Forget the token whose SHA-256 is ``digest`` (every token, for None): the number of
+        entries dropped."""
+        if digest is None:
+            dropped = len(self._entries)
+            self._entries.clear()
+            return dropped
+        found = digest in self._entries
+        self._entries.discard(digest)
+        return int(found)

@@ -299,6 +299,17 @@ class IntrospectionClient:
             future.add_done_callback(lambda _f: self._inflight.pop(key, None))
         return await asyncio.shield(future)
 
+    def evict(self, digest: bytes | None) -> int:
+        """Forget the answer for the token whose SHA-256 is ``digest`` (every answer, for None):
+        its next check asks again. The number of answers dropped."""
+        if digest is None:
+            dropped = len(self._cache)
+            self._cache.clear()
+            return dropped
+        found = digest in self._cache
+        self._cache.discard(digest)
+        return int(found)
+
     def cached_until(self, token: str) -> float:
         """When the cached answer for ``token`` expires (wall clock); 0 when none is cached."""
         hit = self._cache.get(hashlib.sha256(token.encode()).digest())
