@@ -36,6 +36,11 @@ from stack import (
 
 ISSUER = f"http://127.0.0.1:{DEMO_PORTS.idp}"
 ENVOY = f"http://127.0.0.1:{DEMO_PORTS.envoy}"
+# The DPoP lines: the demo IdP's client whose tokens are bound to a proof key, the resource its
+# tokens are for, and the path of demo.yaml's DPoP-only deployment.
+DPOP_CLIENT = "dpop-client"
+DPOP_RESOURCE = "https://bound.example.com"
+DPOP_PATH = "/dpop/orders/42"
 
 
 def token_command(variable: str, scope: str) -> str:
@@ -46,6 +51,32 @@ def token_command(variable: str, scope: str) -> str:
         f"-d 'scope={scope}' {ISSUER}/token "
         "| python3 -c 'import json,sys; print(json.load(sys.stdin)[\"access_token\"])')"
     )
+
+
+def python_command() -> str:
+    """How to run this Python (the one with pyjwt and cryptography: the demo's own), as short as
+    it can be said from the repository's root."""
+    executable = Path(sys.executable)
+    return str(executable.relative_to(REPO)) if executable.is_relative_to(REPO) else str(executable)
+
+
+def dpop_commands(workdir: Path, python: str | None = None) -> list[str]:
+    """The shell lines of the DPoP pair: a DPoP-bound token (key and token kept in ``workdir``),
+    one proof, the request with it (200), the same request again (the proof replayed: 401)."""
+    run = f"{python or python_command()} examples/dpop.py"
+    key, token = workdir / "dpop-key.pem", workdir / "dpop-token"
+    request = (
+        f'curl -i -H "Authorization: DPoP $(cat {token})" -H "DPoP: $PROOF" {ENVOY}{DPOP_PATH}'
+    )
+    return [
+        f"{run} token --key {key} --token-endpoint {ISSUER}/token --client-id {DPOP_CLIENT} "
+        f"--client-secret {DPOP_CLIENT}-secret --scope orders.read --resource {DPOP_RESOURCE} "
+        f"--out {token}",
+        f"PROOF=$({run} proof --key {key} --method GET --url {ENVOY}{DPOP_PATH} "
+        f"--token-file {token})",
+        request,
+        request,
+    ]
 
 
 def tracing_hint(env: Mapping[str, str]) -> str | None:
@@ -68,7 +99,10 @@ def tracing_hint(env: Mapping[str, str]) -> str | None:
     return hint
 
 
-def instructions(log_dir: Path) -> str:
+def instructions(log_dir: Path, workdir: Path | None = None) -> str:
+    """What the demo prints once up; ``workdir`` (default: the logs' parent) keeps the DPoP
+    lines' key and token."""
+    token, proof, first, again = dpop_commands(workdir or log_dir.parent)
     return f"""
 extauthz demo is up. Envoy listens on {ENVOY}. Try:
 
@@ -85,6 +119,14 @@ extauthz demo is up. Envoy listens on {ENVOY}. Try:
 
   # no token needed under /public (a token, if sent, must still be valid)
   curl -i {ENVOY}/public/hello
+
+  # 4. DPoP (RFC 9449) under /dpop/orders: a token bound to your key (dpop-client; examples/dpop.py
+  #    makes the key, gets the token and signs proofs), sent with a new proof: 200
+  {token}
+  {proof}
+  {first}
+  #    the same proof again: 401 dpop_proof_invalid (a replay); every request needs a new proof
+  {again}
 
 Other demo clients: globex-client (tenant globex: 401 claim_value_mismatch), plain-client (no
 tenant: 401 claim_missing); each one's secret is "<client>-secret".
@@ -118,7 +160,7 @@ def main(argv: list[str]) -> int:
         if hint:
             print(hint, flush=True)
         stack.start()
-        print(instructions(stack.log_dir), flush=True)
+        print(instructions(stack.log_dir, workdir), flush=True)
         while True:  # watch the processes; a crash ends the demo with its name
             exited = {name: code for name, code in stack.returncodes().items() if code is not None}
             if exited:

@@ -14,7 +14,7 @@ the key's RFC 7638 thumbprint, the ``cnf.jkt`` a token bound to it carries. E.g.
 
     python examples/dpop.py token --key k.pem --token-endpoint http://127.0.0.1:3000/token \\
         --client-id dpop-client --client-secret dpop-client-secret \\
-        --scope orders.read --resource https://api.example.com --out t
+        --scope orders.read --resource https://bound.example.com --out t
     curl -H "Authorization: DPoP $(cat t)" \\
         -H "DPoP: $(python examples/dpop.py proof --key k.pem --method GET \\
                      --url http://127.0.0.1:8080/dpop/orders/42 --token-file t)" \\
@@ -264,7 +264,11 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="dpop.py", description=(__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="dpop.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     key_help = "PEM file of the EC P-256 proof key (made, mode 0600, when missing)"
 

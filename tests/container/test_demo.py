@@ -41,6 +41,7 @@ from tests.waiting import wait_until
 
 sys.path.insert(0, str(REPO / "examples"))
 import demo
+import dpop as dpop_client  # examples/dpop.py, which the demo's DPoP lines run
 from stack import Ports, Stack, http_get, render_extauthz_config
 
 skip_module_without_an_engine()
@@ -67,8 +68,13 @@ class Demo:
         token: str = response.json()["access_token"]
         return token
 
-    def request(self, method: str, path: str, token: str | None = None) -> httpx.Response:
+    def request(
+        self, method: str, path: str, token: str | None = None, proof: str | None = None
+    ) -> httpx.Response:
+        """The request with a bearer token, or with a DPoP-bound one and its ``proof``."""
         headers = {} if token is None else {"authorization": f"Bearer {token}"}
+        if token is not None and proof is not None:
+            headers = {"authorization": f"DPoP {token}", "dpop": proof}
         return self.http.request(method, f"{self.stack.envoy_url}{path}", headers=headers)
 
 
@@ -290,6 +296,45 @@ def test_the_demo_prints_these_lines() -> None:
         if " ".join(text.split()) not in printed
     ]
     assert missing == [], printed
+    # The DPoP pair (key and token kept beside the logs): the token, a proof, the request with
+    # it, and the very same request again.
+    token, proof, first, again = demo.dpop_commands(Path("."))
+    assert first == again and "--client-id dpop-client" in token and "--token-file" in proof
+    for text in (token, proof, first):
+        assert text in printed, printed
+    assert printed.count(first) == 2
+    assert "the same proof again: 401 dpop_proof_invalid" in printed
+
+
+def test_the_image_answers_the_dpop_pair_as_make_run_does(demo_stack: Demo, tmp_path: Path) -> None:
+    """The demo's DPoP lines, as examples/dpop.py runs them against this stack's IdP and Envoy:
+    a token of dpop-client bound to a new key, a proof for the request, the request allowed
+    (its identity at the upstream), the same proof again a replay: 401 dpop_proof_invalid with
+    the DPoP challenge."""
+    key = dpop_client.load_or_create_key(tmp_path / "dpop-key.pem")
+    request = dpop_client.TokenRequest(
+        f"{demo_stack.stack.issuer}/token",
+        demo.DPOP_CLIENT,
+        f"{demo.DPOP_CLIENT}-secret",
+        "orders.read",
+        demo.DPOP_RESOURCE,
+    )
+    token = dpop_client.request_token(key, request)
+    url = f"{demo_stack.stack.envoy_url}{demo.DPOP_PATH}"
+    proof = dpop_client.make_proof(key, "GET", url, token=token)
+    first = demo_stack.request("GET", demo.DPOP_PATH, token, proof)
+    assert answer_of(first) == Answer(
+        200, identity={"x-auth-subject": "dpop-client", "x-auth-tenant": "acme"}
+    ), first.text
+    again = answer_of(demo_stack.request("GET", demo.DPOP_PATH, token, proof))
+    assert again == Answer(
+        401,
+        "dpop_proof_invalid",
+        'DPoP realm="dpop-orders", error="invalid_dpop_proof", algs="ES256 RS256"',
+    )
+    # A new proof is a new request: allowed again.
+    fresh = dpop_client.make_proof(key, "GET", url, token=token)
+    assert demo_stack.request("GET", demo.DPOP_PATH, token, fresh).status_code == 200
 
 
 @pytest.mark.parametrize("name", list(LINES))
