@@ -1,6 +1,7 @@
-"""The admin HTTP listener (docs/metrics.md): /healthz, /readyz, /metrics.
+"""The admin HTTP listener (docs/metrics.md): /healthz, /readyz, /metrics, and ``POST
+/cache/evict`` (docs/cli.md, :mod:`extauthz.eviction`).
 
-A few fixed GET endpoints do not justify a web framework; this is a minimal HTTP/1.1 responder
+A few fixed endpoints do not justify a web framework; this is a minimal HTTP/1.1 responder
 on asyncio streams that closes each connection after one answer.
 
 Anything can connect to this port, so reading a request is bounded in size and in time: a request
@@ -8,9 +9,11 @@ line or a header line longer than ``MAX_LINE_BYTES`` (the stream never buffers m
 more than ``MAX_HEADER_LINES`` header lines, or a request line that is not ``METHOD TARGET
 HTTP/x.y`` gets a short JSON 400 or 431 and the connection is closed (after dropping what the
 client still sends, within ``LINGER_BYTES`` and ``LINGER_SECONDS``, so that it can read that
-answer); a request whose head has not arrived within ``REQUEST_SECONDS`` is cut off without an
-answer. None of these is an error of the server, so none is logged (an escaping exception would
-have asyncio print a traceback, which is not a JSON log line).
+answer); a request whose head (and body, for the one POST) has not arrived within
+``REQUEST_SECONDS`` is cut off without an answer. A body is read only for ``POST /cache/evict``,
+only as long as its ``content-length`` says, and at most ``MAX_EVICT_BODY_BYTES`` (else 413).
+None of these is an error of the server, so none is logged (an escaping exception would have
+asyncio print a traceback, which is not a JSON log line).
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from .eviction import MAX_EVICT_BODY_BYTES, EvictRefused, parse_evict_body
 
 __all__ = ["AdminServer"]
 
@@ -34,6 +39,10 @@ LINGER_BYTES = 1024 * 1024  # after a refusal, what is still read and dropped be
 LINGER_SECONDS = 1.0  # ...and for how long at most
 
 JSON = "application/json"
+EVICT_PATH = "/cache/evict"
+
+# The token's SHA-256 → the HTTP status and JSON body to answer (extauthz.eviction.Evictor).
+Evict = Callable[[bytes], Awaitable[tuple[int, dict[str, Any]]]]
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,7 @@ class RefusedRequest(Exception):
 class Request:
     method: str
     path: str  # without the query string
+    content_length: int | None = None  # the header's value; None when absent
 
 
 def parse_request_line(line: bytes) -> Request:
@@ -92,7 +102,25 @@ async def read_request(reader: asyncio.StreamReader) -> Request | None:
         line = await read_line(reader, header_too_large)
         if line in (b"\r\n", b"\n", b""):
             return request
+        name, colon, value = line.partition(b":")
+        if colon and name.strip().lower() == b"content-length":
+            text = value.strip()
+            if not text.isdigit() or request.content_length is not None:
+                raise RefusedRequest(HTTPStatus.BAD_REQUEST, "bad_content_length")
+            request = Request(request.method, request.path, int(text))
     raise header_too_large  # too many header lines
+
+
+async def read_body(reader: asyncio.StreamReader, request: Request, limit: int) -> bytes:
+    """The body ``content-length`` announces; 411 without one, 413 over ``limit``."""
+    if request.content_length is None:
+        raise RefusedRequest(HTTPStatus.LENGTH_REQUIRED, "length_required")
+    if request.content_length > limit:
+        raise RefusedRequest(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body_too_large")
+    try:
+        return await reader.readexactly(request.content_length)
+    except asyncio.IncompleteReadError:
+        raise RefusedRequest(HTTPStatus.BAD_REQUEST, "incomplete_body") from None
 
 
 async def drop_the_rest(reader: asyncio.StreamReader) -> None:
@@ -122,7 +150,10 @@ class AdminServer:
         *,
         before_scrape: Callable[[], None] = lambda: None,
         request_seconds: float = REQUEST_SECONDS,
+        evict: Evict | None = None,
     ) -> None:
+        """``evict``: what ``POST /cache/evict`` does; without it, the path is not found."""
+        self._evict = evict
         self._registry = registry
         self._readiness = readiness
         self._before_scrape = before_scrape
@@ -139,6 +170,8 @@ class AdminServer:
             await self._server.wait_closed()
 
     def _route(self, request: Request) -> Answer:
+        if request.path == EVICT_PATH and self._evict is not None:
+            return Answer(405, JSON, b'{"error":"method_not_allowed"}')  # POST only
         if request.method not in ("GET", "HEAD"):
             return Answer(405, JSON, b'{"error":"method_not_allowed"}')
         if request.path == "/healthz":
@@ -152,11 +185,27 @@ class AdminServer:
             return Answer(200, CONTENT_TYPE_LATEST, generate_latest(self._registry))
         return Answer(404, JSON, b'{"error":"not_found"}')
 
+    def _evicting(self, request: Request) -> bool:
+        return self._evict is not None and request.path == EVICT_PATH and request.method == "POST"
+
+    async def _evict_answer(self, body: bytes) -> Answer:
+        assert self._evict is not None
+        try:
+            digest = parse_evict_body(body)
+        except EvictRefused as refused:
+            error = {"error": "bad_request", "message": str(refused)}
+            return Answer(400, JSON, json.dumps(error).encode())
+        status, answer = await self._evict(digest)
+        return Answer(status, JSON, json.dumps(answer).encode())
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             try:
                 async with asyncio.timeout(self._request_seconds):
                     request = await read_request(reader)
+                    body = b""
+                    if request is not None and self._evicting(request):
+                        body = await read_body(reader, request, MAX_EVICT_BODY_BYTES)
             except RefusedRequest as refused:
                 writer.write(response_bytes(refused.answer, head_only=False))
                 await writer.drain()
@@ -165,7 +214,10 @@ class AdminServer:
                 return
             if request is None:
                 return  # connected and closed without a word
-            answer = self._route(request)
+            if self._evicting(request):
+                answer = await self._evict_answer(body)
+            else:
+                answer = self._route(request)
             writer.write(response_bytes(answer, head_only=request.method == "HEAD"))
             await writer.drain()
         except (TimeoutError, ConnectionError):

@@ -21,7 +21,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 import jwt
@@ -33,9 +33,13 @@ from .decision import Denial, Reason
 from .steps import Step, checked
 from .validation import _b64url, _json_object, numeric_date
 
+if TYPE_CHECKING:
+    from .shared_cache import SharedCache
+
 __all__ = [
     "DPOP_TYPE",
     "IAT_WINDOW_SECONDS",
+    "REPLAYED_JTI_MESSAGE",
     "Proof",
     "ReplayCache",
     "access_token_hash",
@@ -43,6 +47,7 @@ __all__ = [
     "certificate_sha256",
     "jwk_thumbprint",
     "proof_steps",
+    "remember_in_fleet",
     "xfcc_sha256",
 ]
 
@@ -51,6 +56,8 @@ IAT_WINDOW_SECONDS = 60.0  # beyond maxClockSkewInSeconds, either way
 MAX_PROOF_BYTES = 8 * 1024
 MAX_JTI_CHARS = 256
 MAX_REMEMBERED_JTIS = 65_536
+# What a replayed proof is denied with, whichever memory saw its jti (this replica's, the fleet's).
+REPLAYED_JTI_MESSAGE = "The DPoP proof's 'jti' was seen before: a replayed proof."
 
 _ALGORITHMS = jwt.algorithms.get_default_algorithms()
 # RFC 7638 §3.2: the required members of each key type, the only ones the thumbprint covers.
@@ -322,7 +329,7 @@ def proof_steps(
         steps.append(checked("dpop jti", denial))
         return steps, None
     if replay.seen(ReplayCache.key(parsed.thumbprint, jti)):
-        denial = _invalid("The DPoP proof's 'jti' was seen before: a replayed proof.")
+        denial = _invalid(REPLAYED_JTI_MESSAGE)
         steps.append(checked("dpop jti", denial, facts=(("jtiReplayed", True),)))
         return steps, None
     if replay.full():
@@ -343,7 +350,23 @@ def proof_steps(
 def remember(replay: ReplayCache, proof: Proof, skew: float) -> bool:
     """Record an accepted proof's ``jti`` for as long as its ``iat`` could still pass."""
     jti = proof.claims["jti"]
-    return replay.remember(ReplayCache.key(proof.thumbprint, jti), 2 * (skew + IAT_WINDOW_SECONDS))
+    return replay.remember(ReplayCache.key(proof.thumbprint, jti), _jti_lifetime(skew))
+
+
+def _jti_lifetime(skew: float) -> float:
+    return 2 * (skew + IAT_WINDOW_SECONDS)
+
+
+async def remember_in_fleet(
+    shared: SharedCache, proof: Proof, skew: float, now: float
+) -> bool | None:
+    """Record an accepted proof's ``jti`` in the fleet's shared cache as well (``SET NX``): one
+    replica's memory does not see a proof replayed to another (RFC 9449 §11.1). False when
+    another replica recorded it first (a replay); None when the shared cache cannot say, and
+    this replica's own memory alone has decided."""
+    digest = ReplayCache.key(proof.thumbprint, proof.claims["jti"])
+    key = shared.key_for_digest("dpop", "", digest)
+    return await shared.add("dpop", key, now + _jti_lifetime(skew))
 
 
 def _mismatch(name: str, message: str, **facts: Any) -> Step:

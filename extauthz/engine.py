@@ -18,17 +18,20 @@ from typing import Any, NamedTuple
 from .config import AuthPolicy, Config, Deployment
 from .decision import Decision, Denial, Reason, allow, deny, dry_run
 from .dpop import (
+    REPLAYED_JTI_MESSAGE,
     Proof,
     ReplayCache,
     binding_step,
     certificate_sha256,
     proof_steps,
     remember,
+    remember_in_fleet,
 )
 from .errors import IdpError
 from .idp import DeploymentIdp
 from .logs import token_hash
 from .routing import Selection, request_path, select, unmatched
+from .shared_cache import SharedCache, jwt_scope
 from .steps import Step, Trace, Unverifiable, checked, skipped
 from .tokens import extract_token, missing_token, sent_as_dpop
 from .validation import (
@@ -220,10 +223,14 @@ class Engine:
         providers: Mapping[str, DeploymentIdp],
         *,
         clock: Callable[[], float] = time.time,
+        shared_cache: SharedCache | None = None,
     ) -> None:
+        """``shared_cache``: the fleet's (``server.sharedCache``), for verified JWTs and DPoP
+        ``jti`` values (:mod:`extauthz.shared_cache`)."""
         self.config = config
         self._providers = providers
         self.clock = clock
+        self._shared = shared_cache
         self._verified = VerifiedTokens()
         self._replay = ReplayCache()  # DPoP proofs' jti (RFC 9449 §11.1), per process
 
@@ -356,7 +363,7 @@ class Engine:
             trace.claims_read = True
         constrained = policy.sender_constraint != "NONE"
         if constrained and (failure.denial is None or failure.keep_going):
-            self._sender_constraint(req, token, claims, policy, failure, trace)
+            await self._sender_constraint(req, token, claims, policy, failure, trace)
 
         issuers: tuple[str, ...] | Step
         try:
@@ -412,7 +419,7 @@ class Engine:
         not_after = min(cached_until, math.inf if exp is None else exp + skew)
         return decision, Validity(not_before, not_after, idp, documents_version)
 
-    def _sender_constraint(
+    async def _sender_constraint(
         self,
         req: CheckInput,
         token: str,
@@ -470,6 +477,14 @@ class Engine:
                 Reason.DPOP_PROOF_INVALID, "The DPoP proof's 'jti' could not be recorded."
             )
             failure.fail(full, step=checked("dpop jti", full))
+        elif proof is not None and trace is None and self._shared is not None:
+            # A jti another replica recorded is a replay too; Redis unavailable: None, and this
+            # replica's memory alone has decided.
+            now = self.clock()
+            if await remember_in_fleet(self._shared, proof, policy.clock_skew, now) is False:
+                replayed = Denial(Reason.DPOP_PROOF_INVALID, REPLAYED_JTI_MESSAGE)
+                facts = (("jtiReplayed", True),)
+                failure.fail(replayed, step=checked("dpop jti", replayed, facts=facts))
 
     async def _authenticate(
         self,
@@ -492,6 +507,9 @@ class Engine:
                 try:
                     keys = await idp.keys.keyset(hit.kid)
                 except IdpError as exc:
+                    fleet = await self._fleet_verified(token, policy)
+                    if fleet is not None:
+                        return fleet
                     unavailable = Denial(Reason.IDP_CALL_FAILED, exc.message)
                     failure.fail(
                         unavailable, event=IDP_FAILED_EVENT, log_fields=idp_log_fields(exc)
@@ -526,6 +544,9 @@ class Engine:
         try:
             keys = await idp.keys.keyset(parsed.kid)
         except IdpError as exc:
+            fleet = await self._fleet_verified(token, policy) if trace is None else None
+            if fleet is not None:
+                return fleet
             unavailable = Denial(Reason.IDP_CALL_FAILED, exc.message)
             endpoint = (("endpoint", exc.endpoint),)
             if trace is not None:
@@ -549,6 +570,13 @@ class Engine:
         kid_step, signature_step, key = key_steps(parsed, keys, blocked=blocked)
         if trace is not None:
             trace.add(kid_step, signature_step)
+        if key is None and kid_step.denial is not None and trace is None:
+            # No key here for its kid (this replica's JWKS may be older than the token, and the
+            # IdP unreachable): the fleet may have verified it. A signature that fails with a
+            # key this replica holds is never looked up.
+            fleet = await self._fleet_verified(token, policy)
+            if fleet is not None:
+                return fleet
         if key is None:
             failed = kid_step if kid_step.denial is not None else signature_step
             if blocked is None and failed.denial is not None:
@@ -567,7 +595,25 @@ class Engine:
             until = max(exp, self.clock()) + EXPIRED_TOKEN_MEMORY_SECONDS
             verified = Verified(payload, parsed.alg, parsed.kid, key, until)
             self._verified.put(digest, verified, len(token))
+            if self._shared is not None:  # for the replicas that cannot verify it themselves
+                shared_until = min(exp, self.clock() + policy.keys.max_cache_seconds)
+                key_name = self._shared.key("jwt", jwt_scope(policy.keys), token)
+                self._shared.put_later(key_name, shared_until, payload)
         return payload, math.inf
+
+    async def _fleet_verified(
+        self, token: str, policy: AuthPolicy
+    ) -> tuple[Mapping[str, Any], float] | None:
+        """The claims another replica verified for ``token`` with keys from the same source as
+        ``policy``'s, and until when they may be used; None without a shared cache or an entry
+        that verifies. Every claim check still runs on them."""
+        if self._shared is None:
+            return None
+        key_name = self._shared.key("jwt", jwt_scope(policy.keys), token)
+        entry = await self._shared.get("jwt", key_name)
+        if entry is None or entry.claims is None:
+            return None
+        return entry.claims, entry.expires_at
 
     @staticmethod
     async def _introspect(

@@ -38,13 +38,14 @@ from .answers import AnswerCache
 from .config import Config
 from .engine import IDP_FAILED_EVENT, Engine, idp_log_fields
 from .errors import IdpError
+from .eviction import Evictor
 from .http_wire import HttpWire, serve_http
 from .idp import Providers, warm_start_budget
 from .logs import JsonLogger
 from .metrics import Metrics
 from .reload import ConfigWatcher
 from .server import SERVICE_NAME, AuthorizationService, add_to_server
-from .shared_cache import SharedCache, open_shared_cache
+from .shared_cache import SharedCache, open_shared_cache, token_scopes
 from .tls import add_check_port, http_ssl_context, warn_if_tls_changed
 from .workers import mark_ready
 
@@ -97,7 +98,7 @@ class Runtime:
             shared_cache=shared_cache,
         )
         self.shared_cache = shared_cache
-        self.engine = Engine(config, self.providers.by_deployment)
+        self.engine = Engine(config, self.providers.by_deployment, shared_cache=shared_cache)
 
     def readiness(self) -> dict[str, Any]:
         """What /readyz shows: the config and each IdP endpoint's last success, last error (what,
@@ -188,6 +189,7 @@ async def run_server(
             config.server.shared_cache,
             lambda level, event, fields: logger.log(level, event, **fields),
             metrics.shared_cache,
+            metrics.shared_cache_call,
         )
     runtime = Runtime(config, logger, metrics, shared_cache=shared_cache)
     service = AuthorizationService(AnswerCache(runtime.engine), logger, metrics)
@@ -252,8 +254,23 @@ async def run_server(
             logger.error("server.listenFailed", message=message)
             await server.stop(0)
             return 1
+
+    def drop_local(digest: bytes | None) -> int:
+        """Drop a token (every token, for None) from the caches of the policy being served."""
+        dropped = service.answers.evict(digest) + runtime.engine.evict(digest)
+        providers = runtime.providers.by_deployment.values()
+        clients = {id(p.introspection): p.introspection for p in providers}  # shared by several
+        return dropped + sum(c.evict(digest) for c in clients.values() if c is not None)
+
+    evictor = Evictor(drop_local, shared_cache, lambda: token_scopes(runtime.config), logger)
+    listener = None
+    if shared_cache is not None:  # evictions from the other replicas (and the CLI)
+        listener = asyncio.ensure_future(shared_cache.subscribe(evictor.heard))
     admin = AdminServer(
-        metrics.registry, lambda: life.readiness(runtime), before_scrape=metrics.flush
+        metrics.registry,
+        lambda: life.readiness(runtime),
+        before_scrape=metrics.flush,
+        evict=lambda digest: evictor.evict(digest, "admin"),
     )
     if admin_listen:  # a worker under `--workers N` leaves the admin port to its supervisor
         host, port = _split_hostport(admin_listen)
@@ -313,6 +330,8 @@ async def run_server(
     if http_server is not None:
         http_server.close()  # no new connections; the checks under way finish below
     await server.stop(grace_seconds)
+    if listener is not None:
+        listener.cancel()
     await _lines_of_cut_checks(exclude={flusher, *retired})
     await admin.stop()
     for task in list(retired):

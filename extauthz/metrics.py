@@ -76,6 +76,13 @@ class Metrics:
         self.cache_events = Counter(
             "extauthz_cache_events", "Cache lookups", ["cache", "result"], registry=r
         )
+        self.shared_cache_duration = Histogram(
+            "extauthz_shared_cache_duration_seconds",
+            "Time of each call to the shared cache (Redis), by operation",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.auth_server_checks = Counter(
             "extauthz_auth_server_checks",
             "Checks of DYNAMIC_AUTHENTICATION deployments, by the server that took the token",
@@ -133,6 +140,11 @@ class Metrics:
         self._child(self.idp_requests, endpoint, outcome).inc()
         if outcome not in IDP_REFUSALS:
             self._child(self.idp_duration, endpoint).observe(seconds)
+
+    def shared_cache_call(self, operation: str, seconds: float) -> None:
+        """One call to the shared cache's Redis (``get``, ``set``, ``add``, ``delete``,
+        ``publish``), failed or not."""
+        self._child(self.shared_cache_duration, operation).observe(seconds)
 
     def shared_cache(self, cache: str, result: str) -> None:
         """A shared-cache lookup: counted only. Not on the check's span, whose cache attribute

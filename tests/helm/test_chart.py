@@ -15,6 +15,7 @@ import http.server
 import itertools
 import json
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -31,10 +32,16 @@ import pytest
 import yaml
 
 from extauthz.config import parse_config
-from tests.conftest import SigningKey
+from tests.conftest import SigningKey, claims
 from tests.e2e.test_envoy_examples import walk
+from tests.integration.faulty_idp import FaultyIdp
 from tests.integration.serverproc import ExtauthzProcess, closed_port, extauthz_env, free_port
 from tests.integration.test_tls import Authority
+from tests.policies import orders
+from tests.redis_server import (  # noqa: F401 (the tls_redis_server fixture)
+    RedisServer,
+    tls_redis_server_fixture,
+)
 from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -189,6 +196,23 @@ GATEWAY_PRINCIPALS = [
 ISTIO: dict[str, Any] = {"istio": {"enabled": True, "principals": GATEWAY_PRINCIPALS}}
 # Envoy's HTTP ext_authz protocol beside gRPC, on its default port.
 HTTP_WIRE: dict[str, Any] = {"httpWire": {"enabled": True}}
+# A fleet sharing its introspection answers through a Valkey over TLS, its CA in a Secret; the
+# egress restricted, with the rule to Valkey's pods.
+VALKEY_PODS: dict[str, Any] = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "cache"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "valkey"}},
+}
+SHARED_CACHE: dict[str, Any] = {
+    "sharedCache": {
+        "enabled": True,
+        "uri": "rediss://extauthz@valkey.cache.svc.cluster.local:6380/0",
+        "signingKeySecret": {"name": "extauthz-fleet", "key": "signing-key"},
+        "passwordSecret": {"name": "valkey-users", "key": "extauthz"},
+        "ca": {"secretName": "valkey-tls", "key": "ca.crt"},
+        "timeoutMilliseconds": 80,
+    },
+    "networkPolicy": {"egress": {"enabled": True, "sharedCache": {"to": [VALKEY_PODS]}}},
+}
 
 MATRIX: dict[str, dict[str, Any]] = {
     "default": {},
@@ -246,15 +270,20 @@ MATRIX: dict[str, dict[str, Any]] = {
     "istio": ISTIO,
     "workers": {"workers": 4, "podDisruptionBudget": {"maxUnavailable": 0}},
     "http-wire": HTTP_WIRE,
+    "shared-cache": SHARED_CACHE,
     "everything": {
         **EXISTING_SECRET,
         **TLS_CERT_MANAGER,
         **ISTIO,
         **HTTP_WIRE,
+        **SHARED_CACHE,
         "workers": 2,
         "autoscaling": {"enabled": True},
         "serviceMonitor": {"enabled": True},
-        "networkPolicy": {"enabled": True, "egress": {"enabled": True}},
+        "networkPolicy": {
+            "enabled": True,
+            "egress": {"enabled": True, "sharedCache": {"to": [VALKEY_PODS]}},
+        },
         "podDisruptionBudget": {"minAvailable": "50%"},
         "service": {"trafficDistribution": "PreferClose"},
         "image": {"digest": "sha256:" + "a" * 64},
@@ -872,7 +901,9 @@ def as_served(policy: dict[str, Any]) -> dict[str, Any]:
     return served
 
 
-@pytest.mark.parametrize("name", ["default", "existing-secret", "tls-secret", "everything"])
+@pytest.mark.parametrize(
+    "name", ["default", "existing-secret", "tls-secret", "shared-cache", "everything"]
+)
 def test_configmap_holds_a_valid_policy(chart: helm.Chart, name: str) -> None:
     """The ConfigMap's config.yaml passes extauthz's own config validator."""
     rendered = render(chart, MATRIX[name])
@@ -885,6 +916,9 @@ def test_configmap_holds_a_valid_policy(chart: helm.Chart, name: str) -> None:
             "clientCaFile": "/etc/extauthz/tls/ca.crt",
         }
         assert config.server.tls is not None
+    if MATRIX[name].get("sharedCache", {}).get("enabled"):
+        expected["server"]["sharedCache"] = SHARED_CACHE_SETTINGS
+        assert config.server.shared_cache is not None
     assert [d.name for d in config.deployments] == [d["name"] for d in expected["deployments"]]
     assert policy_of(rendered) == expected
 
@@ -1008,26 +1042,32 @@ def test_no_secret_data_in_any_manifest(case: tuple[str, dict[str, Any], Rendere
 TLS_DIR = "/etc/extauthz/tls"
 
 
+def projected_files(rendered: Rendered, volume_name: str) -> dict[str, tuple[str, str]]:
+    """Each file a projected volume lists, by its path in the container: (source kind, source
+    name:key)."""
+    [mount] = [m for m in rendered.container["volumeMounts"] if m["name"] == volume_name]
+    [volume] = [v for v in rendered.pod["volumes"] if v["name"] == volume_name]
+    files: dict[str, tuple[str, str]] = {}
+    for source in volume["projected"]["sources"]:
+        [(kind, spec)] = source.items()
+        for item in spec.get("items", []):
+            path = f"{mount['mountPath']}/{item['path']}"
+            files[path] = (kind, f"{spec['name']}:{item['key']}")
+    return files
+
+
 def mounted_files(rendered: Rendered) -> dict[str, tuple[str, str]]:
     """Each file of the config volume, by its path in the container: (source kind, source
     name:key). The volume is mounted whole at /etc/extauthz."""
     [mount] = [m for m in rendered.container["volumeMounts"] if m["name"] == "config"]
     assert mount == {"name": "config", "mountPath": "/etc/extauthz", "readOnly": True}
-    [volume] = [v for v in rendered.pod["volumes"] if v["name"] == "config"]
-    files: dict[str, tuple[str, str]] = {}
-    for source in volume["projected"]["sources"]:
-        [(kind, spec)] = source.items()
-        for item in spec.get("items", []):
-            files[f"/etc/extauthz/{item['path']}"] = (kind, f"{spec['name']}:{item['key']}")
-    return files
+    return projected_files(rendered, "config")
 
 
 def assert_no_subpath(manifest: Manifest) -> None:
     """No mount anywhere uses subPath: a subPath mount never sees a renewed file."""
     for node in walk(manifest):
         assert "subPath" not in node and "subPathExpr" not in node, node
-
-
 
 
 def test_tls_from_an_existing_secret(chart: helm.Chart) -> None:
@@ -1865,6 +1905,354 @@ def test_render_refuses_inconsistent_settings(chart: helm.Chart) -> None:
             {"autoscaling": {"enabled": True}, "resources": {"requests": {"cpu": None}}},
             name=RELEASE, namespace=NAMESPACE,
         )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared cache (sharedCache)
+# ---------------------------------------------------------------------------------------------
+
+SHARED_DIR = "/var/run/secrets/extauthz-shared-cache"
+# The config's server.sharedCache that SHARED_CACHE renders.
+SHARED_CACHE_SETTINGS: dict[str, Any] = {
+    "uri": "rediss://extauthz@valkey.cache.svc.cluster.local:6380/0",
+    "signingKeyFile": f"{SHARED_DIR}/signing-key",
+    "passwordFile": f"{SHARED_DIR}/password",
+    "caFile": f"{SHARED_DIR}/ca.crt",
+    "timeoutMilliseconds": 80,
+}
+
+
+def shared_cache(**settings: Any) -> dict[str, Any]:
+    """sharedCache values: on, a uri and a signing key Secret, and ``settings`` over them."""
+    base = {"enabled": True, "uri": "redis://redis.cache:6379/0"}
+    return {"sharedCache": {**base, "signingKeySecret": {"name": "fleet"}, **settings}}
+
+
+def shared_egress(rendered: Rendered) -> list[dict[str, Any]]:
+    """The NetworkPolicy's egress rules other than DNS."""
+    egress = rendered.one("NetworkPolicy")["spec"].get("egress", [])
+    return [rule for rule in egress if {p["port"] for p in rule["ports"]} != {53}]
+
+
+def test_shared_cache_is_off_by_default(default: Rendered) -> None:
+    """Without values: no server.sharedCache, no volume, no annotation, no egress rule."""
+    assert "sharedCache" not in default.policy()["server"]
+    assert {v["name"] for v in default.pod["volumes"]} == {"config", "tmp"}
+    annotations = default.one("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert "checksum/shared-cache" not in annotations
+    assert "egress" not in default.one("NetworkPolicy")["spec"]
+
+
+def test_shared_cache_files_and_config(chart: helm.Chart) -> None:
+    """The signing key, the password and the CA are projected read-only from their Secrets into
+    one directory (key and password readable by the pod's fsGroup only, never subPath), and the
+    served config's server.sharedCache names exactly those files, beside the rest of `server`."""
+    rendered = render(chart, SHARED_CACHE)
+    files = projected_files(rendered, "shared-cache")
+    assert files == {
+        f"{SHARED_DIR}/signing-key": ("secret", "extauthz-fleet:signing-key"),
+        f"{SHARED_DIR}/password": ("secret", "valkey-users:extauthz"),
+        f"{SHARED_DIR}/ca.crt": ("secret", "valkey-tls:ca.crt"),
+    }
+    [mount] = [m for m in rendered.container["volumeMounts"] if m["name"] == "shared-cache"]
+    assert mount == {"name": "shared-cache", "mountPath": SHARED_DIR, "readOnly": True}
+    [volume] = [v for v in rendered.pod["volumes"] if v["name"] == "shared-cache"]
+    modes = {
+        item["path"]: item.get("mode")
+        for source in volume["projected"]["sources"]
+        for item in source["secret"]["items"]
+    }
+    assert modes == {"signing-key": 0o440, "password": 0o440, "ca.crt": None}
+    assert_no_subpath(rendered.one("Deployment"))
+    server = rendered.policy()["server"]
+    assert server == {"denyStatusOnIdpFailure": 503, "sharedCache": SHARED_CACHE_SETTINGS}
+    settings = parse_config(rendered.policy()).server.shared_cache
+    assert settings is not None and settings.timeout_seconds == 0.08
+    assert {settings.signing_key_file, settings.password_file, settings.ca_file} == set(files)
+    assert rendered.all("Secret") == []
+
+
+def test_shared_cache_without_password_with_a_ca_configmap(chart: helm.Chart) -> None:
+    """No passwordSecret: no password file, no passwordFile; the CA may come from a ConfigMap."""
+    values = shared_cache(
+        uri="rediss://valkey.cache:6379", ca={"configMapName": "valkey-ca", "key": "ca.pem"}
+    )
+    rendered = render(chart, values)
+    assert projected_files(rendered, "shared-cache") == {
+        f"{SHARED_DIR}/signing-key": ("secret", "fleet:signing-key"),
+        f"{SHARED_DIR}/ca.crt": ("configMap", "valkey-ca:ca.pem"),
+    }
+    assert rendered.policy()["server"]["sharedCache"] == {
+        "uri": "rediss://valkey.cache:6379",
+        "signingKeyFile": f"{SHARED_DIR}/signing-key",
+        "caFile": f"{SHARED_DIR}/ca.crt",
+        "timeoutMilliseconds": 50,
+    }
+
+
+def test_shared_cache_with_an_existing_configmap_mounts_the_files(chart: helm.Chart) -> None:
+    """existingConfigMap: the chart cannot write server.sharedCache, but mounts the files where
+    that config is to name them."""
+    rendered = render(chart, {**MATRIX["existing-configmap"], **SHARED_CACHE})
+    assert rendered.all("ConfigMap") == []
+    assert set(projected_files(rendered, "shared-cache")) == {
+        SHARED_CACHE_SETTINGS[key] for key in ("signingKeyFile", "passwordFile", "caFile")
+    }
+
+
+@pytest.mark.parametrize(
+    "uri,port",
+    [
+        ("rediss://extauthz@valkey.cache.svc.cluster.local:6380/0", 6380),
+        ("redis://redis.cache", 6379),
+        ("redis://redis.cache/2", 6379),
+        ("redis://user@redis.cache:7000", 7000),
+        ("redis://[fd00::7]:6390/0", 6390),
+        ("redis://[fd00::7]", 6379),
+    ],
+)
+def test_networkpolicy_egress_to_the_shared_cache(chart: helm.Chart, uri: str, port: int) -> None:
+    """With egress restricted, one rule opens the uri's port (6379 when it names none) to the
+    peers given, after DNS and the user's rules."""
+    values = with_value("sharedCache.uri", uri, SHARED_CACHE)
+    if uri.startswith("redis://"):  # no TLS, no CA
+        del values["sharedCache"]["ca"]
+    rules = MATRIX["networkpolicy"]["networkPolicy"]["egress"]["rules"]
+    values["networkPolicy"]["egress"]["rules"] = rules
+    egress = render(chart, values).one("NetworkPolicy")["spec"]["egress"]
+    assert egress[1:] == [
+        *values["networkPolicy"]["egress"]["rules"],
+        {"ports": [{"port": port, "protocol": "TCP"}], "to": [VALKEY_PODS]},
+    ]
+
+
+def test_networkpolicy_egress_port_may_be_given(chart: helm.Chart) -> None:
+    """A Service forwarding 6379 to the pods' 16379: the policy must name the pods' port."""
+    cidr = [{"ipBlock": {"cidr": "10.20.0.0/24"}}]
+    values = {
+        **shared_cache(),
+        "networkPolicy": {"egress": {"enabled": True, "sharedCache": {"to": cidr, "port": 16379}}},
+    }
+    assert shared_egress(render(chart, values)) == [
+        {"ports": [{"port": 16379, "protocol": "TCP"}], "to": cidr}
+    ]
+
+
+def test_networkpolicy_open_egress_needs_no_rule(chart: helm.Chart) -> None:
+    """Egress not restricted (the default): no egress rule, none needed."""
+    policy = render(chart, shared_cache()).one("NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress"] and "egress" not in policy
+
+
+SHARED_CACHE_MISTAKES = {
+    "no uri": (shared_cache(uri=""), r"sharedCache\.enabled needs sharedCache\.uri"),
+    "no signing key": (
+        shared_cache(signingKeySecret={"name": ""}),
+        r"needs sharedCache\.signingKeySecret\.name: an existing Secret",
+    ),
+    "password in the uri": (
+        shared_cache(uri="redis://extauthz:hunter2@redis.cache:6379"),
+        r"sharedCache\.uri holds a password: .* sharedCache\.passwordSecret",
+    ),
+    "CA for plain redis": (
+        shared_cache(ca={"secretName": "redis-tls"}),
+        r"sharedCache\.ca needs a rediss:// sharedCache\.uri",
+    ),
+    "two CA sources": (
+        shared_cache(uri="rediss://r:6379", ca={"secretName": "a", "configMapName": "b"}),
+        r"sharedCache\.ca: set secretName or configMapName, not both",
+    ),
+    "config.server.sharedCache as well": (
+        {
+            **shared_cache(),
+            "config": {
+                **DEFAULT_CONFIG,
+                "server": {"sharedCache": {"uri": "redis://r", "signingKeyEnv": "KEY"}},
+            },
+        },
+        r"sharedCache\.enabled sets config\.server\.sharedCache itself",
+    ),
+    "restricted egress without the peers": (
+        {**shared_cache(), "networkPolicy": {"egress": {"enabled": True}}},
+        r"needs networkPolicy\.egress\.sharedCache\.to",
+    ),
+    "settings while off": (
+        {"sharedCache": {"uri": "redis://r:6379", "signingKeySecret": {"name": "fleet"}}},
+        r"take effect with sharedCache\.enabled: true",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "values,message", SHARED_CACHE_MISTAKES.values(), ids=SHARED_CACHE_MISTAKES.keys()
+)
+def test_shared_cache_settings_that_cannot_work_are_refused(
+    chart: helm.Chart, values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(helm.HelmRenderError, match=message):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+@pytest.mark.parametrize(
+    "values,key",
+    [
+        (shared_cache(signingKey="c2VjcmV0"), "signingKey"),
+        (shared_cache(password="hunter2"), "password"),
+        (shared_cache(uri="https://redis.cache"), "uri"),
+        (shared_cache(timeoutMilliseconds=0), "timeoutMilliseconds"),
+        (shared_cache(timeoutMilliseconds=5001), "timeoutMilliseconds"),
+        (shared_cache(passwordSecret={"name": "p", "value": "hunter2"}), "value"),
+        (with_value("networkPolicy.egress.sharedCache.port", 70000, shared_cache()), "port"),
+    ],
+    ids=[
+        "secret data: signing key", "secret data: password", "not redis", "timeout 0",
+        "timeout too long", "secret data in passwordSecret", "port too high",
+    ],
+)  # fmt: skip
+def test_shared_cache_schema(chart: helm.Chart, values: dict[str, Any], key: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match=re.escape(key)):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_shared_cache_sources_roll_the_pods(chart: helm.Chart) -> None:
+    """extauthz reads the key, password and CA at start only, so the pod template carries their
+    sources: with `helm install` / `upgrade` each with its resourceVersion (a rotated Secret rolls
+    the pods); offline, as here, where `lookup` finds nothing, without one. Names, never data."""
+
+    def annotation(values: dict[str, Any]) -> str:
+        metadata = render(chart, values).one("Deployment")["spec"]["template"]["metadata"]
+        value: str = metadata["annotations"]["checksum/shared-cache"]
+        return value
+
+    sources = "Secret/extauthz-fleet@,Secret/valkey-users@,Secret/valkey-tls@"
+    assert annotation(SHARED_CACHE) == hashlib.sha256(sources.encode()).hexdigest()
+    in_a_configmap = with_value("sharedCache.ca", {"configMapName": "valkey-ca"}, SHARED_CACHE)
+    sources = "Secret/extauthz-fleet@,Secret/valkey-users@,ConfigMap/valkey-ca@"
+    assert annotation(in_a_configmap) == hashlib.sha256(sources.encode()).hexdigest()
+    # One Secret holding both: listed once.
+    one_secret = with_value("sharedCache.passwordSecret.name", "extauthz-fleet", SHARED_CACHE)
+    sources = "Secret/extauthz-fleet@,Secret/valkey-tls@"
+    assert annotation(one_secret) == hashlib.sha256(sources.encode()).hexdigest()
+
+
+def test_notes_describe_the_shared_cache(chart: helm.Chart, default: Rendered) -> None:
+    """NOTES.txt names the server and the Secrets, and how to restart after a rotation; with an
+    HPA and no shared cache, what scaling out costs the IdP."""
+    notes = render(chart, {**SHARED_CACHE, "autoscaling": {"enabled": True}}).notes
+    assert f"Shared cache (server.sharedCache): {SHARED_CACHE_SETTINGS['uri']}" in notes
+    assert "once per fleet, not once\nper replica (nor once more per replica the HPA adds)" in notes
+    assert "signing key : Secret extauthz-fleet, key signing-key" in notes
+    assert "password    : Secret valkey-users, key extauthz" in notes
+    assert "CA          : Secret valkey-tls, key ca.crt" in notes
+    assert f"kubectl -n {NAMESPACE} rollout restart deployment/{RELEASE}" in notes
+    assert "Autoscaling:" not in notes
+    scaling = render(chart, {"autoscaling": {"enabled": True}}).notes
+    assert "a replica the HPA adds asks the\nIdP again" in scaling
+    assert "Shared cache" not in scaling and "Shared cache" not in default.notes
+
+
+# A fleet as the chart deploys it, against a real Redis over TLS and a real IdP.
+CLIENT_ID = "orders-gateway"
+
+
+def lay_out_mounts(
+    rendered: Rendered, root: Path, volumes: set[str], objects: dict[tuple[str, str], Any]
+) -> None:
+    """The files of the pod's ``volumes`` under ``root``, as the kubelet projects them from
+    ``objects``, the data of the Secrets and ConfigMaps by (kind, name): a key the chart names
+    that is not there is a KeyError, as it is a failed mount in the cluster."""
+    by_name = {v["name"]: v for v in rendered.pod["volumes"]}
+    for mount in rendered.container["volumeMounts"]:
+        if mount["name"] not in volumes:
+            continue
+        volume = by_name[mount["name"]]
+        if "projected" in volume:
+            sources = volume["projected"]["sources"]
+        else:  # a volume of one Secret or ConfigMap
+            sources = [{k: v for k, v in volume.items() if k in ("secret", "configMap")}]
+        for source in sources:
+            [(kind, spec)] = source.items()
+            name = spec.get("name") or spec["secretName"]
+            data = objects[(kind, name)]
+            for item in spec.get("items") or [{"key": key, "path": key} for key in data]:
+                path = root / mount["mountPath"].lstrip("/") / item["path"]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(data[item["key"]])
+
+
+def rooted(policy: Any, root: Path) -> Any:
+    """``policy`` with every ``...File`` path under ``root`` (where lay_out_mounts put them)."""
+    if isinstance(policy, dict):
+        return {
+            key: str(root / value.lstrip("/"))
+            if key.endswith("File") and isinstance(value, str)
+            else rooted(value, root)
+            for key, value in policy.items()
+        }
+    if isinstance(policy, list):
+        return [rooted(item, root) for item in policy]
+    return policy
+
+
+def test_the_chart_fleet_shares_its_introspections(
+    chart: helm.Chart, tls_redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Two replicas of `extauthz serve`, each with the chart's rendered config and the files its
+    pod mounts (signing key, password and CA from their Secrets, the client secret from its own),
+    against a real redis-server over TLS and a real IdP: each token is introspected once for the
+    fleet, Redis holds one HMAC'd key per token, and no log line holds a secret."""
+    assert tls_redis_server.cert is not None
+    signing_key, client_secret = secrets.token_hex(32), secrets.token_urlsafe(16)
+    objects: dict[tuple[str, str], Any] = {
+        ("secret", "extauthz-fleet"): {"signing-key": signing_key + "\n"},
+        ("secret", "valkey-users"): {"extauthz": tls_redis_server.password},
+        ("secret", "valkey-tls"): {"ca.crt": tls_redis_server.cert.read_text()},
+        ("secret", "idp-clients"): {"orders": client_secret},
+    }
+    with FaultyIdp(clients={CLIENT_ID: client_secret}, tls=False) as idp:
+        introspection = {
+            "type": "REMOTE_INTROSPECTION",
+            "uri": idp.introspection("/introspect"),
+            "clientDetails": {
+                "clientId": CLIENT_ID,
+                "clientSecretFile": "/var/run/secrets/extauthz/orders",
+            },
+        }
+        values = {
+            **SHARED_CACHE,
+            "config": {"deployments": [orders(introspection)]},
+            "clientSecrets": {"existingSecret": "idp-clients"},
+        }
+        rendered = render(chart, values)
+        replicas = []
+        for name in ("a", "b"):
+            root = tmp_path / name
+            lay_out_mounts(rendered, root, {"shared-cache", "client-secrets"}, objects)
+            policy = rooted(rendered.policy(), root)
+            # The Service's name in the cluster, this machine's server here; a loaded machine
+            # gets more time than the chart's 80 ms.
+            policy["server"]["sharedCache"]["uri"] = tls_redis_server.uri
+            policy["server"]["sharedCache"]["timeoutMilliseconds"] = 500
+            replicas.append(ExtauthzProcess(policy, root))
+        a, b = replicas
+        with a, b:
+            tokens = [idp.issue(claims(sub=f"user-{i}")) for i in range(3)]
+            for token in tokens:
+                assert a.check(token, path="/orders/1").allowed
+            stored = wait_until(
+                lambda: (keys := tls_redis_server.client().keys("*")) and len(keys) == 3 and keys,
+                timeout=5, what="three entries in Redis",
+            )  # fmt: skip
+            for token in tokens:
+                checked = b.check(token, path="/orders/1")
+                assert checked.allowed
+                assert b.line(checked.request_id, "access")["idpCalls"] == 0
+            assert idp.count("/introspect") == len(tokens)
+            assert all(k.startswith(b"extauthz:v1:introspection:") for k in stored)
+            assert json.loads(b.admin("readyz")[1])["sharedCache"]["available"] is True
+            logs = a.text() + b.text()
+        for secret in (signing_key, tls_redis_server.password, client_secret, *tokens):
+            assert secret not in logs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -145,17 +145,81 @@ The container's resources: .Values.resources, with memory = base + workers x per
 {{- end }}
 {{- end }}
 
-{{/* The policy as the ConfigMap serves it: .Values.config, with server.tls when tls.enabled. */}}
+{{/* Where the shared cache's files are, in the container: signing-key, password, ca.crt. */}}
+{{- define "extauthz.sharedCacheDir" -}}
+/var/run/secrets/extauthz-shared-cache
+{{- end }}
+
+{{/* The config's server.sharedCache when sharedCache.enabled: the uri and the mounted files. */}}
+{{- define "extauthz.sharedCacheSettings" -}}
+{{- $dir := include "extauthz.sharedCacheDir" . }}
+{{- with .Values.sharedCache }}
+{{- $settings := dict "uri" .uri "signingKeyFile" (printf "%s/signing-key" $dir) "timeoutMilliseconds" .timeoutMilliseconds }}
+{{- if .passwordSecret.name }}
+{{- $_ := set $settings "passwordFile" (printf "%s/password" $dir) }}
+{{- end }}
+{{- if or .ca.secretName .ca.configMapName }}
+{{- $_ := set $settings "caFile" (printf "%s/ca.crt" $dir) }}
+{{- end }}
+{{- toYaml $settings }}
+{{- end }}
+{{- end }}
+
+{{/*
+The TCP port of the shared cache's server: networkPolicy.egress.sharedCache.port, else the port
+of sharedCache.uri (after any user name), else Redis's 6379.
+*/}}
+{{- define "extauthz.sharedCachePort" -}}
+{{- $port := .Values.networkPolicy.egress.sharedCache.port }}
+{{- if kindIs "invalid" $port }}
+{{- $authority := regexReplaceAll "^rediss?://([^/?#]*).*$" .Values.sharedCache.uri "${1}" }}
+{{- $hostPort := regexReplaceAll "^.*@" $authority "" }}
+{{- $port = regexFind "[0-9]+$" (regexFind ":[0-9]+$" $hostPort) | default "6379" }}
+{{- end }}
+{{- $port | int }}
+{{- end }}
+
+{{/*
+The Secrets and ConfigMap the shared cache's files come from, with their resourceVersion when
+Helm can read them (install, upgrade; not `helm template`): a pod template annotation that
+changes with them, so that `helm upgrade` rolls the pods onto a rotated key or password
+(extauthz reads them at start only). Names and versions, never data.
+*/}}
+{{- define "extauthz.sharedCacheSources" -}}
+{{- $sources := list }}
+{{- with .Values.sharedCache }}
+{{- $secrets := compact (list .signingKeySecret.name .passwordSecret.name .ca.secretName) | uniq }}
+{{- range $secrets }}
+{{- $found := lookup "v1" "Secret" $.Release.Namespace . }}
+{{- $sources = append $sources (printf "Secret/%s@%s" . (dig "metadata" "resourceVersion" "" ($found | default dict))) }}
+{{- end }}
+{{- with .ca.configMapName }}
+{{- $found := lookup "v1" "ConfigMap" $.Release.Namespace . }}
+{{- $sources = append $sources (printf "ConfigMap/%s@%s" . (dig "metadata" "resourceVersion" "" ($found | default dict))) }}
+{{- end }}
+{{- end }}
+{{- join "," $sources }}
+{{- end }}
+
+{{/*
+The policy as the ConfigMap serves it: .Values.config, with server.tls when tls.enabled and
+server.sharedCache when sharedCache.enabled.
+*/}}
 {{- define "extauthz.policy" -}}
 {{- $config := deepCopy .Values.config }}
+{{- $server := $config.server | default dict }}
 {{- if .Values.tls.enabled }}
 {{- $dir := include "extauthz.tlsDir" . }}
 {{- $tls := dict "certFile" (printf "%s/tls.crt" $dir) "keyFile" (printf "%s/tls.key" $dir) }}
 {{- if .Values.tls.requireClientCert }}
 {{- $_ := set $tls "clientCaFile" (printf "%s/ca.crt" $dir) }}
 {{- end }}
-{{- $server := $config.server | default dict }}
 {{- $_ := set $server "tls" $tls }}
+{{- end }}
+{{- if .Values.sharedCache.enabled }}
+{{- $_ := set $server "sharedCache" (include "extauthz.sharedCacheSettings" . | fromYaml) }}
+{{- end }}
+{{- if $server }}
 {{- $_ := set $config "server" $server }}
 {{- end }}
 {{- toYaml $config }}
@@ -281,6 +345,33 @@ Settings that cannot be expressed in values.schema.json: fail the render with th
 {{- if eq (int $port) (int $.Values.httpWire.port) }}
 {{- fail (printf "httpWire.port (%v) is also ports.%s: extauthz could not open both listeners" $.Values.httpWire.port $name) }}
 {{- end }}
+{{- end }}
+{{- end }}
+{{- with .Values.sharedCache }}
+{{- if .enabled }}
+{{- if not .uri }}
+{{- fail "sharedCache.enabled needs sharedCache.uri: the redis:// or rediss:// address of your Redis or Valkey (redis://<host>:<port>/<db>)" }}
+{{- end }}
+{{- if regexMatch "^rediss?://[^/?#@]*:[^/?#@]*@" .uri }}
+{{- fail "sharedCache.uri holds a password: put it in a Secret and name it in sharedCache.passwordSecret (the config is no place for a secret)" }}
+{{- end }}
+{{- if not .signingKeySecret.name }}
+{{- fail "sharedCache.enabled needs sharedCache.signingKeySecret.name: an existing Secret holding the fleet's signing key (at least 32 bytes: openssl rand -hex 32) under sharedCache.signingKeySecret.key" }}
+{{- end }}
+{{- if and .ca.secretName .ca.configMapName }}
+{{- fail "sharedCache.ca: set secretName or configMapName, not both" }}
+{{- end }}
+{{- if and (or .ca.secretName .ca.configMapName) (not (hasPrefix "rediss://" .uri)) }}
+{{- fail "sharedCache.ca needs a rediss:// sharedCache.uri: a CA is for TLS" }}
+{{- end }}
+{{- if and (not $.Values.existingConfigMap) (dig "server" "sharedCache" "" ($.Values.config | default dict)) }}
+{{- fail "sharedCache.enabled sets config.server.sharedCache itself (the uri and the mounted files): leave config.server.sharedCache out" }}
+{{- end }}
+{{- if and $.Values.networkPolicy.enabled $.Values.networkPolicy.egress.enabled (not $.Values.networkPolicy.egress.sharedCache.to) }}
+{{- fail "networkPolicy.egress.enabled with sharedCache.enabled needs networkPolicy.egress.sharedCache.to: the Redis or Valkey pods (podSelector, namespaceSelector) or its ipBlock. Without it no replica could reach the shared cache" }}
+{{- end }}
+{{- else if or .uri .signingKeySecret.name .passwordSecret.name .ca.secretName .ca.configMapName }}
+{{- fail "sharedCache.uri, signingKeySecret, passwordSecret and ca take effect with sharedCache.enabled: true" }}
 {{- end }}
 {{- end }}
 {{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.grpcFrom) }}
