@@ -28,7 +28,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from .eviction import MAX_EVICT_BODY_BYTES, EvictRefused, parse_evict_body
+from .shared_cache import MAX_EVICT_BODY_BYTES, EvictRefused, parse_evict_body
 
 __all__ = ["AdminServer"]
 

@@ -89,6 +89,14 @@ def _parser() -> argparse.ArgumentParser:
     probe = sub.add_parser("probe", help="check every identity-provider endpoint of a config")
     probe.add_argument("--config", required=True, help="policy file (YAML)")
     probe.add_argument("--json", action="store_true", help="machine-readable output")
+
+    evict = sub.add_parser(
+        "evict", help="evict a token from the shared cache and every replica's caches"
+    )
+    evict.add_argument("--config", required=True, help="policy file (YAML) with server.sharedCache")
+    named = evict.add_mutually_exclusive_group(required=True)
+    named.add_argument("--token-file", help="file holding the token; '-' reads standard input")
+    named.add_argument("--token-sha256", metavar="HEX", help="the token's SHA-256, 64 hex")
     return p
 
 
@@ -100,6 +108,15 @@ def _check_config(path: str) -> int:
             print(line, file=sys.stderr)
         print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
         return EXIT_USAGE
+    if config.server.shared_cache is not None:
+        from .shared_cache import check_secrets
+
+        errors = check_secrets(config.server.shared_cache)
+        if errors:
+            for line in errors:
+                print(line, file=sys.stderr)
+            print(f"{path}: {len(errors)} error(s)", file=sys.stderr)
+            return EXIT_USAGE
     print(config.summary())
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -118,6 +135,13 @@ def _serve(args: argparse.Namespace) -> int:
         print("--workers must be at least 1", file=sys.stderr)
         return EXIT_USAGE
     logger.set_level(config.server.log_level)
+    if config.server.shared_cache is not None:
+        # Here too, before any worker: the shared cache's secrets are read at its start.
+        from .shared_cache import check_secrets
+
+        errors = check_secrets(config.server.shared_cache)
+        if errors:
+            return _refuse_to_start(logger, ConfigError(errors))
     if config.server.tls is not None:
         # Unusable TLS files refuse the start here, before any worker (each would exit 2 and
         # be restarted, forever); the listener reads them again when it binds.
@@ -272,6 +296,60 @@ def _probe(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def _evict(args: argparse.Namespace) -> int:
+    """Delete the token's shared entries and publish its eviction: 0 done, 1 the shared cache
+    could not be reached, 2 a usage error (no sharedCache, an unreadable token or secret)."""
+    from .shared_cache import (
+        Evictor,
+        EvictRefused,
+        open_shared_cache,
+        parse_sha256,
+        token_scopes,
+        token_sha256,
+    )
+
+    try:
+        config = load_config(args.config)
+        if config.server.shared_cache is None:
+            raise ConfigError([f"{args.config}: server.sharedCache: not configured"])
+        if args.token_sha256 is not None:
+            digest = parse_sha256(args.token_sha256.strip().lower())
+        else:
+            token = _read_token(args).strip()
+            if not token:
+                print("the token is empty", file=sys.stderr)
+                return EXIT_USAGE
+            digest = token_sha256(token)
+        logger = JsonLogger(sys.stderr)  # standard output holds the answer alone
+        shared = open_shared_cache(
+            config.server.shared_cache,
+            lambda level, event, fields: logger.log(level, event, **fields),
+            lambda _cache, _result: None,
+            subscribe=False,
+        )
+    except ConfigError as exc:
+        print("\n".join(exc.errors), file=sys.stderr)
+        return EXIT_USAGE
+    except EvictRefused as exc:
+        print(f"--token-sha256: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"--token-file {args.token_file}: cannot read: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def run() -> tuple[int, dict[str, object]]:
+        evictor = Evictor(lambda _digest: 0, shared, lambda: token_scopes(config), logger)
+        try:
+            return await evictor.evict(digest, "cli")
+        finally:
+            await shared.aclose()
+
+    status, body = asyncio.run(run())
+    body.pop("message", None)
+    print(json.dumps(body))
+    return EXIT_OK if status == 200 else EXIT_DENY
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
@@ -282,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _explain(args)
     if args.command == "probe":
         return _probe(args)
+    if args.command == "evict":
+        return _evict(args)
     return EXIT_USAGE
 
 

@@ -38,14 +38,13 @@ from .answers import AnswerCache
 from .config import Config
 from .engine import IDP_FAILED_EVENT, Engine, idp_log_fields
 from .errors import IdpError
-from .eviction import Evictor
 from .http_wire import HttpWire, serve_http
 from .idp import Providers, warm_start_budget
 from .logs import JsonLogger
 from .metrics import Metrics
 from .reload import ConfigWatcher
 from .server import SERVICE_NAME, AuthorizationService, add_to_server
-from .shared_cache import SharedCache, open_shared_cache, token_scopes
+from .shared_cache import Evictor, SharedCache, open_shared_cache, token_scopes
 from .tls import add_check_port, http_ssl_context, warn_if_tls_changed
 from .workers import mark_ready
 

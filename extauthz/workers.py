@@ -37,6 +37,7 @@ from typing import Any
 from .admin import AdminServer
 from .config import Config
 from .logs import JsonLogger
+from .shared_cache import Evictor, open_shared_cache, token_scopes
 
 __all__ = ["READY_DIR_ENV", "mark_ready", "supervise"]
 
@@ -150,7 +151,29 @@ async def supervise(
             "warmStartFailed": list(failed.values()),
         }
 
-    admin = AdminServer(registry, readiness)
+    # POST /cache/evict: the workers' caches are theirs, reachable only through the shared
+    # cache's eviction channel, to which each of them is subscribed.
+    shared_cache = None
+    if config.server.shared_cache is not None:
+        shared_cache = open_shared_cache(
+            config.server.shared_cache,
+            lambda level, event, fields: logger.log(level, event, **fields),
+            lambda _cache, _result: None,
+            subscribe=False,
+        )
+        evictor = Evictor(lambda _digest: 0, shared_cache, lambda: token_scopes(config), logger)
+
+    async def evict(digest: bytes) -> tuple[int, dict[str, Any]]:
+        if shared_cache is None:
+            return 501, {
+                "error": "no_shared_cache",
+                "message": "Under --workers, an eviction reaches the workers through"
+                " server.sharedCache, and none is configured.",
+                "shared": False,
+            }
+        return await evictor.evict(digest, "admin")
+
+    admin = AdminServer(registry, readiness, evict=evict)
     host, _, port = admin_listen.rpartition(":")
     try:
         await admin.start(host.strip("[]") or "0.0.0.0", int(port))
@@ -216,6 +239,8 @@ async def supervise(
                 p.kill()
         codes = await exited
     await admin.stop()
+    if shared_cache is not None:
+        await shared_cache.aclose()
     shutil.rmtree(metrics_dir, ignore_errors=True)
     logger.info("server.stopped")
     return 0 if all(c == 0 for c in codes) else 1
