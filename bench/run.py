@@ -1085,6 +1085,34 @@ def _proof_file(run: Run, name: str, n: int) -> str:
     return str(path)
 
 
+def judge_dpop_point(
+    p: dict[str, Any],
+    *,
+    proofs: int,
+    connections: int,
+    allowed: tuple[int, int],
+    denied: int,
+    preflight_problem: str | None,
+) -> None:
+    """Record on a DPoP point what its server counted (``allowed``: the DPoP allows before and
+    after the run) and mark it invalid when it did not measure what it says: a DPoP denial (a
+    replay, the jti memory full), a failed preflight, or a run that used up its ``proofs``."""
+    before, after = allowed
+    p["proofs"] = proofs
+    p["dpop_allowed"] = after - before
+    p["dpop_denied"] = denied
+    # Every proof this server accepted is still remembered: a block is shorter than a jti's
+    # lifetime in the memory.
+    p["jtis_remembered"] = after
+    # Out of proofs, a thread stops with its connections' last requests unanswered.
+    if p["requests"] + connections >= proofs:
+        p["valid"], p["proofs_ran_out"] = False, True
+    if denied:
+        p["valid"] = False
+    if preflight_problem:
+        p["valid"], p["preflight"] = False, preflight_problem
+
+
 def dpop_block(
     run: Run, sc: Scenario, server: Proc, backend: str, dpop_rate: float | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -1132,18 +1160,14 @@ def dpop_block(
     )
     allowed = checks_answered(server, deployment=configs.DPOP_DEPLOYMENT, decision="allow")
     denied = checks_answered(server, deployment=configs.DPOP_DEPLOYMENT, decision="deny")
-    p["proofs"] = n_measured
-    p["dpop_denied"] = denied - denied0
-    # Every proof this server accepted is still remembered: the block is shorter than a jti's
-    # lifetime in the memory.
-    p["jtis_remembered"] = allowed
-    p["dpop_allowed"] = allowed - allowed0
-    if p["requests"] >= n_measured:
-        p["valid"], p["proofs_ran_out"] = False, True
-    if p["dpop_denied"] or why:
-        p["valid"] = False
-        if why:
-            p["preflight"] = why
+    judge_dpop_point(
+        p,
+        proofs=n_measured,
+        connections=prof.connections,
+        allowed=(allowed0, allowed),
+        denied=denied - denied0,
+        preflight_problem=why,
+    )
     log(
         f"scenario {sc.id}: {_summary(p)}; {n_warm:,} + {n_measured:,} proofs (made and warm-up "
         f"in {made:.1f} s), {p['jtis_remembered']:,} jtis remembered, "

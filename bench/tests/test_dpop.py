@@ -178,3 +178,27 @@ def test_a_run_out_or_denied_point_is_flagged() -> None:
     s9["points"]["d"].update(valid=False, proofs_ran_out=True, dpop_denied=3)
     summary = report.dpop_summary(s9["points"], ("b", "d"), MAX_REMEMBERED_JTIS, 120.0)
     assert "| HTTP ⚠ (proofs ran out) (3 DPoP denials) |" in report.dpop_table(summary)
+
+
+def test_a_dpop_point_is_judged_by_what_its_server_counted() -> None:
+    def judged(requests: int, denied: int = 0, why: str | None = None) -> dict[str, Any]:
+        p: dict[str, Any] = {"requests": requests, "valid": True}
+        run.judge_dpop_point(
+            p,
+            proofs=10_000,
+            connections=16,
+            allowed=(1, 1 + requests),
+            denied=denied,
+            preflight_problem=why,
+        )
+        return p
+
+    ok = judged(7_000)
+    assert ok["valid"] and ok["jtis_remembered"] == 7_001 and ok["dpop_allowed"] == 7_000
+    assert not ok.get("proofs_ran_out")
+    # A thread out of proofs stops with up to a connection's worth unanswered.
+    ran_out = judged(10_000 - 16)
+    assert not ran_out["valid"] and ran_out["proofs_ran_out"]
+    assert not judged(7_000, denied=1)["valid"]
+    refused = judged(7_000, why="expected HTTP 200, got 401 dpop_proof_invalid")
+    assert not refused["valid"] and refused["preflight"].endswith("dpop_proof_invalid")
