@@ -2483,6 +2483,29 @@ def test_readme_envoy_snippet_resolves_the_headless_service(default: Rendered) -
     }
 
 
+def test_readme_shared_cache_values_render(chart: helm.Chart) -> None:
+    """README's "A fleet with a shared cache" values render as it says: the served config's
+    server.sharedCache names the mounted files, the egress rule opens the URI's port to Valkey,
+    and the eviction command it shows names the config where the pod has it."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### A fleet with a shared cache", 1)[1].split("\n## ", 1)[0]
+    values = yaml.safe_load(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+    rendered = render(chart, values)
+    assert rendered.policy()["server"]["sharedCache"] == {
+        **SHARED_CACHE_SETTINGS,
+        "timeoutMilliseconds": 50,
+    }
+    [*_, to_valkey] = rendered.one("NetworkPolicy")["spec"]["egress"]
+    assert to_valkey == {
+        "ports": [{"port": 6380, "protocol": "TCP"}],
+        "to": values["networkPolicy"]["egress"]["sharedCache"]["to"],
+    }
+    assert rendered.one("HorizontalPodAutoscaler")["spec"]["maxReplicas"] == 20
+    config_path = rendered.container["args"][rendered.container["args"].index("--config") + 1]
+    assert f"extauthz evict --config {config_path} --token-file -" in section
+    assert f"deploy/{RELEASE}" in section and f"-n {NAMESPACE}" in section
+
+
 def test_front_proxy_points_at_the_headless_service(default: Rendered) -> None:
     """envoy/front-proxy.yaml's extauthz cluster resolves the chart's headless Service."""
     proxy = yaml.safe_load((REPO / "envoy" / "front-proxy.yaml").read_text())
