@@ -97,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     named = evict.add_mutually_exclusive_group(required=True)
     named.add_argument("--token-file", help="file holding the token; '-' reads standard input")
     named.add_argument("--token-sha256", metavar="HEX", help="the token's SHA-256, 64 hex")
+    evict.set_defaults(token=None)  # _read_token's: a token on the command line is not offered
     return p
 
 
