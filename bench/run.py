@@ -1118,10 +1118,10 @@ def dpop_block(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """On one fresh server and one wire: scenario 1's request (the cached bearer check), then
     the DPoP one, a new proof per request, each after the profile's warm-up (the DPoP one's with
-    proofs of its own). The proofs are made
-    just before each run (``iat`` now), as many as the bearer point's rate (or the last DPoP
-    point's, with a margin) says the run can send; a run that used them all is marked invalid,
-    as is one where extauthz denied a DPoP check (a replay, or the jti memory full)."""
+    proofs of its own). The proofs are made just before (``iat`` now), as many as the bearer
+    point's rate (or the last DPoP point's, with a margin) says the runs can send; a run that
+    used them all is marked invalid, as is one where extauthz denied a DPoP check (a replay, or
+    the jti memory full): :func:`judge_dpop_point`."""
     st, prof = run.st, run.prof
     warmup = prof.warmup
     bearer_load = run.tokens.load("rs256")
@@ -1139,8 +1139,10 @@ def dpop_block(
     allowed0 = checks_answered(server, deployment=configs.DPOP_DEPLOYMENT, decision="allow")
     denied0 = checks_answered(server, deployment=configs.DPOP_DEPLOYMENT, decision="deny")
     t = time.monotonic()
+    load = replace(run.tokens.load("dpop"), proof_file=_proof_file(run, backend, n_measured))
+    warm_load = replace(run.tokens.load("dpop"), proof_file=_proof_file(run, "warm", n_warm))
+    made = time.monotonic() - t
     if n_warm:
-        warm_load = replace(run.tokens.load("dpop"), proof_file=_proof_file(run, "warm", n_warm))
         start_wrk(
             url,
             warm_load,
@@ -1149,8 +1151,6 @@ def dpop_block(
             threads=run.args.wrk_threads,
             workdir=st.workdir,
         ).result()
-    load = replace(run.tokens.load("dpop"), proof_file=_proof_file(run, backend, n_measured))
-    made = time.monotonic() - t
     p = run.measure(
         backend,
         load,
@@ -1169,8 +1169,8 @@ def dpop_block(
         preflight_problem=why,
     )
     log(
-        f"scenario {sc.id}: {_summary(p)}; {n_warm:,} + {n_measured:,} proofs (made and warm-up "
-        f"in {made:.1f} s), {p['jtis_remembered']:,} jtis remembered, "
+        f"scenario {sc.id}: {_summary(p)}; {n_warm:,} + {n_measured:,} proofs (made in "
+        f"{made:.1f} s), {p['jtis_remembered']:,} jtis remembered, "
         f"{p['dpop_denied']:,} DPoP denials"
     )
     return bearer, p
