@@ -48,10 +48,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from jwt.algorithms import ECAlgorithm
 
+# envoy/mtls.yaml's certificate files, and the test file written for each.
+from tests.e2e.test_envoy_examples import EXAMPLE_FILES, walk
 from tests.e2e.test_secrets_e2e import find_leaks, log_lines, needles, span_texts
 from tests.e2e.tokens import claims_of
 from tests.integration.test_tls import Authority, Issued
-from tests.waiting import wait_until
+from tests.waiting import stays, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "examples"))
@@ -65,12 +67,6 @@ if TYPE_CHECKING:  # the fixtures' types; conftest is never imported at run time
 POLICY = Path(__file__).with_name("sender_constraint_policy.yaml")
 MTLS_EXAMPLE = REPO / "envoy" / "mtls.yaml"
 HTTP_WIRE_EXAMPLE = REPO / "envoy" / "http-wire.yaml"
-# envoy/mtls.yaml's certificate files, as a deployment names them, and the test's file for each.
-EXAMPLE_FILES = {
-    "/etc/envoy/tls/tls.crt": "envoy.crt",
-    "/etc/envoy/tls/tls.key": "envoy.key",
-    "/etc/envoy/client-ca/ca.crt": "ca.crt",
-}
 # The demo IdP's sender-constrained clients and resources (examples/idp/server.mjs).
 DPOP_CLIENT, MTLS_CLIENT = "dpop-client", "mtls-client"
 JWT_API, OPAQUE_API = "https://bound.example.com", "https://bound-opaque.example.com"
@@ -92,17 +88,6 @@ HCM = (
     "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
     "HttpConnectionManager"
 )
-
-
-def walk(node: Any) -> Iterator[dict[str, Any]]:
-    """Every mapping in a parsed YAML document, depth first."""
-    if isinstance(node, dict):
-        yield node
-        for value in node.values():
-            yield from walk(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from walk(value)
 
 
 def only(nodes: Iterator[dict[str, Any]]) -> dict[str, Any]:
@@ -143,9 +128,10 @@ def certificate_header(issued: Issued) -> str:
     return quote(issued.cert_pem.decode("ascii"), safe="")
 
 
-def x5t_s256(issued: Issued) -> str:
-    """RFC 8705 §3.1: base64url SHA-256 of the certificate's DER, the bound token's cnf."""
-    return _b64url(hashlib.sha256(issued.certificate.public_bytes(Encoding.DER)).digest())
+def certificate_sha256(issued: Issued) -> bytes:
+    """SHA-256 of the certificate's DER: RFC 8705 §3.1's cnf x5t#S256 (base64url), XFCC's Hash
+    (hex)."""
+    return hashlib.sha256(issued.certificate.public_bytes(Encoding.DER)).digest()
 
 
 @dataclass(frozen=True)
@@ -286,7 +272,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     directory = tmp_path_factory.mktemp("sender-pki")
     ca = Authority("extauthz sender-constraint e2e CA")
     ca.write(directory)
-    ca.issue("envoy", server=True).write(directory, "envoy")
+    ca.issue("envoy", server=True).write(directory, "server")
     clients = {name: ca.issue(name, client=True) for name in ("alice", "bob")}
     for name, issued in clients.items():
         issued.write(directory, name)
@@ -429,7 +415,7 @@ def test_the_idp_binds_tokens_to_the_proof_key_and_the_certificate(
     """The JWTs carry cnf.jkt (the proof key's RFC 7638 thumbprint) and cnf.x5t#S256 (alice's
     certificate's SHA-256); the introspection answers of the opaque ones carry the same cnf."""
     assert claims_of(dpop_tokens["jwt"])["cnf"] == {"jkt": dpop_key.thumbprint}
-    alice = {"x5t#S256": x5t_s256(pki.clients["alice"])}
+    alice = {"x5t#S256": _b64url(certificate_sha256(pki.clients["alice"]))}
     assert claims_of(certificate_tokens["jwt"])["cnf"] == alice
     for token, cnf in (
         (dpop_tokens["opaque"], {"jkt": dpop_key.thumbprint}),
@@ -550,7 +536,7 @@ def test_a_client_sent_certificate_header_binds_nothing(
     """Bob sends alice's token with an x-forwarded-client-cert naming alice's certificate: Envoy
     replaces it (SANITIZE_SET) or drops it, and extauthz compares bob's."""
     alice = pki.clients["alice"]
-    digest = hashlib.sha256(alice.certificate.public_bytes(Encoding.DER)).hexdigest()
+    digest = certificate_sha256(alice).hex()
     forged = {"x-forwarded-client-cert": f"Hash={digest};Cert={certificate_header(alice)}"}
     _, answer = tls_gateway.get(
         "/mtls/1", cert="bob", token=certificate_tokens["jwt"], headers=forged
@@ -579,13 +565,17 @@ def test_either_binding_where_both_are_accepted(
 def test_no_client_certificate_no_request(tls_gateway: Gateway, pki: Pki) -> None:
     """The listener requires a client certificate: without one the handshake fails, and
     extauthz is never asked."""
-    lines = len(tls_gateway.stack.extauthz_log_lines())
+    path = f"/mtls/{uuid.uuid4()}"
     with (
         httpx.Client(verify=pki.context(None), timeout=10.0) as anonymous,
         pytest.raises(httpx.TransportError),
     ):
-        anonymous.get(tls_gateway.url("/mtls/1"))
-    assert len(tls_gateway.stack.extauthz_log_lines()) == lines
+        anonymous.get(tls_gateway.url(path))
+    stays(
+        lambda: all(r.get("path") != path for r in tls_gateway.stack.extauthz_log_lines()),
+        seconds=0.5,
+        what="no log line for the request",
+    )
 
 
 # -- the shipped Envoy configs say what the tests run --------------------------------------------
