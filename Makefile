@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 IDP_STAMP := examples/idp/node_modules/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: install idp protos test unit lint run check-examples clean bench bench-smoke bench-flood chaos wrk
+.PHONY: install idp protos test unit lint run check-examples clean bench bench-smoke bench-flood bench-fleet chaos wrk redis
 .PHONY: image image-base container-host test-image print-image
 
 # The chart's default image (helm/extauthz: values.yaml image.repository, and image.tag or else
@@ -88,8 +88,18 @@ wrk:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk; }
 
-bench: $(BENCH_STAMP) wrk
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server; }
+
+bench: $(BENCH_STAMP) wrk redis
 	$(PY) -m bench.run $(BENCH_ARGS)
+	$(PY) -m bench.fleet
+
+# Three replicas, one Redis, one Envoy (about 3 minutes): bench/results/fleet/.
+bench-fleet: $(BENCH_STAMP) wrk redis
+	$(PY) -m bench.fleet $(FLEET_ARGS)
 
 bench-smoke: $(BENCH_STAMP) wrk
 	$(PY) -m bench.run --smoke $(BENCH_ARGS)
