@@ -60,19 +60,22 @@ def python_command() -> str:
     return str(executable.relative_to(REPO)) if executable.is_relative_to(REPO) else str(executable)
 
 
-def dpop_commands(workdir: Path, python: str | None = None) -> list[str]:
-    """The shell lines of the DPoP pair: a DPoP-bound token (key and token kept in ``workdir``),
-    one proof, the request with it (200), the same request again (the proof replayed: 401)."""
+def dpop_commands(
+    workdir: Path, python: str | None = None, *, envoy: str = ENVOY, issuer: str = ISSUER
+) -> list[str]:
+    """The shell lines of the DPoP pair, run from the repository's root: a DPoP-bound token (key
+    and token kept in ``workdir``), one proof, the request with it (200), the same request again
+    (the proof replayed: 401). ``envoy`` and ``issuer``: where the demo's Envoy and IdP are."""
     run = f"{python or python_command()} examples/dpop.py"
     key, token = workdir / "dpop-key.pem", workdir / "dpop-token"
     request = (
-        f'curl -i -H "Authorization: DPoP $(cat {token})" -H "DPoP: $PROOF" {ENVOY}{DPOP_PATH}'
+        f'curl -i -H "Authorization: DPoP $(cat {token})" -H "DPoP: $PROOF" {envoy}{DPOP_PATH}'
     )
     return [
-        f"{run} token --key {key} --token-endpoint {ISSUER}/token --client-id {DPOP_CLIENT} "
+        f"{run} token --key {key} --token-endpoint {issuer}/token --client-id {DPOP_CLIENT} "
         f"--client-secret {DPOP_CLIENT}-secret --scope orders.read --resource {DPOP_RESOURCE} "
         f"--out {token}",
-        f"PROOF=$({run} proof --key {key} --method GET --url {ENVOY}{DPOP_PATH} "
+        f"PROOF=$({run} proof --key {key} --method GET --url {envoy}{DPOP_PATH} "
         f"--token-file {token})",
         request,
         request,
