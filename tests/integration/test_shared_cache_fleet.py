@@ -388,6 +388,25 @@ def test_the_evict_command(fleet: Fleet, tmp_path: Path) -> None:
     assert no_password.returncode == 2 and "REDIS_PASSWORD" in no_password.stderr
 
 
+def test_under_workers_the_supervisor_evicts_through_the_shared_cache(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """``--workers 2``: the supervisor's admin port holds no cache of its own; its eviction
+    reaches both workers through the channel."""
+    a = fleet.replicas[0]
+    env = {"REDIS_PASSWORD": fleet.redis.password}
+    with ExtauthzProcess(None, tmp_path, config_file=a.config_path, workers=2, env=env) as server:
+        token = fleet.idp.issue(claims(sub="workers"))
+        assert server.check(token, path=ORDER).allowed
+        fleet.idp.revoke(token)
+        assert server.check(token, path=ORDER).allowed  # cached by the worker that answered
+        status, body = fleet.evict(server, json.dumps({"tokenSha256": sha256(token)}).encode())
+        assert status == 200 and body["shared"] is True, body
+        heard = events(server, "cache.evicted", 3, timeout=2)  # the supervisor's, each worker's
+        assert sorted(line["source"] for line in heard) == ["admin", "channel", "channel"]
+        assert not server.check(token, path=ORDER).allowed
+
+
 def test_the_evict_command_exits_1_without_redis(fleet: Fleet) -> None:
     """Last in the module: it stops the fleet's Redis."""
     a = fleet.replicas[0]
