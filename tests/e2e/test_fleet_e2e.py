@@ -18,6 +18,9 @@ serves the discovery document the stack waits for.
 * Entries written straight into Redis under a token's right key, one with a MAC made without
   the fleet's key and one copied from an active token's key, both for tokens the IdP says are
   inactive: never an allow, and ``cache.entryRejected`` is logged.
+* A token every replica has cached, revoked at the IdP, evicted with ``POST /cache/evict`` on one
+  replica's admin port: within a second every replica has dropped it (``cache.evicted``), and
+  Envoy's next checks, on each replica in turn, are all denied.
 
 No token, client secret, Redis password or signing key reaches any replica's log.
 """
@@ -25,6 +28,7 @@ No token, client secret, Redis password or signing key reaches any replica's log
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -32,6 +36,7 @@ import secrets
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -65,6 +70,7 @@ MAX_STREAMS = 4  # per HTTP/2 connection from Envoy to a replica: more connectio
 # introspection would break the exact count; a killed Redis refuses at once anyway.
 SHARED_TIMEOUT_MS = 500
 RESUME_SECONDS = 5.0  # shared hits are back this soon after Redis is
+EVICTION_SECONDS = 1.0  # an eviction on one replica is honoured by all within this
 # secrets.token_urlsafe(32): what the test's tokens look like in any text.
 TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{43}")
 
@@ -409,6 +415,45 @@ def test_forged_and_copied_entries_are_never_an_allow(fleet: Fleet) -> None:
     lines = wait_until(rejected, timeout=5, what="two cache.entryRejected lines")
     assert len(lines) == rejected0 + 2, lines
     assert "mallory" not in json.dumps(lines)
+
+
+def test_an_eviction_on_one_replica_is_honoured_by_all_within_a_second(fleet: Fleet) -> None:
+    token = fleet.idp.issue(claims(sub="to-evict"))
+    calls = fleet.introspections()
+    for _ in range(2 * len(fleet.replicas)):  # every replica twice: each one has it cached
+        assert fleet.check(token) == (200, "")
+    assert fleet.introspections() == calls + 1
+    fleet.idp.revoke(token)
+    for _ in range(len(fleet.replicas)):
+        assert fleet.check(token) == (200, "")  # still cached everywhere
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    heard0 = [len(lines) for lines in fleet.events("cache.evicted")]
+    first = fleet.replicas[0]
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{first.admin_port}/cache/evict",
+        data=json.dumps({"tokenSha256": digest}).encode(),
+        method="POST",
+    )
+    started = time.monotonic()
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        assert answer.status == 200
+        assert json.loads(answer.read())["shared"] is True
+
+    def everyone_dropped_it() -> bool:
+        heard = [len(lines) for lines in fleet.events("cache.evicted")]
+        return all(n > n0 for n, n0 in zip(heard, heard0, strict=True))
+
+    wait_until(
+        everyone_dropped_it,
+        timeout=EVICTION_SECONDS,
+        what=f"cache.evicted on all three replicas within {EVICTION_SECONDS:g} s",
+    )
+    honoured = time.monotonic() - started
+    for _ in range(2 * len(fleet.replicas)):  # each replica in turn, twice
+        assert fleet.check(token) == (401, "token_inactive")
+    # One replica asked the IdP again; the others read its (inactive) answer from Redis.
+    assert fleet.introspections() == calls + 2
+    print(f"\neviction honoured by all three replicas {honoured:.2f} s after POST /cache/evict")
 
 
 def test_no_token_in_any_log(fleet: Fleet) -> None:
