@@ -7,10 +7,15 @@ times. Three kinds of entries:
   background once a replica has verified a token itself (never awaited by the check, and skipped
   when every connection is busy, as any call). Read **only when this replica cannot verify the
   token without the IdP**: no keys can be had (the JWKS or discovery document is not loaded and
-  cannot be fetched), or the token's ``kid`` is not among the keys it holds (a fetch would be
-  needed, or failed). A replica that never saw the JWKS can then still answer for a token the
-  fleet verified while the IdP is down, and the common case (keys at hand) costs no Redis round
-  trip: a local signature check is cheaper than one. The entry's scope is the policy's key
+  cannot be fetched), or the token's ``kid`` is not among the keys it holds, after its own
+  attempt to fetch them again (one per 5 s at most, :mod:`extauthz.idp.jwks`). A replica that
+  never saw the JWKS can then still answer for a token the fleet verified while the IdP is down,
+  and the common case (keys at hand) costs no Redis round trip: a local signature check is
+  cheaper than one. A signature that fails with a key the replica holds is never looked up. A
+  key the IdP withdraws stops vouching for this replica's own verified tokens at once, but an
+  entry the fleet made with it is still read for a ``kid`` this replica does not hold, until it
+  expires or is evicted: bounded, like a shared introspection answer, by
+  ``maxCacheDurationInHours`` and the token's ``exp``. The entry's scope is the policy's key
   source (the JWKS or discovery URI, or the static keys' SHA-256), so that another deployment's
   keys never vouch for a token; the algorithm, ``iss``, ``aud``, ``exp``/``nbf``, claim and scope
   checks all run again on the claims read back, against this replica's policy and clock. It
@@ -33,7 +38,8 @@ What is stored, and why it can be trusted no more than it must:
   the Redis key and the JSON together, under a second derived key. An entry that does not verify
   (written by someone without the key, altered, or copied under another token's key) is ignored,
   counted as ``rejected`` and logged ``cache.entryRejected``, never with its content: the check
-  then asks the IdP as if nothing were there.
+  then goes on as if nothing were there (an introspection asks the IdP; a JWT is denied as it
+  would be without a shared cache).
 * **Lifetimes**: an active answer until the earlier of the token's ``exp`` and the policy's
   ``maxCacheDurationInHours``, an inactive one for the local cache's negative TTL; Redis expires
   the key then too, and a reader checks the expiry written in the value as well.
