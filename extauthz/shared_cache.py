@@ -399,7 +399,7 @@ class SharedCache:
     def put_later(self, key: str, expires_at: float, claims: dict[str, Any]) -> None:
         """:meth:`put` in the background: the check that learnt the answer does not wait for
         it. Bounded as every call is (the connections), and skipped when all are busy."""
-        if self._busy():
+        if expires_at <= self._clock() or self._busy():
             return
         task = asyncio.ensure_future(self.put(key, expires_at, claims))
         self._writes.add(task)
