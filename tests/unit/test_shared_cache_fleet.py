@@ -5,9 +5,11 @@ server: tests/integration/test_shared_cache_fleet.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +17,14 @@ import pytest
 
 from extauthz.cli import main
 from extauthz.config import SharedCacheSettings, parse_config
+from extauthz.decision import Reason
+from extauthz.engine import Engine
 from extauthz.logs import JsonLogger
 from extauthz.shared_cache import (
     EVICT_CHANNEL,
     Evictor,
     EvictRefused,
+    SharedCache,
     check_secrets,
     introspection_scope,
     jwt_scope,
@@ -27,9 +32,14 @@ from extauthz.shared_cache import (
     token_scopes,
     token_sha256,
 )
+from tests.check_requests import check_input
+from tests.conftest import AUDIENCE, SigningKey, claims
+from tests.fake_idp import JWKS, FakeIdp
+from tests.policies import orders
 from tests.unit.test_shared_cache import KEY, NOW, SCOPE, TOKEN, Env, FakeRedis, run
 
 DIGEST = hashlib.sha256(TOKEN.encode()).digest()
+ORDER_PATH = "/orders/1"
 
 
 class FleetRedis(FakeRedis):
@@ -269,3 +279,71 @@ def test_the_local_caches_drop_a_token() -> None:
     client._store(b"x" * 32, 1e12, b"{}")
     assert client.evict(DIGEST) == 1 and client.evict(DIGEST) == 0
     assert client.evict(None) == 1 and len(client) == 0
+
+
+def test_a_jwt_is_looked_up_only_when_this_replica_has_no_key_for_it(
+    rsa_key: SigningKey, rsa_key2: SigningKey
+) -> None:
+    """Replica A holds the token's key; replica B's JWKS (same URI, so the same scope) does
+    not: B allows on A's entry, with every claim check run again. A token whose signature fails
+    with a key B holds is denied even with a genuine-looking entry of the fleet's."""
+    config = parse_config(
+        {
+            "deployments": [
+                orders(
+                    {
+                        "type": "REMOTE_JWKS",
+                        "uri": JWKS,
+                        "additionalValidationPolicy": {"audiences": [AUDIENCE]},
+                    }
+                )
+            ]
+        }
+    )
+    redis = FleetRedis()
+
+    def replica(jwks: list[dict[str, Any]], shared: bool = True) -> Engine:
+        cache = SharedCache(
+            redis,
+            KEY,
+            timeout_seconds=1,
+            display_uri="",
+            report=lambda *_: None,
+            count=lambda *_: None,
+        )
+        providers = FakeIdp(jwks).providers(config)
+        return Engine(config, providers.by_deployment, shared_cache=cache if shared else None)
+
+    async def scenario() -> None:
+        a, b = replica([rsa_key.public_jwk]), replica([rsa_key2.public_jwk])
+        alone = replica([rsa_key2.public_jwk], shared=False)
+        good = rsa_key.sign(claims())
+        other_audience = rsa_key.sign(claims(aud="elsewhere"))
+        for token in (good, other_audience):
+            await a.check(check_input(ORDER_PATH, token=token))
+        for _ in range(10):  # the background writes
+            await asyncio.sleep(0)
+        assert len(redis.data) == 2
+        assert (await b.check(check_input(ORDER_PATH, token=good))).allowed
+        denied = await b.check(check_input(ORDER_PATH, token=other_audience))
+        assert denied.reason is Reason.AUDIENCE_MISMATCH
+        assert not (await alone.check(check_input(ORDER_PATH, token=good))).allowed
+
+        # rsa-2's kid, rsa-1's signature: B holds rsa-2, so the signature fails; an entry the
+        # fleet's key sealed for this very token is never read.
+        forged = rsa_key.sign(claims(sub="mallory"), kid=rsa_key2.kid)
+        cache = SharedCache(
+            redis,
+            KEY,
+            timeout_seconds=1,
+            display_uri="",
+            report=lambda *_: None,
+            count=lambda *_: None,
+        )
+        scope = jwt_scope(config.deployments[0].auth.keys)
+        await cache.put(cache.key("jwt", scope, forged), time.time() + 60, claims(sub="mallory"))
+        assert (
+            await b.check(check_input(ORDER_PATH, token=forged))
+        ).reason is Reason.SIGNATURE_INVALID
+
+    asyncio.run(scenario())
