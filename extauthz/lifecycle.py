@@ -2,9 +2,10 @@
 
 :func:`run_server` owns what lives as long as the process: the gRPC server with its health
 service, the admin listener, the config watcher and its atomic swap of the policy being served
-(:class:`Runtime`), the log and metric flushing, and the signals. The gRPC wire itself (one
-CheckRequest in, one CheckResponse out) is :mod:`extauthz.server`; worker processes are
-:mod:`extauthz.workers`.
+(:class:`Runtime`), the log and metric flushing, the signals, and with a shared cache the
+subscription to the fleet's evictions (:class:`~extauthz.shared_cache.Evictor`). The gRPC
+wire itself (one CheckRequest in, one CheckResponse out) is :mod:`extauthz.server`; worker
+processes are :mod:`extauthz.workers`.
 
 A life in three phases, as gRPC health and /readyz report it:
 

@@ -15,7 +15,8 @@
   (:mod:`extauthz.shared_cache`): a local miss reads the shared cache before calling the IdP,
   within the same single flight, and an IdP answer, active or inactive, is written there for the
   other replicas. What the shared cache says is never more than what this replica would have
-  kept: its expiry is cut to the local lifetimes.
+  kept: its expiry is cut to the local lifetimes. An eviction (:meth:`IntrospectionClient.evict`)
+  drops a token's answer by the same SHA-256.
 * A reloaded config whose introspection settings did not change keeps the answers: the new
   generation's client is :meth:`IntrospectionClient.rebound` to its own endpoint lookup and
   shares the cache, the calls in flight and the secret with the old one.
