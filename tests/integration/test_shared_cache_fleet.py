@@ -26,6 +26,7 @@ from typing import Any
 
 import jwt
 import pytest
+import yaml
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from extauthz.config import parse_config
@@ -386,6 +387,24 @@ def test_the_evict_command(fleet: Fleet, tmp_path: Path) -> None:
         "evict", "--config", str(a.config_path), "--token-sha256", sha256(token)
     )
     assert no_password.returncode == 2 and "REDIS_PASSWORD" in no_password.stderr
+
+
+def test_without_a_shared_cache_an_eviction_is_this_replicas_alone(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    config = yaml.safe_load(fleet.replicas[0].config_path.read_text())
+    del config["server"]["sharedCache"]
+    with ExtauthzProcess(config, tmp_path) as alone:
+        token = fleet.idp.issue(claims(sub="alone"))
+        assert alone.check(token, path=ORDER).allowed
+        fleet.idp.revoke(token)
+        assert alone.check(token, path=ORDER).allowed  # cached
+        status, body = fleet.evict(alone, json.dumps({"tokenSha256": sha256(token)}).encode())
+        assert status == 200 and body["shared"] is False and body["evicted"] == 2, body
+        assert "this replica only" in body["message"]
+        assert not alone.check(token, path=ORDER).allowed  # asked the IdP again: revoked
+        (line,) = events(alone, "cache.evicted", 1)
+        assert line["source"] == "admin" and "sharedDeleted" not in line
 
 
 def test_under_workers_the_supervisor_evicts_through_the_shared_cache(
