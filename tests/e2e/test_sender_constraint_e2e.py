@@ -296,14 +296,18 @@ def envoy_replacements(wire: str, pki: Pki) -> dict[str, str]:
     """The stack's Envoy config of ``wire`` behind envoy/mtls.yaml's TLS listener; on the gRPC
     wire with mtls.yaml's include_peer_certificate."""
     example = yaml.safe_load(MTLS_EXAMPLE.read_text())
-    edge = only(n for n in walk(example) if n.get("@type") == HCM)["use_remote_address"]
+    manager = only(n for n in walk(example) if n.get("@type") == HCM)
     socket = json.dumps(example_listener_tls(pki))
+    # The scheme of the check (htu's) is the connection's: x-forwarded-proto and an HTTP/1.1
+    # :scheme at the edge, an HTTP/2 client's :scheme overwritten; else Envoy keeps a client's.
+    scheme = "".join(
+        f"{' ' * 16}{name}: {json.dumps(manager[name])}\n"
+        for name in ("use_remote_address", "scheme_header_transformation")
+    )
     replacements = {
         FILTER_CHAIN: f"      filter_chains:\n        - transport_socket: {socket}\n"
         "          filters:\n",
-        # The edge: x-forwarded-proto (and so the scheme of the check, htu's) is the
-        # connection's; else Envoy keeps a client's.
-        REQUEST_ID: f"{REQUEST_ID}{' ' * 16}use_remote_address: {json.dumps(edge)}\n",
+        REQUEST_ID: f"{REQUEST_ID}{scheme}",
     }
     if wire == "grpc":
         peer = only(n for n in walk(example) if n.get("@type") == EXT_AUTHZ)
@@ -602,14 +606,19 @@ def test_no_client_certificate_no_request(tls_gateway: Gateway, pki: Pki) -> Non
 
 
 def test_the_examples_forward_what_sender_constrained_tokens_need() -> None:
-    """envoy/mtls.yaml requires client certificates from a CA and sends the certificate in the
-    check; envoy/http-wire.yaml sets x-forwarded-client-cert and forwards it, dpop and
+    """envoy/mtls.yaml requires client certificates from a CA, sends the certificate in the
+    check and makes the scheme the connection's; envoy/http-wire.yaml sets x-forwarded-client-cert and forwards it, dpop and
     x-forwarded-proto."""
     mtls = yaml.safe_load(MTLS_EXAMPLE.read_text())
     tls = only(n for n in walk(mtls) if n.get("@type") == DOWNSTREAM_TLS)
     assert tls["require_client_certificate"] is True
     assert tls["common_tls_context"]["validation_context"]["trusted_ca"]["filename"]
     assert only(n for n in walk(mtls) if n.get("@type") == EXT_AUTHZ)["include_peer_certificate"]
+    # The scheme of the check (htu's) is the connection's, whatever a client claims in
+    # x-forwarded-proto (HTTP/1.1) or :scheme (HTTP/2).
+    manager = only(n for n in walk(mtls) if n.get("@type") == HCM)
+    assert manager["use_remote_address"] is True
+    assert manager["scheme_header_transformation"] == {"scheme_to_overwrite": "https"}
     http_wire = yaml.safe_load(HTTP_WIRE_EXAMPLE.read_text())
     for document in (mtls, http_wire):
         assert (
