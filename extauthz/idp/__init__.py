@@ -548,8 +548,14 @@ class Providers:
             async def fixed_issuers() -> tuple[str, ...]:
                 return issuers
 
+            built: list[IdpEndpoint] = []
+
             async def fixed_endpoint() -> IdpEndpoint:
-                return self._endpoint("introspection_endpoint", uri, source)
+                # Built at the first call (no client for a policy never used), then kept: its
+                # key costs more to make than the rest of the call's bookkeeping.
+                if not built:
+                    built.append(self._endpoint("introspection_endpoint", uri, source))
+                return built[0]
 
             self._keep_endpoint("introspection_endpoint", uri, source)
             origin = self._endpoint_key("introspection_endpoint", uri, source)
@@ -572,12 +578,18 @@ class Providers:
                 self._keep_endpoint("introspection_endpoint", known.introspection_endpoint, source)
         introspection = None
         if source.client is not None:
+            named: dict[str, IdpEndpoint] = {}  # by the URI the document names
 
             async def discovered_endpoint() -> IdpEndpoint:
                 doc = await discovery.document()
-                if doc.introspection_endpoint is None:
+                at = doc.introspection_endpoint
+                if at is None:
                     raise IdpBadResponse("discovery", uri, "no introspection_endpoint")
-                return self._endpoint("introspection_endpoint", doc.introspection_endpoint, source)
+                found = named.get(at)
+                if found is None:
+                    named.clear()  # the document changed: the old endpoint is not called again
+                    found = named[at] = self._endpoint("introspection_endpoint", at, source)
+                return found
 
             introspection = self._introspection(source, where, discovery, discovered_endpoint)
 

@@ -273,6 +273,19 @@ def _build_request(
     return httpx.Request(method, url, headers=all_headers, content=body, extensions=extensions)
 
 
+async def _send(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    """``client.send(request, stream=True)``, straight to the client's transport (where the
+    OpenTelemetry instrumentation sits): the client's own layer (auth, cookies, event hooks,
+    redirects) has nothing to do for an IdP call, yet costs tens of microseconds of it (and an
+    IdP's cookies are never kept). A client without one (closed) gets ``send``'s own error."""
+    transport = getattr(client, "_transport", None)
+    if not isinstance(transport, httpx.AsyncBaseTransport) or client.is_closed:
+        return await client.send(request, stream=True)
+    response = await transport.handle_async_request(request)
+    response.request = request
+    return response
+
+
 async def fetch_json(
     client: httpx.AsyncClient,
     endpoint: str,
@@ -299,7 +312,7 @@ async def fetch_json(
     )
     _count_call()  # the request goes out now: one attempt, as the metric counts it
     try:
-        resp = await client.send(request, stream=True)
+        resp = await _send(client, request)
         try:
             if not 200 <= resp.status_code < 300:
                 status = resp.status_code

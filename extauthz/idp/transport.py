@@ -83,6 +83,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         )
         return aiohttp.ClientSession(
             connector=connector,
+            # An IdP's cookies are never sent back: no call may depend on another's (and
+            # keeping none costs nothing per call).
+            cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
