@@ -96,6 +96,8 @@ __all__ = [
     "EVICT_CHANNEL",
     "MAX_EVICT_BODY_BYTES",
     "RESTORED_EVENT",
+    "SUBSCRIPTION_LOST_EVENT",
+    "SUBSCRIPTION_RESTORED_EVENT",
     "TOKEN_KINDS",
     "UNAVAILABLE_EVENT",
     "EvictRefused",
@@ -117,6 +119,8 @@ UNAVAILABLE_EVENT = "cache.sharedUnavailable"
 RESTORED_EVENT = "cache.sharedRestored"
 ENTRY_REJECTED_EVENT = "cache.entryRejected"
 EVICTED_EVENT = "cache.evicted"
+SUBSCRIPTION_LOST_EVENT = "cache.evictionsUnheard"
+SUBSCRIPTION_RESTORED_EVENT = "cache.evictionsHeard"
 
 EVICT_CHANNEL = "extauthz:v1:evict"
 # The kinds whose entries answer for a token: what an eviction deletes. Never "dpop": a jti
@@ -234,6 +238,10 @@ class SharedCache:
         ).digest()
         self._client = client
         self._subscriber = subscriber
+        # Whether the eviction channel is listened to: its own state, apart from the calls' (a
+        # server may refuse SUBSCRIBE alone, and that must not turn the cache off).
+        self._subscribed = False
+        self._subscription_lost = False  # said so once, until subscribed again
         self._observe = observe
         self._writes: set[asyncio.Task[None]] = set()  # background writes, until done
         self._timeout = timeout_seconds
@@ -465,7 +473,7 @@ class SharedCache:
             try:
                 async with asyncio.timeout(max(self._timeout, 1.0)):
                     await pubsub.subscribe(EVICT_CHANNEL)
-                self._restored()
+                self._subscription_restored()
                 if subscribed_before:
                     await on_evict(None)
                 subscribed_before = True
@@ -491,7 +499,7 @@ class SharedCache:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis went away: try again in a second
-                self._unavailable(exc)
+                self._subscription_failed(exc)
             finally:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(1.0):
@@ -535,6 +543,39 @@ class SharedCache:
             {"message": "The shared cache answers again.", "uri": self.display_uri},
         )
 
+    def _subscription_failed(self, exc: BaseException) -> None:
+        self._subscribed = False
+        if self._subscription_lost:
+            return
+        self._subscription_lost = True
+        self._report(
+            "WARNING",
+            SUBSCRIPTION_LOST_EVENT,
+            {
+                "message": "The eviction channel cannot be listened to; evictions published"
+                " meanwhile are missed (every local answer is dropped once it is back). Tried"
+                " again every second.",
+                "uri": self.display_uri,
+                "channel": EVICT_CHANNEL,
+                "detail": "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__,
+            },
+        )
+
+    def _subscription_restored(self) -> None:
+        self._subscribed = True
+        if not self._subscription_lost:
+            return
+        self._subscription_lost = False
+        self._report(
+            "INFO",
+            SUBSCRIPTION_RESTORED_EVENT,
+            {
+                "message": "The eviction channel is listened to again.",
+                "uri": self.display_uri,
+                "channel": EVICT_CHANNEL,
+            },
+        )
+
     def readiness(self) -> dict[str, Any]:
         """What /readyz shows; it never makes the replica unready."""
         state: dict[str, Any] = {
@@ -544,6 +585,8 @@ class SharedCache:
         }
         if not self._available:
             state["lastError"] = self._last_error
+        if self._subscriber is not None:
+            state["evictionsSubscribed"] = self._subscribed
         return state
 
     async def aclose(self) -> None:

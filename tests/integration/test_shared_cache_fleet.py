@@ -442,3 +442,8 @@ def test_the_evict_command_exits_1_without_redis(fleet: Fleet) -> None:
     assert json.loads(down.stdout)["error"] == "shared_cache_unavailable"
     status, body = fleet.evict(a, json.dumps({"tokenSha256": "cd" * 32}).encode())
     assert status == 503 and body["shared"] is False
+    # The replicas cannot hear evictions meanwhile, and say so once.
+    (line,) = events(a, "cache.evictionsUnheard", 1)
+    assert line["channel"] == "extauthz:v1:evict"
+    readyz = json.loads(a.admin("readyz")[1])
+    assert readyz["ready"] is True and readyz["sharedCache"]["evictionsSubscribed"] is False
