@@ -246,7 +246,9 @@ SHARED_DURATION = "extauthz_shared_cache_duration_seconds"
 
 
 @contextmanager
-def fleet(workdir: Path, *, keep_logs: bool, redis_timeout_ms: int | None) -> Iterator[Fleet]:
+def fleet(workdir: Path, *, redis_timeout_ms: int | None) -> Iterator[Fleet]:
+    """Redis, the IdP, the six replicas (their stdout, the JSON log lines, in ``workdir/logs``)
+    and Envoy, stopped when the block ends."""
     binary = find_redis_server()
     if binary is None:
         raise SystemExit(f"bench.fleet: {REDIS_MISSING}")
@@ -293,7 +295,7 @@ def fleet(workdir: Path, *, keep_logs: bool, redis_timeout_ms: int | None) -> It
                     shared if name in SHARED else local,
                     (ports[2 * i], ports[2 * i + 1]),
                     env=replica_env,
-                    stdout=None if keep_logs else os.devnull,
+                    stdout=None,  # into its log: the shared cache's events are counted
                     timeout=120,
                 )
             replica_ports = {name: ports[2 * i] for i, name in enumerate(names)}
@@ -608,6 +610,13 @@ def notes(results: Mapping[str, Any]) -> list[str]:
                 f"calls, {name} fleet: {part['shared']['error']:.0f} shared-cache calls failed"
                 f" (IdP calls per token {part['calls_per_token']:.4f})"
             )
+    for name, seen in results.get("shared_cache_events", {}).items():
+        if seen["unavailable"]:
+            out.append(
+                f"{name}: the shared cache went unavailable {seen['unavailable']} time(s)"
+                f" ({', '.join(seen['details'])}); each time, it is tried again a second later,"
+                " and the checks of that second skip it"
+            )
     for k, r in enumerate(results["cpu"]["rounds"]):
         for kind in ("shared_hits", "local_hits"):
             p = r[kind]
@@ -729,6 +738,26 @@ def markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def shared_cache_events(log: Path) -> dict[str, Any]:
+    """How often a replica's log says the shared cache went away and came back, with the
+    ``detail`` of each going (``timeout``, or the error's class)."""
+    out: dict[str, Any] = {"unavailable": 0, "restored": 0, "details": []}
+    with log.open(encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            if "cache.shared" not in line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == "cache.sharedUnavailable":
+                out["unavailable"] += 1
+                out["details"].append(record.get("detail", ""))
+            elif record.get("event") == "cache.sharedRestored":
+                out["restored"] += 1
+    return out
+
+
 def redis_version(binary: str | None) -> str:
     if binary is None:
         return "–"
@@ -747,7 +776,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="server.sharedCache.timeoutMilliseconds (default: extauthz's, 50)",
     )
     p.add_argument(
-        "--keep-logs", action="store_true", help="keep the replicas' stdout and the work dir"
+        "--keep-logs",
+        action="store_true",
+        help="keep the work dir (the replicas' logs, configs, token files) under bench/results/tmp",
     )
     return p.parse_args(argv)
 
@@ -769,7 +800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     results["redis_timeout_ms"] = args.redis_timeout_ms
     results["load_average_before"] = os.getloadavg()
-    with fleet(workdir, keep_logs=args.keep_logs, redis_timeout_ms=args.redis_timeout_ms) as fl:
+    with fleet(workdir, redis_timeout_ms=args.redis_timeout_ms) as fl:
         log(f"fleet up: replicas {', '.join(fl.replicas)}, Envoy listeners {', '.join(fl.listen)}")
         results["calls"] = {}
         for fleet_name in ("shared", "local"):
@@ -789,6 +820,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         results["cpu"] = {"rounds": rounds}
         results["latency"] = miss_latency(fl, prof)
+        logs = {name: proc.log for name, proc in fl.replicas.items() if name in SHARED}
+    results["shared_cache_events"] = {name: shared_cache_events(log) for name, log in logs.items()}
     results["elapsed_s"] = time.monotonic() - t0
     results["load_average_after"] = os.getloadavg()
     results["targets"] = targets(results)

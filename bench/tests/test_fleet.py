@@ -197,8 +197,31 @@ def test_targets_problems_and_the_report() -> None:
     fair["cpu"]["rounds"][0]["shared_hits"]["cache"]["shared hit"] = 99.0
     fair["cpu"]["rounds"][0]["shared_hits"]["cache"]["shared error"] = 1.0
     fair["calls"]["shared"]["shared"]["error"] = 2.0
+    fair["shared_cache_events"] = {
+        "s0": {"unavailable": 1, "restored": 1, "details": ["timeout"]},
+        "s1": {"unavailable": 0, "restored": 0, "details": []},
+    }
     assert fleet.problems(fair) == []
-    assert len(fleet.notes(fair)) == 2, fleet.notes(fair)
+    found = fleet.notes(fair)
+    assert len(found) == 3, found
+    assert any(
+        n.startswith("s0: the shared cache went unavailable 1 time(s) (timeout)") for n in found
+    )
+
+
+def test_shared_cache_events_are_read_from_a_replica_log(tmp_path: Path) -> None:
+    log = tmp_path / "extauthz-s0.log"
+    lines = [
+        {"event": "access", "message": "cache.sharedUnavailable in a message is not the event"},
+        {"event": "cache.sharedUnavailable", "uri": "redis://127.0.0.1:1/0", "detail": "timeout"},
+        {"event": "cache.sharedRestored", "uri": "redis://127.0.0.1:1/0"},
+    ]
+    log.write_text("\n".join(json.dumps(line) for line in lines) + '\n{"event": "cache.shared')
+    assert fleet.shared_cache_events(log) == {
+        "unavailable": 1,
+        "restored": 1,
+        "details": ["timeout"],
+    }
 
 
 def test_quick_run_end_to_end(tmp_path: Path) -> None:
