@@ -18,6 +18,8 @@ import hashlib
 import hmac
 import json
 import math
+import re
+import string
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -29,6 +31,7 @@ import jwt.algorithms
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from .bounded import BoundedCache
 from .decision import Denial, Reason
 from .steps import Step, checked
 from .validation import _b64url, _json_object, numeric_date
@@ -60,6 +63,10 @@ MAX_REMEMBERED_JTIS = 65_536
 REPLAYED_JTI_MESSAGE = "The DPoP proof's 'jti' was seen before: a replayed proof."
 
 _ALGORITHMS = jwt.algorithms.get_default_algorithms()
+# Proof keys by (alg, RFC 7638 thumbprint): clients keep their DPoP key for many requests.
+_PROOF_KEYS: BoundedCache[tuple[str, str], Any] = BoundedCache(4096, 0, lru=True)
+_PERCENT_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")  # RFC 3986 §2.3
 # RFC 7638 §3.2: the required members of each key type, the only ones the thumbprint covers.
 _THUMBPRINT_MEMBERS = {
     "RSA": ("e", "kty", "n"),
@@ -172,7 +179,12 @@ def _parse_proof(header: str | None, allowed: frozenset[str]) -> Proof | Step:
         return _fail("dpop jwk", "The DPoP proof's 'jwk' is not a complete public key.")
     algorithm = _ALGORITHMS[alg]
     try:
-        key = algorithm.from_jwk(json.dumps(jwk))
+        # The thumbprint names exactly the key's public members (RFC 7638 §3.2): the same
+        # thumbprint is the same key, whose object is made once (a third of a proof's cost).
+        key = _PROOF_KEYS.get((alg, thumbprint))
+        if key is None:
+            key = algorithm.from_jwk(json.dumps(jwk))
+            _PROOF_KEYS.put((alg, thumbprint), key, 0)
         verified = algorithm.verify(f"{head_b64}.{payload_b64}".encode(), key, signature)
     except (ValueError, TypeError, KeyError, jwt.InvalidKeyError):
         return _fail("dpop jwk", "The DPoP proof's 'jwk' is not a usable public key.")
@@ -189,10 +201,37 @@ def _text(value: Any, limit: int = 64) -> Any:
     return cleaned + ("…" if len(value) > limit else "")
 
 
+def _normal_path(path: str) -> str:
+    """A path in RFC 3986 §6.2.2 normal form: percent-encoded unreserved characters decoded, the
+    other escapes in upper case (§6.2.2.2), dot segments removed (§6.2.2.3, §5.2.4). So a proof
+    for the URL the client called matches the path Envoy normalized before the check."""
+    if "%" in path:
+        path = _PERCENT_ESCAPE.sub(_normal_escape, path)
+    if "." not in path:
+        return path or "/"
+    segments = path.split("/")
+    kept: list[str] = []
+    for segment in segments[1:]:
+        if segment == "..":
+            if kept:
+                kept.pop()
+        elif segment != ".":
+            kept.append(segment)
+    normal = "/" + "/".join(kept)
+    if segments[-1] in (".", "..") and not normal.endswith("/"):
+        normal += "/"  # "/a/b/.." is "/a/"
+    return normal
+
+
+def _normal_escape(match: re.Match[str]) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else f"%{match.group(1).upper()}"
+
+
 def _normal_uri(uri: str) -> str | None:
     """An HTTP URI in RFC 3986 §6.2.2-6.2.3 normal form for comparison (lower-case scheme and
-    host, no default port, an empty path as "/"), or None when it is not an absolute http(s)
-    URI. Query and fragment must already be gone."""
+    host, no default port, an empty path as "/", the path as :func:`_normal_path` makes it), or
+    None when it is not an absolute http(s) URI. Query and fragment must already be gone."""
     try:
         parts = urlsplit(uri)
         port = parts.port
@@ -205,7 +244,7 @@ def _normal_uri(uri: str) -> str | None:
     if ":" in host:
         host = f"[{host}]"
     netloc = host if port is None or str(port) == _DEFAULT_PORTS[scheme] else f"{host}:{port}"
-    return f"{scheme}://{netloc}{parts.path or '/'}"
+    return f"{scheme}://{netloc}{_normal_path(parts.path)}"
 
 
 class ReplayCache:

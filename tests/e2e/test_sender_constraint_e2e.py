@@ -495,11 +495,6 @@ def test_dpop_htu_is_the_https_uri_envoy_saw(
     assert tls_gateway.failure_line(request_id)["htuExpected"] == tls_gateway.url("/dpop/1")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="extauthz compares htu without RFC 3986 §6.2.2 normalization (RFC 9449 §4.3 SHOULD): "
-    "Envoy normalizes the request path, the client's proof names the URL it called",
-)
 @pytest.mark.parametrize("called", ["/dpop/%7E", "/dpop/x/../1"])
 def test_dpop_htu_of_the_url_the_client_called_before_envoy_normalized_it(
     tls_gateway: Gateway, dpop_key: ProofKey, dpop_tokens: dict[str, str], called: str

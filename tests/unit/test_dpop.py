@@ -289,3 +289,34 @@ def test_now_is_real_time_in_seconds() -> None:
     # The engine passes its wall clock; a proof made now passes with the real time.
     now = time.time()
     assert run(proof(iat=int(now)), now=now)[1] is not None
+
+
+@pytest.mark.parametrize(
+    ("signed", "seen"),
+    [
+        ("https://api.example.com/orders/%7E", "https://api.example.com/orders/~"),
+        ("https://api.example.com/orders/%7e", "https://api.example.com/orders/~"),
+        ("https://api.example.com/orders/x/../1", "https://api.example.com/orders/1"),
+        ("https://api.example.com/orders/./1", "https://api.example.com/orders/1"),
+        ("https://api.example.com/orders/1/..", "https://api.example.com/orders/"),
+        ("https://API.example.com:443/orders/%2f", "https://api.example.com/orders/%2F"),
+    ],
+)
+def test_htu_is_compared_after_rfc_3986_normalization(signed: str, seen: str) -> None:
+    """RFC 9449 §4.3 (RFC 3986 §6.2.2): the URL the client signed, before Envoy normalized it,
+    matches the path extauthz sees."""
+    steps, accepted = run(proof(htu=signed), htu=seen)
+    assert accepted is not None and all(step.denial is None for step in steps), steps
+
+
+@pytest.mark.parametrize(
+    ("signed", "seen"),
+    [
+        ("https://api.example.com/orders/%2F1", "https://api.example.com/orders//1"),
+        ("https://api.example.com/orders/1", "https://api.example.com/orders/2"),
+        ("https://api.example.com/x/../orders/1", "https://api.example.com/x/orders/1"),
+    ],
+)
+def test_normalization_never_makes_two_resources_one(signed: str, seen: str) -> None:
+    steps, _ = run(proof(htu=signed), htu=seen)
+    assert any(step.denial is not None and step.name == "dpop htu" for step in steps), steps
