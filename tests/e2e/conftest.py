@@ -324,6 +324,8 @@ DEMO_CLIENTS = (
     "short-lived",
     "extauthz",
     "extauthz-post",
+    "dpop-client",
+    "mtls-client",
 )
 
 
