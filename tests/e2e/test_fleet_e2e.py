@@ -406,14 +406,13 @@ def test_forged_and_copied_entries_are_never_an_allow(fleet: Fleet) -> None:
         for _ in range(CHECKS_PER_TOKEN):  # on every replica in turn
             assert fleet.check(token) == (401, "token_inactive")
 
-    # Each forgery is read once: the replica that rejects it asks the IdP and writes the real
-    # (inactive) answer over it, which the others then find.
+    # Each forgery is rejected where it is read (the replica that rejects it asks the IdP and
+    # writes the real, inactive, answer over it, which the others then find).
     def rejected() -> list[dict[str, Any]] | None:
         found = [line for per in fleet.events("cache.entryRejected") for line in per]
         return found if len(found) >= rejected0 + 2 else None
 
-    lines = wait_until(rejected, timeout=5, what="two cache.entryRejected lines")
-    assert len(lines) == rejected0 + 2, lines
+    lines = wait_until(rejected, timeout=5, what="a cache.entryRejected line for each forgery")
     assert "mallory" not in json.dumps(lines)
 
 
