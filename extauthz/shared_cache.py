@@ -77,7 +77,7 @@ import os
 import re
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
@@ -135,6 +135,10 @@ RETRY_SECONDS = 1.0
 # A value larger than this is not an answer this code wrote (it writes at most 16 KiB of claims).
 MAX_VALUE_BYTES = 64 * 1024
 MAX_CONNECTIONS = 64
+# A replica waiting on another's IdP call reads the shared cache after 2 ms, then at intervals
+# growing by half up to 25 ms: an IdP answering in 5 ms is seen within a few milliseconds of it.
+FIRST_POLL_SECONDS = 0.002
+MAX_POLL_SECONDS = 0.025
 
 # (level, event, fields), as the IdP layer reports: the fields never hold a token nor a value.
 Report = Callable[[str, str, dict[str, Any]], None]
@@ -243,7 +247,7 @@ class SharedCache:
         self._subscribed = False
         self._subscription_lost = False  # said so once, until subscribed again
         self._observe = observe
-        self._writes: set[asyncio.Task[None]] = set()  # background writes, until done
+        self._writes: set[asyncio.Task[Any]] = set()  # background writes, until done
         self._timeout = timeout_seconds
         self.display_uri = display_uri
         self._report = report
@@ -409,7 +413,11 @@ class SharedCache:
         it. Bounded as every call is (the connections), and skipped when all are busy."""
         if expires_at <= self._clock() or self._busy():
             return
-        task = asyncio.ensure_future(self.put(key, expires_at, claims))
+        self._in_background(self.put(key, expires_at, claims))
+
+    def _in_background(self, call: Coroutine[Any, Any, Any]) -> None:
+        """Run a Redis call without waiting for it, kept until done."""
+        task = asyncio.ensure_future(call)
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
@@ -436,6 +444,66 @@ class SharedCache:
         except _Unavailable:
             return None
         return True
+
+    # -- the fleet's single flight --------------------------------------------------------
+
+    async def lease(self, key: str, seconds: float) -> bool | None:
+        """Take the fleet's lease on asking the IdP for the entry ``key`` (``SET NX PX``), held
+        ``seconds`` at most: True, this replica asks; False, another replica is asking now (wait
+        for its answer, :meth:`wait_for`); None, Redis cannot say (ask). A lease grants nothing
+        but a bounded wait, so it carries no MAC: a forged one costs a waiter ``seconds``."""
+        ttl_ms = int(seconds * 1000)
+        if ttl_ms <= 0 or self._busy():
+            return None
+        try:
+            taken = await self._call(
+                "lease", self._client.set, _lease_key(key), b"1", px=ttl_ms, nx=True
+            )
+        except _Unavailable:
+            return None
+        return bool(taken)
+
+    def release_later(self, key: str) -> None:
+        """Give the lease on ``key`` back in the background: the replica that held it failed to
+        get an answer, and the waiting ones ask for themselves at once rather than at the end
+        of the lease."""
+        if not self._busy():
+            self._in_background(self._release(key))
+
+    async def _release(self, key: str) -> None:
+        with contextlib.suppress(_Unavailable):
+            await self._call("release", self._client.delete, _lease_key(key))
+
+    async def wait_for(self, kind: str, key: str, seconds: float) -> SharedEntry | None:
+        """The entry another replica is fetching under its lease, read as it lands: polled (the
+        entry and the lease in one ``MGET``) at growing intervals for at most ``seconds``. None
+        when the lease ends without an entry (that replica's IdP call failed), the time is up,
+        or Redis cannot say: the caller then asks the IdP itself."""
+        until = self._monotonic() + seconds
+        pause = FIRST_POLL_SECONDS
+        while True:
+            left = until - self._monotonic()
+            if left <= 0:
+                return None
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 1.5, MAX_POLL_SECONDS)
+            if self._busy():
+                return None
+            try:
+                value, lease = await self._call("poll", self._client.mget, key, _lease_key(key))
+            except _Unavailable:
+                return None
+            if value is not None:
+                try:
+                    entry = self.unseal(key, bytes(value))
+                except _Rejected as why:
+                    self._rejected(kind, why)
+                    return None
+                if entry is not None:
+                    self._count("shared", "hit")
+                    return entry
+            if lease is None:
+                return None
 
     async def evict(self, digest: bytes, scopes: Iterable[tuple[str, str]]) -> int | None:
         """Delete the entries of the token whose SHA-256 is ``digest`` under each (kind, scope)
@@ -622,6 +690,11 @@ def _read_secret(path: str | None, env: str | None, what: str) -> bytes | None:
             raise ConfigError([f"{where}Env: environment variable {env} is not set"])
         return value.encode()
     return None
+
+
+def _lease_key(key: str) -> str:
+    """The lease on asking the IdP for the entry ``key``: ``extauthz:v1:lease:<kind>:<hex>``."""
+    return f"{KEY_PREFIX}lease:{key.removeprefix(KEY_PREFIX)}"
 
 
 def display_uri(uri: str) -> str:

@@ -2,9 +2,9 @@
 
 Every IdP request goes through :func:`fetch_json` on an injected ``httpx.AsyncClient``, so tests
 can pass ``httpx.MockTransport`` and production gets one pooled client per TLS setting. Requests
-are built whole (parsed URL, headers, encoded body, timeout) and handed to ``client.send``: the
-client's request building merged defaults and parsed the URL again on every call, about a tenth
-of an introspection call's CPU.
+are built whole (parsed URL, headers, encoded body, timeout) and handed to the client's
+transport: the client's request building merged defaults and parsed the URL again on every call,
+and its sending layer (auth, cookies, hooks) has nothing to do for an IdP call.
 
 Each call is bounded by its endpoint's ``timeoutSeconds`` and by what is left of the check's own
 deadline (:data:`check_deadline`), whichever ends first; a failure says which bound ran out and
@@ -446,6 +446,15 @@ class IdpEndpoint:
     ) -> IdpResponse:
         """The IdP's answer, or an IdpError; see :meth:`fetch`."""
         return await self.fetch(_the_response, method=method, data=data, headers=headers)
+
+    @property
+    def budget(self) -> float:
+        """How long a call here may take now: ``timeoutSeconds``, or what is left of the
+        check's deadline when that is sooner."""
+        deadline = check_deadline.get()
+        if deadline is None:
+            return self._timeout
+        return max(0.0, min(self._timeout, deadline - time.monotonic()))
 
     async def fetch(
         self,

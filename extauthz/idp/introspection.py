@@ -14,8 +14,10 @@
 * With ``server.sharedCache``, the local cache stays in front of the fleet's shared one
   (:mod:`extauthz.shared_cache`): a local miss reads the shared cache before calling the IdP,
   within the same single flight, and an IdP answer, active or inactive, is written there for the
-  other replicas. What the shared cache says is never more than what this replica would have
-  kept: its expiry is cut to the local lifetimes. An eviction (:meth:`IntrospectionClient.evict`)
+  other replicas. The single flight holds across the fleet: one replica takes a lease and asks,
+  the others wait for its answer in the shared cache (:meth:`SharedCache.lease`). What the
+  shared cache says is never more than what this replica would have kept: its expiry is cut to
+  the local lifetimes. An eviction (:meth:`IntrospectionClient.evict`)
   drops a token's answer by the same SHA-256.
 * A reloaded config whose introspection settings did not change keeps the answers: the new
   generation's client is :meth:`IntrospectionClient.rebound` to its own endpoint lookup and
@@ -319,16 +321,35 @@ class IntrospectionClient:
     async def _fetch(self, key: bytes, token: str) -> dict[str, Any] | None:
         remote = self._shared.remote
         remote_key = ""
+        leased: bool | None = None
         if remote is not None:
             remote_key = remote.key("introspection", self._shared.scope, token)
             entry = await remote.get("introspection", remote_key)  # None whatever Redis does
             if entry is not None:
                 return self._from_remote(key, entry.expires_at, entry.claims)
-        claims, expires_at = await self._ask_idp(key, token)
+            # The single flight holds across the fleet: one replica asks the IdP about a new
+            # token, the others wait for its answer in the shared cache, for no longer than
+            # they would wait for the IdP itself, then ask it themselves.
+            budget = (await self._endpoint()).budget
+            leased = await remote.lease(remote_key, budget)
+            if leased is False:
+                entry = await remote.wait_for("introspection", remote_key, budget)
+                if entry is not None:
+                    return self._from_remote(key, entry.expires_at, entry.claims)
+        try:
+            claims, expires_at = await self._ask_idp(key, token)
+        except BaseException:
+            if remote is not None and leased:
+                remote.release_later(remote_key)  # the waiting replicas ask at once
+            raise
         if remote is not None:
             # Awaited (within timeoutMilliseconds) rather than left running: the next replica
-            # asked about this token, perhaps by the client's very next request, finds it.
+            # asked about this token, perhaps by the client's very next request, finds it. Then
+            # the lease goes: a replica that later misses the entry (evicted, expired) must not
+            # wait on a lease nobody holds.
             await remote.put(remote_key, expires_at, claims)
+            if leased:
+                remote.release_later(remote_key)
         return claims
 
     def _from_remote(

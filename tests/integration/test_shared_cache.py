@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import yaml
 
 from extauthz.shared_cache import SharedCache
 from tests.conftest import claims
-from tests.integration.faulty_idp import FaultyIdp
+from tests.integration.faulty_idp import Fault, FaultyIdp
 from tests.integration.serverproc import ExtauthzProcess
 from tests.policies import orders
 from tests.redis_server import (  # noqa: F401 (the redis_server and tls_redis_server fixtures)
@@ -113,6 +114,11 @@ def fleet(redis_server: RedisServer, tmp_path: Path) -> Iterator[Fleet]:
         assert f.signing_key not in text
 
 
+def entries(redis_server: RedisServer) -> list[bytes]:
+    """The keys of the answers in Redis (not the leases of the fleet's single flight)."""
+    return [k for k in redis_server.client().keys("*") if not k.startswith(b"extauthz:v1:lease:")]
+
+
 def events(replica: ExtauthzProcess, event: str, n: int) -> list[dict[str, Any]]:
     """The ``event`` lines, once there are ``n`` (lines are written every few milliseconds)."""
 
@@ -138,7 +144,7 @@ def test_n_tokens_on_two_replicas_cost_n_introspections(fleet: Fleet) -> None:
     assert a.metric("extauthz_cache_events_total", cache="shared", result="miss") == len(tokens)
     assert b.metric("extauthz_cache_events_total", cache="shared", result="hit") == len(tokens)
     # What Redis holds: HMAC'd keys, never a token.
-    stored = fleet.redis.client().keys("*")
+    stored = entries(fleet.redis)
     assert sorted(k.decode() for k in stored) == sorted(fleet.redis_key(t) for t in tokens)
     values = b"".join(fleet.redis.client().get(k) or b"" for k in stored)
     assert not any(t.encode() in values for t in tokens)
@@ -150,6 +156,47 @@ def test_n_tokens_on_two_replicas_cost_n_introspections(fleet: Fleet) -> None:
     status, body = a.admin("readyz")
     assert status == 200
     assert json.loads(body)["sharedCache"]["available"] is True
+
+
+def test_one_idp_call_for_a_token_met_by_both_replicas_at_once(fleet: Fleet) -> None:
+    """The single flight holds across the fleet: while the IdP holds the first replica's
+    introspection, the second waits for its answer in Redis instead of asking too."""
+    a, b = fleet.replicas
+    token = fleet.idp.issue(claims(sub="both-at-once"))
+    fleet.idp.set_fault(INTROSPECT, Fault.hold())
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(a.check, token, path=ORDER)
+        wait_until(lambda: fleet.introspections() == 1, timeout=5, what="the first introspection")
+        second = pool.submit(b.check, token, path=ORDER)
+        time.sleep(0.5)  # the second replica is waiting now, not asking
+        assert fleet.introspections() == 1
+        fleet.idp.release()
+        assert first.result().allowed and second.result().allowed
+    assert fleet.introspections() == 1
+    assert b.line(second.result().request_id, "access")["idpCalls"] == 0
+    # The lease is given back once the answer is there.
+    wait_until(lambda: not fleet.redis.client().keys("extauthz:v1:lease:*"), timeout=5, what="no lease")
+
+
+def test_a_failed_lease_holder_lets_the_others_ask_at_once(fleet: Fleet) -> None:
+    """The replica holding the lease gets no answer (the IdP goes away in the middle of its
+    call): it gives the lease back, and the waiting replica asks the IdP itself at once, long
+    before the lease (5 s, the policy's timeoutSeconds) would have run out."""
+    a, b = fleet.replicas
+    token = fleet.idp.issue(claims(sub="holder-fails"))
+    fleet.idp.set_fault(INTROSPECT, Fault.hold())
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(a.check, token, path=ORDER)
+        wait_until(lambda: fleet.introspections() == 1, timeout=5, what="the first introspection")
+        second = pool.submit(b.check, token, path=ORDER)
+        time.sleep(0.3)  # waiting on the lease
+        stopped = time.monotonic()
+        fleet.idp.stop()
+        assert not first.result().allowed
+        waited = second.result()
+    assert not waited.allowed and time.monotonic() - stopped < 2.0
+    failure = b.line(waited.request_id, "authentication.idpCallFailed")
+    assert failure["endpoint"] == "introspection_endpoint"  # it asked the IdP itself
 
 
 def test_forged_and_copied_entries_are_never_an_allow(fleet: Fleet) -> None:
@@ -186,7 +233,8 @@ def test_forged_and_copied_entries_are_never_an_allow(fleet: Fleet) -> None:
     fleet.idp.revoke(altered_token)
     r.set(fleet.redis_key(altered_token), genuine.replace(b"orders.read", b"orders.admin"))
     assert not b.check(altered_token, path=ORDER).allowed  # asked the IdP: revoked
-    events(b, "cache.entryRejected", 2)
+    # Read once, or twice if replica a's lease was still there (b waited on it, and read again).
+    wait_until(lambda: len(b.events("cache.entryRejected")) >= 2, timeout=5, what="rejections")
 
     rejected = json.dumps([*a.events("cache.entryRejected"), *b.events("cache.entryRejected")])
     assert "mallory" not in rejected and "orders.admin" not in rejected
@@ -266,7 +314,7 @@ def test_rediss_with_ca_file(tls_redis_server: RedisServer, tmp_path: Path) -> N
             for token in tokens:
                 assert trusting.check(token, path=ORDER).allowed
             assert fleet.introspections() == len(tokens)
-            assert len(tls_redis_server.client().keys("*")) == len(tokens)
+            assert len(entries(tls_redis_server)) == len(tokens)
             for token in tokens:
                 assert untrusting.check(token, path=ORDER).allowed
             assert not untrusting.check(secrets.token_urlsafe(32), path=ORDER).allowed

@@ -45,9 +45,12 @@ class FakeRedis:
         await self._misbehave()
         return self.data.get(key)
 
-    async def set(self, key: str, value: bytes, px: int) -> None:
+    async def set(self, key: str, value: bytes, px: int, nx: bool = False) -> bool | None:
         await self._misbehave()
+        if nx and key in self.data:
+            return None  # as Redis answers SET NX on a key that is there
         self.data[key], self.ttl_ms[key] = value, px
+        return True
 
     async def aclose(self) -> None:
         pass
@@ -283,6 +286,7 @@ class FakeEndpoint:
     """An introspection endpoint answering ``answers[token]`` (inactive for any other)."""
 
     name, uri = "introspection_endpoint", "https://idp.example.com/introspect"
+    budget = 5.0  # timeoutSeconds: how long a lease on asking it is held
 
     def __init__(self, answers: dict[str, dict[str, Any]]) -> None:
         self.answers = answers
