@@ -135,6 +135,10 @@ RETRY_SECONDS = 1.0
 # A value larger than this is not an answer this code wrote (it writes at most 16 KiB of claims).
 MAX_VALUE_BYTES = 64 * 1024
 MAX_CONNECTIONS = 64
+# A call that runs out of time is a miss; only this many in a row make the server unavailable
+# (skipped for a second): one slow answer on a loaded machine is not an outage. A refused or
+# broken connection is one at once.
+SLOW_CALLS_BEFORE_UNAVAILABLE = 3
 # A replica waiting on another's IdP call reads the shared cache after 2 ms, then at intervals
 # growing by half up to 25 ms: an IdP answering in 5 ms is seen within a few milliseconds of it.
 FIRST_POLL_SECONDS = 0.002
@@ -258,6 +262,7 @@ class SharedCache:
         self._since = clock()
         self._last_error = ""
         self._next_try = 0.0  # monotonic: when an unavailable Redis may be tried again
+        self._slow_calls = 0  # calls that ran out of time in a row
         # The pool refuses a call beyond its connections with an error; counted here first, a
         # burst of new tokens skips the cache rather than passing for a Redis that went away.
         self._calls = asyncio.Semaphore(max_calls)
@@ -384,10 +389,14 @@ class SharedCache:
             async with self._calls, asyncio.timeout(self._timeout):
                 result = await method(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - whatever Redis or its client does, never a reason to fail a check
-            self._unavailable(exc)
+            slow = isinstance(exc, TimeoutError)
+            self._slow_calls = self._slow_calls + 1 if slow else 0
+            if not slow or self._slow_calls >= SLOW_CALLS_BEFORE_UNAVAILABLE:
+                self._unavailable(exc)
             raise _Unavailable from None
         finally:
             self._observe(operation, self._monotonic() - started)
+        self._slow_calls = 0
         self._restored()
         return result
 

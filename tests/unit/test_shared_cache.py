@@ -183,6 +183,20 @@ def test_redis_down_is_a_miss_logged_once_then_restored_once(mode: str) -> None:
     assert env.cache.readiness()["available"] is True
 
 
+def test_one_slow_call_is_a_miss_three_in_a_row_an_outage() -> None:
+    """A call that runs out of time on a loaded machine is a miss; only three in a row make the
+    server unavailable (and skipped for a second). A success in between starts the count anew."""
+    env = Env()
+    key = env.cache.key("introspection", SCOPE, TOKEN)
+    for mode in ("hang", "hang", "ok", "hang", "hang"):
+        env.redis.mode = mode
+        assert run(env.cache.get("introspection", key)) is None
+    assert env.events(UNAVAILABLE_EVENT) == [] and env.cache.readiness()["available"] is True
+    assert run(env.cache.get("introspection", key)) is None  # the third in a row
+    (line,) = env.events(UNAVAILABLE_EVENT)
+    assert line["detail"] == "timeout" and env.cache.readiness()["available"] is False
+
+
 def test_a_timed_out_call_takes_at_most_the_timeout() -> None:
     env = Env()
     env.redis.mode = "hang"
