@@ -143,13 +143,17 @@ class Metrics:
 
     def shared_cache_call(self, operation: str, seconds: float) -> None:
         """One call to the shared cache's Redis (``get``, ``set``, ``add``, ``delete``,
-        ``publish``), failed or not."""
+        ``publish``, ``lease``, ``poll``, ``release``), failed or not."""
         self._child(self.shared_cache_duration, operation).observe(seconds)
 
     def shared_cache(self, cache: str, result: str) -> None:
-        """A shared-cache lookup: counted only. Not on the check's span, whose cache attribute
-        tells how the check's own (local) lookup went (docs/traces.md)."""
+        """A shared-cache lookup: counted, and an event on the check's span (never a span of
+        its own); the span's ``extauthz.cache`` attribute keeps telling how the check's own
+        (local) lookup went (docs/traces.md)."""
         self._child(self.cache_events, cache, result).inc()
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.add_event("cache", {"extauthz.cache": result, "extauthz.cache.name": cache})
 
     def cache(self, cache: str, result: str) -> None:
         self._child(self.cache_events, cache, result).inc()

@@ -393,3 +393,25 @@ def test_calls_beyond_the_pool_skip_the_cache_without_calling_it_unavailable() -
     assert sorted(env.counts) == ["shared:error", "shared:miss", "shared:miss"]
     assert env.lines == []  # not unavailable
     assert env.cache.readiness()["available"] is True
+
+
+def test_a_shared_lookup_is_an_event_on_the_check_span_not_a_span() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from extauthz.metrics import Metrics
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    metrics = Metrics()
+    with provider.get_tracer("test").start_as_current_span("check") as span:
+        span.set_attribute("extauthz.cache", "miss")  # the local lookup's
+        metrics.shared_cache("shared", "hit")
+    (check,) = exporter.get_finished_spans()
+    events = [(e.name, dict(e.attributes or {})) for e in check.events]
+    assert events == [("cache", {"extauthz.cache": "hit", "extauthz.cache.name": "shared"})]
+    assert check.attributes is not None and check.attributes["extauthz.cache"] == "miss"
+    labels = {"cache": "shared", "result": "hit"}
+    assert metrics.registry.get_sample_value("extauthz_cache_events_total", labels) == 1
