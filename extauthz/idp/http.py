@@ -277,9 +277,16 @@ async def _send(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Resp
     """``client.send(request, stream=True)``, straight to the client's transport (where the
     OpenTelemetry instrumentation sits): the client's own layer (auth, cookies, event hooks,
     redirects) has nothing to do for an IdP call, yet costs tens of microseconds of it (and an
-    IdP's cookies are never kept). A client without one (closed) gets ``send``'s own error."""
+    IdP's cookies are never kept). A closed client gets ``send``'s own error, and a client with
+    event hooks (``extauthz probe`` records each phase with them) goes through ``send``."""
     transport = getattr(client, "_transport", None)
-    if not isinstance(transport, httpx.AsyncBaseTransport) or client.is_closed:
+    hooks = client.event_hooks
+    if (
+        not isinstance(transport, httpx.AsyncBaseTransport)
+        or client.is_closed
+        or hooks["request"]
+        or hooks["response"]
+    ):
         return await client.send(request, stream=True)
     response = await transport.handle_async_request(request)
     response.request = request
