@@ -223,6 +223,39 @@ def test_a_client_sending_one_byte_at_a_time_is_cut_off(rsa_key: SigningKey, mon
     run(config_for(rsa_key), test)
 
 
+@pytest.mark.parametrize(("idle", "head"), [(0.3, 10.0), (0.6, 0.3)])
+def test_each_deadline_holds_whichever_is_armed_last(
+    rsa_key: SigningKey, monkeypatch: pytest.MonkeyPatch, idle: float, head: float
+) -> None:
+    """The connection's one timer moves lazily: an idle connection is closed IDLE_SECONDS after
+    its last answer, and a slow request gets 408 HEAD_SECONDS after its first byte, whichever of
+    the two is the shorter."""
+    monkeypatch.setattr(http_wire, "IDLE_SECONDS", idle)
+    monkeypatch.setattr(http_wire, "HEAD_SECONDS", head)
+
+    async def test(wires: Wires) -> None:
+        loop = asyncio.get_running_loop()
+        reader, writer = await asyncio.open_connection("127.0.0.1", wires.port)
+        for rid in ("first", "second"):  # answered, then idle
+            writer.write(http_request("/orders/42", {"x-request-id": rid}))
+            assert parsed(await read_response(reader))[0] == 401
+        answered = loop.time()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed for idleness
+        assert idle - 0.1 <= loop.time() - answered <= idle + 1.0
+        writer.close()
+        if head > 1:
+            return  # a slow request's 408 would take HEAD_SECONDS
+        reader, writer = await asyncio.open_connection("127.0.0.1", wires.port)
+        writer.write(b"GET /orders/42 HTTP/1.1\r\n")  # and nothing more
+        began = loop.time()
+        response = await asyncio.wait_for(reader.read(), 5)
+        assert response.startswith(b"HTTP/1.1 408")
+        assert head - 0.1 <= loop.time() - began <= head + 1.0
+        writer.close()
+
+    run(config_for(rsa_key), test)
+
+
 def test_an_upgrade_request_is_checked_and_the_connection_then_closed(rsa_key: SigningKey) -> None:
     async def test(wires: Wires) -> None:
         raw = http_request("/orders/42", {"x-request-id": "u-1", "upgrade": "websocket", "connection": "upgrade"})
