@@ -73,6 +73,7 @@ from bench.procs import (
 )
 from bench.run import log, pacing_delay
 from examples.stack import accepts_tcp, free_ports, http_get
+from tests.prometheus_text import sample_sum
 from tests.redis_server import REDIS_MISSING, RedisServer, find_redis_server
 
 SHARED = ("s0", "s1", "s2")
@@ -201,15 +202,7 @@ def metric(proc: Proc, name: str, **labels: str) -> float:
     status, _, body = http_get(f"{proc.admin_url}/metrics", timeout=2)
     if status != 200:
         raise RuntimeError(f"{proc.name} /metrics: {status}")
-    total = 0.0
-    for line in body.decode().splitlines():
-        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
-        if labels.items() <= found.items():
-            total += float(m.group(3))
-    return total
+    return sample_sum(body.decode(), name, **labels)
 
 
 def buckets(proc: Proc, name: str, **labels: str) -> dict[float, float]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -42,6 +41,7 @@ import yaml
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2 as ext
 from extauthz._pb.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from tests.check_requests import check_request
+from tests.prometheus_text import sample_sum
 from tests.waiting import wait_until
 
 __all__ = [
@@ -314,15 +314,7 @@ class ExtauthzProcess:
     def metric(self, name: str, **labels: str) -> float:
         """The sum of the samples of ``name`` whose labels include ``labels`` (0 when there is
         none yet): a label the test does not name (``wire``) is summed over."""
-        total = 0.0
-        for raw in self.metrics_text().splitlines():
-            m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$", raw)
-            if not m or m.group(1) != name:
-                continue
-            found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
-            if labels.items() <= found.items():
-                total += float(m.group(3))
-        return total
+        return sample_sum(self.metrics_text(), name, **labels)
 
 
 def http_json(url: str) -> tuple[int, Any] | None:
