@@ -21,10 +21,12 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
+from extauthz.shared_cache import SharedCache
 from tests.integration.serverproc import free_port
 from tests.waiting import wait_until
 
@@ -133,3 +135,16 @@ def tls_redis_server_fixture(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.kill()
+
+
+def fleet_keys(signing_key: bytes, client: Any = None) -> SharedCache:
+    """The fleet's keys and seals (:class:`SharedCache` over ``client``, or none at all): what a
+    test needs to find a token's entry, or write one, as an operator with the key could."""
+    return SharedCache(
+        client,
+        signing_key,
+        timeout_seconds=1,
+        display_uri="",
+        report=lambda *_: None,
+        count=lambda *_: None,
+    )

@@ -51,7 +51,7 @@ from tests.conftest import claims
 from tests.integration.faulty_idp import FaultyIdp
 from tests.integration.serverproc import ExtauthzProcess
 from tests.policies import orders
-from tests.redis_server import RedisServer, redis_binary
+from tests.redis_server import RedisServer, fleet_keys, redis_binary
 from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -205,14 +205,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             redis_server,
             stack,
             [stack_replica(stack, config, workdir / "a"), *others],
-            SharedCache(
-                None,
-                signing_key.encode(),
-                timeout_seconds=1,
-                display_uri="",
-                report=lambda *_: None,
-                count=lambda *_: None,
-            ),
+            fleet_keys(signing_key.encode()),
             f"{uri}\x00{CLIENT_ID}",
             http,
             [signing_key, client_secret, redis_server.password],

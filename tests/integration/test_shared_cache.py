@@ -16,21 +16,21 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from extauthz.shared_cache import SharedCache
 from tests.conftest import claims
 from tests.integration.faulty_idp import Fault, FaultyIdp
 from tests.integration.serverproc import ExtauthzProcess
 from tests.policies import orders
 from tests.redis_server import (  # noqa: F401 (the redis_server and tls_redis_server fixtures)
     RedisServer,
+    fleet_keys,
     redis_server_fixture,
     tls_redis_server_fixture,
 )
@@ -78,14 +78,7 @@ class Fleet:
             with_ca = shared if ca_file is None else {**shared, "caFile": str(ca_file)}
             config = {"server": {"sharedCache": with_ca}, "deployments": [orders(policy)]}
             self.replicas.append(ExtauthzProcess(config, tmp_path / name, env=env))
-        self.keys = SharedCache(
-            None,
-            self.signing_key.encode(),
-            timeout_seconds=1,
-            display_uri="",
-            report=lambda *_: None,
-            count=lambda *_: None,
-        )
+        self.keys = fleet_keys(self.signing_key.encode())
 
     def redis_key(self, token: str) -> str:
         return self.keys.key("introspection", f"{self.uri}\x00{CLIENT_ID}", token)

@@ -36,7 +36,7 @@ from tests.check_requests import check_request
 from tests.conftest import AUDIENCE, ISSUER, SigningKey, claims
 from tests.integration.faulty_idp import Fault, FaultyIdp
 from tests.integration.serverproc import ExtauthzProcess, run_extauthz
-from tests.redis_server import RedisServer, redis_binary
+from tests.redis_server import RedisServer, fleet_keys, redis_binary
 from tests.waiting import wait_until
 
 CLIENT_ID = "extauthz"
@@ -154,14 +154,7 @@ def fleet(rsa_key: SigningKey, tmp_path_factory: pytest.TempPathFactory) -> Iter
         replicas = [ExtauthzProcess(config, workdir / name, env=env) for name in "abc"]
         a, b, c = replicas
         source = parse_config({"deployments": [deployments[1]]}).deployments[0].auth.keys
-        keys = SharedCache(
-            None,
-            signing_key.encode(),
-            timeout_seconds=1,
-            display_uri="",
-            report=lambda *_: None,
-            count=lambda *_: None,
-        )
+        keys = fleet_keys(signing_key.encode())
         try:
             # B and C start while the JWKS cannot be fetched; A once it can.
             idp.set_fault("/jwks", Fault.status_code(503))

@@ -24,7 +24,6 @@ from extauthz.shared_cache import (
     EVICT_CHANNEL,
     Evictor,
     EvictRefused,
-    SharedCache,
     check_secrets,
     introspection_scope,
     jwt_scope,
@@ -36,6 +35,7 @@ from tests.check_requests import check_input
 from tests.conftest import AUDIENCE, SigningKey, claims
 from tests.fake_idp import JWKS, FakeIdp
 from tests.policies import orders
+from tests.redis_server import fleet_keys
 from tests.unit.test_shared_cache import KEY, NOW, SCOPE, TOKEN, Env, FakeRedis, run
 
 DIGEST = hashlib.sha256(TOKEN.encode()).digest()
@@ -303,14 +303,7 @@ def test_a_jwt_is_looked_up_only_when_this_replica_has_no_key_for_it(
     redis = FleetRedis()
 
     def replica(jwks: list[dict[str, Any]], shared: bool = True) -> Engine:
-        cache = SharedCache(
-            redis,
-            KEY,
-            timeout_seconds=1,
-            display_uri="",
-            report=lambda *_: None,
-            count=lambda *_: None,
-        )
+        cache = fleet_keys(KEY, redis)
         providers = FakeIdp(jwks).providers(config)
         return Engine(config, providers.by_deployment, shared_cache=cache if shared else None)
 
@@ -332,14 +325,7 @@ def test_a_jwt_is_looked_up_only_when_this_replica_has_no_key_for_it(
         # rsa-2's kid, rsa-1's signature: B holds rsa-2, so the signature fails; an entry the
         # fleet's key sealed for this very token is never read.
         forged = rsa_key.sign(claims(sub="mallory"), kid=rsa_key2.kid)
-        cache = SharedCache(
-            redis,
-            KEY,
-            timeout_seconds=1,
-            display_uri="",
-            report=lambda *_: None,
-            count=lambda *_: None,
-        )
+        cache = fleet_keys(KEY, redis)
         scope = jwt_scope(config.deployments[0].auth.keys)
         await cache.put(cache.key("jwt", scope, forged), time.time() + 60, claims(sub="mallory"))
         assert (
