@@ -26,6 +26,7 @@ from .engine import CheckInput, Engine, Validity
 from .idp import DeploymentIdp
 from .routing import Selection
 from .tokens import extract_token
+from .verified import token_digest
 
 __all__ = ["MAX_ANSWERS", "Answer", "AnswerCache"]
 
@@ -180,7 +181,7 @@ class AnswerCache:
         )
         token = extract_token(selection.deployment.auth, headers, "")
         if isinstance(token, str):
-            answer.token_sha256 = hashlib.sha256(token.encode()).digest()
+            answer.token_sha256 = token_digest(token)
         self._answers.put(credential, answer, 0)
 
     def evict(self, digest: bytes | None) -> int:

@@ -306,8 +306,8 @@ def _evict(args: argparse.Namespace) -> int:
         open_shared_cache,
         parse_sha256,
         token_scopes,
-        token_sha256,
     )
+    from .verified import token_digest
 
     try:
         config = load_config(args.config)
@@ -320,7 +320,7 @@ def _evict(args: argparse.Namespace) -> int:
             if not token:
                 print("the token is empty", file=sys.stderr)
                 return EXIT_USAGE
-            digest = token_sha256(token)
+            digest = token_digest(token)
         logger = JsonLogger(sys.stderr)  # standard output holds the answer alone
         shared = open_shared_cache(
             config.server.shared_cache,

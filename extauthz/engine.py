@@ -231,6 +231,12 @@ class Engine:
         self._providers = providers
         self.clock = clock
         self._shared = shared_cache
+        # Each key source's scope in the shared cache, made once (static keys are hashed for it).
+        self._jwt_scopes = {
+            id(p.auth.keys): jwt_scope(p.auth.keys)
+            for d in (config.deployments if shared_cache is not None else ())
+            for p in d.policies
+        }
         self._verified = VerifiedTokens()
         self._replay = ReplayCache()  # DPoP proofs' jti (RFC 9449 §11.1), per process
 
@@ -507,7 +513,7 @@ class Engine:
                 try:
                     keys = await idp.keys.keyset(hit.kid)
                 except IdpError as exc:
-                    fleet = await self._fleet_verified(token, policy)
+                    fleet = await self._fleet_verified(digest, policy)
                     if fleet is not None:
                         return fleet
                     unavailable = Denial(Reason.IDP_CALL_FAILED, exc.message)
@@ -544,7 +550,7 @@ class Engine:
         try:
             keys = await idp.keys.keyset(parsed.kid)
         except IdpError as exc:
-            fleet = await self._fleet_verified(token, policy) if trace is None else None
+            fleet = await self._fleet_verified(digest, policy) if trace is None else None
             if fleet is not None:
                 return fleet
             unavailable = Denial(Reason.IDP_CALL_FAILED, exc.message)
@@ -574,7 +580,7 @@ class Engine:
             # No key here for its kid (this replica's JWKS may be older than the token, and the
             # IdP unreachable): the fleet may have verified it. A signature that fails with a
             # key this replica holds is never looked up.
-            fleet = await self._fleet_verified(token, policy)
+            fleet = await self._fleet_verified(digest, policy)
             if fleet is not None:
                 return fleet
         if key is None:
@@ -597,20 +603,25 @@ class Engine:
             self._verified.put(digest, verified, len(token))
             if self._shared is not None:  # for the replicas that cannot verify it themselves
                 shared_until = min(exp, self.clock() + policy.keys.max_cache_seconds)
-                key_name = self._shared.key("jwt", jwt_scope(policy.keys), token)
+                key_name = self._jwt_key(digest, policy)
                 self._shared.put_later(key_name, shared_until, payload)
         return payload, math.inf
 
+    def _jwt_key(self, digest: bytes, policy: AuthPolicy) -> str:
+        """The shared cache's key for the verified token whose SHA-256 is ``digest``, under
+        ``policy``'s key source."""
+        assert self._shared is not None
+        return self._shared.key_for_digest("jwt", self._jwt_scopes[id(policy.keys)], digest)
+
     async def _fleet_verified(
-        self, token: str, policy: AuthPolicy
+        self, digest: bytes, policy: AuthPolicy
     ) -> tuple[Mapping[str, Any], float] | None:
-        """The claims another replica verified for ``token`` with keys from the same source as
-        ``policy``'s, and until when they may be used; None without a shared cache or an entry
-        that verifies. Every claim check still runs on them."""
+        """The claims another replica verified for the token whose SHA-256 is ``digest`` with
+        keys from the same source as ``policy``'s, and until when they may be used; None
+        without a shared cache or an entry that verifies. Every claim check still runs on them."""
         if self._shared is None:
             return None
-        key_name = self._shared.key("jwt", jwt_scope(policy.keys), token)
-        entry = await self._shared.get("jwt", key_name)
+        entry = await self._shared.get("jwt", self._jwt_key(digest, policy))
         if entry is None or entry.claims is None:
             return None
         return entry.claims, entry.expires_at

@@ -86,6 +86,7 @@ from redis.backoff import NoBackoff
 
 from .config import ConfigError, SharedCacheSettings
 from .logs import JsonLogger, rfc3339
+from .verified import token_digest
 
 if TYPE_CHECKING:
     from .config import Config, KeySource
@@ -112,7 +113,6 @@ __all__ = [
     "parse_sha256",
     "read_signing_key",
     "token_scopes",
-    "token_sha256",
 ]
 
 UNAVAILABLE_EVENT = "cache.sharedUnavailable"
@@ -155,11 +155,6 @@ Observe = Callable[[str, float], None]
 OnEvict = Callable[[bytes | None], Awaitable[None]]
 
 _compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-
-def token_sha256(token: str) -> bytes:
-    """What a token's entries are found by: its SHA-256 (``tokenSha256`` in hex)."""
-    return hashlib.sha256(token.encode()).digest()
 
 
 def introspection_scope(source: KeySource) -> str:
@@ -271,7 +266,7 @@ class SharedCache:
 
     def key(self, kind: str, scope: str, token: str) -> str:
         """The Redis key of ``token``'s answer from the policy ``scope``."""
-        return self.key_for_digest(kind, scope, token_sha256(token))
+        return self.key_for_digest(kind, scope, token_digest(token))
 
     def key_for_digest(self, kind: str, scope: str, digest: bytes) -> str:
         """The Redis key of the entry of kind ``kind`` for the token (or DPoP ``jti``) whose

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import os
 import time
@@ -39,6 +38,7 @@ from urllib.parse import quote_plus
 from ..bounded import BoundedCache
 from ..config import ClientDetails
 from ..errors import IdpBadResponse
+from ..verified import token_digest
 from .http import IdpEndpoint, IdpObserver, IdpResponse, NullObserver
 
 if TYPE_CHECKING:
@@ -283,7 +283,7 @@ class IntrospectionClient:
 
     async def introspect(self, token: str) -> dict[str, Any] | None:
         """The claims of an active token, None for an inactive one; raises IdpError."""
-        key = hashlib.sha256(token.encode()).digest()
+        key = token_digest(token)
         hit = self._cache.get(key)
         if hit is not None:
             expires_at, entry = hit
@@ -315,7 +315,7 @@ class IntrospectionClient:
 
     def cached_until(self, token: str) -> float:
         """When the cached answer for ``token`` expires (wall clock); 0 when none is cached."""
-        hit = self._cache.get(hashlib.sha256(token.encode()).digest())
+        hit = self._cache.get(token_digest(token))
         return hit[0] if hit is not None else 0.0
 
     async def _fetch(self, key: bytes, token: str) -> dict[str, Any] | None:

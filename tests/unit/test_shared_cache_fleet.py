@@ -29,8 +29,8 @@ from extauthz.shared_cache import (
     jwt_scope,
     parse_evict_body,
     token_scopes,
-    token_sha256,
 )
+from extauthz.verified import token_digest
 from tests.check_requests import check_input
 from tests.conftest import AUDIENCE, SigningKey, claims
 from tests.fake_idp import JWKS, FakeIdp
@@ -77,7 +77,7 @@ def test_a_key_is_found_from_the_tokens_sha256_alone() -> None:
     env = Env()
     key = env.cache.key("introspection", SCOPE, TOKEN)
     assert key == env.cache.key_for_digest("introspection", SCOPE, DIGEST)
-    assert token_sha256(TOKEN) == DIGEST
+    assert token_digest(TOKEN) == DIGEST
     assert DIGEST.hex() not in key  # keyed: a plain hash is not the key either
     assert key != env.cache.key_for_digest("jwt", SCOPE, DIGEST)
     assert key != Env(b"z" * 32).cache.key_for_digest("introspection", SCOPE, DIGEST)
