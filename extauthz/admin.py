@@ -1,5 +1,5 @@
 """The admin HTTP listener (docs/metrics.md): /healthz, /readyz, /metrics, and ``POST
-/cache/evict`` (docs/cli.md, :mod:`extauthz.eviction`).
+/cache/evict`` (docs/cli.md, :class:`~extauthz.shared_cache.Evictor`).
 
 A few fixed endpoints do not justify a web framework; this is a minimal HTTP/1.1 responder
 on asyncio streams that closes each connection after one answer.
@@ -41,7 +41,7 @@ LINGER_SECONDS = 1.0  # ...and for how long at most
 JSON = "application/json"
 EVICT_PATH = "/cache/evict"
 
-# The token's SHA-256 → the HTTP status and JSON body to answer (extauthz.eviction.Evictor).
+# The token's SHA-256 → the HTTP status and JSON body to answer (extauthz.shared_cache.Evictor).
 Evict = Callable[[bytes], Awaitable[tuple[int, dict[str, Any]]]]
 
 
