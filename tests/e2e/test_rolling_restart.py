@@ -281,6 +281,10 @@ class Wrk:
                     sent.append(parts[1])
                 elif len(parts) == 3 and parts[0] == "R":
                     answers[parts[1]] = int(parts[2])
+        # wrk builds its first thread's first request once before connecting, to check the
+        # script, and never sends it: that one is no request in flight.
+        if sent and sent[0].endswith("-1-1") and sent[0] not in answers:
+            sent.pop(0)
         self.sent, self.answers = sent, answers
         return self
 
